@@ -1,0 +1,146 @@
+"""The KeyStore interface: every private or secret key lives behind it.
+
+Callers hold opaque handles (``str``) and never key material. Each key carries usage
+flags that every operation checks, and an ``exportable`` flag: a non-exportable key's
+material cannot be read out by any call; it leaves the store only wrapped, and only when
+its usage includes ``WRAPPABLE`` (see :meth:`KeyStore.wrap`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Flag, auto
+
+from trustfleet.crypto.base import KeyAlgorithm, PublicKey
+
+
+class KeyUsage(Flag):
+    """What a key may be used for. Enforced by every backend on every call."""
+
+    NONE = 0
+    SIGN = auto()  # make signatures (asymmetric)
+    DECRYPT = auto()  # kem-unwrap / decrypt data sent to this key (asymmetric or AEAD)
+    ENCRYPT = auto()  # AEAD-encrypt data under this secret key
+    WRAP = auto()  # wrap (encrypt) other keys under this key
+    UNWRAP = auto()  # import other keys wrapped under this key
+    WRAPPABLE = auto()  # this key may itself leave the store wrapped under another key
+    DERIVE = auto()  # key agreement / key derivation
+    MAC = auto()  # compute and verify MACs (HMAC or CMAC)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """Public facts about a stored key. Never holds private or secret material."""
+
+    handle: str
+    algorithm: KeyAlgorithm
+    usage: KeyUsage
+    exportable: bool
+    label: str
+    backend: str
+    created_at: datetime
+    #: SubjectPublicKeyInfo DER of the public half, for asymmetric keys
+    public_key_der: bytes | None = None
+
+
+class KeyStore(ABC):
+    """One interface for all backends (soft, PKCS#11)."""
+
+    backend: str
+
+    @abstractmethod
+    def generate(
+        self, algorithm: KeyAlgorithm, usage: KeyUsage, *, label: str = "", exportable: bool = False
+    ) -> KeyInfo: ...
+
+    @abstractmethod
+    def import_key(
+        self,
+        algorithm: KeyAlgorithm,
+        material: bytes,
+        usage: KeyUsage,
+        *,
+        label: str = "",
+        exportable: bool = False,
+    ) -> KeyInfo:
+        """Import a private key (PKCS#8 DER, or raw for SM2) or a raw secret key."""
+
+    @abstractmethod
+    def info(self, handle: str) -> KeyInfo: ...
+
+    @abstractmethod
+    def list(self) -> list[KeyInfo]: ...
+
+    @abstractmethod
+    def public_key(self, handle: str) -> PublicKey: ...
+
+    @abstractmethod
+    def sign(self, handle: str, data: bytes) -> bytes:
+        """Sign with the scheme of the key's algorithm (ECDSA-SHA256, Ed25519,
+        RSA-PSS-SHA256, SM2 with the default user ID). Needs ``SIGN``."""
+
+    @abstractmethod
+    def decrypt(self, handle: str, ciphertext: bytes, *, info: bytes = b"") -> bytes:
+        """Asymmetric key: kem-unwrap (the suite's ``kem_unwrap``). Secret key: AEAD-open a
+        ``encrypt`` output with ``info`` as associated data. Needs ``DECRYPT``."""
+
+    @abstractmethod
+    def encrypt(self, handle: str, plaintext: bytes, *, info: bytes = b"") -> bytes:
+        """AEAD-seal under a secret key (nonce prepended). Needs ``ENCRYPT``."""
+
+    @abstractmethod
+    def wrap(self, handle: str, *, under: str | PublicKey, info: bytes = b"") -> bytes:
+        """Export the secret key ``handle`` wrapped under another stored key (``under`` is a
+        handle: AES key wrap with padding, RFC 5649) or to a public key (``under`` is a
+        public key: the suite's ``kem_wrap`` bound to ``info``). The wrapped key needs
+        ``WRAPPABLE``; a wrapping handle needs ``WRAP``."""
+
+    @abstractmethod
+    def unwrap(
+        self,
+        wrapping_handle: str,
+        wrapped: bytes,
+        algorithm: KeyAlgorithm,
+        usage: KeyUsage,
+        *,
+        info: bytes = b"",
+        label: str = "",
+        exportable: bool = False,
+    ) -> KeyInfo:
+        """Import a key wrapped by :meth:`wrap` under ``wrapping_handle`` (needs ``UNWRAP``)."""
+
+    @abstractmethod
+    def derive(
+        self,
+        handle: str,
+        algorithm: KeyAlgorithm,
+        usage: KeyUsage,
+        *,
+        peer_public: PublicKey | None = None,
+        info: bytes = b"",
+        label: str = "",
+    ) -> KeyInfo:
+        """New secret key from ECDH/X25519 with ``peer_public`` (asymmetric handle) or from
+        the secret key itself, through HKDF-SHA256 with ``info``. Needs ``DERIVE``."""
+
+    @abstractmethod
+    def mac(self, handle: str, data: bytes) -> bytes:
+        """HMAC (hmac-* keys) or CMAC (aes-*, sm4, tdes keys). Needs ``MAC``."""
+
+    @abstractmethod
+    def export(self, handle: str) -> bytes:
+        """Key material in the clear; only for ``exportable`` keys, else KeyNotExportable."""
+
+    @abstractmethod
+    def destroy(self, handle: str) -> None:
+        """Erase the key. Later calls with the handle raise KeyNotFound."""
+
+    def mac_verify(self, handle: str, data: bytes, tag: bytes) -> None:
+        import hmac as _hmac
+
+        from trustfleet.errors import InvalidSignature
+
+        if not _hmac.compare_digest(self.mac(handle, data), tag):
+            raise InvalidSignature("MAC does not verify")

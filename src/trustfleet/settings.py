@@ -1,0 +1,91 @@
+"""Settings from the environment (``TRUSTFLEET_*``) over a TOML file over defaults.
+
+The TOML file is ``<data dir>/trustfleet.toml`` unless ``TRUSTFLEET_CONFIG`` names another.
+Keys in the file are the field names below; environment variables are the upper-cased
+field names prefixed with ``TRUSTFLEET_`` (``TRUSTFLEET_DATABASE_URL``...).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from platformdirs import user_data_dir
+
+from trustfleet.errors import ConfigurationError
+
+ENV_PREFIX = "TRUSTFLEET_"
+
+
+def default_data_dir() -> Path:
+    return Path(user_data_dir("trustfleet", appauthor=False))
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = field(default_factory=default_data_dir)
+    database_url: str = ""  # empty: SQLite file in the data directory
+    host: str = "127.0.0.1"
+    port: int = 8080
+    keystore_backend: str = "soft"  # "soft" or "pkcs11"
+    master_key_file: str = ""  # empty: <data dir>/master.key
+    pkcs11_module: str = ""
+    pkcs11_token_label: str = "trustfleet"
+    pkcs11_user_pin: str = ""
+    max_body_bytes: int = 1_048_576
+    max_import_bytes: int = 268_435_456  # streamed bulk imports
+    log_level: str = "INFO"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'trustfleet.db'}"
+
+    @property
+    def resolved_master_key_file(self) -> Path:
+        return Path(self.master_key_file) if self.master_key_file else self.data_dir / "master.key"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.data_dir / "ca"
+
+
+def _coerce(name: str, raw: Any, target: Any) -> Any:
+    try:
+        if isinstance(target, bool):
+            return raw if isinstance(raw, bool) else str(raw).lower() in {"1", "true", "yes"}
+        if isinstance(target, int):
+            return int(raw)
+        if isinstance(target, Path):
+            return Path(raw).expanduser()
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"setting {name!r} has an invalid value") from exc
+
+
+def load_settings(data_dir: Path | None = None, **overrides: Any) -> Settings:
+    """Defaults, then the TOML file, then ``TRUSTFLEET_*`` variables, then ``overrides``."""
+    base = Settings()
+    env_dir = os.environ.get(ENV_PREFIX + "DATA_DIR")
+    chosen_dir = data_dir or (Path(env_dir).expanduser() if env_dir else base.data_dir)
+    values: dict[str, Any] = {"data_dir": chosen_dir}
+    config_path = Path(os.environ.get(ENV_PREFIX + "CONFIG", chosen_dir / "trustfleet.toml"))
+    if config_path.is_file():
+        try:
+            values.update(tomllib.loads(config_path.read_text()))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(f"{config_path} is not valid TOML: {exc}") from exc
+    for f in fields(Settings):
+        env_value = os.environ.get(ENV_PREFIX + f.name.upper())
+        if env_value is not None and f.name != "data_dir":
+            values[f.name] = env_value
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name: getattr(base, f.name) for f in fields(Settings)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ConfigurationError(f"unknown settings: {', '.join(sorted(unknown))}")
+    values["data_dir"] = chosen_dir if "data_dir" not in overrides else values["data_dir"]
+    coerced = {k: _coerce(k, v, known[k]) for k, v in values.items()}
+    return replace(base, **coerced)
