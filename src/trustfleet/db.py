@@ -29,6 +29,7 @@ class Base(DeclarativeBase):
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # transactions are begun by _sqlite_begin_immediate
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
@@ -37,13 +38,21 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_begin_immediate(connection: Any) -> None:
+    # Take the write lock at BEGIN: two processes that both read then write would otherwise
+    # deadlock on the lock upgrade, which busy_timeout cannot resolve.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``: WAL and a busy timeout on SQLite, pre-ping on PostgreSQL."""
+    """An engine for ``url``: WAL, a busy timeout and immediate transactions on SQLite,
+    pre-ping on PostgreSQL."""
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
@@ -64,7 +73,7 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
 
 
 def migrate(engine: Engine) -> None:
-    """Apply every Alembic migration up to head (idempotent)."""
+    """Apply every domain's Alembic branch up to its head (idempotent)."""
     from alembic import command
     from alembic.config import Config
 
@@ -72,4 +81,4 @@ def migrate(engine: Engine) -> None:
     config.set_main_option("script_location", str(Path(__file__).parent / "server" / "migrations"))
     with engine.begin() as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        command.upgrade(config, "heads")

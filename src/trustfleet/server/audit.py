@@ -1,0 +1,179 @@
+"""Append-only, hash-chained audit log.
+
+Each record's ``hash`` is SHA-256 over the canonical JSON of its fields and the previous
+record's hash, and ``seq`` runs 1, 2, 3... without gaps. :func:`verify_chain` therefore
+detects an edited record (its hash no longer matches), a deleted one (a gap in ``seq`` and a
+broken link) and a reordering (links broken). Records are appended inside the caller's
+transaction, so a use case and its audit record commit or roll back together.
+
+Callers must never put key material in ``details``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import DateTime, Integer, String, Text, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from trustfleet.db import Base
+from trustfleet.errors import Conflict
+
+GENESIS_HASH = "0" * 64
+_POSTGRES_AUDIT_LOCK = 0x7472757374  # advisory lock id serialising appends across nodes
+
+
+class AuditConflict(Conflict):
+    code = "audit-conflict"
+    title = "Another node appended to the audit log at the same time; retry"
+
+
+class AuditRecord(Base):
+    __tablename__ = "audit_log"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(100), index=True)
+    subject: Mapped[str] = mapped_column(String(500), index=True)
+    outcome: Mapped[str] = mapped_column(String(20))
+    details: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+def _canonical(fields: dict[str, Any]) -> bytes:
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _timestamp(at: datetime) -> str:
+    # SQLite hands back naive datetimes: treat stored values as UTC, at microsecond precision
+    return at.replace(tzinfo=None).isoformat(timespec="microseconds")
+
+
+def record_hash(
+    *,
+    seq: int,
+    at: datetime,
+    actor: str,
+    action: str,
+    subject: str,
+    outcome: str,
+    details: str,
+    prev_hash: str,
+) -> str:
+    fields = {
+        "seq": seq,
+        "at": _timestamp(at),
+        "actor": actor,
+        "action": action,
+        "subject": subject,
+        "outcome": outcome,
+        "details": details,
+        "prev_hash": prev_hash,
+    }
+    return hashlib.sha256(_canonical(fields)).hexdigest()
+
+
+def _hash_of(rec: AuditRecord) -> str:
+    return record_hash(
+        seq=rec.seq,
+        at=rec.at,
+        actor=rec.actor,
+        action=rec.action,
+        subject=rec.subject,
+        outcome=rec.outcome,
+        details=rec.details,
+        prev_hash=rec.prev_hash,
+    )
+
+
+def append(
+    session: Session,
+    *,
+    action: str,
+    actor: str,
+    subject: str = "",
+    outcome: str = "success",
+    details: dict[str, Any] | None = None,
+    at: datetime | None = None,
+) -> AuditRecord:
+    """Append one record in ``session``'s transaction and return it."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _POSTGRES_AUDIT_LOCK})
+    head = session.execute(
+        select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)
+    ).first()
+    seq, prev_hash = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
+    rec = AuditRecord(
+        seq=seq,
+        at=at or datetime.now(UTC),
+        actor=actor,
+        action=action,
+        subject=subject,
+        outcome=outcome,
+        details=_canonical(details or {}).decode(),
+        prev_hash=prev_hash,
+    )
+    rec.hash = _hash_of(rec)
+    session.add(rec)
+    try:
+        session.flush()
+    except IntegrityError as exc:  # another node appended the same seq first
+        raise AuditConflict() from exc
+    return rec
+
+
+@dataclass(frozen=True)
+class ChainProblem:
+    seq: int
+    problem: str
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    records: int
+    problems: list[ChainProblem]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def iter_records(session: Session, batch: int = 1000) -> Iterator[AuditRecord]:
+    last = 0
+    while True:
+        rows = list(
+            session.scalars(
+                select(AuditRecord)
+                .where(AuditRecord.seq > last)
+                .order_by(AuditRecord.seq)
+                .limit(batch)
+            )
+        )
+        if not rows:
+            return
+        yield from rows
+        last = rows[-1].seq
+
+
+def verify_chain(records: Iterable[AuditRecord]) -> ChainReport:
+    """Walk the records in ``seq`` order and report every break in the chain."""
+    problems: list[ChainProblem] = []
+    expected_seq, prev_hash, count = 1, GENESIS_HASH, 0
+    for rec in records:
+        count += 1
+        if rec.seq != expected_seq:
+            problems.append(ChainProblem(rec.seq, f"expected seq {expected_seq}: records missing"))
+        if rec.prev_hash != prev_hash:
+            problems.append(ChainProblem(rec.seq, "does not link to the previous record"))
+        if _hash_of(rec) != rec.hash:
+            problems.append(ChainProblem(rec.seq, "content does not match its hash (edited)"))
+        expected_seq, prev_hash = rec.seq + 1, rec.hash
+    return ChainReport(records=count, problems=problems)

@@ -1,0 +1,23 @@
+"""What every request handler and CLI verb needs, built once per process from settings.
+
+Holds no protocol or session state: everything that must survive between requests lives in
+the database, so any node can serve any request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from trustfleet.keystore.base import KeyStore
+from trustfleet.settings import Settings
+
+
+@dataclass(frozen=True)
+class AppContext:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    keystore: KeyStore
