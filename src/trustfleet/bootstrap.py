@@ -1,0 +1,48 @@
+"""``trustfleet init``: everything a fresh data directory needs, each step idempotent."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from trustfleet.settings import Settings
+
+INITIALISED_MARKER = ".initialised"
+
+
+@dataclass(frozen=True)
+class InitResult:
+    data_dir: Path
+    root_ca_pem_path: Path
+    admin_token: str | None  # None when the directory was already initialised
+
+
+def is_initialised(settings: Settings) -> bool:
+    return (settings.data_dir / INITIALISED_MARKER).is_file()
+
+
+def _ensure_master_key(settings: Settings) -> None:
+    from trustfleet.keystore.master import MASTER_KEY_ENV, create_master_key_file
+
+    path = settings.resolved_master_key_file
+    if os.environ.get(MASTER_KEY_ENV) or path.exists():
+        return
+    create_master_key_file(path)
+
+
+def initialise(settings: Settings) -> InitResult:
+    """Master key (0600), migrated database, local root + issuing CA, first admin token."""
+    from trustfleet.pki.service import ensure_local_ca
+    from trustfleet.server.auth import bootstrap_admin_token
+    from trustfleet.server.runner import build_context
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if is_initialised(settings):
+        return InitResult(settings.data_dir, settings.ca_dir / "root.pem", None)
+    _ensure_master_key(settings)
+    context = build_context(settings)
+    ensure_local_ca(context)
+    token = bootstrap_admin_token(context.sessions)
+    (settings.data_dir / INITIALISED_MARKER).write_text("1\n")
+    return InitResult(settings.data_dir, settings.ca_dir / "root.pem", token)

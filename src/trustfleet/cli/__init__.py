@@ -1,0 +1,1 @@
+"""The ``trustfleet`` command line: one Typer app; each domain adds its verbs."""

@@ -1,0 +1,148 @@
+"""``trustfleet``: init, serve, tokens, audit, CA, key store and the demo."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from trustfleet.cli.common import console, err_console, state
+from trustfleet.errors import TrustfleetError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+token_app = typer.Typer(no_args_is_help=True, help="API tokens (one role each).")
+audit_app = typer.Typer(no_args_is_help=True, help="The hash-chained audit log.")
+app.add_typer(token_app, name="token")
+app.add_typer(audit_app, name="audit")
+
+
+@app.callback()
+def _global(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            envvar="TRUSTFLEET_DATA_DIR",
+            help="Data directory (default: the user's data directory).",
+        ),
+    ] = None,
+) -> None:
+    state.data_dir = data_dir
+
+
+@app.command()
+def init() -> None:
+    """Create the data directory: master key, database, local CA and an admin token."""
+    from trustfleet.bootstrap import initialise
+
+    result = initialise(state.settings)
+    console.print(f"data directory: {result.data_dir}")
+    if result.admin_token is None:
+        console.print("already initialised; nothing changed")
+        return
+    console.print(f"local root CA: {result.root_ca_pem_path}")
+    console.print("admin API token (shown once, store it now):")
+    console.print(result.admin_token, soft_wrap=True, highlight=False)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    init_if_missing: Annotated[
+        bool, typer.Option("--init-if-missing", help="Run `init` first when needed.")
+    ] = False,
+) -> None:
+    """Start the API server (default 127.0.0.1:8080)."""
+    from trustfleet.bootstrap import is_initialised
+    from trustfleet.server.runner import serve as run_server
+    from trustfleet.settings import load_settings
+
+    if init_if_missing and not is_initialised(state.settings):
+        init()
+    settings = load_settings(state.data_dir, host=host, port=port)
+    run_server(settings)
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Option(help="Who or what uses the token.")],
+    role: Annotated[str, typer.Option(help="One role: admin, manufacturer, operator, ...")],
+) -> None:
+    """Create a token; its text is printed once."""
+    from trustfleet.server.auth import create_token
+
+    plaintext, info = create_token(state.context().sessions, name=name, role=role, actor="cli")
+    console.print(f"token {info.id} ({info.role}) for {info.name}:")
+    console.print(plaintext, soft_wrap=True, highlight=False)
+
+
+@token_app.command("list")
+def token_list() -> None:
+    """List tokens (never their text)."""
+    from trustfleet.server.auth import list_tokens
+
+    table = Table("id", "name", "role", "created", "revoked")
+    for t in list_tokens(state.context().sessions):
+        revoked = t.revoked_at.isoformat() if t.revoked_at else ""
+        table.add_row(str(t.id), t.name, t.role, t.created_at.isoformat(), revoked)
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: Annotated[int, typer.Argument(help="Token id from `token list`.")]) -> None:
+    """Revoke a token at once on every node."""
+    from trustfleet.server.auth import revoke_token
+
+    revoke_token(state.context().sessions, token_id, actor="cli")
+    console.print(f"token {token_id} revoked")
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Walk the audit chain; exit 1 if any record was edited, deleted or reordered."""
+    from trustfleet.server.audit import iter_records, verify_chain
+
+    with state.context().sessions() as session:
+        report = verify_chain(iter_records(session))
+    if report.ok:
+        console.print(f"audit log OK: {report.records} records, chain intact")
+        return
+    for problem in report.problems:
+        err_console.print(f"record {problem.seq}: {problem.problem}")
+    err_console.print(f"audit log TAMPERED: {len(report.problems)} problem(s)")
+    raise typer.Exit(1)
+
+
+def _register_domain_commands() -> None:
+    from trustfleet.cli import ca, demo, keystore
+
+    app.add_typer(ca.app, name="ca")
+    app.add_typer(keystore.app, name="keystore")
+    app.command("demo")(demo.demo)
+
+
+_register_domain_commands()
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except TrustfleetError as exc:
+        err_console.print(f"error [{exc.code}]: {exc.message}")
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(1)
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
