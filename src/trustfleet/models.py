@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 
 MODEL_MODULES = (
     "trustfleet.keystore.models",
@@ -11,6 +12,21 @@ MODEL_MODULES = (
 )
 
 
+def import_if_present(name: str) -> ModuleType | None:
+    """Import ``name``; None only when the module itself (or its package) does not exist.
+
+    An import error raised from *inside* an existing module propagates: a broken domain must
+    fail loudly, only a domain that has not been written yet is skipped.
+    """
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (name == missing or name.startswith(missing + ".")):
+            return None
+        raise
+
+
 def import_all_models() -> None:
     for name in MODEL_MODULES:
-        importlib.import_module(name)
+        import_if_present(name)

@@ -1,0 +1,43 @@
+"""The spine's tables: API tokens here, the audit log in :mod:`trustfleet.server.audit`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import DateTime, Integer, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from trustfleet.db import Base
+from trustfleet.server.audit import AuditRecord
+
+__all__ = ["ROLES", "ApiToken", "AuditRecord", "Role"]
+
+
+class Role(StrEnum):
+    """The one role an API token carries. No role implies another: admin is not a superuser,
+    each route lists the roles it admits."""
+
+    ADMIN = "admin"
+    MANUFACTURER = "manufacturer"
+    OPERATOR = "operator"
+    PLATFORM = "platform"
+    SMS_GATEWAY = "sms-gateway"
+    DEVICE_GATEWAY = "device-gateway"
+
+
+ROLES = frozenset(role.value for role in Role)
+
+
+class ApiToken(Base):
+    """An API token; only the SHA-256 of its text is stored, so the table leaks no token."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(32))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
