@@ -9,6 +9,7 @@ MODEL_MODULES = (
     "trustfleet.keystore.models",
     "trustfleet.pki.models",
     "trustfleet.server.models",
+    "trustfleet.tmk.models",
 )
 
 
