@@ -128,28 +128,31 @@ def validate_record(raw: RawRecord) -> _ValidRecord | RowRejection:
     if not raw.sn:
         return RowRejection(raw.row, raw.sn, "missing-field", "sn is required")
     if not SN_PATTERN.match(raw.sn):
-        return RowRejection(raw.row, raw.sn[:64], "invalid-sn", "sn must be 1-64 of A-Z a-z 0-9 . _ -")
+        return RowRejection(
+            raw.row, raw.sn[:64], "invalid-sn", "sn must be 1-64 of A-Z a-z 0-9 . _ -"
+        )
     if not raw.public_key:
         return RowRejection(raw.row, raw.sn, "missing-field", "public_key is required")
     if len(raw.model) > MODEL_MAX:
-        return RowRejection(raw.row, raw.sn, "invalid-model", f"model is over {MODEL_MAX} characters")
+        return RowRejection(
+            raw.row, raw.sn, "invalid-model", f"model is over {MODEL_MAX} characters"
+        )
     try:
         key = _decode_key(raw.public_key)
-        algorithm = algorithm_of(key)
-    except CryptoError as exc:
+    except (CryptoError, InvalidTerminalRecord) as exc:
         code = "unsupported-algorithm" if exc.code == "unsupported-algorithm" else "malformed-key"
         return RowRejection(raw.row, raw.sn, code, exc.message)
-    except InvalidTerminalRecord as exc:
-        return RowRejection(raw.row, raw.sn, "malformed-key", exc.message)
+    try:
+        algorithm = algorithm_of(key)
+    except CryptoError as exc:
+        return RowRejection(raw.row, raw.sn, "unsupported-algorithm", exc.message)
     if algorithm not in TKP_ALGORITHMS:
         allowed = ", ".join(sorted(a.value for a in TKP_ALGORITHMS))
         return RowRejection(
             raw.row, raw.sn, "unsupported-algorithm", f"{algorithm.value} is not one of {allowed}"
         )
     der = public_key_to_der(key)
-    return _ValidRecord(
-        raw.row, raw.sn, raw.model, algorithm, der, hashlib.sha256(der).hexdigest()
-    )
+    return _ValidRecord(raw.row, raw.sn, raw.model, algorithm, der, hashlib.sha256(der).hexdigest())
 
 
 def read_csv(lines: Iterable[str]) -> Iterator[RawRecord | RowRejection]:
@@ -160,7 +163,9 @@ def read_csv(lines: Iterable[str]) -> Iterator[RawRecord | RowRejection]:
         raise InvalidTerminalRecord("the CSV header must name the columns sn and public_key")
     for number, row in enumerate(reader, start=1):
         if None in row:  # more cells than header columns
-            yield RowRejection(number, (row.get("sn") or "")[:64], "malformed-row", "too many cells")
+            yield RowRejection(
+                number, (row.get("sn") or "")[:64], "malformed-row", "too many cells"
+            )
             continue
         yield RawRecord(
             number,
@@ -237,14 +242,18 @@ def _import_chunk(
             report.rejected.append(checked)
         elif checked.sn in seen:
             report.rejected.append(
-                RowRejection(checked.row, checked.sn, "duplicate-sn", "sn appears earlier in this import")
+                RowRejection(
+                    checked.row, checked.sn, "duplicate-sn", "sn appears earlier in this import"
+                )
             )
         else:
             seen[checked.sn] = checked.fingerprint
             valid.append(checked)
     existing = dict(
         session.execute(
-            select(Terminal.sn, Terminal.key_fingerprint).where(Terminal.sn.in_([v.sn for v in valid]))
+            select(Terminal.sn, Terminal.key_fingerprint).where(
+                Terminal.sn.in_([v.sn for v in valid])
+            )
         ).tuples()
     )
     new_rows: list[dict[str, Any]] = []
@@ -254,7 +263,9 @@ def _import_chunk(
             report.unchanged += 1
         elif registered is not None:
             report.rejected.append(
-                RowRejection(record.row, record.sn, "duplicate-sn", "sn is registered with another key")
+                RowRejection(
+                    record.row, record.sn, "duplicate-sn", "sn is registered with another key"
+                )
             )
         else:
             new_rows.append(_terminal_row(record, actor, now))
@@ -322,7 +333,9 @@ def register_terminal(
         existing = session.get(Terminal, checked.sn)
         if existing is not None:
             if existing.key_fingerprint != checked.fingerprint:
-                raise TerminalAlreadyRegistered(f"terminal {checked.sn} is registered with another key")
+                raise TerminalAlreadyRegistered(
+                    f"terminal {checked.sn} is registered with another key"
+                )
             return existing
         now = datetime.now(UTC)
         terminal = Terminal(**_terminal_row(checked, actor, now))
