@@ -143,6 +143,15 @@ class Suite(ABC):
     def kdf(self, secret: bytes, *, salt: bytes, info: bytes, length: int) -> bytes:
         """HKDF with the suite's hash."""
 
+    def key_agreement(self, private: PrivateKey, peer_public: PublicKey) -> bytes:
+        """Raw Diffie-Hellman shared secret (ECDH P-256, X25519); feed it to :meth:`kdf`.
+
+        Suites without a plain static DH raise :class:`trustfleet.errors.UnsupportedAlgorithm`.
+        """
+        from trustfleet.errors import UnsupportedAlgorithm
+
+        raise UnsupportedAlgorithm(f"suite {self.name!r} has no key agreement")
+
     def mac_verify(self, key: bytes, data: bytes, tag: bytes) -> None:
         """Constant-time check of :meth:`mac`; raise ``InvalidSignature`` on mismatch."""
         import hmac as _hmac
