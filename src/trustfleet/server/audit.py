@@ -52,9 +52,20 @@ def _canonical(fields: dict[str, Any]) -> bytes:
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def as_utc(at: datetime) -> datetime:
+    # SQLite hands back naive datetimes (stored as UTC); PostgreSQL hands back aware ones in
+    # the connection's time zone, which need not be UTC.
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
 def _timestamp(at: datetime) -> str:
-    # SQLite hands back naive datetimes: treat stored values as UTC, at microsecond precision
-    return at.replace(tzinfo=None).isoformat(timespec="microseconds")
+    return as_utc(at).replace(tzinfo=None).isoformat(timespec="microseconds")
+
+
+def _clip(value: str, column: Any) -> str:
+    # PostgreSQL refuses over-long values (and NUL); a failed audit write must not turn a
+    # refused request into a 500, so clip to the column and drop NULs before hashing.
+    return value.replace("\x00", "")[: column.type.length]
 
 
 def record_hash(
@@ -113,11 +124,11 @@ def append(
     seq, prev_hash = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
     rec = AuditRecord(
         seq=seq,
-        at=at or datetime.now(UTC),
-        actor=actor,
-        action=action,
-        subject=subject,
-        outcome=outcome,
+        at=as_utc(at or datetime.now(UTC)),
+        actor=_clip(actor, AuditRecord.actor),
+        action=_clip(action, AuditRecord.action),
+        subject=_clip(subject, AuditRecord.subject),
+        outcome=_clip(outcome, AuditRecord.outcome),
         details=_canonical(details or {}).decode(),
         prev_hash=prev_hash,
     )

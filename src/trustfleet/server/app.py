@@ -1,0 +1,82 @@
+"""The app factory: the spine's routes, every domain's router, error mapping, middleware."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from fastapi import APIRouter, FastAPI
+from starlette.routing import BaseRoute, Match
+from starlette.types import Scope
+
+from trustfleet import __version__
+from trustfleet.models import import_if_present
+from trustfleet.server.api import router as spine_router
+from trustfleet.server.context import AppContext
+from trustfleet.server.limits import is_streamed_import
+from trustfleet.server.metrics import Metrics
+from trustfleet.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from trustfleet.server.problems import install_problem_handlers
+
+log = logging.getLogger("trustfleet.server")
+
+#: Each module exposes ``router`` (an APIRouter). A module not written yet is skipped;
+#: one that exists but fails to import stops the app from starting.
+DOMAIN_ROUTERS = (
+    "trustfleet.pki.api",
+    "trustfleet.keysync.api",
+    "trustfleet.deactivation.api",
+    "trustfleet.meter.api",
+    "trustfleet.tmk.api",
+)
+
+
+def load_domain_routers(names: Sequence[str]) -> list[APIRouter]:
+    routers = []
+    for name in names:
+        module = import_if_present(name)
+        if module is None:
+            log.debug("domain router %s is not present; skipped", name)
+            continue
+        router = getattr(module, "router", None)
+        if not isinstance(router, APIRouter):
+            raise TypeError(f"{name}.router must be a fastapi.APIRouter")
+        routers.append(router)
+    return routers
+
+
+def _body_limit(app: FastAPI, context: AppContext) -> Callable[[Scope], int]:
+    """The request's body limit: ``max_import_bytes`` on streamed-import routes, else
+    ``max_body_bytes``. Streamed-import routes are found once, on the first request."""
+    large: list[BaseRoute] | None = None
+
+    def limit_for(scope: Scope) -> int:
+        nonlocal large
+        if large is None:
+            large = [r for r in app.routes if is_streamed_import(getattr(r, "endpoint", None))]
+        if any(route.matches(scope)[0] is Match.FULL for route in large):
+            return context.settings.max_import_bytes
+        return context.settings.max_body_bytes
+
+    return limit_for
+
+
+def create_app(context: AppContext, *, domain_routers: Sequence[str] = DOMAIN_ROUTERS) -> FastAPI:
+    """A FastAPI app serving ``context``. Holds no per-session state: any node can serve
+    any request, so several apps (processes, hosts) may share one database."""
+    app = FastAPI(
+        title="trustfleet",
+        version=__version__,
+        description="Lifecycle trust for fleets of IoT devices and payment terminals.",
+    )
+    app.state.context = context
+    metrics = Metrics()
+    metrics.watch_audit(context.sessions)
+    app.state.metrics = metrics
+    install_problem_handlers(app)
+    app.include_router(spine_router)
+    for router in load_domain_routers(domain_routers):
+        app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, limit_for=_body_limit(app, context))
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost
+    return app

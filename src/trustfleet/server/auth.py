@@ -1,0 +1,200 @@
+"""API tokens: create (text shown once), list, revoke, and authenticate a presented token.
+
+A token is ``"tf_" + urlsafe-base64(32 random bytes)``. Only its SHA-256 is stored, so a
+database leak discloses no usable token; authentication looks a token up by that hash, which
+reveals nothing about other tokens however long the lookup takes. Every change writes an
+audit record in the same transaction.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from trustfleet.db import transaction
+from trustfleet.errors import AuthenticationRequired, InvalidInput, NotFound
+from trustfleet.server import audit
+from trustfleet.server.models import ROLES, ApiToken, Role
+
+TOKEN_PREFIX = "tf_"  # noqa: S105 (a prefix, not a secret)
+TOKEN_BYTES = 32
+MAX_TOKEN_CHARS = 128
+MAX_NAME_CHARS = 200
+MAX_TOKEN_ID = 2**63 - 1
+#: last_used_at is refreshed at most this often, so a busy token does not write every request
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+class UnknownRole(InvalidInput):
+    code = "unknown-role"
+    title = "No such role"
+
+
+class TokenNotFound(NotFound):
+    code = "token-not-found"
+    title = "No API token has that id"
+
+
+class AuthenticationFailed(AuthenticationRequired):
+    """Why a presented token was refused; ``reason`` goes to the audit log, never to the
+    caller (who only learns that the token is not valid)."""
+
+    def __init__(self, reason: str, token_id: int | None = None) -> None:
+        super().__init__("A valid API token is required")
+        self.reason = reason
+        self.token_id = token_id
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """What may be shown about a token: never its text or hash."""
+
+    id: int
+    name: str
+    role: str
+    created_at: datetime
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller of one request."""
+
+    name: str
+    role: str
+    token_id: int
+
+    @property
+    def actor(self) -> str:
+        """How the audit log names this caller."""
+        return f"token:{self.token_id}:{self.name}"
+
+
+def generate_token() -> str:
+    raw = secrets.token_bytes(TOKEN_BYTES)
+    return TOKEN_PREFIX + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _info(row: ApiToken) -> TokenInfo:
+    return TokenInfo(
+        id=row.id,
+        name=row.name,
+        role=row.role,
+        created_at=audit.as_utc(row.created_at),
+        revoked_at=audit.as_utc(row.revoked_at) if row.revoked_at else None,
+        last_used_at=audit.as_utc(row.last_used_at) if row.last_used_at else None,
+    )
+
+
+def valid_role(role: str) -> Role:
+    if role not in ROLES:
+        raise UnknownRole(f"unknown role; choose one of: {', '.join(sorted(ROLES))}")
+    return Role(role)
+
+
+def valid_name(name: str) -> str:
+    name = name.strip()
+    if not name or len(name) > MAX_NAME_CHARS or not name.isprintable():
+        raise InvalidInput(f"a token name is 1 to {MAX_NAME_CHARS} printable characters")
+    return name
+
+
+def create_token(
+    sessions: sessionmaker[Session], name: str, role: str, *, actor: str = "system"
+) -> tuple[str, TokenInfo]:
+    """A new token for ``name`` with ``role``; its text is returned here and nowhere else."""
+    name, checked_role = valid_name(name), valid_role(role)
+    plaintext = generate_token()
+    with transaction(sessions) as session:
+        row = ApiToken(
+            name=name, role=checked_role.value, token_hash=hash_token(plaintext), created_at=_now()
+        )
+        session.add(row)
+        session.flush()
+        audit.append(
+            session,
+            action="token.created",
+            actor=actor,
+            subject=f"token:{row.id}",
+            details={"name": name, "role": row.role},
+        )
+        return plaintext, _info(row)
+
+
+def list_tokens(sessions: sessionmaker[Session], *, actor: str = "system") -> list[TokenInfo]:
+    """Every token, revoked ones included, oldest first."""
+    with transaction(sessions) as session:
+        rows = session.scalars(select(ApiToken).order_by(ApiToken.id)).all()
+        audit.append(session, action="token.listed", actor=actor, details={"count": len(rows)})
+        return [_info(row) for row in rows]
+
+
+def revoke_token(
+    sessions: sessionmaker[Session], token_id: int, *, actor: str = "system"
+) -> TokenInfo:
+    """Revoke a token; every node refuses it from the next request on. Revoking a revoked
+    token changes nothing (and writes no second record)."""
+    if not 1 <= token_id <= MAX_TOKEN_ID:
+        raise TokenNotFound()
+    with transaction(sessions) as session:
+        row = session.get(ApiToken, token_id, with_for_update=True)
+        if row is None:
+            raise TokenNotFound()
+        if row.revoked_at is None:
+            row.revoked_at = _now()
+            audit.append(
+                session,
+                action="token.revoked",
+                actor=actor,
+                subject=f"token:{row.id}",
+                details={"name": row.name, "role": row.role},
+            )
+        return _info(row)
+
+
+def bootstrap_admin_token(sessions: sessionmaker[Session]) -> str:
+    """The first admin token, made by ``trustfleet init``; returns its text."""
+    plaintext, _ = create_token(sessions, name="bootstrap admin", role=Role.ADMIN, actor="init")
+    return plaintext
+
+
+def authenticate(sessions: sessionmaker[Session], presented: str | None) -> Principal:
+    """The principal of a presented token, or :class:`AuthenticationFailed` with the reason
+    (missing, malformed, unknown, revoked)."""
+    if not presented:
+        raise AuthenticationFailed("missing")
+    if not presented.startswith(TOKEN_PREFIX) or len(presented) > MAX_TOKEN_CHARS:
+        raise AuthenticationFailed("malformed")
+    digest = hash_token(presented)
+    with transaction(sessions) as session:
+        row = session.scalars(select(ApiToken).where(ApiToken.token_hash == digest)).first()
+        if row is None or not hmac.compare_digest(row.token_hash, digest):
+            raise AuthenticationFailed("unknown")
+        if row.revoked_at is not None:
+            raise AuthenticationFailed("revoked", row.id)
+        if row.role not in ROLES:
+            raise AuthenticationFailed("unknown-role", row.id)
+        now = _now()
+        if row.last_used_at is None or now - audit.as_utc(row.last_used_at) >= LAST_USED_RESOLUTION:
+            row.last_used_at = now
+        return Principal(name=row.name, role=row.role, token_id=row.id)

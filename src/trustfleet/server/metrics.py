@@ -1,0 +1,88 @@
+"""Prometheus metrics, one registry per app (so tests and several apps never share counters).
+
+Exposed at ``GET /metrics`` without authentication: the series carry only route templates
+(``/v1/tokens/{token_id}``, never the filled-in path), methods, status codes and audit
+action names, no identifiers or secrets. Counters are per process; Prometheus sums them
+across nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import generate_latest
+from sqlalchemy import event
+from sqlalchemy.orm import Session, sessionmaker
+
+from trustfleet.server.audit import AuditRecord
+
+UNMATCHED_ROUTE = "unmatched"
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """The app's collectors; ``render()`` gives the text exposition format."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ("method", "route", "status")
+        self.requests = Counter(
+            "trustfleet_http_requests",
+            "HTTP requests answered, by route template and status",
+            labels,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "trustfleet_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template and status",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.audit_records = Counter(
+            "trustfleet_audit_records_written",
+            "Audit records committed by this process, by action and outcome",
+            ("action", "outcome"),
+            registry=self.registry,
+        )
+        self._pending_key = f"trustfleet_audit_pending_{id(self)}"
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        method = method if method in _KNOWN_METHODS else "OTHER"
+        labels = (method, route, str(status))
+        self.requests.labels(*labels).inc()
+        self.latency.labels(*labels).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def watch_audit(self, sessions: sessionmaker[Session]) -> None:
+        """Count audit records written through ``sessions``, once their transaction commits."""
+        event.listen(sessions, "after_flush", self._collect_audit)
+        event.listen(sessions, "after_commit", self._count_audit)
+        event.listen(sessions, "after_rollback", self._forget_audit)
+
+    def _collect_audit(self, session: Session, _flush_context: Any) -> None:
+        written = [(r.action, r.outcome) for r in session.new if isinstance(r, AuditRecord)]
+        if written:
+            session.info.setdefault(self._pending_key, []).extend(written)
+
+    def _count_audit(self, session: Session) -> None:
+        for action, outcome in session.info.pop(self._pending_key, []):
+            self.audit_records.labels(action, outcome).inc()
+
+    def _forget_audit(self, session: Session) -> None:
+        session.info.pop(self._pending_key, None)
+
+
+def route_template(scope: MutableMapping[str, Any]) -> str:
+    """The matched route's path template, or ``unmatched`` (never the raw path: unbounded
+    label values would let any client grow the registry without limit)."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else UNMATCHED_ROUTE

@@ -1,0 +1,74 @@
+"""Start a node: build the app context from settings, then serve with uvicorn.
+
+``uvicorn --factory trustfleet.server.runner:app_from_env`` builds the app from the
+``TRUSTFLEET_*`` environment (and the data directory's ``trustfleet.toml``), so several
+processes can be started the same way against one PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from fastapi import FastAPI
+from sqlalchemy import Engine, text
+
+from trustfleet.db import make_engine, make_session_factory, migrate
+from trustfleet.server.app import create_app
+from trustfleet.server.context import AppContext
+from trustfleet.server.logging import configure_logging
+from trustfleet.settings import Settings, load_settings
+
+_POSTGRES_MIGRATION_LOCK = 0x74666D6967  # advisory lock id: one node migrates at a time
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """Nodes starting together against one PostgreSQL database take turns migrating."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _POSTGRES_MIGRATION_LOCK})
+        try:
+            yield
+        finally:
+            connection.execute(
+                text("SELECT pg_advisory_unlock(:k)"), {"k": _POSTGRES_MIGRATION_LOCK}
+            )
+            connection.commit()
+
+
+def build_context(settings: Settings) -> AppContext:
+    """Engine, migrated schema, session factory and key store for ``settings``."""
+    from trustfleet.keystore import open_keystore
+
+    engine = make_engine(settings.resolved_database_url)
+    with _migration_lock(engine):
+        migrate(engine)
+    sessions = make_session_factory(engine)
+    keystore = open_keystore(settings, sessions)
+    return AppContext(settings=settings, engine=engine, sessions=sessions, keystore=keystore)
+
+
+def app_from_env() -> FastAPI:
+    """App factory for ``uvicorn --factory``: settings from the environment."""
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return create_app(build_context(settings))
+
+
+def serve(settings: Settings) -> None:
+    """Serve on ``settings.host``:``settings.port`` until interrupted."""
+    import uvicorn
+
+    configure_logging(settings.log_level)
+    app = create_app(build_context(settings))
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # keep our JSON logging
+        access_log=False,  # the request middleware writes the access line
+        server_header=False,
+    )
