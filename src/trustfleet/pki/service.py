@@ -1,0 +1,742 @@
+"""PKI use cases: CA hierarchy, issuing, revocation, CRLs and chain validation.
+
+Each use case runs in one transaction and writes one audit record when it changes state.
+CA private keys stay in the key store: rows hold handles, signing goes through
+``KeyStore.sign`` (see :mod:`trustfleet.pki.x509`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from trustfleet.crypto.base import KeyAlgorithm
+from trustfleet.db import transaction
+from trustfleet.errors import (
+    CertificateInvalid,
+    CertificateRevoked,
+    InvalidInput,
+    UnsupportedAlgorithm,
+)
+from trustfleet.keystore.base import KeyStore, KeyUsage
+from trustfleet.pki import x509 as px
+from trustfleet.pki.errors import (
+    CaExists,
+    CaNotFound,
+    CaRevoked,
+    CertificateAlreadyRevoked,
+    CertificateNotFound,
+    InvalidValidity,
+    PathLengthExceeded,
+    RootNotRevocable,
+)
+from trustfleet.pki.models import CertificateAuthority, IssuedCertificate
+from trustfleet.pki.x509 import CertificateKind, Purpose, RevocationReason, ValidatedChain
+from trustfleet.server import audit
+
+if TYPE_CHECKING:
+    from trustfleet.server.context import AppContext
+
+ROOT_VALIDITY = timedelta(days=3650)
+INTERMEDIATE_VALIDITY = timedelta(days=1825)
+SERVER_VALIDITY = timedelta(days=397)
+DEVICE_VALIDITY = timedelta(days=730)
+MAX_VALIDITY = timedelta(days=30 * 366)
+MAX_PATH_LENGTH = 4
+#: not_before is set this far in the past so that slightly slow clocks accept new certificates
+CLOCK_SKEW = timedelta(minutes=5)
+CRL_VALIDITY = timedelta(days=7)
+#: a CRL younger than this is served again instead of signing a new one (CRLs are public
+#: and unauthenticated; each revocation still forces a fresh one)
+CRL_REFRESH = timedelta(hours=1)
+
+LOCAL_ROOT_CA = "trustfleet-root"
+LOCAL_ISSUING_CA = "trustfleet-issuing"
+DEFAULT_ACTOR = "system"
+
+
+@dataclass(frozen=True)
+class CaInfo:
+    name: str
+    algorithm: KeyAlgorithm
+    key_handle: str
+    parent: str | None
+    path_length: int
+    serial_hex: str
+    certificate_der: bytes
+    created_at: datetime
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return x509.load_der_x509_certificate(self.certificate_der)
+
+    @property
+    def pem(self) -> str:
+        return px.to_pem(self.certificate)
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    serial_hex: str
+    issuer: str
+    subject: str
+    kind: CertificateKind
+    not_before: datetime
+    not_after: datetime
+    der: bytes
+    status: str
+    revoked_at: datetime | None
+    revocation_reason: RevocationReason | None
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return x509.load_der_x509_certificate(self.der)
+
+    @property
+    def pem(self) -> str:
+        return px.to_pem(self.certificate)
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; everything stored is UTC
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _ca_info(row: CertificateAuthority) -> CaInfo:
+    return CaInfo(
+        name=row.name,
+        algorithm=KeyAlgorithm(row.algorithm),
+        key_handle=row.key_handle,
+        parent=row.parent_name,
+        path_length=row.path_length,
+        serial_hex=row.serial_hex,
+        certificate_der=row.certificate_der,
+        created_at=_utc(row.created_at),
+    )
+
+
+def _certificate_info(row: IssuedCertificate) -> CertificateInfo:
+    return CertificateInfo(
+        serial_hex=row.serial_hex,
+        issuer=row.issuer_name,
+        subject=row.subject,
+        kind=CertificateKind(row.kind),
+        not_before=_utc(row.not_before),
+        not_after=_utc(row.not_after),
+        der=row.der,
+        status=row.status,
+        revoked_at=_utc(row.revoked_at) if row.revoked_at else None,
+        revocation_reason=RevocationReason(row.revocation_reason)
+        if row.revocation_reason
+        else None,
+    )
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _key_algorithm_name(cert: x509.Certificate) -> str:
+    key = cert.public_key()
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"rsa-{key.key_size}"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"ec-{key.curve.name}"
+    return type(key).__name__.removesuffix("PublicKey").lower()
+
+
+class PkiService:
+    """The PKI use cases over one database and one key store."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        keystore: KeyStore,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        crl_validity: timedelta = CRL_VALIDITY,
+        crl_refresh: timedelta = CRL_REFRESH,
+    ) -> None:
+        self._sessions = sessions
+        self._keystore = keystore
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._crl_validity = crl_validity
+        self._crl_refresh = crl_refresh
+
+    # -- CAs -------------------------------------------------------------------------
+
+    def create_root_ca(
+        self,
+        name: str,
+        algorithm: KeyAlgorithm | str = KeyAlgorithm.EC_P256,
+        validity: timedelta = ROOT_VALIDITY,
+        *,
+        path_length: int = 1,
+        actor: str = DEFAULT_ACTOR,
+    ) -> CaInfo:
+        """A self-signed root whose key is generated in the key store."""
+        algorithm = self._ca_algorithm(algorithm)
+        self._check_new_ca(name, path_length)
+        with self._new_ca_key(algorithm, name) as (handle, public_key):
+            sign = partial(self._keystore.sign, handle)
+            profile = px.ca_profile(
+                CertificateKind.ROOT,
+                name,
+                public_key,
+                path_length=path_length,
+                **self._validity(validity, issuer=None),
+            )
+            issuer = px.self_issuer(profile.subject, public_key, algorithm, sign)
+            with self._ca_transaction() as session:
+                self._check_ca_absent(session, name)
+                cert = px.issue_certificate(profile, issuer, px.random_serial())
+                row = self._store_ca(session, name, algorithm, handle, cert, None, path_length)
+                cert_row = self._store_certificate(session, cert, name, CertificateKind.ROOT)
+                self._audit_ca_created(session, row, cert_row, cert, actor)
+                return _ca_info(row)
+
+    def create_intermediate_ca(
+        self,
+        name: str,
+        parent: str,
+        algorithm: KeyAlgorithm | str = KeyAlgorithm.EC_P256,
+        validity: timedelta = INTERMEDIATE_VALIDITY,
+        *,
+        path_length: int = 0,
+        actor: str = DEFAULT_ACTOR,
+    ) -> CaInfo:
+        """A CA below ``parent``; its key is generated in the key store."""
+        algorithm = self._ca_algorithm(algorithm)
+        self._check_new_ca(name, path_length)
+        with self._transaction() as session:  # fail before generating a key
+            parent_row = self._load_usable_ca(session, parent)
+            self._check_path_length(parent_row, path_length)
+        new_key = self._new_ca_key(algorithm, name)
+        with new_key as (handle, public_key), self._ca_transaction() as session:
+            self._check_ca_absent(session, name)
+            parent_row = self._load_usable_ca(session, parent)
+            issuer = self._issuer(parent_row)
+            profile = px.ca_profile(
+                CertificateKind.INTERMEDIATE,
+                name,
+                public_key,
+                path_length=path_length,
+                **self._validity(validity, issuer=parent_row),
+            )
+            cert = px.issue_certificate(profile, issuer, px.random_serial())
+            row = self._store_ca(session, name, algorithm, handle, cert, parent, path_length)
+            cert_row = self._store_certificate(session, cert, parent, CertificateKind.INTERMEDIATE)
+            self._audit_ca_created(session, row, cert_row, cert, actor)
+            return _ca_info(row)
+
+    def get_ca(self, name: str) -> CaInfo:
+        with self._sessions() as session:
+            return _ca_info(self._load_ca(session, name))
+
+    def find_ca(self, name: str) -> CaInfo | None:
+        with self._sessions() as session:
+            row = self._ca_row(session, name)
+            return _ca_info(row) if row else None
+
+    def list_cas(self) -> list[CaInfo]:
+        with self._sessions() as session:
+            rows = session.scalars(select(CertificateAuthority).order_by(CertificateAuthority.id))
+            return [_ca_info(r) for r in rows]
+
+    def ca_chain(self, name: str) -> list[CaInfo]:
+        """``name``'s CA and its parents, up to and including the root."""
+        chain: list[CaInfo] = []
+        with self._sessions() as session:
+            current: str | None = name
+            while current is not None and len(chain) <= MAX_PATH_LENGTH + 1:
+                row = self._load_ca(session, current)
+                chain.append(_ca_info(row))
+                current = row.parent_name
+        return chain
+
+    # -- leaves ------------------------------------------------------------------------
+
+    def issue_server_certificate(
+        self,
+        ca: str,
+        *,
+        public_key: object | None = None,
+        csr: bytes | None = None,
+        dns_names: Iterable[str] = (),
+        ips: Iterable[str | px.IPAddressValue] = (),
+        validity: timedelta = SERVER_VALIDITY,
+        actor: str = DEFAULT_ACTOR,
+    ) -> CertificateInfo:
+        """A TLS server certificate (serverAuth) for the given names and addresses; the key
+        comes from ``public_key`` (key object or PEM) or from a verified ``csr``."""
+        key = _subject_key(public_key, csr)
+        names, addresses = list(dns_names), list(ips)
+        details = {"dns_names": names, "ips": [str(a) for a in addresses]}
+
+        def profile(not_before: datetime, not_after: datetime) -> px.Profile:
+            return px.server_profile(
+                key, names, addresses, not_before=not_before, not_after=not_after
+            )
+
+        return self._issue_leaf(ca, profile, validity, actor, details)
+
+    def issue_device_certificate(
+        self,
+        ca: str,
+        device_id: str,
+        *,
+        public_key: object | None = None,
+        csr: bytes | None = None,
+        validity: timedelta = DEVICE_VALIDITY,
+        actor: str = DEFAULT_ACTOR,
+    ) -> CertificateInfo:
+        """A device certificate (clientAuth): ``device_id`` in the subject CN and
+        serialNumber, and ``urn:trustfleet:device:<id>`` as its SAN."""
+        key = _subject_key(public_key, csr)
+        px.check_device_id(device_id)
+
+        def profile(not_before: datetime, not_after: datetime) -> px.Profile:
+            return px.device_profile(key, device_id, not_before=not_before, not_after=not_after)
+
+        return self._issue_leaf(ca, profile, validity, actor, {"device_id": device_id})
+
+    def _issue_leaf(
+        self,
+        ca: str,
+        profile: Callable[[datetime, datetime], px.Profile],
+        validity: timedelta,
+        actor: str,
+        details: dict[str, Any],
+    ) -> CertificateInfo:
+        with self._transaction() as session:
+            ca_row = self._load_usable_ca(session, ca)
+            times = self._validity(validity, issuer=ca_row)
+            leaf = profile(times["not_before"], times["not_after"])
+            cert = px.issue_certificate(leaf, self._issuer(ca_row), px.random_serial())
+            row = self._store_certificate(session, cert, ca_row.name, leaf.kind)
+            audit.append(
+                session,
+                action="pki.certificate_issued",
+                actor=actor,
+                subject=row.serial_hex,
+                details=self._issued_details(row, cert) | details,
+            )
+            return _certificate_info(row)
+
+    # -- revocation ----------------------------------------------------------------------
+
+    def revoke(
+        self,
+        serial: str,
+        reason: RevocationReason | str = RevocationReason.UNSPECIFIED,
+        *,
+        actor: str = DEFAULT_ACTOR,
+    ) -> CertificateInfo:
+        """Mark the certificate revoked; the issuing CA's next CRL lists it."""
+        serial_hex = px.serial_hex(px.parse_serial(serial))
+        parsed_reason = px.parse_reason(str(reason))
+        with self._transaction() as session:
+            row = session.scalars(
+                select(IssuedCertificate)
+                .where(IssuedCertificate.serial_hex == serial_hex)
+                .with_for_update()
+            ).one_or_none()
+            if row is None:
+                raise CertificateNotFound(f"no certificate with serial {serial_hex}")
+            if row.status == "revoked":
+                raise CertificateAlreadyRevoked(f"certificate {serial_hex} is already revoked")
+            if row.kind == CertificateKind.ROOT:
+                raise RootNotRevocable()
+            row.status = "revoked"
+            row.revoked_at = self._now()
+            row.revocation_reason = parsed_reason.value
+            issuer = self._load_ca(session, row.issuer_name, for_update=True)
+            issuer.crl_der = None  # the cached CRL no longer lists everything
+            issuer.crl_this_update = None
+            audit.append(
+                session,
+                action="pki.certificate_revoked",
+                actor=actor,
+                subject=serial_hex,
+                details={"ca": row.issuer_name, "kind": row.kind, "reason": parsed_reason.value},
+            )
+            return _certificate_info(row)
+
+    def crl(self, ca_name: str, *, actor: str = DEFAULT_ACTOR) -> bytes:
+        """The CA's current CRL (DER): every certificate it issued that is revoked.
+
+        A CRL signed less than ``crl_refresh`` ago is served again unless a revocation
+        happened since; otherwise a new one is signed now with the next CRL number.
+        """
+        now = self._now()
+        with self._transaction() as session:
+            ca = self._load_ca(session, ca_name, for_update=True)
+            cached = self._fresh_crl(ca, now)
+            if cached is not None:
+                return cached
+            revoked = session.scalars(
+                select(IssuedCertificate)
+                .where(IssuedCertificate.issuer_name == ca.name)
+                .where(IssuedCertificate.status == "revoked")
+                .order_by(IssuedCertificate.id)
+            ).all()
+            entries = [
+                px.RevokedEntry(
+                    int(r.serial_hex, 16),
+                    _utc(r.revoked_at or now),
+                    RevocationReason(r.revocation_reason or RevocationReason.UNSPECIFIED),
+                )
+                for r in revoked
+            ]
+            number = ca.crl_number + 1
+            crl = px.build_crl(
+                self._issuer(ca),
+                number=number,
+                this_update=now,
+                next_update=now + self._crl_validity,
+                revoked=entries,
+            )
+            der = crl.public_bytes(serialization.Encoding.DER)
+            ca.crl_number, ca.crl_der, ca.crl_this_update = number, der, now
+            audit.append(
+                session,
+                action="pki.crl_published",
+                actor=actor,
+                subject=ca.name,
+                details={"crl_number": number, "revoked": len(entries)},
+            )
+            return der
+
+    def _fresh_crl(self, ca: CertificateAuthority, now: datetime) -> bytes | None:
+        if ca.crl_der is None or ca.crl_this_update is None:
+            return None
+        return ca.crl_der if now - _utc(ca.crl_this_update) < self._crl_refresh else None
+
+    # -- certificates ------------------------------------------------------------------
+
+    def get_certificate(self, serial: str) -> CertificateInfo:
+        serial_hex = px.serial_hex(px.parse_serial(serial))
+        with self._sessions() as session:
+            row = session.scalars(
+                select(IssuedCertificate).where(IssuedCertificate.serial_hex == serial_hex)
+            ).one_or_none()
+            if row is None:
+                raise CertificateNotFound(f"no certificate with serial {serial_hex}")
+            return _certificate_info(row)
+
+    def list_certificates(
+        self,
+        *,
+        issuer: str | None = None,
+        kind: CertificateKind | str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[CertificateInfo]:
+        if not 1 <= limit <= 1000 or offset < 0:
+            raise InvalidInput("limit is 1-1000 and offset is not negative")
+        query = select(IssuedCertificate).order_by(IssuedCertificate.id)
+        if issuer is not None:
+            query = query.where(IssuedCertificate.issuer_name == issuer)
+        if kind is not None:
+            query = query.where(IssuedCertificate.kind == CertificateKind(kind).value)
+        if status is not None:
+            query = query.where(IssuedCertificate.status == status)
+        with self._sessions() as session:
+            rows = session.scalars(query.limit(limit).offset(offset))
+            return [_certificate_info(r) for r in rows]
+
+    # -- validation --------------------------------------------------------------------
+
+    def validate(
+        self,
+        leaf_der: bytes,
+        intermediates: Sequence[bytes],
+        root_der: bytes,
+        at: datetime | None = None,
+        crl_ders: Sequence[bytes] | None = None,
+        *,
+        purpose: Purpose | None = None,
+        server_name: str | None = None,
+    ) -> ValidatedChain:
+        """pyca path validation plus revocation: against ``crl_ders`` when given, else
+        against this database (then every non-root certificate must have been issued here).
+        Raises CertificateInvalid or CertificateRevoked."""
+        at = at or self._now()
+        if crl_ders is not None:
+            return px.validate_chain(
+                leaf_der,
+                intermediates,
+                root_der,
+                at=at,
+                crl_ders=crl_ders,
+                purpose=purpose,
+                server_name=server_name,
+            )
+        validated = px.verify_path(
+            leaf_der, intermediates, root_der, at=at, purpose=purpose, server_name=server_name
+        )
+        with self._sessions() as session:
+            for cert in validated.chain[:-1]:
+                self._check_recorded_status(session, cert)
+        return validated
+
+    def _check_recorded_status(self, session: Session, cert: x509.Certificate) -> None:
+        serial_hex = px.serial_hex(cert.serial_number)
+        row = session.scalars(
+            select(IssuedCertificate).where(IssuedCertificate.serial_hex == serial_hex)
+        ).one_or_none()
+        if row is None or row.der != _der(cert):
+            raise CertificateInvalid(
+                f"certificate {serial_hex} was not issued here: pass CRLs to check it"
+            )
+        if row.status == "revoked":
+            raise CertificateRevoked(f"certificate {serial_hex} is revoked", serial=serial_hex)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _now(self) -> datetime:
+        return _utc(self._clock()).replace(microsecond=0)
+
+    def _transaction(self) -> AbstractContextManager[Session]:
+        return transaction(self._sessions)
+
+    @contextmanager
+    def _ca_transaction(self) -> Iterator[Session]:
+        try:
+            with transaction(self._sessions) as session:
+                yield session
+        except IntegrityError as exc:  # another node created a CA of that name first
+            raise CaExists("a certificate authority with that name was just created") from exc
+
+    def _validity(
+        self, validity: timedelta, *, issuer: CertificateAuthority | None
+    ) -> dict[str, datetime]:
+        if not timedelta(0) < validity <= MAX_VALIDITY:
+            raise InvalidValidity(f"validity must be positive and at most {MAX_VALIDITY.days} days")
+        now = self._now()
+        not_before, not_after = now - CLOCK_SKEW, now + validity
+        if issuer is not None:
+            issuer_cert = x509.load_der_x509_certificate(issuer.certificate_der)
+            if not_after > issuer_cert.not_valid_after_utc:
+                raise InvalidValidity(
+                    f"the certificate would outlive its issuer {issuer.name!r} "
+                    f"(valid until {issuer_cert.not_valid_after_utc.isoformat()})"
+                )
+            not_before = max(not_before, issuer_cert.not_valid_before_utc)
+        return {"not_before": not_before, "not_after": not_after}
+
+    @staticmethod
+    def _ca_algorithm(algorithm: KeyAlgorithm | str) -> KeyAlgorithm:
+        try:
+            parsed = KeyAlgorithm(algorithm)
+        except ValueError:
+            raise UnsupportedAlgorithm(f"unknown algorithm {algorithm!r}") from None
+        if parsed not in px.CA_ALGORITHMS:
+            raise UnsupportedAlgorithm(
+                f"a CA key must be one of {', '.join(sorted(px.CA_ALGORITHMS))}"
+            )
+        return parsed
+
+    def _check_new_ca(self, name: str, path_length: int) -> None:
+        px.check_ca_name(name)
+        if not 0 <= path_length <= MAX_PATH_LENGTH:
+            raise PathLengthExceeded(f"a path length is 0-{MAX_PATH_LENGTH}")
+        if self.find_ca(name) is not None:
+            raise CaExists(f"certificate authority {name!r} already exists")
+
+    @staticmethod
+    def _check_path_length(parent: CertificateAuthority, path_length: int) -> None:
+        if parent.path_length <= path_length:
+            raise PathLengthExceeded(
+                f"{parent.name!r} allows CAs below it a path length of at most "
+                f"{parent.path_length - 1}"
+            )
+
+    @contextmanager
+    def _new_ca_key(
+        self, algorithm: KeyAlgorithm, name: str
+    ) -> Iterator[tuple[str, px.CaPublicKey]]:
+        """A fresh non-exportable signing key, destroyed again if the CA is not created."""
+        info = self._keystore.generate(algorithm, KeyUsage.SIGN, label=f"pki-ca:{name}")
+        try:
+            yield info.handle, px.ca_public_key(self._keystore.public_key(info.handle), algorithm)
+        except BaseException:
+            self._keystore.destroy(info.handle)
+            raise
+
+    @staticmethod
+    def _ca_row(
+        session: Session, name: str, *, for_update: bool = False
+    ) -> CertificateAuthority | None:
+        query = select(CertificateAuthority).where(CertificateAuthority.name == name)
+        if for_update:
+            query = query.with_for_update()
+        return session.scalars(query).one_or_none()
+
+    def _load_ca(
+        self, session: Session, name: str, *, for_update: bool = False
+    ) -> CertificateAuthority:
+        row = self._ca_row(session, name, for_update=for_update)
+        if row is None:
+            raise CaNotFound(f"no certificate authority named {name[:80]!r}")
+        return row
+
+    def _load_usable_ca(self, session: Session, name: str) -> CertificateAuthority:
+        row = self._load_ca(session, name)
+        own = session.scalars(
+            select(IssuedCertificate.status).where(IssuedCertificate.serial_hex == row.serial_hex)
+        ).one()
+        if own == "revoked":
+            raise CaRevoked(f"certificate authority {name!r} is revoked")
+        return row
+
+    def _check_ca_absent(self, session: Session, name: str) -> None:
+        if self._ca_row(session, name) is not None:
+            raise CaExists(f"certificate authority {name!r} already exists")
+
+    def _issuer(self, ca: CertificateAuthority) -> px.Issuer:
+        cert = x509.load_der_x509_certificate(ca.certificate_der)
+        sign = partial(self._keystore.sign, ca.key_handle)
+        return px.issuer_from_certificate(cert, KeyAlgorithm(ca.algorithm), sign)
+
+    def _store_ca(
+        self,
+        session: Session,
+        name: str,
+        algorithm: KeyAlgorithm,
+        handle: str,
+        cert: x509.Certificate,
+        parent: str | None,
+        path_length: int,
+    ) -> CertificateAuthority:
+        row = CertificateAuthority(
+            name=name,
+            algorithm=algorithm.value,
+            key_handle=handle,
+            certificate_der=_der(cert),
+            serial_hex=px.serial_hex(cert.serial_number),
+            parent_name=parent,
+            path_length=path_length,
+            crl_number=0,
+            created_at=self._now(),
+        )
+        session.add(row)
+        session.flush()
+        return row
+
+    def _store_certificate(
+        self, session: Session, cert: x509.Certificate, issuer: str, kind: CertificateKind
+    ) -> IssuedCertificate:
+        row = IssuedCertificate(
+            serial_hex=px.serial_hex(cert.serial_number),
+            issuer_name=issuer,
+            subject=cert.subject.rfc4514_string()[:500],
+            kind=kind.value,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            der=_der(cert),
+            status="active",
+            created_at=self._now(),
+        )
+        session.add(row)
+        session.flush()
+        return row
+
+    @staticmethod
+    def _issued_details(row: IssuedCertificate, cert: x509.Certificate) -> dict[str, Any]:
+        return {
+            "ca": row.issuer_name,
+            "kind": row.kind,
+            "subject": row.subject,
+            "not_after": _utc(row.not_after).isoformat(),
+            "key_algorithm": _key_algorithm_name(cert),
+            "sha256": hashlib.sha256(row.der).hexdigest(),
+        }
+
+    def _audit_ca_created(
+        self,
+        session: Session,
+        row: CertificateAuthority,
+        cert_row: IssuedCertificate,
+        cert: x509.Certificate,
+        actor: str,
+    ) -> None:
+        details = self._issued_details(cert_row, cert)
+        details |= {"name": row.name, "algorithm": row.algorithm, "path_length": row.path_length}
+        audit.append(
+            session, action="pki.ca_created", actor=actor, subject=row.serial_hex, details=details
+        )
+
+
+def _subject_key(public_key: object | None, csr: bytes | None) -> px.SubjectPublicKey:
+    if (public_key is None) == (csr is None):
+        raise InvalidInput("give exactly one of a public key and a CSR")
+    if csr is not None:
+        return px.load_csr_public_key(csr)
+    if isinstance(public_key, bytes | str):
+        pem = public_key.encode() if isinstance(public_key, str) else public_key
+        return px.load_public_key_pem(pem)
+    return px.check_subject_key(public_key)
+
+
+# --- the local CA made by `trustfleet init` ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalCa:
+    root: CaInfo
+    issuing: CaInfo
+    root_pem_path: Path
+    intermediate_pem_path: Path
+
+
+def bootstrap(
+    sessions: sessionmaker[Session], keystore: KeyStore, ca_dir: Path, *, actor: str = "init"
+) -> LocalCa:
+    """Root CA ``trustfleet-root`` and issuing CA ``trustfleet-issuing`` (each made only if
+    missing), with their PEMs written to ``ca_dir``/root.pem and intermediate.pem."""
+    service = PkiService(sessions, keystore)
+    root = _ensure_ca(service, LOCAL_ROOT_CA, None, actor)
+    issuing = _ensure_ca(service, LOCAL_ISSUING_CA, LOCAL_ROOT_CA, actor)
+    ca_dir.mkdir(parents=True, exist_ok=True)
+    root_path, intermediate_path = ca_dir / "root.pem", ca_dir / "intermediate.pem"
+    _write_atomically(root_path, root.pem)
+    _write_atomically(intermediate_path, issuing.pem)
+    return LocalCa(root, issuing, root_path, intermediate_path)
+
+
+def ensure_local_ca(context: AppContext) -> LocalCa:
+    return bootstrap(context.sessions, context.keystore, context.settings.ca_dir)
+
+
+def _ensure_ca(service: PkiService, name: str, parent: str | None, actor: str) -> CaInfo:
+    existing = service.find_ca(name)
+    if existing is not None:
+        return existing
+    try:
+        if parent is None:
+            return service.create_root_ca(name, actor=actor)
+        return service.create_intermediate_ca(name, parent, actor=actor)
+    except CaExists:  # another process initialised at the same time
+        return service.get_ca(name)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
