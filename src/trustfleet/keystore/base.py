@@ -95,7 +95,9 @@ class KeyStore(ABC):
         """Export the secret key ``handle`` wrapped under another stored key (``under`` is a
         handle: AES key wrap with padding, RFC 5649) or to a public key (``under`` is a
         public key: the suite's ``kem_wrap`` bound to ``info``). The wrapped key needs
-        ``WRAPPABLE``; a wrapping handle needs ``WRAP``."""
+        ``WRAPPABLE``; a wrapping handle needs ``WRAP`` and must be an AES key. RFC 5649 has
+        no associated data, so a non-empty ``info`` with a handle is an InvalidInput error.
+        The wrapped material is the PKCS#8 DER of a private key or the raw secret."""
 
     @abstractmethod
     def unwrap(
@@ -109,7 +111,9 @@ class KeyStore(ABC):
         label: str = "",
         exportable: bool = False,
     ) -> KeyInfo:
-        """Import a key wrapped by :meth:`wrap` under ``wrapping_handle`` (needs ``UNWRAP``)."""
+        """Import a key wrapped by :meth:`wrap` under ``wrapping_handle`` (needs ``UNWRAP``):
+        an AES handle (RFC 5649) or an asymmetric one (the suite's ``kem_unwrap`` with
+        ``info``)."""
 
     @abstractmethod
     def derive(
@@ -121,9 +125,11 @@ class KeyStore(ABC):
         peer_public: PublicKey | None = None,
         info: bytes = b"",
         label: str = "",
+        exportable: bool = False,
     ) -> KeyInfo:
         """New secret key from ECDH/X25519 with ``peer_public`` (asymmetric handle) or from
-        the secret key itself, through HKDF-SHA256 with ``info``. Needs ``DERIVE``."""
+        the secret key itself, through HKDF-SHA256 (no salt) with ``info``. Needs ``DERIVE``.
+        A backend that cannot derive inside its boundary raises UnsupportedAlgorithm."""
 
     @abstractmethod
     def mac(self, handle: str, data: bytes) -> bytes:

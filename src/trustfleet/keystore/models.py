@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from datetime import datetime
 
 from sqlalchemy import Boolean, DateTime, Integer, LargeBinary, String
@@ -32,3 +34,22 @@ class StoredKey(Base):
     wrapped: Mapped[bytes] = mapped_column(LargeBinary)
     kek_id: Mapped[str] = mapped_column(String(16), index=True)
     destroyed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    def binding(self) -> bytes:
+        """Associated data of ``wrapped``: what must not change without detection."""
+        return row_binding(
+            self.handle, self.algorithm, self.usage, self.exportable, self.public_key_der
+        )
+
+
+def row_binding(
+    handle: str, algorithm: str, usage: int, exportable: bool, public_key_der: bytes | None
+) -> bytes:
+    fields = (
+        handle.encode(),
+        algorithm.encode(),
+        struct.pack(">Q", usage),
+        b"\x01" if exportable else b"\x00",
+        hashlib.sha256(public_key_der or b"").digest(),
+    )
+    return b"trustfleet-keystore-v1" + b"".join(struct.pack(">H", len(f)) + f for f in fields)

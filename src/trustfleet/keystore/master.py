@@ -1,0 +1,379 @@
+"""The soft store's master keys (key-encryption keys, KEKs) and their rotation.
+
+A keyring holds one or more 32-byte AES-256-GCM keys; the first is *active* (it wraps new
+keys), the others only unwrap rows not yet re-wrapped. Each key is named by its ``kek_id``,
+the first 16 hex digits of its SHA-256, which every stored row records.
+
+Sources, in order: the environment variable ``TRUSTFLEET_MASTER_KEY``, else the master key
+file (default ``<data dir>/master.key``, mode 0600; a file readable by group or others is
+refused). Both accept the same formats:
+
+* JSON, as written by this module: ``{"version": 1, "keys": [{"id": "<kek_id>",
+  "key": "<base64>"}, ...]}`` (active first; each ``id`` must match its key);
+* plain text: base64 keys separated by whitespace or commas, active first, each optionally
+  prefixed by ``<kek_id>:``.
+
+Rotation (:func:`rotate_master_key`) never leaves a row unreadable, whatever the moment it
+stops: the file first gains the new key in front of the old ones, then rows are re-wrapped
+(each row's ``wrapped`` and ``kek_id`` change in one UPDATE), and the old keys leave the
+file only when no live row still uses them. Running it again after a crash finishes the job.
+Several hosts sharing one database must each get the new file (or variable) before the old
+key is dropped; nodes sharing the file re-read it when they meet an unknown ``kek_id``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import secrets
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy import func, select, true, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from trustfleet.errors import KeyStoreError, MasterKeyError
+
+MASTER_KEY_ENV = "TRUSTFLEET_MASTER_KEY"
+MASTER_KEY_SIZE = 32
+NONCE_SIZE = 12
+FILE_VERSION = 1
+
+
+class KeyIntegrityError(KeyStoreError):
+    code = "key-integrity-error"
+    title = "A stored key failed its integrity check"
+
+
+def kek_id_of(key: bytes) -> str:
+    return hashlib.sha256(key).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class MasterKey:
+    kek_id: str
+    key: bytes
+
+    def __repr__(self) -> str:  # never show the key
+        return f"MasterKey(kek_id={self.kek_id!r})"
+
+    @classmethod
+    def new(cls) -> MasterKey:
+        return cls.of(secrets.token_bytes(MASTER_KEY_SIZE))
+
+    @classmethod
+    def of(cls, key: bytes) -> MasterKey:
+        if len(key) != MASTER_KEY_SIZE:
+            raise MasterKeyError(f"a master key must be {MASTER_KEY_SIZE} bytes, got {len(key)}")
+        return cls(kek_id_of(key), key)
+
+
+class MasterKeyring:
+    """Master keys, active first. Wraps with the active key, unwraps with any of them."""
+
+    def __init__(self, keys: list[MasterKey], *, source: Path | None = None) -> None:
+        if not keys:
+            raise MasterKeyError("the master keyring holds no key")
+        ids = [k.kek_id for k in keys]
+        if len(set(ids)) != len(ids):
+            raise MasterKeyError("the master keyring lists the same key twice")
+        self.keys = tuple(keys)
+        #: the file it was read from (None: environment or memory); used by :meth:`reload`
+        self.source = source
+        self._by_id = {k.kek_id: k for k in keys}
+
+    def __repr__(self) -> str:
+        return f"MasterKeyring(kek_ids={self.kek_ids!r}, source={self.source!r})"
+
+    @property
+    def active(self) -> MasterKey:
+        return self.keys[0]
+
+    @property
+    def kek_ids(self) -> list[str]:
+        return [k.kek_id for k in self.keys]
+
+    def has(self, kek_id: str) -> bool:
+        return kek_id in self._by_id
+
+    def seal(self, plaintext: bytes, aad: bytes) -> tuple[str, bytes]:
+        """``(kek_id, nonce || AES-256-GCM ciphertext)`` under the active key."""
+        nonce = os.urandom(NONCE_SIZE)
+        return self.active.kek_id, nonce + AESGCM(self.active.key).encrypt(nonce, plaintext, aad)
+
+    def open(self, kek_id: str, blob: bytes, aad: bytes) -> bytes:
+        key = self._by_id.get(kek_id)
+        if key is None:
+            raise MasterKeyError(
+                f"a stored key is wrapped under master key {kek_id}, which is not loaded"
+                f" (loaded: {', '.join(self.kek_ids)}); use the master key of this database"
+            )
+        try:
+            return AESGCM(key.key).decrypt(blob[:NONCE_SIZE], blob[NONCE_SIZE:], aad)
+        except (InvalidTag, ValueError):
+            raise KeyIntegrityError(
+                "a stored key does not authenticate under its master key: its row was"
+                " modified (material, algorithm, usage or exportability)"
+            ) from None
+
+    def reload(self) -> MasterKeyring:
+        """The keyring read again from its source (itself when it has no file)."""
+        if self.source is None:
+            return self
+        return read_master_key_file(self.source)
+
+
+# -- parsing and serialising -----------------------------------------------------------
+
+
+def _b64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise MasterKeyError("a master key is not valid base64") from None
+
+
+def _checked(kek_id: str | None, key: bytes) -> MasterKey:
+    master = MasterKey.of(key)
+    if kek_id is not None and kek_id.lower() != master.kek_id:
+        raise MasterKeyError(f"master key listed as {kek_id} does not match its id")
+    return master
+
+
+def _parse_json(text: str) -> list[MasterKey]:
+    try:
+        doc = json.loads(text)
+        entries = doc["keys"]
+        if doc.get("version") != FILE_VERSION or not isinstance(entries, list):
+            raise MasterKeyError("unsupported master key file version")
+        return [_checked(str(e["id"]), _b64(str(e["key"]))) for e in entries]
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise MasterKeyError("the master keys are not in the expected JSON shape") from None
+
+
+def _parse_plain(text: str) -> list[MasterKey]:
+    keys = []
+    for token in text.replace(",", " ").split():
+        kek_id, _, encoded = token.rpartition(":")
+        keys.append(_checked(kek_id or None, _b64(encoded)))
+    return keys
+
+
+def parse_master_keys(text: str, *, source: Path | None = None) -> MasterKeyring:
+    stripped = text.strip()
+    keys = _parse_json(stripped) if stripped.startswith("{") else _parse_plain(stripped)
+    return MasterKeyring(keys, source=source)
+
+
+def serialise_master_keys(keys: list[MasterKey]) -> str:
+    entries = [{"id": k.kek_id, "key": base64.b64encode(k.key).decode()} for k in keys]
+    return json.dumps({"version": FILE_VERSION, "keys": entries}, indent=2) + "\n"
+
+
+# -- the file --------------------------------------------------------------------------
+
+
+def read_master_key_file(path: Path) -> MasterKeyring:
+    try:
+        with path.open("r", encoding="utf-8") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise MasterKeyError(
+                    f"{path} is accessible by group or others (mode {stat.S_IMODE(mode):o});"
+                    f" run: chmod 600 {path}"
+                )
+            text = handle.read()
+    except FileNotFoundError:
+        raise MasterKeyError(
+            f"no master key: {path} does not exist and {MASTER_KEY_ENV} is not set;"
+            " run `trustfleet init` to create one"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MasterKeyError(f"cannot read the master key file {path}: {exc}") from None
+    return parse_master_keys(text, source=path)
+
+
+def write_master_key_file(path: Path, keys: list[MasterKey], *, exclusive: bool = False) -> None:
+    """Replace ``path`` atomically (temp file, fsync, rename, fsync of the directory), 0600.
+
+    ``exclusive``: fail with MasterKeyError instead of replacing an existing file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(serialise_master_keys(keys))
+            handle.flush()
+            os.fsync(handle.fileno())
+        if exclusive:
+            try:
+                os.link(tmp, path)  # fails if path exists, unlike rename
+            except FileExistsError:
+                raise MasterKeyError(f"{path} already exists; not overwriting it") from None
+            tmp.unlink()
+        else:
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create_master_key_file(path: Path) -> MasterKeyring:
+    """A new file with one fresh master key (mode 0600); never overwrites an existing one."""
+    key = MasterKey.new()
+    write_master_key_file(path, [key], exclusive=True)
+    return MasterKeyring([key], source=path)
+
+
+def load_master_keyring(path: Path, environ: Mapping[str, str] | None = None) -> MasterKeyring:
+    """``TRUSTFLEET_MASTER_KEY`` if set, else the file at ``path``."""
+    env = os.environ if environ is None else environ
+    value = env.get(MASTER_KEY_ENV, "")
+    if value.strip():
+        return parse_master_keys(value)
+    return read_master_key_file(path)
+
+
+# -- rotation --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RotationReport:
+    rewrapped: int
+    kek_id: str
+
+
+def rotate_master_key(
+    sessions: sessionmaker[Session],
+    master_key_path: Path,
+    *,
+    batch_size: int = 100,
+    after_row: Callable[[int], None] | None = None,
+) -> RotationReport:
+    """Re-wrap every live key of the soft store under a fresh master key.
+
+    ``after_row(n)`` is called after the n-th re-wrapped row is flushed (tests inject crashes
+    there). Safe to interrupt anywhere and to run again.
+    """
+    if os.environ.get(MASTER_KEY_ENV, "").strip():
+        raise MasterKeyError(
+            f"the master key comes from {MASTER_KEY_ENV}; rotation rewrites the master key"
+            " file, so unset the variable (or move its value into the file) first"
+        )
+    current = read_master_key_file(master_key_path)
+    _check_rows_readable(sessions, current)
+    new = MasterKey.new()
+    keyring = MasterKeyring([new, *current.keys], source=master_key_path)
+    write_master_key_file(master_key_path, list(keyring.keys))
+    rewrapped = _rewrap_all(sessions, keyring, batch_size, after_row)
+    if _rows_not_under(sessions, new.kek_id):
+        raise MasterKeyError("keys were added under an old master key during rotation; run again")
+    write_master_key_file(master_key_path, [new])
+    return RotationReport(rewrapped=rewrapped, kek_id=new.kek_id)
+
+
+def _check_rows_readable(sessions: sessionmaker[Session], keyring: MasterKeyring) -> None:
+    from trustfleet.keystore.models import StoredKey
+
+    with sessions() as session:
+        used = session.scalars(
+            select(StoredKey.kek_id).where(StoredKey.destroyed_at.is_(None)).distinct()
+        ).all()
+    missing = sorted(k for k in used if not keyring.has(k))
+    if missing:
+        raise MasterKeyError(
+            f"stored keys use master keys {', '.join(missing)} that the file does not hold;"
+            " nothing was changed"
+        )
+
+
+def _rows_not_under(sessions: sessionmaker[Session], kek_id: str) -> int:
+    from trustfleet.keystore.models import StoredKey
+
+    with sessions() as session:
+        return (
+            session.scalar(
+                select(func.count())
+                .select_from(StoredKey)
+                .where(StoredKey.destroyed_at.is_(None), StoredKey.kek_id != kek_id)
+            )
+            or 0
+        )
+
+
+def _rewrap_all(
+    sessions: sessionmaker[Session],
+    keyring: MasterKeyring,
+    batch_size: int,
+    after_row: Callable[[int], None] | None,
+) -> int:
+    from trustfleet.keystore.models import StoredKey
+
+    done = 0
+    skipped: set[str] = set()
+    while True:
+        with sessions() as session, session.begin():
+            rows = session.execute(
+                select(StoredKey)
+                .where(
+                    StoredKey.destroyed_at.is_(None),
+                    StoredKey.kek_id != keyring.active.kek_id,
+                    StoredKey.handle.not_in(skipped) if skipped else true(),
+                )
+                .order_by(StoredKey.handle)
+                .limit(batch_size)
+            ).scalars()
+            batch = list(rows)
+            for row in batch:
+                if _rewrap_row(session, keyring, row):
+                    done += 1
+                    if after_row is not None:
+                        after_row(done)
+                else:
+                    skipped.add(row.handle)
+        if not batch:
+            return done
+
+
+def _rewrap_row(session: Session, keyring: MasterKeyring, row: object) -> bool:
+    """Compare-and-set: a row destroyed or changed meanwhile by another node is left alone."""
+    from trustfleet.keystore.models import StoredKey
+
+    assert isinstance(row, StoredKey)
+    aad = row.binding()
+    try:
+        material = keyring.open(row.kek_id, row.wrapped, aad)
+    except KeyIntegrityError:
+        raise KeyIntegrityError(
+            f"stored key {row.handle} fails its integrity check; rotation stopped (the keys"
+            " re-wrapped so far stay readable)"
+        ) from None
+    kek_id, wrapped = keyring.seal(material, aad)
+    result = session.execute(
+        update(StoredKey)
+        .where(
+            StoredKey.handle == row.handle,
+            StoredKey.kek_id == row.kek_id,
+            StoredKey.wrapped == row.wrapped,
+            StoredKey.destroyed_at.is_(None),
+        )
+        .values(kek_id=kek_id, wrapped=wrapped)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(result, "rowcount", 0))

@@ -1,0 +1,487 @@
+"""The soft key store: keys in the shared database, wrapped under the master key.
+
+Every row's material is ``AES-256-GCM(master key, PKCS#8 DER or raw secret)`` with the
+row's handle, algorithm, usage, exportability and public key as associated data (see
+:meth:`trustfleet.keystore.models.StoredKey.binding`): editing a flag or swapping material
+between rows makes the key fail with :class:`KeyIntegrityError` instead of widening its use.
+
+Any node sharing the database and the master key serves any key. Each call reads the key's
+row (one indexed select) so a destroy on another node takes effect at once; unwrapped key
+objects are cached per process, keyed by a digest of everything the row authenticates, so a
+changed row never hits a stale cache entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TypeAlias
+
+from sqlalchemy import Engine, Row, bindparam, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from trustfleet import crypto
+from trustfleet.crypto.base import KeyAlgorithm, PrivateKey, PublicKey
+from trustfleet.crypto.sm2 import SM2PrivateKey
+from trustfleet.errors import (
+    InvalidInput,
+    InvalidKey,
+    KeyNotExportable,
+    KeyNotFound,
+    MasterKeyError,
+    TrustfleetError,
+    UnsupportedAlgorithm,
+)
+from trustfleet.keystore import policy, secret_ops
+from trustfleet.keystore.base import KeyInfo, KeyStore, KeyUsage
+from trustfleet.keystore.master import MasterKeyring
+from trustfleet.keystore.models import StoredKey, row_binding
+
+HANDLE_PREFIX = "soft:"
+DEFAULT_CACHE_SIZE = 1024
+
+Material: TypeAlias = "PrivateKey | bytes"
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    handle: str
+    algorithm: KeyAlgorithm
+    usage: KeyUsage
+    exportable: bool
+    label: str
+    created_at: datetime
+    public_key_der: bytes | None
+    wrapped: bytes
+    kek_id: str
+
+    def binding(self) -> bytes:
+        usage = self.usage.value
+        return row_binding(
+            self.handle, self.algorithm.value, usage, self.exportable, self.public_key_der
+        )
+
+    def info(self) -> KeyInfo:
+        return KeyInfo(
+            handle=self.handle,
+            algorithm=self.algorithm,
+            usage=self.usage,
+            exportable=self.exportable,
+            label=self.label,
+            backend=SoftKeyStore.backend,
+            created_at=self.created_at,
+            public_key_der=self.public_key_der,
+        )
+
+
+_SelectedRow: TypeAlias = "Row[str, str, int, bool, str, datetime, bytes | None, bytes, str]"
+_COLUMNS = (
+    StoredKey.handle,
+    StoredKey.algorithm,
+    StoredKey.usage,
+    StoredKey.exportable,
+    StoredKey.label,
+    StoredKey.created_at,
+    StoredKey.public_key_der,
+    StoredKey.wrapped,
+    StoredKey.kek_id,
+)
+
+# Built once: constructing the statement per call costs more than running it.
+_SELECT_LIVE = select(*_COLUMNS).where(
+    StoredKey.handle == bindparam("handle"), StoredKey.destroyed_at.is_(None)
+)
+
+
+class _LRU:
+    """A small thread-safe LRU of unwrapped key material."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[bytes, tuple[str, Material]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> Material | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[1]
+
+    def put(self, key: bytes, handle: str, material: Material) -> None:
+        if self._size <= 0:
+            return
+        with self._lock:
+            self._items[key] = (handle, material)
+            self._items.move_to_end(key)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+    def forget(self, handle: str) -> None:
+        with self._lock:
+            for key in [k for k, (h, _) in self._items.items() if h == handle]:
+                del self._items[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+class SoftKeyStore(KeyStore):
+    backend = "soft"
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        master: MasterKeyring,
+        *,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self._sessions = sessions
+        # Reads skip the ORM session: the per-call row check is on the hot path of every sign.
+        self._engine: Engine = sessions.kw["bind"]
+        self._master = master
+        self._cache = _LRU(cache_size)
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._master_lock = threading.Lock()
+
+    @property
+    def master(self) -> MasterKeyring:
+        return self._master
+
+    # -- creating keys -----------------------------------------------------------------
+
+    def generate(
+        self, algorithm: KeyAlgorithm, usage: KeyUsage, *, label: str = "", exportable: bool = False
+    ) -> KeyInfo:
+        policy.check_new_key(algorithm, usage, label)
+        material: Material
+        if algorithm.is_asymmetric:
+            material = crypto.generate_private_key(algorithm)
+        else:
+            material = _random_secret(algorithm)
+        return self._store(algorithm, material, usage, label, exportable)
+
+    def import_key(
+        self,
+        algorithm: KeyAlgorithm,
+        material: bytes,
+        usage: KeyUsage,
+        *,
+        label: str = "",
+        exportable: bool = False,
+    ) -> KeyInfo:
+        policy.check_new_key(algorithm, usage, label)
+        parsed = _parse_material(algorithm, material)
+        return self._store(algorithm, parsed, usage, label, exportable)
+
+    def _store(
+        self,
+        algorithm: KeyAlgorithm,
+        material: Material,
+        usage: KeyUsage,
+        label: str,
+        exportable: bool,
+    ) -> KeyInfo:
+        public_der = None
+        if not isinstance(material, bytes):
+            public_der = crypto.public_key_to_der(material.public_key())
+        row = _Row(
+            handle=HANDLE_PREFIX + uuid.uuid4().hex,
+            algorithm=algorithm,
+            usage=usage,
+            exportable=exportable,
+            label=label,
+            created_at=self._clock(),
+            public_key_der=public_der,
+            wrapped=b"",
+            kek_id="",
+        )
+        kek_id, wrapped = self._master.seal(_material_bytes(material), row.binding())
+        with self._sessions() as session, session.begin():
+            session.add(
+                StoredKey(
+                    handle=row.handle,
+                    algorithm=algorithm.value,
+                    usage=usage.value,
+                    exportable=exportable,
+                    label=label,
+                    created_at=row.created_at,
+                    public_key_der=public_der,
+                    wrapped=wrapped,
+                    kek_id=kek_id,
+                )
+            )
+        return row.info()
+
+    # -- reading -----------------------------------------------------------------------
+
+    def info(self, handle: str) -> KeyInfo:
+        return self._row(handle).info()
+
+    def list(self) -> list[KeyInfo]:
+        with self._sessions() as session:
+            rows = session.execute(
+                select(*_COLUMNS)
+                .where(StoredKey.destroyed_at.is_(None))
+                .order_by(StoredKey.created_at, StoredKey.handle)
+            ).all()
+        return [_to_row(r).info() for r in rows]
+
+    def public_key(self, handle: str) -> PublicKey:
+        row = self._row(handle)
+        material = self._material(row)
+        if isinstance(material, bytes):
+            raise InvalidInput(f"key {handle} is a secret key and has no public key")
+        return material.public_key()
+
+    def _row(self, handle: str) -> _Row:
+        if not isinstance(handle, str) or not handle.startswith(HANDLE_PREFIX):
+            raise KeyNotFound(f"no key has handle {handle!r}")
+        with self._engine.connect() as connection:
+            found = connection.execute(_SELECT_LIVE, {"handle": handle}).one_or_none()
+        if found is None:
+            raise KeyNotFound(f"no key has handle {handle!r}")
+        return _to_row(found)
+
+    def _use(self, handle: str, needed: KeyUsage) -> tuple[_Row, Material]:
+        row = self._row(handle)
+        policy.require(handle, row.usage, needed)
+        return row, self._material(row)
+
+    def _material(self, row: _Row) -> Material:
+        aad = row.binding()
+        cache_key = hashlib.sha256(
+            b"%d:%s|%s|" % (len(aad), aad, row.kek_id.encode()) + row.wrapped
+        ).digest()
+        cached = self._cache.get(cache_key)
+        if cached is not None:
+            return cached
+        plain = self._open(row, aad)
+        material = _load_material(row.algorithm, plain)
+        self._cache.put(cache_key, row.handle, material)
+        return material
+
+    def _open(self, row: _Row, aad: bytes) -> bytes:
+        master = self._master
+        if not master.has(row.kek_id):
+            # Another process may have rotated the master key file under us.
+            with self._master_lock:
+                self._master = master = self._master.reload()
+        return master.open(row.kek_id, row.wrapped, aad)
+
+    # -- private and secret operations -------------------------------------------------
+
+    def sign(self, handle: str, data: bytes) -> bytes:
+        row, key = self._use(handle, KeyUsage.SIGN)
+        return crypto.suite_for_algorithm(row.algorithm).sign(_private(row, key), data)
+
+    def decrypt(self, handle: str, ciphertext: bytes, *, info: bytes = b"") -> bytes:
+        row, key = self._use(handle, KeyUsage.DECRYPT)
+        if isinstance(key, bytes):
+            return secret_ops.aead_open(row.algorithm, key, ciphertext, info)
+        return crypto.suite_for_algorithm(row.algorithm).kem_unwrap(key, ciphertext, info)
+
+    def encrypt(self, handle: str, plaintext: bytes, *, info: bytes = b"") -> bytes:
+        row, key = self._use(handle, KeyUsage.ENCRYPT)
+        return secret_ops.aead_seal(row.algorithm, _secret(row, key), plaintext, info)
+
+    def mac(self, handle: str, data: bytes) -> bytes:
+        row, key = self._use(handle, KeyUsage.MAC)
+        return secret_ops.mac(row.algorithm, _secret(row, key), data)
+
+    def wrap(self, handle: str, *, under: str | PublicKey, info: bytes = b"") -> bytes:
+        _, key = self._use(handle, KeyUsage.WRAPPABLE)
+        material = _material_bytes(key)
+        if not isinstance(under, str):
+            suite = crypto.suite_for_algorithm(crypto.algorithm_of(under))
+            return suite.kem_wrap(under, material, info)
+        if under == handle:
+            raise InvalidInput("a key cannot be wrapped under itself")
+        kek_row, kek = self._use(under, KeyUsage.WRAP)
+        _require_key_wrap(kek_row)
+        return secret_ops.key_wrap(_secret(kek_row, kek), material, info)
+
+    def unwrap(
+        self,
+        wrapping_handle: str,
+        wrapped: bytes,
+        algorithm: KeyAlgorithm,
+        usage: KeyUsage,
+        *,
+        info: bytes = b"",
+        label: str = "",
+        exportable: bool = False,
+    ) -> KeyInfo:
+        policy.check_new_key(algorithm, usage, label)
+        kek_row, kek = self._use(wrapping_handle, KeyUsage.UNWRAP)
+        if isinstance(kek, bytes):
+            _require_key_wrap(kek_row)
+            plain = secret_ops.key_unwrap(kek, wrapped, info)
+        else:
+            suite = crypto.suite_for_algorithm(kek_row.algorithm)
+            plain = suite.kem_unwrap(kek, wrapped, info)
+        return self._store(algorithm, _parse_material(algorithm, plain), usage, label, exportable)
+
+    def derive(
+        self,
+        handle: str,
+        algorithm: KeyAlgorithm,
+        usage: KeyUsage,
+        *,
+        peer_public: PublicKey | None = None,
+        info: bytes = b"",
+        label: str = "",
+        exportable: bool = False,
+    ) -> KeyInfo:
+        policy.check_new_key(algorithm, usage, label)
+        if algorithm.is_asymmetric:
+            raise UnsupportedAlgorithm("derive makes secret keys only")
+        row, key = self._use(handle, KeyUsage.DERIVE)
+        if isinstance(key, bytes):
+            if peer_public is not None:
+                raise InvalidInput(f"key {handle} is a secret key: derive takes no peer_public")
+            secret = key
+        else:
+            if peer_public is None:
+                raise InvalidInput(f"key {handle} is asymmetric: derive needs peer_public")
+            secret = crypto.suite_for_algorithm(row.algorithm).key_agreement(key, peer_public)
+        derived = secret_ops.hkdf_sha256(secret, info, algorithm.secret_length)
+        return self._store(algorithm, derived, usage, label, exportable)
+
+    def export(self, handle: str) -> bytes:
+        row = self._row(handle)
+        if not row.exportable:
+            raise KeyNotExportable(f"key {handle} is not exportable")
+        return _material_bytes(self._material(row))
+
+    def destroy(self, handle: str) -> None:
+        with self._sessions() as session, session.begin():
+            result = session.execute(
+                update(StoredKey)
+                .where(StoredKey.handle == handle, StoredKey.destroyed_at.is_(None))
+                .values(wrapped=b"", destroyed_at=self._clock())
+                .execution_options(synchronize_session=False)
+            )
+        if not getattr(result, "rowcount", 0):
+            raise KeyNotFound(f"no key has handle {handle!r}")
+        self._cache.forget(handle)
+
+    def check_master_key(self) -> None:
+        """Raise MasterKeyError unless every live key's master key is loaded."""
+        with self._sessions() as session:
+            used = session.scalars(
+                select(StoredKey.kek_id).where(StoredKey.destroyed_at.is_(None)).distinct()
+            ).all()
+        missing = sorted(k for k in used if not self._master.has(k))
+        if missing:
+            raise MasterKeyError(
+                f"stored keys are wrapped under master keys {', '.join(missing)}, which are"
+                f" not loaded (loaded: {', '.join(self._master.kek_ids)})"
+            )
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _to_row(r: _SelectedRow) -> _Row:
+    created_at: datetime = r.created_at
+    if created_at.tzinfo is None:  # SQLite drops the zone; we always store UTC
+        created_at = created_at.replace(tzinfo=UTC)
+    try:
+        algorithm = KeyAlgorithm(r.algorithm)
+    except ValueError:
+        raise InvalidKey(f"key {r.handle} has an unknown algorithm") from None
+    return _Row(
+        handle=r.handle,
+        algorithm=algorithm,
+        usage=KeyUsage(r.usage & _ALL_USAGE),
+        exportable=bool(r.exportable),
+        label=r.label,
+        created_at=created_at,
+        public_key_der=r.public_key_der,
+        wrapped=r.wrapped,
+        kek_id=r.kek_id,
+    )
+
+
+_ALL_USAGE = sum(flag.value for flag in KeyUsage)
+
+
+def _random_secret(algorithm: KeyAlgorithm) -> bytes:
+    import secrets
+
+    while True:
+        secret = secrets.token_bytes(algorithm.secret_length)
+        try:
+            policy.check_secret(algorithm, secret)
+        except InvalidKey:  # degenerate TDES, astronomically unlikely
+            continue
+        return secret
+
+
+def _parse_material(algorithm: KeyAlgorithm, material: bytes) -> Material:
+    """Imported bytes as a key object (asymmetric) or checked secret bytes."""
+    if not isinstance(material, bytes):
+        raise InvalidInput("key material must be bytes")
+    if not algorithm.is_asymmetric:
+        policy.check_secret(algorithm, material)
+        return material
+    if algorithm is KeyAlgorithm.SM2 and len(material) == 32:
+        return _sm2_from_raw(material)
+    try:
+        key = crypto.load_private_key(material)
+    except TrustfleetError:
+        raise
+    except Exception:  # pyca raises ValueError/TypeError/UnsupportedAlgorithm for junk
+        raise InvalidKey("the key material is not a PKCS#8 private key") from None
+    if crypto.algorithm_of(key) is not algorithm:
+        raise InvalidKey(f"the key material is not an {algorithm.value} private key")
+    return key
+
+
+def _sm2_from_raw(raw: bytes) -> SM2PrivateKey:
+    try:
+        return SM2PrivateKey.from_bytes(raw)
+    except TrustfleetError:
+        raise
+    except Exception:
+        raise InvalidKey("the key material is not a raw SM2 private key") from None
+
+
+def _load_material(algorithm: KeyAlgorithm, plain: bytes) -> Material:
+    if algorithm.is_asymmetric:
+        return crypto.load_private_key(plain)
+    return plain
+
+
+def _material_bytes(material: Material) -> bytes:
+    if isinstance(material, bytes):
+        return material
+    return crypto.private_key_to_der(material)
+
+
+def _private(row: _Row, key: Material) -> PrivateKey:
+    if isinstance(key, bytes):
+        raise UnsupportedAlgorithm(f"key {row.handle} is {row.algorithm.value}, not a private key")
+    return key
+
+
+def _secret(row: _Row, key: Material) -> bytes:
+    if not isinstance(key, bytes):
+        raise UnsupportedAlgorithm(f"key {row.handle} is {row.algorithm.value}, not a secret key")
+    return key
+
+
+def _require_key_wrap(row: _Row) -> None:
+    if row.algorithm not in policy.KEY_WRAP_ALGORITHMS:
+        raise UnsupportedAlgorithm(
+            f"key {row.handle} is {row.algorithm.value}; key wrapping (RFC 5649) needs an AES key"
+        )
