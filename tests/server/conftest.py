@@ -1,0 +1,103 @@
+"""Fixtures for the server spine: an app over a migrated database and a stand-in key store
+(the app only asks the key store whether it is reachable)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from trustfleet.errors import KeyStoreError
+from trustfleet.keystore.base import KeyInfo, KeyStore
+from trustfleet.server.app import create_app
+from trustfleet.server.auth import create_token, revoke_token
+from trustfleet.server.context import AppContext
+from trustfleet.server.models import ROLES
+from trustfleet.settings import Settings
+
+MAX_BODY_BYTES = 4096
+
+
+class StubKeyStore(KeyStore):
+    """Answers ``list()`` (what readiness asks); ``reachable = False`` makes it fail."""
+
+    backend = "stub"
+
+    def __init__(self) -> None:
+        self.reachable = True
+
+    def list(self) -> list[KeyInfo]:
+        if not self.reachable:
+            raise KeyStoreError("token not present")
+        return []
+
+    def _unused(self, *_args: Any, **_kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    generate = import_key = info = public_key = sign = decrypt = encrypt = _unused
+    wrap = unwrap = derive = mac = export = destroy = _unused
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path, max_body_bytes=MAX_BODY_BYTES, max_import_bytes=65536)
+
+
+@pytest.fixture
+def keystore() -> StubKeyStore:
+    return StubKeyStore()
+
+
+@pytest.fixture
+def context(
+    settings: Settings, engine: Engine, sessions: sessionmaker[Session], keystore: StubKeyStore
+) -> AppContext:
+    return AppContext(settings=settings, engine=engine, sessions=sessions, keystore=keystore)
+
+
+@pytest.fixture
+def app(context: AppContext) -> FastAPI:
+    return create_app(context)
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def tokens(sessions: sessionmaker[Session]) -> dict[str, str]:
+    """One live token per role, by role."""
+    return {role: create_token(sessions, f"test {role}", role)[0] for role in sorted(ROLES)}
+
+
+@pytest.fixture
+def revoked_admin_token(sessions: sessionmaker[Session]) -> str:
+    plaintext, info = create_token(sessions, "revoked admin", "admin")
+    revoke_token(sessions, info.id)
+    return plaintext
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def assert_problem(response: Any, status: int, code: str | None = None) -> dict[str, Any]:
+    """The response is an RFC 9457 problem with ``status`` (and ``code``); returns it."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert isinstance(body["title"], str) and body["title"]
+    assert isinstance(body["detail"], str)
+    assert body["type"] == f"urn:trustfleet:problem:{body['code']}"
+    if code is not None:
+        assert body["code"] == code, body
+    return body
