@@ -1,0 +1,1167 @@
+"""Remote download of a POS terminal master key (TMK): messages and both roles, sans I/O.
+
+The flow (spec §5, hardened; see ``docs/tmk-protocol.md``)::
+
+    terminal                                            key server
+    DownloadRequest(sn, rnd1, suite)            ->
+                                                <-      ServerChallenge(session_id, rnd1, rnd2,
+                                                            KSWCRT [+ chain], sig_KS(TBS1),
+                                                            expires_at)
+    check KSWCRT -> KSRCRT, sig, rnd1
+    TerminalProof(session_id, sig_TKP(TBS2))    ->
+                                                        verify with TKP_Pu registered for sn
+                                                <-      KeyDelivery(session_id, algorithm,
+                                                            KEM(TKP_Pu, TMK, info), kcv)
+    unwrap in the SCM, check the KCV, store
+    Confirmation(session_id, CMAC_TMK(...))     ->
+                                                        verify -> TMK active
+
+Nothing here does I/O, reads the clock or draws randomness on its own: the server role is
+a set of pure functions over a serialisable :class:`ServerSessionState` (the service keeps
+it in its database between HTTP requests), the terminal role is :class:`TerminalSession`,
+an object fed with messages. Time and randomness are parameters.
+
+Every message is a frozen dataclass with a canonical JSON encoding (sorted keys, no
+whitespace, standard base64 with padding for bytes, RFC 3339 UTC seconds for times) and a
+strict parser: anything malformed raises :class:`TmkMalformedMessage`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import itertools
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any, ClassVar, Protocol, Self, TypeVar
+
+from cryptography import x509
+from cryptography.x509 import verification
+
+from trustfleet.crypto import algorithm_of, suite_for_algorithm
+from trustfleet.crypto.base import KeyAlgorithm, PublicKey, Suite
+from trustfleet.errors import (
+    CryptoError,
+    InvalidSignature,
+    TrustfleetError,
+    UnsupportedAlgorithm,
+)
+from trustfleet.keystore.base import KeyStore, KeyUsage
+from trustfleet.tmk.errors import (
+    TmkBadConfirmation,
+    TmkBadServerSignature,
+    TmkBadTerminalProof,
+    TmkError,
+    TmkMalformedMessage,
+    TmkOutOfOrder,
+    TmkReplay,
+    TmkRevokedServerCertificate,
+    TmkSessionExpired,
+    TmkUnsupportedSuite,
+    TmkUntrustedServerCertificate,
+)
+
+PROTOCOL_VERSION = 1
+DEFAULT_RANDOM_SIZE = 32
+MIN_RANDOM_SIZE = 16
+MAX_RANDOM_SIZE = 64
+DEFAULT_SESSION_TTL = timedelta(seconds=60)
+MAX_MESSAGE_SIZE = 64 * 1024
+MAX_CHAIN_LENGTH = 4
+
+#: suites a terminal may download with (the suite of its TKP)
+SUPPORTED_SUITES = frozenset({"p256", "rsa", "gm", "ed25519"})
+#: algorithms a TMK may have
+TMK_ALGORITHMS = frozenset({KeyAlgorithm.AES_128, KeyAlgorithm.AES_256, KeyAlgorithm.TDES})
+#: KCV length per TMK algorithm (X9.24: 3 bytes for TDES, 5 bytes for AES)
+KCV_LENGTHS = {KeyAlgorithm.TDES: 3, KeyAlgorithm.AES_128: 5, KeyAlgorithm.AES_256: 5}
+#: what the key server's TMK may do: protect working keys (AES key wrap; TDES working keys
+#: travel in TR-31 blocks instead), MAC, and leave the store once, wrapped to the terminal
+TMK_USAGE = {
+    KeyAlgorithm.AES_128: KeyUsage.WRAP | KeyUsage.MAC | KeyUsage.WRAPPABLE,
+    KeyAlgorithm.AES_256: KeyUsage.WRAP | KeyUsage.MAC | KeyUsage.WRAPPABLE,
+    KeyAlgorithm.TDES: KeyUsage.MAC | KeyUsage.WRAPPABLE,
+}
+
+#: TKP algorithms whose key both signs and receives the TMK; Ed25519 terminals need an
+#: X25519 key beside it
+_SELF_TRANSPORT_ALGORITHMS = frozenset(
+    {KeyAlgorithm.EC_P256, KeyAlgorithm.RSA_2048, KeyAlgorithm.RSA_3072, KeyAlgorithm.SM2}
+)
+_KEM_ALGORITHMS = _SELF_TRANSPORT_ALGORITHMS | {KeyAlgorithm.X25519}
+
+RandomSource = Callable[[int], bytes]
+Clock = Callable[[], datetime]
+_M = TypeVar("_M", bound="_Message")
+_R = TypeVar("_R")
+
+_SN_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SUITE_PATTERN = re.compile(r"[a-z0-9-]{1,32}")
+_SESSION_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_TIME_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+
+_LABEL = "TF-TMK-v1"
+_SERVER_AUTH = f"{_LABEL} server-auth".encode()
+_TERMINAL_AUTH = f"{_LABEL} terminal-auth".encode()
+_TMK_TRANSPORT = f"{_LABEL} tmk-transport".encode()
+_CONFIRM = f"{_LABEL} confirm".encode()
+
+
+# =====================================================================================
+# Field checks and the canonical JSON codec
+# =====================================================================================
+
+
+def _malformed(message: str) -> TmkMalformedMessage:
+    return TmkMalformedMessage(message)
+
+
+def validate_sn(sn: object) -> None:
+    """A hardware serial number as the protocol accepts it; else TmkMalformedMessage."""
+    if not isinstance(sn, str) or not _SN_PATTERN.fullmatch(sn):
+        raise _malformed("sn must be 1-64 characters of A-Z a-z 0-9 . _ - (first alnum)")
+
+
+_check_sn = validate_sn
+
+
+def _check_suite_name(suite: object) -> None:
+    if not isinstance(suite, str) or not _SUITE_PATTERN.fullmatch(suite):
+        raise _malformed("suite must be 1-32 characters of a-z 0-9 -")
+
+
+def _check_session_id(session_id: object) -> None:
+    if not isinstance(session_id, str) or not _SESSION_ID_PATTERN.fullmatch(session_id):
+        raise _malformed("session_id must be 32 lowercase hex digits")
+
+
+def _check_bytes(value: object, name: str, low: int, high: int) -> None:
+    if not isinstance(value, bytes) or not low <= len(value) <= high:
+        raise _malformed(f"{name} must be {low}..{high} bytes")
+
+
+def _check_random(value: object, name: str) -> None:
+    _check_bytes(value, name, MIN_RANDOM_SIZE, MAX_RANDOM_SIZE)
+
+
+def _check_time(value: object, name: str) -> None:
+    if (
+        not isinstance(value, datetime)
+        or value.utcoffset() != timedelta(0)
+        or value.microsecond != 0
+    ):
+        raise _malformed(f"{name} must be an aware UTC datetime in whole seconds")
+
+
+def _check_tmk_algorithm(value: object) -> None:
+    if value not in TMK_ALGORITHMS:
+        raise _malformed("algorithm must be one of aes-128, aes-256, tdes")
+
+
+def _b64encode(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+def _b64decode(text: object, name: str) -> bytes:
+    if not isinstance(text, str):
+        raise _malformed(f"{name} must be a base64 string")
+    try:
+        value = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise _malformed(f"{name} is not valid base64") from None
+    if _b64encode(value) != text:  # one encoding per value: canonical form only
+        raise _malformed(f"{name} is not canonical base64")
+    return value
+
+
+def _format_time(value: datetime) -> str:
+    return value.astimezone(UTC).strftime(_TIME_FORMAT)
+
+
+def _parse_time(text: object, name: str) -> datetime:
+    if not isinstance(text, str) or not _TIME_PATTERN.fullmatch(text):
+        raise _malformed(f"{name} must be an RFC 3339 UTC time like 2025-01-31T12:00:00Z")
+    try:
+        return datetime.strptime(text, _TIME_FORMAT).replace(tzinfo=UTC)
+    except ValueError:
+        raise _malformed(f"{name} is not a valid time") from None
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _malformed(f"duplicate field {key!r}")
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise _malformed(f"{name} is not valid JSON")
+
+
+def _load_object(data: bytes | str, *, max_size: int = MAX_MESSAGE_SIZE) -> dict[str, Any]:
+    if not isinstance(data, bytes | str):
+        raise _malformed("a message must be JSON text")
+    if len(data) > max_size:
+        raise _malformed(f"a message must not exceed {max_size} bytes")
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        loaded = json.loads(
+            text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+        )
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise _malformed("the message is not valid JSON") from None
+    if not isinstance(loaded, dict):
+        raise _malformed("a message must be a JSON object")
+    return loaded
+
+
+def _canonical(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+class _Fields:
+    """Typed, exhaustive access to a decoded JSON object: every field read exactly once."""
+
+    def __init__(self, obj: dict[str, Any], message_type: str) -> None:
+        self._obj = obj
+        self._seen: set[str] = set()
+        if self._take("type") != message_type:
+            raise _malformed(f"expected a {message_type} message")
+        version = self._take("v")
+        if type(version) is not int or version != PROTOCOL_VERSION:
+            raise _malformed(f"unsupported protocol version, expected {PROTOCOL_VERSION}")
+
+    def _take(self, name: str) -> Any:
+        if name not in self._obj:
+            raise _malformed(f"missing field {name!r}")
+        self._seen.add(name)
+        return self._obj[name]
+
+    def text(self, name: str) -> str:
+        value = self._take(name)
+        if not isinstance(value, str):
+            raise _malformed(f"{name} must be a string")
+        return value
+
+    def blob(self, name: str) -> bytes:
+        return _b64decode(self._take(name), name)
+
+    def bytes_list(self, name: str, max_items: int) -> tuple[bytes, ...]:
+        value = self._take(name)
+        if not isinstance(value, list) or len(value) > max_items:
+            raise _malformed(f"{name} must be a list of at most {max_items} items")
+        return tuple(_b64decode(item, name) for item in value)
+
+    def time(self, name: str) -> datetime:
+        return _parse_time(self._take(name), name)
+
+    def tmk_algorithm(self, name: str) -> KeyAlgorithm:
+        value = self._take(name)
+        if not isinstance(value, str) or value not in {a.value for a in TMK_ALGORITHMS}:
+            raise _malformed("algorithm must be one of aes-128, aes-256, tdes")
+        return KeyAlgorithm(value)
+
+    def done(self) -> None:
+        unknown = set(self._obj) - self._seen
+        if unknown:
+            raise _malformed(f"unknown field(s): {', '.join(sorted(unknown))}")
+
+
+def _parse(cls: type[_M], data: bytes | str) -> _M:
+    fields = _Fields(_load_object(data), cls.TYPE)
+    try:
+        message = cls._from_fields(fields)
+    except TmkError:
+        raise
+    except (TypeError, ValueError):  # a field check we did not anticipate
+        raise _malformed(f"the {cls.TYPE} message is not valid") from None
+    fields.done()
+    return message
+
+
+# =====================================================================================
+# Messages
+# =====================================================================================
+
+
+class _Message:
+    TYPE: ClassVar[str]
+
+    def _fields(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def _from_fields(cls, fields: _Fields) -> Self:
+        raise NotImplementedError
+
+    def to_json(self) -> bytes:
+        """The canonical encoding: equal messages encode to equal bytes."""
+        return _canonical({"type": self.TYPE, "v": PROTOCOL_VERSION, **self._fields()})
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Self:
+        """Strict parse; anything but a well-formed message raises TmkMalformedMessage."""
+        return _parse(cls, data)
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadRequest(_Message):
+    """Step 1, terminal -> server: who I am, my fresh random, the suite of my TKP."""
+
+    TYPE: ClassVar[str] = "tmk-download-request"
+    sn: str
+    rnd1: bytes
+    suite: str
+
+    def __post_init__(self) -> None:
+        _check_sn(self.sn)
+        _check_random(self.rnd1, "rnd1")
+        _check_suite_name(self.suite)
+
+    def _fields(self) -> dict[str, Any]:
+        return {"sn": self.sn, "rnd1": _b64encode(self.rnd1), "suite": self.suite}
+
+    @classmethod
+    def _from_fields(cls, fields: _Fields) -> Self:
+        return cls(sn=fields.text("sn"), rnd1=fields.blob("rnd1"), suite=fields.text("suite"))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerChallenge(_Message):
+    """Step 2, server -> terminal: a session, the server's random, its work certificate
+    (and any intermediates) and its signature over TBS1 (see :func:`server_auth_tbs`).
+
+    ``rnd1`` echoes the terminal's random so a challenge meant for another request is
+    recognised before any signature check.
+    """
+
+    TYPE: ClassVar[str] = "tmk-server-challenge"
+    session_id: str
+    rnd1: bytes
+    rnd2: bytes
+    kswcrt_der: bytes
+    signature: bytes
+    expires_at: datetime
+    chain_der: tuple[bytes, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_session_id(self.session_id)
+        _check_random(self.rnd1, "rnd1")
+        _check_random(self.rnd2, "rnd2")
+        _check_bytes(self.kswcrt_der, "kswcrt_der", 1, 16384)
+        _check_bytes(self.signature, "signature", 1, 1024)
+        _check_time(self.expires_at, "expires_at")
+        if not isinstance(self.chain_der, tuple) or len(self.chain_der) > MAX_CHAIN_LENGTH:
+            raise _malformed(f"chain_der must hold at most {MAX_CHAIN_LENGTH} certificates")
+        for cert in self.chain_der:
+            _check_bytes(cert, "chain_der", 1, 16384)
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "rnd1": _b64encode(self.rnd1),
+            "rnd2": _b64encode(self.rnd2),
+            "kswcrt": _b64encode(self.kswcrt_der),
+            "chain": [_b64encode(cert) for cert in self.chain_der],
+            "signature": _b64encode(self.signature),
+            "expires_at": _format_time(self.expires_at),
+        }
+
+    @classmethod
+    def _from_fields(cls, fields: _Fields) -> Self:
+        return cls(
+            session_id=fields.text("session_id"),
+            rnd1=fields.blob("rnd1"),
+            rnd2=fields.blob("rnd2"),
+            kswcrt_der=fields.blob("kswcrt"),
+            chain_der=fields.bytes_list("chain", MAX_CHAIN_LENGTH),
+            signature=fields.blob("signature"),
+            expires_at=fields.time("expires_at"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TerminalProof(_Message):
+    """Step 4, terminal -> server: the TKP's signature over TBS2 (:func:`terminal_auth_tbs`)."""
+
+    TYPE: ClassVar[str] = "tmk-terminal-proof"
+    session_id: str
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _check_session_id(self.session_id)
+        _check_bytes(self.signature, "signature", 1, 1024)
+
+    def _fields(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "signature": _b64encode(self.signature)}
+
+    @classmethod
+    def _from_fields(cls, fields: _Fields) -> Self:
+        return cls(session_id=fields.text("session_id"), signature=fields.blob("signature"))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyDelivery(_Message):
+    """Step 6, server -> terminal: the TMK, key-transported to the terminal's KEM key and
+    bound to the session (:func:`transport_info`), and its key check value."""
+
+    TYPE: ClassVar[str] = "tmk-key-delivery"
+    session_id: str
+    algorithm: KeyAlgorithm
+    wrapped_tmk: bytes
+    kcv: bytes
+
+    def __post_init__(self) -> None:
+        _check_session_id(self.session_id)
+        _check_tmk_algorithm(self.algorithm)
+        _check_bytes(self.wrapped_tmk, "wrapped_tmk", 1, 4096)
+        length = KCV_LENGTHS[self.algorithm]
+        _check_bytes(self.kcv, "kcv", length, length)
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "algorithm": self.algorithm.value,
+            "wrapped_tmk": _b64encode(self.wrapped_tmk),
+            "kcv": _b64encode(self.kcv),
+        }
+
+    @classmethod
+    def _from_fields(cls, fields: _Fields) -> Self:
+        return cls(
+            session_id=fields.text("session_id"),
+            algorithm=fields.tmk_algorithm("algorithm"),
+            wrapped_tmk=fields.blob("wrapped_tmk"),
+            kcv=fields.blob("kcv"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmation(_Message):
+    """Step 7, terminal -> server: CMAC under the new TMK over (session_id, kcv)."""
+
+    TYPE: ClassVar[str] = "tmk-confirmation"
+    session_id: str
+    mac: bytes
+
+    def __post_init__(self) -> None:
+        _check_session_id(self.session_id)
+        _check_bytes(self.mac, "mac", 8, 16)
+
+    def _fields(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "mac": _b64encode(self.mac)}
+
+    @classmethod
+    def _from_fields(cls, fields: _Fields) -> Self:
+        return cls(session_id=fields.text("session_id"), mac=fields.blob("mac"))
+
+
+Message = DownloadRequest | ServerChallenge | TerminalProof | KeyDelivery | Confirmation
+_MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (DownloadRequest, ServerChallenge, TerminalProof, KeyDelivery, Confirmation)
+}
+
+
+def parse_message(data: bytes | str) -> Message:
+    """Parse any TMK download message by its ``type`` field."""
+    message_type = _load_object(data).get("type")
+    if not isinstance(message_type, str) or message_type not in _MESSAGE_TYPES:
+        raise _malformed("unknown message type")
+    return _MESSAGE_TYPES[message_type].from_json(data)
+
+
+# =====================================================================================
+# What gets signed, MACed and bound (shared by both roles and by the SCM)
+# =====================================================================================
+
+
+def _encode(*fields: bytes) -> bytes:
+    """Unambiguous concatenation: every field is prefixed with its 4-byte length."""
+    return b"".join(len(item).to_bytes(4, "big") + item for item in fields)
+
+
+def server_auth_tbs(
+    *, sn: str, suite: str, session_id: str, rnd1: bytes, rnd2: bytes, expires_at: datetime
+) -> bytes:
+    """TBS1, signed by the key server's work key."""
+    return _encode(
+        _SERVER_AUTH,
+        rnd1,
+        rnd2,
+        sn.encode(),
+        session_id.encode(),
+        suite.encode(),
+        _format_time(expires_at).encode(),
+    )
+
+
+def terminal_auth_tbs(*, sn: str, suite: str, session_id: str, rnd1: bytes, rnd2: bytes) -> bytes:
+    """TBS2, signed by the terminal's TKP. Randoms in the other order and another label
+    than TBS1, so neither signature can stand in for the other."""
+    return _encode(_TERMINAL_AUTH, rnd2, rnd1, sn.encode(), session_id.encode(), suite.encode())
+
+
+def transport_info(
+    suite: Suite,
+    *,
+    sn: str,
+    session_id: str,
+    rnd1: bytes,
+    rnd2: bytes,
+    algorithm: KeyAlgorithm,
+) -> bytes:
+    """The transcript hash the TMK's key transport is bound to (KEM ``info``/OAEP label)."""
+    transcript = _encode(
+        _TMK_TRANSPORT,
+        sn.encode(),
+        suite.name.encode(),
+        session_id.encode(),
+        rnd1,
+        rnd2,
+        algorithm.value.encode(),
+    )
+    return suite.hash(transcript)
+
+
+def confirmation_data(*, session_id: str, kcv: bytes) -> bytes:
+    """What the terminal CMACs under the new TMK to prove it holds it."""
+    return _encode(_CONFIRM, session_id.encode(), kcv)
+
+
+def suite_for_terminal_key(public_key: PublicKey) -> Suite:
+    """The suite of a TKP public key; only signature keys of the supported suites."""
+    try:
+        suite = suite_for_algorithm(algorithm_of(public_key))
+    except TrustfleetError:
+        raise TmkUnsupportedSuite("the terminal's key is of no supported suite") from None
+    if suite.name not in SUPPORTED_SUITES or algorithm_of(public_key) == KeyAlgorithm.X25519:
+        raise TmkUnsupportedSuite("the terminal's key cannot sign for a TMK download")
+    return suite
+
+
+def _expired(expires_at: datetime, now: datetime) -> bool:
+    return now >= expires_at
+
+
+# =====================================================================================
+# Server role: pure functions over a serialisable state
+# =====================================================================================
+
+
+class ServerStage(StrEnum):
+    CHALLENGED = "challenged"  # challenge sent, waiting for the terminal's proof
+    DELIVERED = "delivered"  # TMK generated and sent, waiting for the confirmation
+    ACTIVE = "active"  # confirmation verified: the TMK is in force (terminal state)
+    ABORTED = "aborted"  # a check failed or the session expired (terminal state)
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredTerminal:
+    """What the key server registered for a terminal at the factory.
+
+    ``auth_public`` is TKP_Pu. ``kem_public`` is the key the TMK is transported to; it is
+    TKP_Pu itself for P-256, RSA and SM2 terminals and a separate X25519 key for Ed25519
+    terminals (Ed25519 cannot encrypt).
+    """
+
+    sn: str
+    auth_public: PublicKey
+    kem_public: PublicKey | None = None
+
+    @property
+    def suite(self) -> Suite:
+        return suite_for_terminal_key(self.auth_public)
+
+    @property
+    def transport_key(self) -> PublicKey:
+        """The public key the TMK is transported to (key-transport capable, same suite)."""
+        if self.kem_public is None:
+            if algorithm_of(self.auth_public) in _SELF_TRANSPORT_ALGORITHMS:
+                return self.auth_public
+            raise TmkUnsupportedSuite(
+                f"a {self.suite.name} terminal needs a separate key-transport key"
+            )
+        kem_algorithm = algorithm_of(self.kem_public)
+        if (
+            kem_algorithm not in _KEM_ALGORITHMS
+            or suite_for_algorithm(kem_algorithm).name != self.suite.name
+        ):
+            raise TmkUnsupportedSuite("the terminal's key-transport key does not fit its suite")
+        return self.kem_public
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSessionState:
+    """Everything the server remembers about one download between two requests.
+
+    Holds no secret: the randoms are public, ``tmk_handle`` is an opaque key store handle.
+    Persist it with :meth:`to_json` and pass it back into the next ``server_*`` call.
+    """
+
+    session_id: str
+    sn: str
+    suite: str
+    rnd1: bytes
+    rnd2: bytes
+    stage: ServerStage
+    created_at: datetime
+    expires_at: datetime
+    tmk_handle: str | None = None
+    tmk_algorithm: KeyAlgorithm | None = None
+    kcv: bytes | None = None
+
+    def to_json(self) -> bytes:
+        return _canonical(
+            {
+                "session_id": self.session_id,
+                "sn": self.sn,
+                "suite": self.suite,
+                "rnd1": _b64encode(self.rnd1),
+                "rnd2": _b64encode(self.rnd2),
+                "stage": self.stage.value,
+                "created_at": _format_time(self.created_at),
+                "expires_at": _format_time(self.expires_at),
+                "tmk_handle": self.tmk_handle,
+                "tmk_algorithm": self.tmk_algorithm.value if self.tmk_algorithm else None,
+                "kcv": _b64encode(self.kcv) if self.kcv is not None else None,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Self:
+        obj = _load_object(data)
+        expected = {
+            "session_id", "sn", "suite", "rnd1", "rnd2", "stage", "created_at",
+            "expires_at", "tmk_handle", "tmk_algorithm", "kcv",
+        }  # fmt: skip
+        if set(obj) != expected:
+            raise _malformed("not a TMK server session state")
+        try:
+            state = cls(
+                session_id=obj["session_id"],
+                sn=obj["sn"],
+                suite=obj["suite"],
+                rnd1=_b64decode(obj["rnd1"], "rnd1"),
+                rnd2=_b64decode(obj["rnd2"], "rnd2"),
+                stage=ServerStage(obj["stage"]),
+                created_at=_parse_time(obj["created_at"], "created_at"),
+                expires_at=_parse_time(obj["expires_at"], "expires_at"),
+                tmk_handle=obj["tmk_handle"],
+                tmk_algorithm=(
+                    KeyAlgorithm(obj["tmk_algorithm"]) if obj["tmk_algorithm"] else None
+                ),
+                kcv=_b64decode(obj["kcv"], "kcv") if obj["kcv"] is not None else None,
+            )
+        except (TypeError, ValueError):
+            raise _malformed("not a TMK server session state") from None
+        state._check()
+        return state
+
+    def _check(self) -> None:
+        _check_session_id(self.session_id)
+        _check_sn(self.sn)
+        _check_suite_name(self.suite)
+        _check_random(self.rnd1, "rnd1")
+        _check_random(self.rnd2, "rnd2")
+        if self.tmk_handle is not None and not isinstance(self.tmk_handle, str):
+            raise _malformed("tmk_handle must be a string")
+
+
+@dataclass(frozen=True, slots=True)
+class TmkActivated:
+    """Event: the terminal proved it holds the TMK; the service marks it active."""
+
+    session_id: str
+    sn: str
+    tmk_handle: str
+    algorithm: KeyAlgorithm
+    kcv: bytes
+    activated_at: datetime
+
+
+def server_start(
+    request: DownloadRequest,
+    *,
+    terminal: RegisteredTerminal,
+    keystore: KeyStore,
+    work_key: str,
+    kswcrt_der: bytes,
+    chain_der: tuple[bytes, ...] = (),
+    now: datetime,
+    ttl: timedelta = DEFAULT_SESSION_TTL,
+    random: RandomSource = os.urandom,
+) -> tuple[ServerChallenge, ServerSessionState]:
+    """Steps 1-2: open a session for ``request`` and sign the challenge with ``work_key``
+    (the key store handle of the private key certified by ``kswcrt_der``).
+
+    ``terminal`` is the registration the service looked up by ``request.sn``.
+    """
+    if terminal.sn != request.sn:
+        raise TmkBadTerminalProof("the registration is not the requesting terminal's")
+    suite = terminal.suite
+    if request.suite != suite.name:
+        raise TmkUnsupportedSuite(
+            f"the terminal asked for suite {request.suite!r} but is registered for {suite.name!r}"
+        )
+    _ = terminal.transport_key  # fail now, not after the proof, if it cannot receive a TMK
+    now = _utc_seconds(now)
+    state = ServerSessionState(
+        session_id=random(16).hex(),
+        sn=request.sn,
+        suite=suite.name,
+        rnd1=request.rnd1,
+        rnd2=random(DEFAULT_RANDOM_SIZE),
+        stage=ServerStage.CHALLENGED,
+        created_at=now,
+        expires_at=now + ttl,
+    )
+    state._check()
+    tbs = server_auth_tbs(
+        sn=state.sn,
+        suite=state.suite,
+        session_id=state.session_id,
+        rnd1=state.rnd1,
+        rnd2=state.rnd2,
+        expires_at=state.expires_at,
+    )
+    challenge = ServerChallenge(
+        session_id=state.session_id,
+        rnd1=state.rnd1,
+        rnd2=state.rnd2,
+        kswcrt_der=kswcrt_der,
+        chain_der=tuple(chain_der),
+        signature=keystore.sign(work_key, tbs),
+        expires_at=state.expires_at,
+    )
+    return challenge, state
+
+
+def server_accept_proof(
+    state: ServerSessionState,
+    proof: TerminalProof,
+    *,
+    terminal: RegisteredTerminal,
+    keystore: KeyStore,
+    now: datetime,
+    tmk_algorithm: KeyAlgorithm = KeyAlgorithm.AES_128,
+) -> tuple[KeyDelivery, ServerSessionState]:
+    """Steps 4-6: verify the terminal's proof, generate the TMK inside the key store and
+    transport it to the terminal. On any error call :func:`server_abort`."""
+    _expect(state, ServerStage.CHALLENGED, proof.session_id, now)
+    if terminal.sn != state.sn:
+        raise TmkBadTerminalProof("the registration is not this session's terminal")
+    if tmk_algorithm not in TMK_ALGORITHMS:
+        raise TmkUnsupportedSuite(f"a TMK cannot be {tmk_algorithm}")
+    suite = terminal.suite
+    if suite.name != state.suite:
+        raise TmkBadTerminalProof("the terminal's registered key changed during the session")
+    tbs = terminal_auth_tbs(
+        sn=state.sn,
+        suite=state.suite,
+        session_id=state.session_id,
+        rnd1=state.rnd1,
+        rnd2=state.rnd2,
+    )
+    try:
+        suite.verify(terminal.auth_public, tbs, proof.signature)
+    except CryptoError:
+        raise TmkBadTerminalProof() from None
+
+    info = transport_info(
+        suite,
+        sn=state.sn,
+        session_id=state.session_id,
+        rnd1=state.rnd1,
+        rnd2=state.rnd2,
+        algorithm=tmk_algorithm,
+    )
+    tmk = keystore.generate(
+        tmk_algorithm, TMK_USAGE[tmk_algorithm], label=f"tmk:{state.sn}:{state.session_id}"
+    )
+    try:
+        wrapped = keystore.wrap(tmk.handle, under=terminal.transport_key, info=info)
+        kcv = keystore_kcv(keystore, tmk.handle, tmk_algorithm)
+    except BaseException:
+        keystore.destroy(tmk.handle)
+        raise
+    delivery = KeyDelivery(
+        session_id=state.session_id, algorithm=tmk_algorithm, wrapped_tmk=wrapped, kcv=kcv
+    )
+    new_state = replace(
+        state,
+        stage=ServerStage.DELIVERED,
+        tmk_handle=tmk.handle,
+        tmk_algorithm=tmk_algorithm,
+        kcv=kcv,
+    )
+    return delivery, new_state
+
+
+def server_confirm(
+    state: ServerSessionState,
+    confirmation: Confirmation,
+    *,
+    keystore: KeyStore,
+    now: datetime,
+) -> tuple[TmkActivated, ServerSessionState]:
+    """Step 7: check the terminal's CMAC under the TMK; only then is the TMK active.
+    On any error call :func:`server_abort`."""
+    _expect(state, ServerStage.DELIVERED, confirmation.session_id, now)
+    assert state.tmk_handle and state.kcv is not None and state.tmk_algorithm
+    data = confirmation_data(session_id=state.session_id, kcv=state.kcv)
+    try:
+        keystore.mac_verify(state.tmk_handle, data, confirmation.mac)
+    except InvalidSignature:
+        raise TmkBadConfirmation() from None
+    event = TmkActivated(
+        session_id=state.session_id,
+        sn=state.sn,
+        tmk_handle=state.tmk_handle,
+        algorithm=state.tmk_algorithm,
+        kcv=state.kcv,
+        activated_at=now,
+    )
+    return event, replace(state, stage=ServerStage.ACTIVE)
+
+
+def server_abort(state: ServerSessionState, *, keystore: KeyStore) -> ServerSessionState:
+    """End a session that failed or expired: destroy a TMK that was never confirmed.
+
+    Sessions are single-use, so the service persists this state after *any* TmkError; an
+    attacker then cannot retry a proof or a confirmation against the same session.
+    """
+    if state.stage is ServerStage.ACTIVE:
+        raise TmkOutOfOrder("an active TMK is not aborted; revoke it instead")
+    if state.stage is ServerStage.DELIVERED and state.tmk_handle is not None:
+        keystore.destroy(state.tmk_handle)
+    return replace(state, stage=ServerStage.ABORTED)
+
+
+def _expect(state: ServerSessionState, stage: ServerStage, session_id: str, now: datetime) -> None:
+    if state.stage is not stage:
+        raise TmkOutOfOrder(f"the session is {state.stage.value}, not {stage.value}")
+    if session_id != state.session_id:
+        raise TmkReplay()
+    if _expired(state.expires_at, now):
+        raise TmkSessionExpired()
+
+
+def _utc_seconds(now: datetime) -> datetime:
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    return now.astimezone(UTC).replace(microsecond=0)
+
+
+def keystore_kcv(keystore: KeyStore, handle: str, algorithm: KeyAlgorithm) -> bytes:
+    """The KCV of a key that never leaves the key store.
+
+    A key store with a ``kcv(handle)`` method (payment HSMs return one) is asked directly.
+    Otherwise an AES KCV is the first 5 bytes of the key's CMAC over a zero block (the
+    X9.24 definition, so it equals :func:`trustfleet.tmk.kcv.kcv` of the raw key); a TDES
+    KCV needs an ECB encryption the generic key store interface does not offer.
+    """
+    kcv_method = getattr(keystore, "kcv", None)
+    if callable(kcv_method):
+        value = kcv_method(handle)
+        if not isinstance(value, bytes):
+            raise TypeError("KeyStore.kcv must return bytes")
+        return value[: KCV_LENGTHS[algorithm]]
+    if algorithm in (KeyAlgorithm.AES_128, KeyAlgorithm.AES_256):
+        return keystore.mac(handle, bytes(16))[: KCV_LENGTHS[algorithm]]
+    raise TmkUnsupportedSuite(f"this key store cannot compute the KCV of a {algorithm} key")
+
+
+# =====================================================================================
+# Terminal role
+# =====================================================================================
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTrust:
+    """What the terminal trusts: its preloaded root(s) KSRCRT and, optionally, CRLs.
+
+    A work certificate is accepted if it chains (directly or via intermediates sent in
+    the challenge) to a root, every certificate is valid at ``now``, the work certificate
+    has keyUsage digitalSignature and is not a CA, and no given CRL revokes any
+    certificate of the chain. Chain building and signature checks are pyca's
+    (``cryptography.x509.verification``), which accepts RSA (PKCS#1 v1.5, PSS) and ECDSA
+    P-256/384/521 signatures on certificates.
+    """
+
+    roots: tuple[x509.Certificate, ...]
+    crls: tuple[x509.CertificateRevocationList, ...] = field(default=())
+
+    def verify(self, kswcrt_der: bytes, chain_der: tuple[bytes, ...], now: datetime) -> PublicKey:
+        """Return the work certificate's public key, or raise why it is not trusted."""
+        if not self.roots:
+            raise TmkUntrustedServerCertificate("the terminal holds no root certificate")
+        try:
+            leaf = x509.load_der_x509_certificate(kswcrt_der)
+            intermediates = [x509.load_der_x509_certificate(der) for der in chain_der]
+        except ValueError:
+            raise TmkUntrustedServerCertificate("a server certificate is not valid DER") from None
+        verifier = (
+            verification.PolicyBuilder()
+            .store(verification.Store(list(self.roots)))
+            .time(now)
+            .max_chain_depth(MAX_CHAIN_LENGTH)
+            .extension_policies(ca_policy=_CA_POLICY, ee_policy=_WORK_CERT_POLICY)
+            .build_client_verifier()
+        )
+        try:
+            chain = verifier.verify(leaf, intermediates).chain
+        except verification.VerificationError:
+            raise TmkUntrustedServerCertificate() from None
+        self._check_revocation(chain, now)
+        public_key = leaf.public_key()
+        return public_key  # type: ignore[return-value]  # pyca key types are PublicKey's
+
+    def _check_revocation(self, chain: list[x509.Certificate], now: datetime) -> None:
+        for cert, issuer in itertools.pairwise(chain):
+            for crl in self.crls:
+                if crl.issuer != issuer.subject:
+                    continue
+                if not _crl_is_current(crl, issuer, now):
+                    raise TmkUntrustedServerCertificate(
+                        "a CRL given to the terminal is badly signed or out of date"
+                    )
+                if crl.get_revoked_certificate_by_serial_number(cert.serial_number):
+                    raise TmkRevokedServerCertificate()
+
+
+def _crl_is_current(
+    crl: x509.CertificateRevocationList, issuer: x509.Certificate, now: datetime
+) -> bool:
+    try:
+        signed = crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+    except (TypeError, ValueError, UnsupportedAlgorithm):
+        return False
+    next_update = crl.next_update_utc
+    return signed and crl.last_update_utc <= now and (next_update is None or now < next_update)
+
+
+def _require_ca(_policy: object, _cert: object, value: x509.BasicConstraints) -> None:
+    if not value.ca:
+        raise ValueError("an issuer must be a CA")
+
+
+def _check_ca_key_usage(_policy: object, _cert: object, value: x509.KeyUsage | None) -> None:
+    if value is not None and not value.key_cert_sign:
+        raise ValueError("an issuer's keyUsage must allow keyCertSign")
+
+
+def _require_signing(_policy: object, _cert: object, value: x509.KeyUsage) -> None:
+    if not value.digital_signature:
+        raise ValueError("the work certificate's keyUsage must allow digitalSignature")
+
+
+def _forbid_ca(_policy: object, _cert: object, value: x509.BasicConstraints | None) -> None:
+    if value is not None and value.ca:
+        raise ValueError("the work certificate must not be a CA")
+
+
+_AGNOSTIC = verification.Criticality.AGNOSTIC
+_CA_POLICY = (
+    verification.ExtensionPolicy.permit_all()
+    .require_present(x509.BasicConstraints, _AGNOSTIC, _require_ca)
+    .may_be_present(x509.KeyUsage, _AGNOSTIC, _check_ca_key_usage)
+)
+_WORK_CERT_POLICY = (
+    verification.ExtensionPolicy.permit_all()
+    .require_present(x509.KeyUsage, _AGNOSTIC, _require_signing)
+    .may_be_present(x509.BasicConstraints, _AGNOSTIC, _forbid_ca)
+)
+
+
+class TerminalKeyModule(Protocol):
+    """What the terminal role needs from its secure control module (see ``scm.py``).
+
+    Every operation is specific to the TMK download, so the module never acts as a
+    general signing or decryption oracle for TKP_Pr.
+    """
+
+    @property
+    def sn(self) -> str: ...
+
+    @property
+    def suite(self) -> str: ...
+
+    def sign_terminal_proof(self, *, session_id: str, rnd1: bytes, rnd2: bytes) -> bytes: ...
+
+    def install_tmk(
+        self,
+        *,
+        session_id: str,
+        rnd1: bytes,
+        rnd2: bytes,
+        algorithm: KeyAlgorithm,
+        wrapped_tmk: bytes,
+        kcv: bytes,
+    ) -> None:
+        """Unwrap, check the KCV (TmkUnwrapFailed / TmkKcvMismatch), store the TMK."""
+
+    def confirmation_mac(self, *, session_id: str, kcv: bytes) -> bytes: ...
+
+
+class TerminalStage(StrEnum):
+    IDLE = "idle"
+    REQUESTED = "requested"  # DownloadRequest sent
+    PROVED = "proved"  # server authenticated, TerminalProof sent
+    CONFIRMED = "confirmed"  # TMK installed, Confirmation sent
+    FAILED = "failed"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class TerminalSession:
+    """The terminal's side of one download. Single-use: after an error or the final step,
+    every further call raises :class:`TmkOutOfOrder`."""
+
+    def __init__(
+        self,
+        module: TerminalKeyModule,
+        trust: ServerTrust,
+        *,
+        clock: Clock = _utcnow,
+        random: RandomSource = os.urandom,
+        random_size: int = DEFAULT_RANDOM_SIZE,
+    ) -> None:
+        if not MIN_RANDOM_SIZE <= random_size <= MAX_RANDOM_SIZE:
+            raise ValueError(f"random_size must be {MIN_RANDOM_SIZE}..{MAX_RANDOM_SIZE}")
+        self._module = module
+        self._trust = trust
+        self._clock = clock
+        self._random = random
+        self._random_size = random_size
+        self._stage = TerminalStage.IDLE
+        self._rnd1 = b""
+        self._challenge: ServerChallenge | None = None
+
+    @property
+    def stage(self) -> TerminalStage:
+        return self._stage
+
+    @property
+    def session_id(self) -> str | None:
+        return self._challenge.session_id if self._challenge else None
+
+    def start(self) -> DownloadRequest:
+        self._advance(TerminalStage.IDLE)
+        self._rnd1 = self._random(self._random_size)
+        return self._guarded(
+            TerminalStage.REQUESTED,
+            lambda: DownloadRequest(sn=self._module.sn, rnd1=self._rnd1, suite=self._module.suite),
+        )
+
+    def receive_challenge(self, challenge: ServerChallenge) -> TerminalProof:
+        self._advance(TerminalStage.REQUESTED)
+        return self._guarded(TerminalStage.PROVED, lambda: self._answer(challenge))
+
+    def receive_delivery(self, delivery: KeyDelivery) -> Confirmation:
+        self._advance(TerminalStage.PROVED)
+        return self._guarded(TerminalStage.CONFIRMED, lambda: self._install(delivery))
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def _answer(self, challenge: ServerChallenge) -> TerminalProof:
+        if challenge.rnd1 != self._rnd1:
+            raise TmkReplay("the challenge answers another terminal's request")
+        now = self._clock()
+        if _expired(challenge.expires_at, now):
+            raise TmkSessionExpired()
+        server_key = self._trust.verify(challenge.kswcrt_der, challenge.chain_der, now)
+        tbs = server_auth_tbs(
+            sn=self._module.sn,
+            suite=self._module.suite,
+            session_id=challenge.session_id,
+            rnd1=self._rnd1,
+            rnd2=challenge.rnd2,
+            expires_at=challenge.expires_at,
+        )
+        try:
+            suite_for_algorithm(algorithm_of(server_key)).verify(
+                server_key, tbs, challenge.signature
+            )
+        except TrustfleetError:
+            raise TmkBadServerSignature() from None
+        self._challenge = challenge
+        signature = self._module.sign_terminal_proof(
+            session_id=challenge.session_id, rnd1=self._rnd1, rnd2=challenge.rnd2
+        )
+        return TerminalProof(session_id=challenge.session_id, signature=signature)
+
+    def _install(self, delivery: KeyDelivery) -> Confirmation:
+        challenge = self._challenge
+        assert challenge is not None
+        if delivery.session_id != challenge.session_id:
+            raise TmkReplay()
+        if _expired(challenge.expires_at, self._clock()):
+            raise TmkSessionExpired()
+        self._module.install_tmk(
+            session_id=challenge.session_id,
+            rnd1=self._rnd1,
+            rnd2=challenge.rnd2,
+            algorithm=delivery.algorithm,
+            wrapped_tmk=delivery.wrapped_tmk,
+            kcv=delivery.kcv,
+        )
+        mac = self._module.confirmation_mac(session_id=challenge.session_id, kcv=delivery.kcv)
+        return Confirmation(session_id=challenge.session_id, mac=mac)
+
+    # -- state machine -------------------------------------------------------------------
+
+    def _advance(self, expected: TerminalStage) -> None:
+        if self._stage is not expected:
+            raise TmkOutOfOrder(f"the session is {self._stage.value}, not {expected.value}")
+
+    def _guarded(self, next_stage: TerminalStage, step: Callable[[], _R]) -> _R:
+        try:
+            result = step()
+        except BaseException:
+            self._stage = TerminalStage.FAILED
+            raise
+        self._stage = next_stage
+        return result
+
+
+__all__ = [
+    "DEFAULT_SESSION_TTL",
+    "SUPPORTED_SUITES",
+    "TMK_ALGORITHMS",
+    "Confirmation",
+    "DownloadRequest",
+    "KeyDelivery",
+    "Message",
+    "RegisteredTerminal",
+    "ServerChallenge",
+    "ServerSessionState",
+    "ServerStage",
+    "ServerTrust",
+    "TerminalKeyModule",
+    "TerminalProof",
+    "TerminalSession",
+    "TerminalStage",
+    "TmkActivated",
+    "confirmation_data",
+    "keystore_kcv",
+    "parse_message",
+    "server_abort",
+    "server_accept_proof",
+    "server_auth_tbs",
+    "server_confirm",
+    "server_start",
+    "terminal_auth_tbs",
+    "transport_info",
+    "validate_sn",
+]
