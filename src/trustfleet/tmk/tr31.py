@@ -157,15 +157,11 @@ _FIXED_HEADER_LENGTH = 16
 _TWO_ALNUM = re.compile(r"[0-9A-Za-z]{2}")
 _TWO_DIGITS = re.compile(r"[0-9]{2}")
 _ONE_DIGIT = re.compile(r"[0-9]")
+_FOUR_DIGITS = re.compile(r"[0-9]{4}")
 _PRINTABLE = re.compile(r"[\x20-\x7e]*")
-
-
-def _uppercase_hex(length: int | None = None) -> re.Pattern[str]:
-    return re.compile(r"(?:[0-9A-F]{2})*" if length is None else f"[0-9A-F]{{{length}}}")
-
-
-_HEX_BYTES = _uppercase_hex()
-_HEX_PAIR = _uppercase_hex(2)
+# TR-31 hex fields are uppercase; refusing lowercase keeps one encoding per block
+_HEX_BYTES = re.compile(r"(?:[0-9A-F]{2})*")
+_HEX_PAIR = re.compile(r"[0-9A-F]{2}")
 
 
 def _matches(pattern: re.Pattern[str], value: object) -> bool:
@@ -282,7 +278,7 @@ def _parse_block(block: object) -> _ParsedBlock:
     version = block[0]
     if version not in SUPPORTED_VERSIONS:
         raise Tr31UnsupportedVersion()
-    if not _matches(re.compile(r"[0-9]{4}"), block[1:5]) or int(block[1:5]) != len(block):
+    if not _matches(_FOUR_DIGITS, block[1:5]) or int(block[1:5]) != len(block):
         raise Tr31Malformed("the key block length field does not match its length")
     if not _matches(_TWO_DIGITS, block[12:14]) or block[15] != "0":
         raise Tr31Malformed("the optional block count or reserved field is not valid")
@@ -426,6 +422,8 @@ def wrap(kbpk: bytes, header: KeyBlockHeader, key: bytes) -> str:
     The key length is masked: TDES and DES keys are padded to 24 bytes, AES keys to 32,
     with random bytes; the length field inside the encrypted key field keeps the truth.
     """
+    if not isinstance(header, KeyBlockHeader):
+        raise Tr31Malformed("the header must be a KeyBlockHeader")
     _validate_header(header)
     _check_kbpk(header.version_id, kbpk)
     if not isinstance(key, bytes):
