@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
 
@@ -45,15 +46,28 @@ def load_domain_routers(names: Sequence[str]) -> list[APIRouter]:
     return routers
 
 
+def iter_api_routes(routes: Sequence[BaseRoute]) -> Iterator[APIRoute]:
+    """Every APIRoute, however routers were included. Recent FastAPI keeps an included
+    router as one entry (its routes stay on the original router); older versions copy them.
+    Routers are included without prefix or dependencies, so the original routes are the
+    served ones."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        included = getattr(route, "original_router", None)
+        if isinstance(included, APIRouter):
+            yield from iter_api_routes(included.routes)
+
+
 def _body_limit(app: FastAPI, context: AppContext) -> Callable[[Scope], int]:
     """The request's body limit: ``max_import_bytes`` on streamed-import routes, else
     ``max_body_bytes``. Streamed-import routes are found once, on the first request."""
-    large: list[BaseRoute] | None = None
+    large: list[APIRoute] | None = None
 
     def limit_for(scope: Scope) -> int:
         nonlocal large
         if large is None:
-            large = [r for r in app.routes if is_streamed_import(getattr(r, "endpoint", None))]
+            large = [r for r in iter_api_routes(app.routes) if is_streamed_import(r.endpoint)]
         if any(route.matches(scope)[0] is Match.FULL for route in large):
             return context.settings.max_import_bytes
         return context.settings.max_body_bytes
