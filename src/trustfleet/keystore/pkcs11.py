@@ -1,0 +1,924 @@
+"""The PKCS#11 key store: keys are token objects and every private operation runs inside
+the token (SoftHSM2 in tests, an HSM in production).
+
+Object scheme
+-------------
+* A key is a private-key or secret-key object with ``CKA_TOKEN=TRUE``; an asymmetric key
+  also has a public-key object with the same ``CKA_ID``. The handle is ``"pkcs11:"`` +
+  ``CKA_ID`` in hex. Keys made here get ``CKA_ID = b"tf" || creation time (µs, 8 bytes
+  big-endian) || 6 random bytes``, which is where :attr:`KeyInfo.created_at` comes from.
+* ``CKA_LABEL`` is the key's label.
+* The algorithm is read from the key itself: ``CKA_KEY_TYPE`` plus ``CKA_EC_PARAMS``
+  (P-256, Ed25519), the modulus size (RSA-2048/3072) or ``CKA_VALUE_LEN`` (AES-128/256);
+  ``CKK_DES2``/``CKK_DES3`` are ``tdes``, ``CKK_GENERIC_SECRET``/``CKK_SHA256_HMAC`` are
+  ``hmac-sha256``.
+* Usage flags are token attributes, so the token enforces them as well as this class:
+  SIGN=CKA_SIGN (private keys), MAC=CKA_SIGN+CKA_VERIFY (secret keys),
+  DECRYPT=CKA_DECRYPT, ENCRYPT=CKA_ENCRYPT, WRAP=CKA_WRAP, UNWRAP=CKA_UNWRAP,
+  DERIVE=CKA_DERIVE, WRAPPABLE=CKA_EXTRACTABLE; exportable = ``CKA_SENSITIVE=FALSE``.
+  A non-exportable key is ``CKA_SENSITIVE=TRUE`` (its ``CKA_VALUE`` cannot be read), and
+  only WRAPPABLE keys are ``CKA_EXTRACTABLE``. PKCS#11 reveals ``CKA_VALUE`` only of
+  extractable keys, so an *exportable* key is always WRAPPABLE here (its KeyInfo says so).
+
+Mechanisms: ECDSA P-256 (``CKM_ECDSA`` over a SHA-256 digest, DER-encoded like the soft
+store), Ed25519 (``CKM_EDDSA``), RSA-PSS (``CKM_SHA256_RSA_PKCS_PSS``, MGF1-SHA256, salt
+32), RSA-OAEP-SHA256 with the label as ``info`` (``CKM_RSA_PKCS_OAEP``), AES-GCM
+(``CKM_AES_GCM``, same ``nonce || ciphertext || tag`` format as the soft store), AES-CMAC,
+TDES-CMAC (``CKM_DES3_CMAC``), HMAC-SHA256 and RFC 5649 key wrap (``CKM_AES_KEY_WRAP_PAD``).
+
+Not available, with UnsupportedAlgorithm and a message that says why:
+
+* SM2, SM4, HMAC-SM3 and X25519 (no SoftHSM2 mechanisms);
+* ``derive``: the documented result is HKDF-SHA256 of the ECDH secret, and SoftHSM2 has no
+  HKDF mechanism (``CKM_ECDH1_DERIVE`` only takes ``CKD_NULL``); running HKDF outside the
+  token would put the shared secret in host memory;
+* ``decrypt``/``unwrap`` with EC keys (HPKE cannot run inside a token);
+* RSA-OAEP-SHA256: SoftHSM2 2.6 accepts only OAEP with SHA-1 and an empty label, so the
+  token refuses it; an HSM with OAEP-SHA256 works unchanged;
+* unwrapping EC or Ed25519 private keys (the token cannot rebuild their public half).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import pkcs11
+from asn1crypto.core import OctetString
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import exceptions as p11
+from pkcs11.mechanisms import GCMParams
+from pkcs11.types import DecryptMixin, EncryptMixin, SignMixin, UnwrapMixin, WrapMixin
+from pkcs11.util.ec import encode_named_curve_parameters
+
+from trustfleet import crypto
+from trustfleet.crypto.base import KeyAlgorithm, PrivateKey, PublicKey
+from trustfleet.errors import (
+    ConfigurationError,
+    CryptoError,
+    DecryptionFailed,
+    InvalidInput,
+    InvalidKey,
+    KeyNotExportable,
+    KeyNotFound,
+    KeyStoreError,
+    KeyUsageNotAllowed,
+    TrustfleetError,
+    UnsupportedAlgorithm,
+)
+from trustfleet.keystore import policy
+from trustfleet.keystore.base import KeyInfo, KeyStore, KeyUsage
+
+_Capability = TypeVar("_Capability", SignMixin, DecryptMixin, EncryptMixin, WrapMixin, UnwrapMixin)
+
+HANDLE_PREFIX = "pkcs11:"
+ID_MARKER = b"tf"
+NONCE_SIZE = 12
+TAG_BITS = 128
+PSS_SALT_LENGTH = 32
+
+P256_PARAMS = encode_named_curve_parameters("1.2.840.10045.3.1.7")
+ED25519_PARAMS = encode_named_curve_parameters("1.3.101.112")
+# Some tokens name Edwards curves with a PrintableString instead of the RFC 8410 OID.
+ED25519_PARAMS_ALT = b"\x13\x0cedwards25519"
+
+UNSUPPORTED = {
+    KeyAlgorithm.SM2: "SM2",
+    KeyAlgorithm.SM4: "SM4",
+    KeyAlgorithm.HMAC_SM3: "HMAC-SM3",
+    KeyAlgorithm.X25519: "X25519",
+}
+
+_KEY_TYPES = {
+    KeyAlgorithm.EC_P256: KeyType.EC,
+    KeyAlgorithm.ED25519: KeyType.EC_EDWARDS,
+    KeyAlgorithm.RSA_2048: KeyType.RSA,
+    KeyAlgorithm.RSA_3072: KeyType.RSA,
+    KeyAlgorithm.AES_128: KeyType.AES,
+    KeyAlgorithm.AES_256: KeyType.AES,
+    KeyAlgorithm.HMAC_SHA256: KeyType.GENERIC_SECRET,
+}
+
+_PRIVATE_FLAGS = {
+    KeyUsage.SIGN: Attribute.SIGN,
+    KeyUsage.DECRYPT: Attribute.DECRYPT,
+    KeyUsage.UNWRAP: Attribute.UNWRAP,
+    KeyUsage.DERIVE: Attribute.DERIVE,
+}
+_SECRET_FLAGS = {
+    KeyUsage.ENCRYPT: Attribute.ENCRYPT,
+    KeyUsage.DECRYPT: Attribute.DECRYPT,
+    KeyUsage.MAC: Attribute.SIGN,
+    KeyUsage.WRAP: Attribute.WRAP,
+    KeyUsage.UNWRAP: Attribute.UNWRAP,
+    KeyUsage.DERIVE: Attribute.DERIVE,
+}
+_PUBLIC_FLAGS = {
+    KeyUsage.SIGN: Attribute.VERIFY,
+    KeyUsage.DECRYPT: Attribute.ENCRYPT,
+    KeyUsage.UNWRAP: Attribute.WRAP,
+}
+
+_NO_DERIVE = (
+    "the PKCS#11 backend cannot derive: the result is HKDF-SHA256 of the shared secret and"
+    " this token has no HKDF mechanism; running HKDF outside the token would expose the"
+    " secret (use the soft backend for derived keys)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """A key's token objects and the facts read from them."""
+
+    handle: str
+    obj: pkcs11.Key
+    public: pkcs11.PublicKey | None
+    algorithm: KeyAlgorithm
+    usage: KeyUsage
+    exportable: bool
+    label: str
+    created_at: datetime
+
+    def info(self) -> KeyInfo:
+        public_der = None
+        if self.public is not None:
+            public_der = crypto.public_key_to_der(_public_from_object(self.algorithm, self.public))
+        return KeyInfo(
+            handle=self.handle,
+            algorithm=self.algorithm,
+            usage=self.usage,
+            exportable=self.exportable,
+            label=self.label,
+            backend=Pkcs11KeyStore.backend,
+            created_at=self.created_at,
+            public_key_der=public_der,
+        )
+
+
+class Pkcs11KeyStore(KeyStore):
+    """Keys inside one PKCS#11 token. One logged-in R/W session, serialised by a lock."""
+
+    backend = "pkcs11"
+
+    def __init__(self, module_path: str, token_label: str, user_pin: str) -> None:
+        self._lock = threading.RLock()
+        try:
+            lib = pkcs11.lib(module_path)
+        except (RuntimeError, OSError) as exc:
+            raise ConfigurationError(
+                f"cannot load the PKCS#11 module {module_path}: {type(exc).__name__}"
+            ) from None
+        try:
+            token = lib.get_token(token_label=token_label)
+        except p11.NoSuchToken:
+            raise ConfigurationError(f"no PKCS#11 token is labelled {token_label!r}") from None
+        self._session = _open_session(token, user_pin)
+
+    def close(self) -> None:
+        with self._lock:
+            self._session.close()
+
+    # -- creating keys -----------------------------------------------------------------
+
+    def generate(
+        self, algorithm: KeyAlgorithm, usage: KeyUsage, *, label: str = "", exportable: bool = False
+    ) -> KeyInfo:
+        _check_supported(algorithm, usage, label)
+        key_id = _new_id()
+        with self._lock, _token_errors("key generation"):
+            if algorithm.is_asymmetric:
+                self._generate_pair(algorithm, usage, key_id, label, exportable)
+            else:
+                self._session.generate_key(
+                    _KEY_TYPES.get(algorithm, KeyType.DES2),
+                    algorithm.secret_length * 8 if algorithm is not KeyAlgorithm.TDES else None,
+                    store=True,
+                    mechanism=_secret_generation_mechanism(algorithm),
+                    template=_secret_template(key_id, label, usage, exportable),
+                )
+            return self._find(_handle_of(key_id)).info()
+
+    def _generate_pair(
+        self, algorithm: KeyAlgorithm, usage: KeyUsage, key_id: bytes, label: str, exp: bool
+    ) -> None:
+        public_template = _public_template(key_id, label, usage)
+        bits = None
+        if algorithm is KeyAlgorithm.EC_P256:
+            public_template[Attribute.EC_PARAMS] = P256_PARAMS
+        elif algorithm is KeyAlgorithm.ED25519:
+            public_template[Attribute.EC_PARAMS] = ED25519_PARAMS
+        else:
+            bits = 2048 if algorithm is KeyAlgorithm.RSA_2048 else 3072
+        self._session.generate_keypair(
+            _KEY_TYPES[algorithm],
+            bits,
+            store=True,
+            public_template=public_template,
+            private_template=_private_template(key_id, label, usage, exp),
+        )
+
+    def import_key(
+        self,
+        algorithm: KeyAlgorithm,
+        material: bytes,
+        usage: KeyUsage,
+        *,
+        label: str = "",
+        exportable: bool = False,
+    ) -> KeyInfo:
+        _check_supported(algorithm, usage, label)
+        if not isinstance(material, bytes):
+            raise InvalidInput("key material must be bytes")
+        key_id = _new_id()
+        if algorithm.is_asymmetric:
+            private_key = _load_private(algorithm, material)
+            private_attrs, public_attrs = _asymmetric_attributes(private_key)
+        else:
+            policy.check_secret(algorithm, material)
+            private_attrs, public_attrs = _secret_attributes(algorithm, material), None
+        with self._lock, _token_errors("key import"):
+            if public_attrs is not None:
+                public_attrs.update(_public_template(key_id, label, usage))
+                self._session.create_object(public_attrs)
+                private_attrs.update(_private_template(key_id, label, usage, exportable))
+            else:
+                private_attrs.update(_secret_template(key_id, label, usage, exportable))
+            try:
+                self._session.create_object(private_attrs)
+            except Exception:
+                self._destroy_objects(key_id)
+                raise
+            return self._find(_handle_of(key_id)).info()
+
+    # -- reading -----------------------------------------------------------------------
+
+    def info(self, handle: str) -> KeyInfo:
+        with self._lock:
+            return self._find(handle).info()
+
+    def list(self) -> list[KeyInfo]:
+        infos = []
+        with self._lock, _token_errors("listing keys"):
+            for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.SECRET_KEY):
+                query = {Attribute.CLASS: object_class, Attribute.TOKEN: True}
+                for obj in list(self._session.get_objects(query)):
+                    key_id = bytes(obj[Attribute.ID])
+                    try:
+                        infos.append(self._find(_handle_of(key_id)).info())
+                    except (UnsupportedAlgorithm, KeyNotFound):
+                        continue  # a token object trustfleet cannot use
+        return sorted(infos, key=lambda i: (i.created_at, i.handle))
+
+    def public_key(self, handle: str) -> PublicKey:
+        with self._lock:
+            key = self._find(handle)
+            if key.public is None:
+                raise InvalidInput(f"key {handle} is a secret key and has no public key")
+            return _public_from_object(key.algorithm, key.public)
+
+    def _find(self, handle: str) -> _Key:
+        key_id = _id_of(handle)
+        found: pkcs11.Key | None = None
+        public: pkcs11.PublicKey | None = None
+        with _token_errors("key lookup"):
+            for obj in self._session.get_objects({Attribute.ID: key_id, Attribute.TOKEN: True}):
+                if isinstance(obj, pkcs11.PublicKey):
+                    public = obj
+                elif isinstance(obj, pkcs11.PrivateKey | pkcs11.SecretKey):
+                    found = obj
+            if found is None:
+                raise KeyNotFound(f"no key has handle {handle!r}")
+            return self._describe(handle, key_id, found, public)
+
+    def _describe(
+        self, handle: str, key_id: bytes, obj: pkcs11.Key, public: pkcs11.PublicKey | None
+    ) -> _Key:
+        algorithm = _algorithm_of(obj, public)
+        attrs = obj.get_attributes(
+            [Attribute.SENSITIVE, Attribute.EXTRACTABLE, Attribute.LABEL, *_flags_of(obj).values()]
+        )
+        usage = KeyUsage.NONE
+        for flag, attribute in _flags_of(obj).items():
+            if attrs.get(attribute):
+                usage |= flag
+        if attrs.get(Attribute.EXTRACTABLE):
+            usage |= KeyUsage.WRAPPABLE
+        return _Key(
+            handle=handle,
+            obj=obj,
+            public=public,
+            algorithm=algorithm,
+            usage=usage & policy.POSSIBLE_USAGE[algorithm],
+            exportable=not attrs.get(Attribute.SENSITIVE, True),
+            label=str(attrs.get(Attribute.LABEL) or ""),
+            created_at=_created_at(key_id),
+        )
+
+    def _use(self, handle: str, needed: KeyUsage) -> _Key:
+        key = self._find(handle)
+        policy.require(handle, key.usage, needed)
+        return key
+
+    # -- private and secret operations -------------------------------------------------
+
+    def sign(self, handle: str, data: bytes) -> bytes:
+        with self._lock:
+            key = self._use(handle, KeyUsage.SIGN)
+            obj = _able(key, SignMixin)
+            with _token_errors("signing"):
+                if key.algorithm is KeyAlgorithm.EC_P256:
+                    raw = obj.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA)
+                    half = len(raw) // 2
+                    r, s = int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
+                    return encode_dss_signature(r, s)
+                if key.algorithm is KeyAlgorithm.ED25519:
+                    return obj.sign(data, mechanism=Mechanism.EDDSA)
+                return obj.sign(
+                    data,
+                    mechanism=Mechanism.SHA256_RSA_PKCS_PSS,
+                    mechanism_param=(Mechanism.SHA256, MGF.SHA256, PSS_SALT_LENGTH),
+                )
+
+    def decrypt(self, handle: str, ciphertext: bytes, *, info: bytes = b"") -> bytes:
+        with self._lock:
+            key = self._use(handle, KeyUsage.DECRYPT)
+            if isinstance(key.obj, pkcs11.SecretKey):
+                return _gcm_open(key, ciphertext, info)
+            _require_rsa(key, "decrypt")
+            with _token_errors("RSA-OAEP decryption", failure=DecryptionFailed):
+                return _single(
+                    _able(key, DecryptMixin).decrypt(
+                        ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_oaep(info)
+                    )
+                )
+
+    def encrypt(self, handle: str, plaintext: bytes, *, info: bytes = b"") -> bytes:
+        with self._lock:
+            key = self._use(handle, KeyUsage.ENCRYPT)
+            _require_aead(key)
+            secret = _able(key, EncryptMixin)
+            nonce = os.urandom(NONCE_SIZE)
+            with _token_errors("AES-GCM encryption"):
+                sealed = secret.encrypt(
+                    plaintext,
+                    mechanism=Mechanism.AES_GCM,
+                    mechanism_param=GCMParams(nonce, info or None, TAG_BITS),
+                )
+            return nonce + _single(sealed)
+
+    def mac(self, handle: str, data: bytes) -> bytes:
+        with self._lock:
+            key = self._use(handle, KeyUsage.MAC)
+            secret = _able(key, SignMixin)
+            mechanism = {
+                KeyAlgorithm.AES_128: Mechanism.AES_CMAC,
+                KeyAlgorithm.AES_256: Mechanism.AES_CMAC,
+                KeyAlgorithm.TDES: Mechanism.DES3_CMAC,
+                KeyAlgorithm.HMAC_SHA256: Mechanism.SHA256_HMAC,
+            }[key.algorithm]
+            with _token_errors("MAC"):
+                return secret.sign(data, mechanism=mechanism)
+
+    def wrap(self, handle: str, *, under: str | PublicKey, info: bytes = b"") -> bytes:
+        with self._lock:
+            key = self._use(handle, KeyUsage.WRAPPABLE)
+            if not isinstance(under, str):
+                return self._wrap_to_public(key, under, info)
+            if under == handle:
+                raise InvalidInput("a key cannot be wrapped under itself")
+            kek = self._use(under, KeyUsage.WRAP)
+            _require_aes(kek)
+            if info:
+                raise InvalidInput("AES key wrap (RFC 5649) cannot bind info; pass info=b''")
+            with _token_errors("key wrap"):
+                return _able(kek, WrapMixin).wrap_key(key.obj, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+
+    def _wrap_to_public(self, key: _Key, recipient: PublicKey, info: bytes) -> bytes:
+        if not isinstance(recipient, rsa.RSAPublicKey):
+            raise UnsupportedAlgorithm(
+                "the PKCS#11 backend wraps to RSA public keys only (RSA-OAEP inside the token);"
+                " HPKE and SM2 key transport cannot run inside a token"
+            )
+        crypto.algorithm_of(recipient)  # refuses sizes trustfleet does not accept
+        numbers = recipient.public_numbers()
+        attrs = {
+            Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+            Attribute.KEY_TYPE: KeyType.RSA,
+            Attribute.TOKEN: False,
+            Attribute.WRAP: True,
+            Attribute.MODULUS: _int_bytes(numbers.n),
+            Attribute.PUBLIC_EXPONENT: _int_bytes(numbers.e),
+        }
+        with _token_errors("RSA-OAEP key wrap"):
+            wrapping = self._session.create_object(attrs)
+            try:
+                assert isinstance(wrapping, WrapMixin)
+                return wrapping.wrap_key(
+                    key.obj, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_oaep_any(info)
+                )
+            finally:
+                wrapping.destroy()
+
+    def unwrap(
+        self,
+        wrapping_handle: str,
+        wrapped: bytes,
+        algorithm: KeyAlgorithm,
+        usage: KeyUsage,
+        *,
+        info: bytes = b"",
+        label: str = "",
+        exportable: bool = False,
+    ) -> KeyInfo:
+        _check_supported(algorithm, usage, label)
+        if algorithm in (KeyAlgorithm.EC_P256, KeyAlgorithm.ED25519):
+            raise UnsupportedAlgorithm(
+                f"the PKCS#11 backend cannot unwrap {algorithm.value} private keys: the token"
+                " cannot rebuild their public half"
+            )
+        with self._lock:
+            kek = self._use(wrapping_handle, KeyUsage.UNWRAP)
+            if isinstance(kek.obj, pkcs11.SecretKey):
+                _require_aes(kek)
+                if info:
+                    raise InvalidInput("AES key wrap (RFC 5649) cannot bind info; pass info=b''")
+                mechanism, param = Mechanism.AES_KEY_WRAP_PAD, None
+            else:
+                _require_rsa(kek, "unwrap")
+                mechanism, param = Mechanism.RSA_PKCS_OAEP, _oaep(info)
+            return self._unwrap(kek, wrapped, algorithm, usage, label, exportable, mechanism, param)
+
+    def _unwrap(
+        self,
+        kek: _Key,
+        wrapped: bytes,
+        algorithm: KeyAlgorithm,
+        usage: KeyUsage,
+        label: str,
+        exportable: bool,
+        mechanism: Mechanism,
+        param: Any,
+    ) -> KeyInfo:
+        key_id = _new_id()
+        if algorithm.is_asymmetric:
+            object_class = ObjectClass.PRIVATE_KEY
+            template = _private_template(key_id, label, usage, exportable)
+        else:
+            object_class = ObjectClass.SECRET_KEY
+            template = _secret_template(key_id, label, usage, exportable)
+        key_type = _key_type_for_unwrap(algorithm, wrapped)
+        with _token_errors("key unwrap", failure=DecryptionFailed):
+            obj = _able(kek, UnwrapMixin).unwrap_key(
+                object_class,
+                key_type,
+                wrapped,
+                mechanism=mechanism,
+                mechanism_param=param,
+                store=True,
+                template=template,
+            )
+        try:
+            if algorithm.is_asymmetric:
+                self._add_rsa_public(obj, key_id, label, usage)
+            found = self._find(_handle_of(key_id))
+            if found.algorithm is not algorithm:
+                raise InvalidKey(f"the unwrapped key is not an {algorithm.value} key")
+            return found.info()
+        except Exception:
+            self._destroy_objects(key_id)
+            raise
+
+    def _add_rsa_public(
+        self, private: pkcs11.Key, key_id: bytes, label: str, usage: KeyUsage
+    ) -> None:
+        attrs = private.get_attributes([Attribute.MODULUS, Attribute.PUBLIC_EXPONENT])
+        public = {
+            Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+            Attribute.KEY_TYPE: KeyType.RSA,
+            Attribute.MODULUS: attrs[Attribute.MODULUS],
+            Attribute.PUBLIC_EXPONENT: attrs[Attribute.PUBLIC_EXPONENT],
+            **_public_template(key_id, label, usage),
+        }
+        with _token_errors("key unwrap"):
+            self._session.create_object(public)
+
+    def derive(
+        self,
+        handle: str,
+        algorithm: KeyAlgorithm,
+        usage: KeyUsage,
+        *,
+        peer_public: PublicKey | None = None,
+        info: bytes = b"",
+        label: str = "",
+        exportable: bool = False,
+    ) -> KeyInfo:
+        with self._lock:
+            self._use(handle, KeyUsage.DERIVE)
+        raise UnsupportedAlgorithm(_NO_DERIVE)
+
+    def export(self, handle: str) -> bytes:
+        with self._lock:
+            key = self._find(handle)
+            if not key.exportable:
+                raise KeyNotExportable(f"key {handle} is not exportable")
+            with _token_errors("export"):
+                if isinstance(key.obj, pkcs11.SecretKey):
+                    return bytes(key.obj[Attribute.VALUE])
+                return crypto.private_key_to_der(_private_from_object(key))
+
+    def destroy(self, handle: str) -> None:
+        key_id = _id_of(handle)
+        with self._lock:
+            self._find(handle)
+            self._destroy_objects(key_id)
+
+    def _destroy_objects(self, key_id: bytes) -> None:
+        with _token_errors("destroy"):
+            query = {Attribute.ID: key_id, Attribute.TOKEN: True}
+            for obj in list(self._session.get_objects(query)):
+                obj.destroy()
+
+
+# -- session and errors ----------------------------------------------------------------
+
+
+def _open_session(token: pkcs11.Token, user_pin: str) -> pkcs11.Session:
+    try:
+        return token.open(rw=True, user_pin=user_pin)
+    except p11.UserAlreadyLoggedIn:
+        # Login is per application: another store in this process already logged in.
+        return token.open(rw=True)
+    except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange, p11.PinLocked):
+        raise ConfigurationError(
+            "the PKCS#11 user PIN was refused (pkcs11_user_pin is wrong or locked)"
+        ) from None
+    except p11.PKCS11Error as exc:
+        raise ConfigurationError(f"cannot open a PKCS#11 session: {type(exc).__name__}") from None
+
+
+@contextmanager
+def _token_errors(what: str, *, failure: type[CryptoError] | None = None) -> Iterator[None]:
+    """pkcs11 exceptions as trustfleet errors; names of exceptions only, never data."""
+    try:
+        yield
+    except TrustfleetError:
+        raise
+    except p11.AttributeSensitive:
+        raise KeyNotExportable(f"{what}: the token keeps this value secret") from None
+    except (p11.KeyUnextractable, p11.KeyNotWrappable) as exc:
+        raise KeyUsageNotAllowed(f"{what}: the token refused ({type(exc).__name__})") from None
+    except (p11.MechanismInvalid, p11.MechanismParamInvalid, p11.ArgumentsBad) as exc:
+        raise UnsupportedAlgorithm(
+            f"{what}: this PKCS#11 token does not support the mechanism or its parameters"
+            f" ({type(exc).__name__})"
+        ) from None
+    except (
+        p11.EncryptedDataInvalid,
+        p11.EncryptedDataLenRange,
+        p11.WrappedKeyInvalid,
+        p11.WrappedKeyLenRange,
+        p11.DataLenRange,
+        p11.GeneralError,  # SoftHSM2's answer to a bad GCM tag
+    ) as exc:
+        if failure is None:
+            raise KeyStoreError(
+                f"{what} failed in the PKCS#11 token ({type(exc).__name__})"
+            ) from None
+        raise failure(f"{what} failed: the input does not authenticate or decrypt") from None
+    except (p11.TemplateInconsistent, p11.AttributeValueInvalid, p11.KeySizeRange) as exc:
+        raise InvalidKey(f"{what}: the token rejected the key ({type(exc).__name__})") from None
+    except p11.PKCS11Error as exc:
+        raise KeyStoreError(f"{what} failed in the PKCS#11 token ({type(exc).__name__})") from None
+
+
+# -- ids, handles, templates -----------------------------------------------------------
+
+
+def _new_id() -> bytes:
+    micros = int(datetime.now(UTC).timestamp() * 1_000_000)
+    return ID_MARKER + struct.pack(">Q", micros) + os.urandom(6)
+
+
+def _handle_of(key_id: bytes) -> str:
+    return HANDLE_PREFIX + key_id.hex()
+
+
+def _id_of(handle: str) -> bytes:
+    if isinstance(handle, str) and handle.startswith(HANDLE_PREFIX):
+        try:
+            key_id = bytes.fromhex(handle.removeprefix(HANDLE_PREFIX))
+        except ValueError:
+            pass
+        else:
+            if key_id:
+                return key_id
+    raise KeyNotFound(f"no key has handle {handle!r}")
+
+
+def _created_at(key_id: bytes) -> datetime:
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    if len(key_id) == 16 and key_id.startswith(ID_MARKER):
+        (micros,) = struct.unpack(">Q", key_id[2:10])
+        return epoch + timedelta(microseconds=micros)
+    return epoch  # a key trustfleet did not create
+
+
+def _check_supported(algorithm: KeyAlgorithm, usage: KeyUsage, label: str) -> None:
+    policy.check_new_key(algorithm, usage, label)
+    if algorithm in UNSUPPORTED:
+        raise UnsupportedAlgorithm(
+            f"the PKCS#11 backend does not support {UNSUPPORTED[algorithm]} keys (SoftHSM2 has"
+            " no mechanism for them); use the soft backend"
+        )
+    if KeyUsage.DERIVE in usage:
+        raise UnsupportedAlgorithm(_NO_DERIVE)
+    if algorithm is KeyAlgorithm.EC_P256 and usage & (KeyUsage.DECRYPT | KeyUsage.UNWRAP):
+        raise UnsupportedAlgorithm(
+            "the PKCS#11 backend cannot decrypt or unwrap with EC keys (HPKE cannot run inside"
+            " the token); use RSA or the soft backend"
+        )
+
+
+def _common_template(key_id: bytes, label: str) -> dict[Attribute, Any]:
+    return {Attribute.ID: key_id, Attribute.LABEL: label, Attribute.TOKEN: True}
+
+
+def _private_template(
+    key_id: bytes, label: str, usage: KeyUsage, exportable: bool
+) -> dict[Attribute, Any]:
+    template = _common_template(key_id, label)
+    template.update({attr: flag in usage for flag, attr in _PRIVATE_FLAGS.items()})
+    template.update(
+        {
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: not exportable,
+            # PKCS#11 reveals CKA_VALUE only of extractable keys: exportable implies WRAPPABLE
+            Attribute.EXTRACTABLE: exportable or KeyUsage.WRAPPABLE in usage,
+        }
+    )
+    return template
+
+
+def _public_template(key_id: bytes, label: str, usage: KeyUsage) -> dict[Attribute, Any]:
+    template = _common_template(key_id, label)
+    template.update({attr: flag in usage for flag, attr in _PUBLIC_FLAGS.items()})
+    template[Attribute.PRIVATE] = False
+    return template
+
+
+def _secret_template(
+    key_id: bytes, label: str, usage: KeyUsage, exportable: bool
+) -> dict[Attribute, Any]:
+    template = _common_template(key_id, label)
+    template.update({attr: flag in usage for flag, attr in _SECRET_FLAGS.items()})
+    template.update(
+        {
+            Attribute.VERIFY: KeyUsage.MAC in usage,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: not exportable,
+            # PKCS#11 reveals CKA_VALUE only of extractable keys: exportable implies WRAPPABLE
+            Attribute.EXTRACTABLE: exportable or KeyUsage.WRAPPABLE in usage,
+        }
+    )
+    return template
+
+
+def _secret_generation_mechanism(algorithm: KeyAlgorithm) -> Mechanism:
+    if algorithm is KeyAlgorithm.TDES:
+        return Mechanism.DES2_KEY_GEN
+    if algorithm is KeyAlgorithm.HMAC_SHA256:
+        return Mechanism.GENERIC_SECRET_KEY_GEN
+    return Mechanism.AES_KEY_GEN
+
+
+def _key_type_for_unwrap(algorithm: KeyAlgorithm, wrapped: bytes) -> KeyType:
+    if algorithm is KeyAlgorithm.TDES:
+        # RFC 5649 output is 8 bytes longer than a 16-byte key padded to 16 (24) and than a
+        # 24-byte key (32); OAEP hides the length, so assume 2-key TDES there.
+        return KeyType.DES3 if len(wrapped) == 32 else KeyType.DES2
+    return _KEY_TYPES[algorithm]
+
+
+def _flags_of(obj: pkcs11.Key) -> dict[KeyUsage, Attribute]:
+    return _SECRET_FLAGS if isinstance(obj, pkcs11.SecretKey) else _PRIVATE_FLAGS
+
+
+# -- algorithms and key conversion -----------------------------------------------------
+
+
+def _algorithm_of(obj: pkcs11.Key, public: pkcs11.PublicKey | None) -> KeyAlgorithm:
+    key_type = obj.key_type
+    if isinstance(obj, pkcs11.SecretKey):
+        return _secret_algorithm(obj, key_type)
+    if public is None:
+        raise UnsupportedAlgorithm("a private key without its public key object")
+    if key_type == KeyType.EC:
+        if bytes(public[Attribute.EC_PARAMS]) == P256_PARAMS:
+            return KeyAlgorithm.EC_P256
+    elif key_type == KeyType.EC_EDWARDS:
+        if bytes(public[Attribute.EC_PARAMS]) in (ED25519_PARAMS, ED25519_PARAMS_ALT):
+            return KeyAlgorithm.ED25519
+    elif key_type == KeyType.RSA:
+        bits = len(bytes(public[Attribute.MODULUS]).lstrip(b"\x00")) * 8
+        if bits in (2048, 3072):
+            return KeyAlgorithm.RSA_2048 if bits == 2048 else KeyAlgorithm.RSA_3072
+    raise UnsupportedAlgorithm(f"a {key_type.name} key of a kind trustfleet does not use")
+
+
+def _secret_algorithm(obj: pkcs11.Key, key_type: KeyType) -> KeyAlgorithm:
+    if key_type == KeyType.AES:
+        length = int(obj[Attribute.VALUE_LEN])
+        if length in (16, 32):
+            return KeyAlgorithm.AES_128 if length == 16 else KeyAlgorithm.AES_256
+    elif key_type in (KeyType.DES2, KeyType.DES3):
+        return KeyAlgorithm.TDES
+    elif key_type in (KeyType.GENERIC_SECRET, KeyType.SHA256_HMAC):
+        return KeyAlgorithm.HMAC_SHA256
+    raise UnsupportedAlgorithm(f"a {key_type.name} secret key of a kind trustfleet does not use")
+
+
+def _public_from_object(algorithm: KeyAlgorithm, public: pkcs11.PublicKey) -> PublicKey:
+    if algorithm is KeyAlgorithm.EC_P256:
+        point = _ec_point(bytes(public[Attribute.EC_POINT]))
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    if algorithm is KeyAlgorithm.ED25519:
+        return ed25519.Ed25519PublicKey.from_public_bytes(
+            _ec_point(bytes(public[Attribute.EC_POINT]))
+        )
+    attrs = public.get_attributes([Attribute.MODULUS, Attribute.PUBLIC_EXPONENT])
+    n = int.from_bytes(attrs[Attribute.MODULUS], "big")
+    e = int.from_bytes(attrs[Attribute.PUBLIC_EXPONENT], "big")
+    return rsa.RSAPublicNumbers(e, n).public_key()
+
+
+def _ec_point(encoded: bytes) -> bytes:
+    """CKA_EC_POINT is a DER OCTET STRING (some tokens give the raw point)."""
+    if encoded[:1] == b"\x04" and len(encoded) > 2 and encoded[1] == len(encoded) - 2:
+        return bytes(OctetString.load(encoded).native)
+    return encoded
+
+
+def _private_from_object(key: _Key) -> PrivateKey:
+    """The clear private key of an exportable (CKA_SENSITIVE=FALSE) token key."""
+    obj = key.obj
+    if key.algorithm is KeyAlgorithm.EC_P256:
+        d = int.from_bytes(obj[Attribute.VALUE], "big")
+        return ec.derive_private_key(d, ec.SECP256R1())
+    if key.algorithm is KeyAlgorithm.ED25519:
+        return ed25519.Ed25519PrivateKey.from_private_bytes(bytes(obj[Attribute.VALUE]))
+    names = [
+        Attribute.MODULUS,
+        Attribute.PUBLIC_EXPONENT,
+        Attribute.PRIVATE_EXPONENT,
+        Attribute.PRIME_1,
+        Attribute.PRIME_2,
+        Attribute.EXPONENT_1,
+        Attribute.EXPONENT_2,
+        Attribute.COEFFICIENT,
+    ]
+    n, e, d, p, q, dp, dq, qi = (
+        int.from_bytes(v, "big") for v in obj.get_attributes(names).values()
+    )
+    return rsa.RSAPrivateNumbers(p, q, d, dp, dq, qi, rsa.RSAPublicNumbers(e, n)).private_key()
+
+
+def _load_private(algorithm: KeyAlgorithm, material: bytes) -> PrivateKey:
+    key = crypto.load_private_key(material)
+    if crypto.algorithm_of(key) is not algorithm:
+        raise InvalidKey(f"the key material is not an {algorithm.value} private key")
+    return key
+
+
+def _int_bytes(value: int) -> bytes:
+    return value.to_bytes((value.bit_length() + 7) // 8 or 1, "big")
+
+
+def _asymmetric_attributes(
+    key: PrivateKey,
+) -> tuple[dict[Attribute, Any], dict[Attribute, Any]]:
+    """(private, public) object attributes holding ``key``'s material."""
+    private: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.PRIVATE_KEY}
+    public: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.PUBLIC_KEY}
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        point = key.public_key().public_numbers()
+        raw_point = b"\x04" + point.x.to_bytes(32, "big") + point.y.to_bytes(32, "big")
+        shared = {Attribute.KEY_TYPE: KeyType.EC, Attribute.EC_PARAMS: P256_PARAMS}
+        private.update(shared)
+        private[Attribute.VALUE] = key.private_numbers().private_value.to_bytes(32, "big")
+        public.update(shared)
+        public[Attribute.EC_POINT] = OctetString(raw_point).dump()
+    elif isinstance(key, ed25519.Ed25519PrivateKey):
+        from cryptography.hazmat.primitives import serialization as ser
+
+        shared = {Attribute.KEY_TYPE: KeyType.EC_EDWARDS, Attribute.EC_PARAMS: ED25519_PARAMS}
+        private.update(shared)
+        private[Attribute.VALUE] = key.private_bytes(
+            ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption()
+        )
+        public.update(shared)
+        public[Attribute.EC_POINT] = OctetString(
+            key.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
+        ).dump()
+    elif isinstance(key, rsa.RSAPrivateKey):
+        numbers = key.private_numbers()
+        pub = numbers.public_numbers
+        shared = {
+            Attribute.KEY_TYPE: KeyType.RSA,
+            Attribute.MODULUS: _int_bytes(pub.n),
+            Attribute.PUBLIC_EXPONENT: _int_bytes(pub.e),
+        }
+        private.update(shared)
+        private.update(
+            {
+                Attribute.PRIVATE_EXPONENT: _int_bytes(numbers.d),
+                Attribute.PRIME_1: _int_bytes(numbers.p),
+                Attribute.PRIME_2: _int_bytes(numbers.q),
+                Attribute.EXPONENT_1: _int_bytes(numbers.dmp1),
+                Attribute.EXPONENT_2: _int_bytes(numbers.dmq1),
+                Attribute.COEFFICIENT: _int_bytes(numbers.iqmp),
+            }
+        )
+        public.update(shared)
+    else:
+        raise UnsupportedAlgorithm("the PKCS#11 backend cannot import this kind of key")
+    return private, public
+
+
+def _secret_attributes(algorithm: KeyAlgorithm, secret: bytes) -> dict[Attribute, Any]:
+    if algorithm is KeyAlgorithm.TDES:
+        key_type = KeyType.DES2 if len(secret) == 16 else KeyType.DES3
+    else:
+        key_type = _KEY_TYPES[algorithm]
+    return {
+        Attribute.CLASS: ObjectClass.SECRET_KEY,
+        Attribute.KEY_TYPE: key_type,
+        Attribute.VALUE: secret,
+    }
+
+
+# -- small checks ----------------------------------------------------------------------
+
+
+def _able(key: _Key, capability: type[_Capability]) -> _Capability:
+    """The key object as ``capability``; python-pkcs11 adds a mixin only when the token
+    grants the matching attribute (CKA_SIGN...), so a missing one is a usage refusal."""
+    if not isinstance(key.obj, capability):
+        raise KeyUsageNotAllowed(f"the token does not allow this operation with key {key.handle}")
+    return key.obj
+
+
+def _require_aead(key: _Key) -> None:
+    if key.algorithm not in (KeyAlgorithm.AES_128, KeyAlgorithm.AES_256):
+        raise UnsupportedAlgorithm(f"{key.algorithm.value} keys do not encrypt (no AEAD mode)")
+
+
+def _require_aes(key: _Key) -> None:
+    if key.algorithm not in policy.KEY_WRAP_ALGORITHMS:
+        raise UnsupportedAlgorithm(
+            f"key {key.handle} is {key.algorithm.value}; key wrapping (RFC 5649) needs an AES key"
+        )
+
+
+def _require_rsa(key: _Key, what: str) -> None:
+    if key.algorithm not in (KeyAlgorithm.RSA_2048, KeyAlgorithm.RSA_3072):
+        raise UnsupportedAlgorithm(
+            f"the PKCS#11 backend cannot {what} with {key.algorithm.value} keys inside the token"
+        )
+
+
+def _oaep(label: bytes) -> tuple[Mechanism, MGF, bytes | None]:
+    return (Mechanism.SHA256, MGF.SHA256, label or None)
+
+
+def _gcm_open(key: _Key, sealed: bytes, info: bytes) -> bytes:
+    _require_aead(key)
+    if len(sealed) < NONCE_SIZE + TAG_BITS // 8:
+        raise DecryptionFailed("the ciphertext is shorter than its nonce and tag")
+    nonce, body = sealed[:NONCE_SIZE], sealed[NONCE_SIZE:]
+    with _token_errors("AES-GCM decryption", failure=DecryptionFailed):
+        return _single(
+            _able(key, DecryptMixin).decrypt(
+                body, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, info or None)
+            )
+        )
+
+
+def _oaep_any(label: bytes) -> Any:
+    # python-pkcs11 types wrap_key's parameter as bytes but takes the OAEP tuple at runtime
+    return _oaep(label)
+
+
+def _single(result: bytes | Iterator[bytes]) -> bytes:
+    """python-pkcs11 returns bytes for bytes input (iterators only for chunked input)."""
+    assert isinstance(result, bytes)
+    return result
