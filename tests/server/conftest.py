@@ -1,5 +1,5 @@
-"""Fixtures for the server spine: an app over a migrated database and a stand-in key store
-(the app only asks the key store whether it is reachable)."""
+"""Fixtures for the server spine: an app over a migrated database with a soft key store
+under a fresh master key, plus a stand-in key store that can be made unreachable."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.errors import KeyStoreError
 from trustfleet.keystore.base import KeyInfo, KeyStore
+from trustfleet.keystore.master import MasterKey, MasterKeyring
+from trustfleet.keystore.soft import SoftKeyStore
 from trustfleet.server.app import create_app
 from trustfleet.server.auth import create_token, revoke_token
 from trustfleet.server.context import AppContext
@@ -50,13 +52,13 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def keystore() -> StubKeyStore:
-    return StubKeyStore()
+def keystore(sessions: sessionmaker[Session]) -> KeyStore:
+    return SoftKeyStore(sessions, MasterKeyring([MasterKey.new()]))
 
 
 @pytest.fixture
 def context(
-    settings: Settings, engine: Engine, sessions: sessionmaker[Session], keystore: StubKeyStore
+    settings: Settings, engine: Engine, sessions: sessionmaker[Session], keystore: KeyStore
 ) -> AppContext:
     return AppContext(settings=settings, engine=engine, sessions=sessions, keystore=keystore)
 

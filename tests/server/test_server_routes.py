@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated
 
 import pytest
@@ -169,12 +170,16 @@ def test_healthz_needs_nothing(client: TestClient) -> None:
     assert len(response.headers["x-request-id"]) >= 8
 
 
-def test_readyz_checks_database_and_keystore(client: TestClient, keystore: StubKeyStore) -> None:
+def test_readyz_checks_database_and_keystore(client: TestClient, context: AppContext) -> None:
     assert client.get("/readyz").json() == {"status": "ready"}
-    keystore.reachable = False
-    body = assert_problem(client.get("/readyz"), 503, "not-ready")
-    assert "key store" in body["detail"]
-    assert client.get("/healthz").status_code == 200  # alive, just not ready
+    stub = StubKeyStore()
+    app = create_app(replace(context, keystore=stub))
+    with TestClient(app, raise_server_exceptions=False) as stub_client:
+        assert stub_client.get("/readyz").status_code == 200
+        stub.reachable = False
+        body = assert_problem(stub_client.get("/readyz"), 503, "not-ready")
+        assert "key store" in body["detail"]
+        assert stub_client.get("/healthz").status_code == 200  # alive, just not ready
 
 
 def test_readyz_fails_when_the_database_is_gone(context: AppContext, tmp_path: object) -> None:

@@ -126,8 +126,21 @@ async def _trustfleet_error(request: Request, exc: Exception) -> Response:
     )
 
 
+def _malformed_json(request: Request) -> Response:
+    return problem_response(
+        request,
+        status=400,
+        code="malformed-json",
+        title="The request body is not valid JSON",
+        detail="The request body could not be parsed as JSON",
+    )
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and isinstance(exc.__cause__, ValueError | RecursionError):
+        # FastAPI's "error parsing the body": not UTF-8, or nested too deep for json
+        return _malformed_json(request)
     code, title = http_problem_code(exc.status_code)
     detail = exc.detail if isinstance(exc.detail, str) else title
     headers = {**_auth_headers(exc.status_code), **(exc.headers or {})}
@@ -150,13 +163,7 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
     if any(error.get("type") == "json_invalid" for error in errors):
-        return problem_response(
-            request,
-            status=400,
-            code="malformed-json",
-            title="The request body is not valid JSON",
-            detail="The request body could not be parsed as JSON",
-        )
+        return _malformed_json(request)
     return problem_response(
         request,
         status=422,
