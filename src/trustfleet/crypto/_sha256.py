@@ -41,5 +41,5 @@ def hpke_open(
     """HPKE base-mode single-shot open of ``enc || ciphertext``."""
     try:
         return suite.decrypt(ciphertext, key, info=info)
-    except InvalidTag:
+    except (InvalidTag, ValueError):
         raise DecryptionFailed("HPKE ciphertext or its info does not authenticate") from None
