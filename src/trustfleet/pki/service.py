@@ -645,7 +645,7 @@ class PkiService:
         row = IssuedCertificate(
             serial_hex=px.serial_hex(cert.serial_number),
             issuer_name=issuer,
-            subject=cert.subject.rfc4514_string()[:500],
+            subject=px.subject_text(cert.subject)[:500],
             kind=kind.value,
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,

@@ -156,6 +156,11 @@ def _is_ip(value: str) -> bool:
     return True
 
 
+def subject_text(name: x509.Name) -> str:
+    """RFC 4514 text of ``name``, with serialNumber by name rather than by OID."""
+    return name.rfc4514_string({NameOID.SERIAL_NUMBER: "serialNumber"})
+
+
 def common_name(name: x509.Name) -> str:
     values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(values[0].value) if values else ""
