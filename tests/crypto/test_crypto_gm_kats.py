@@ -9,9 +9,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from trustfleet.crypto import get_suite
+from trustfleet.crypto import get_suite, sm4_cbc_decrypt, sm4_cbc_encrypt
 from trustfleet.crypto.sm2 import SM2Curve, SM2PrivateKey, SM2PublicKey
-from trustfleet.errors import DecryptionFailed, InvalidSignature
+from trustfleet.errors import DecryptionFailed, InvalidInput, InvalidKey, InvalidSignature
 
 GM = get_suite("gm")
 h = bytes.fromhex
@@ -154,3 +154,38 @@ def test_sm2_decrypt_rejects_the_old_c1_c2_c3_order_and_tampering() -> None:
     tampered[-1] ^= 1
     with pytest.raises(DecryptionFailed):
         key.decrypt(bytes(tampered))
+
+
+# -- SM4-CBC helpers (PKCS#7), cross-checked with the openssl CLI ------------------------
+
+_CBC_IV = bytes(range(16))
+
+
+@pytest.mark.parametrize("length", [0, 1, 15, 16, 17, 100])
+def test_sm4_cbc_round_trip_pads_to_whole_blocks(length: int) -> None:
+    data = bytes(range(length))
+    encrypted = sm4_cbc_encrypt(_SM4_KEY, _CBC_IV, data)
+    assert len(encrypted) == (length // 16 + 1) * 16  # PKCS#7 always adds padding
+    assert sm4_cbc_decrypt(_SM4_KEY, _CBC_IV, encrypted) == data
+
+
+def test_sm4_cbc_matches_openssl_enc(openssl) -> None:
+    plain = openssl.write("plain", b"hello sm4 cbc world!")
+    result = openssl.run(
+        "enc", "-sm4-cbc", "-K", _SM4_KEY.hex(), "-iv", _CBC_IV.hex(), "-in", plain
+    )
+    assert result.stdout == sm4_cbc_encrypt(_SM4_KEY, _CBC_IV, b"hello sm4 cbc world!")
+
+
+def test_sm4_cbc_bad_padding_and_sizes() -> None:
+    encrypted = sm4_cbc_encrypt(_SM4_KEY, _CBC_IV, b"x")
+    # flipping the IV's last byte turns the 0x0f padding byte into 0x0e: invalid PKCS#7
+    with pytest.raises(DecryptionFailed):
+        sm4_cbc_decrypt(_SM4_KEY, _CBC_IV[:-1] + bytes([_CBC_IV[-1] ^ 1]), encrypted)
+    for bad in (b"", encrypted[:-1], encrypted + b"\x00"):
+        with pytest.raises(DecryptionFailed):
+            sm4_cbc_decrypt(_SM4_KEY, _CBC_IV, bad)
+    with pytest.raises(InvalidKey):
+        sm4_cbc_encrypt(_SM4_KEY[:15], _CBC_IV, b"x")
+    with pytest.raises(InvalidInput):
+        sm4_cbc_encrypt(_SM4_KEY, _CBC_IV[:12], b"x")

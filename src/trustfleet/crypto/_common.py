@@ -18,29 +18,24 @@ GCM_NONCE_SIZE = 12
 TAG_SIZE = 16
 
 
-def check_key_size(key: bytes, sizes: tuple[int, ...], what: str) -> None:
-    if len(key) not in sizes:
-        expected = " or ".join(str(n) for n in sizes)
-        raise InvalidKey(f"{what} key must be {expected} bytes, got {len(key)}")
-
-
-def check_nonce_size(nonce: bytes, size: int, what: str) -> None:
-    if len(nonce) != size:
-        raise InvalidInput(f"{what} nonce must be {size} bytes, got {len(nonce)}")
-
-
 # -- AEADs -----------------------------------------------------------------------------
+# All three AEADs take a 12-byte nonce and append a 16-byte tag.
+
+
+def check_aead_inputs(key: bytes, nonce: bytes, key_size: int, what: str) -> None:
+    if len(key) != key_size:
+        raise InvalidKey(f"{what} key must be {key_size} bytes, got {len(key)}")
+    if len(nonce) != GCM_NONCE_SIZE:
+        raise InvalidInput(f"{what} nonce must be {GCM_NONCE_SIZE} bytes, got {len(nonce)}")
 
 
 def aes_gcm_seal(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
-    check_key_size(key, (16,), "AES-128-GCM")
-    check_nonce_size(nonce, GCM_NONCE_SIZE, "AES-GCM")
+    check_aead_inputs(key, nonce, 16, "AES-128-GCM")
     return AESGCM(key).encrypt(nonce, plaintext, aad)
 
 
 def aes_gcm_open(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
-    check_key_size(key, (16,), "AES-128-GCM")
-    check_nonce_size(nonce, GCM_NONCE_SIZE, "AES-GCM")
+    check_aead_inputs(key, nonce, 16, "AES-128-GCM")
     try:
         return AESGCM(key).decrypt(nonce, ciphertext, aad)
     except InvalidTag:
@@ -48,14 +43,12 @@ def aes_gcm_open(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> byt
 
 
 def chacha_seal(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
-    check_key_size(key, (32,), "ChaCha20-Poly1305")
-    check_nonce_size(nonce, 12, "ChaCha20-Poly1305")
+    check_aead_inputs(key, nonce, 32, "ChaCha20-Poly1305")
     return ChaCha20Poly1305(key).encrypt(nonce, plaintext, aad)
 
 
 def chacha_open(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
-    check_key_size(key, (32,), "ChaCha20-Poly1305")
-    check_nonce_size(nonce, 12, "ChaCha20-Poly1305")
+    check_aead_inputs(key, nonce, 32, "ChaCha20-Poly1305")
     try:
         return ChaCha20Poly1305(key).decrypt(nonce, ciphertext, aad)
     except InvalidTag:
@@ -63,9 +56,7 @@ def chacha_open(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> byte
 
 
 def sm4_gcm_seal(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
-    """SM4-GCM; output is ciphertext || 16-byte tag, like pyca's AEAD classes."""
-    check_key_size(key, (16,), "SM4-GCM")
-    check_nonce_size(nonce, GCM_NONCE_SIZE, "SM4-GCM")
+    check_aead_inputs(key, nonce, 16, "SM4-GCM")
     encryptor = Cipher(algorithms.SM4(key), modes.GCM(nonce)).encryptor()
     encryptor.authenticate_additional_data(aad)
     body = encryptor.update(plaintext) + encryptor.finalize()
@@ -73,8 +64,7 @@ def sm4_gcm_seal(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> byte
 
 
 def sm4_gcm_open(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
-    check_key_size(key, (16,), "SM4-GCM")
-    check_nonce_size(nonce, GCM_NONCE_SIZE, "SM4-GCM")
+    check_aead_inputs(key, nonce, 16, "SM4-GCM")
     if len(ciphertext) < TAG_SIZE:
         raise DecryptionFailed("SM4-GCM ciphertext is shorter than its tag")
     body, tag = ciphertext[:-TAG_SIZE], ciphertext[-TAG_SIZE:]
@@ -96,14 +86,16 @@ def hmac_digest(algorithm: hashes.HashAlgorithm, key: bytes, data: bytes) -> byt
 
 
 def aes_cmac(key: bytes, data: bytes) -> bytes:
-    check_key_size(key, (16, 24, 32), "AES-CMAC")
+    if len(key) not in (16, 24, 32):
+        raise InvalidKey(f"AES-CMAC key must be 16, 24 or 32 bytes, got {len(key)}")
     mac = cmac.CMAC(algorithms.AES(key))
     mac.update(data)
     return mac.finalize()
 
 
 def sm4_cmac(key: bytes, data: bytes) -> bytes:
-    check_key_size(key, (16,), "SM4-CMAC")
+    if len(key) != 16:
+        raise InvalidKey(f"SM4-CMAC key must be 16 bytes, got {len(key)}")
     mac = cmac.CMAC(algorithms.SM4(key))
     mac.update(data)
     return mac.finalize()

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from trustfleet.crypto import _common
 from trustfleet.crypto.base import KeyAlgorithm, PrivateKey, PublicKey, Suite
 from trustfleet.crypto.sm2 import POINT_SIZE, SM2P256V1, SM3_SIZE, SM2PrivateKey, SM2PublicKey
-from trustfleet.errors import DecryptionFailed, InvalidKey
+from trustfleet.errors import DecryptionFailed, InvalidInput, InvalidKey
 
 SM4_KEY_SIZE = 16
 SM4_BLOCK_SIZE = 16
@@ -42,10 +42,16 @@ def _public(key: PublicKey) -> SM2PublicKey:
     raise InvalidKey(f"the gm suite needs an SM2 public key, not {type(key).__name__}")
 
 
+def _check_cbc_inputs(key: bytes, iv: bytes) -> None:
+    if len(key) != SM4_KEY_SIZE:
+        raise InvalidKey(f"SM4 key must be {SM4_KEY_SIZE} bytes, got {len(key)}")
+    if len(iv) != SM4_BLOCK_SIZE:
+        raise InvalidInput(f"SM4-CBC IV must be {SM4_BLOCK_SIZE} bytes, got {len(iv)}")
+
+
 def sm4_cbc_encrypt(key: bytes, iv: bytes, data: bytes) -> bytes:
     """SM4-CBC with PKCS#7 padding. Unauthenticated: only for formats that require it."""
-    _common.check_key_size(key, (SM4_KEY_SIZE,), "SM4")
-    _common.check_nonce_size(iv, SM4_BLOCK_SIZE, "SM4-CBC")
+    _check_cbc_inputs(key, iv)
     padder = padding.PKCS7(SM4_BLOCK_SIZE * 8).padder()
     padded = padder.update(data) + padder.finalize()
     encryptor = Cipher(algorithms.SM4(key), modes.CBC(iv)).encryptor()
@@ -54,8 +60,7 @@ def sm4_cbc_encrypt(key: bytes, iv: bytes, data: bytes) -> bytes:
 
 def sm4_cbc_decrypt(key: bytes, iv: bytes, data: bytes) -> bytes:
     """Inverse of :func:`sm4_cbc_encrypt`; raise ``DecryptionFailed`` on bad padding."""
-    _common.check_key_size(key, (SM4_KEY_SIZE,), "SM4")
-    _common.check_nonce_size(iv, SM4_BLOCK_SIZE, "SM4-CBC")
+    _check_cbc_inputs(key, iv)
     if not data or len(data) % SM4_BLOCK_SIZE:
         raise DecryptionFailed("SM4-CBC ciphertext is not a whole number of blocks")
     decryptor = Cipher(algorithms.SM4(key), modes.CBC(iv)).decryptor()
