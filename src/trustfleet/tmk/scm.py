@@ -522,7 +522,10 @@ class SecureControlModule:
             "nonce": _b64(nonce),
             "ciphertext": _b64(ciphertext),
         }
-        _atomic_write(self._path, _canonical(envelope))
+        try:
+            _atomic_write(self._path, _canonical(envelope))
+        except OSError:
+            raise ScmError("the secure control module file cannot be written") from None
 
     def __repr__(self) -> str:
         state = "with TMK" if self._tmk else "no TMK"
