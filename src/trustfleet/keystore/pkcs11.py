@@ -389,12 +389,12 @@ class Pkcs11KeyStore(KeyStore):
                 return secret.sign(data, mechanism=mechanism)
 
     def wrap(self, handle: str, *, under: str | PublicKey, info: bytes = b"") -> bytes:
+        if under == handle:
+            raise InvalidInput("a key cannot be wrapped under itself")
         with self._lock:
             key = self._use(handle, KeyUsage.WRAPPABLE)
             if not isinstance(under, str):
                 return self._wrap_to_public(key, under, info)
-            if under == handle:
-                raise InvalidInput("a key cannot be wrapped under itself")
             kek = self._use(under, KeyUsage.WRAP)
             _require_aes(kek)
             if info:

@@ -100,3 +100,26 @@ def _no_info(info: bytes) -> None:
 
 def hkdf_sha256(secret: bytes, info: bytes, length: int) -> bytes:
     return HKDF(hashes.SHA256(), length, None, info).derive(secret)
+
+
+def strip_der_zero_padding(der: bytes) -> bytes:
+    """``der`` without zero bytes after its outer DER element.
+
+    SoftHSM2 pads a private key's PKCS#8 with zeros to a multiple of 8 bytes before RFC 5649
+    wrapping (the padding then counts as key data), so keys it wraps unwrap with trailing
+    zeros; anything but zeros after the element is left for the parser to reject.
+    """
+    if len(der) < 2 or der[0] != 0x30:
+        return der
+    first = der[1]
+    if first < 0x80:
+        header, length = 2, first
+    else:
+        count = first & 0x7F
+        if count == 0 or count > 4 or len(der) < 2 + count:
+            return der
+        header, length = 2 + count, int.from_bytes(der[2 : 2 + count], "big")
+    end = header + length
+    if end < len(der) and not any(der[end:]):
+        return der[:end]
+    return der

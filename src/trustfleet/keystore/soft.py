@@ -298,13 +298,13 @@ class SoftKeyStore(KeyStore):
         return secret_ops.mac(row.algorithm, _secret(row, key), data)
 
     def wrap(self, handle: str, *, under: str | PublicKey, info: bytes = b"") -> bytes:
+        if under == handle:
+            raise InvalidInput("a key cannot be wrapped under itself")
         _, key = self._use(handle, KeyUsage.WRAPPABLE)
         material = _material_bytes(key)
         if not isinstance(under, str):
             suite = crypto.suite_for_algorithm(crypto.algorithm_of(under))
             return suite.kem_wrap(under, material, info)
-        if under == handle:
-            raise InvalidInput("a key cannot be wrapped under itself")
         kek_row, kek = self._use(under, KeyUsage.WRAP)
         _require_key_wrap(kek_row)
         return secret_ops.key_wrap(_secret(kek_row, kek), material, info)
@@ -325,6 +325,8 @@ class SoftKeyStore(KeyStore):
         if isinstance(kek, bytes):
             _require_key_wrap(kek_row)
             plain = secret_ops.key_unwrap(kek, wrapped, info)
+            if algorithm.is_asymmetric:
+                plain = secret_ops.strip_der_zero_padding(plain)
         else:
             suite = crypto.suite_for_algorithm(kek_row.algorithm)
             plain = suite.kem_unwrap(kek, wrapped, info)
