@@ -1031,10 +1031,6 @@ def test_randomness_and_time_are_injectable(
 # =====================================================================================
 
 
-def _sample_messages(run: Run) -> list[Any]:
-    return run.messages()
-
-
 def test_messages_round_trip_canonically(
     terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, root: Ca
 ) -> None:
@@ -1058,7 +1054,8 @@ def test_messages_round_trip_canonically(
 
 
 def _request_obj() -> dict[str, Any]:
-    return json.loads(DownloadRequest(sn=SN, rnd1=bytes(32), suite="p256").to_json())
+    obj: dict[str, Any] = json.loads(DownloadRequest(sn=SN, rnd1=bytes(32), suite="p256").to_json())
+    return obj
 
 
 def _encode(obj: Any) -> bytes:
@@ -1129,7 +1126,8 @@ def _challenge_obj() -> dict[str, Any]:
         signature=b"\x01" * 64,
         expires_at=NOW,
     )
-    return json.loads(challenge.to_json())
+    obj: dict[str, Any] = json.loads(challenge.to_json())
+    return obj
 
 
 MALFORMED_CHALLENGES: list[Any] = [
@@ -1219,9 +1217,26 @@ def test_a_persisted_state_with_a_bad_stage_is_refused(
 ) -> None:
     _, _, state = _started(terminal, Server(keystore, work, terminal.registration), trust)
     obj = json.loads(state.to_json())
-    for key, value in [("stage", "won"), ("rnd1", "AA=="), ("session_id", 5), ("tmk_handle", 3)]:
+    bad = [
+        ("stage", "won"),
+        ("stage", "delivered"),  # a delivered session without a TMK handle
+        ("rnd1", "AA=="),
+        ("session_id", 5),
+        ("tmk_handle", 3),
+        ("expires_at", "soon"),
+    ]
+    for key, value in bad:
         with pytest.raises(errors.TmkMalformedMessage):
             ServerSessionState.from_json(_encode({**obj, key: value}))
+
+
+def test_naive_times_are_a_programming_error(
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+) -> None:
+    server = Server(keystore, work, terminal.registration)
+    _, proof, state = _proved(terminal, server, trust)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        server.accept(state, proof, now=NOW.replace(tzinfo=None))
 
 
 def test_error_codes_are_distinct_and_stable() -> None:

@@ -549,6 +549,8 @@ def suite_for_terminal_key(public_key: PublicKey) -> Suite:
 
 
 def _expired(expires_at: datetime, now: datetime) -> bool:
+    if now.tzinfo is None:  # a caller's bug, not a peer's: naive times are ambiguous
+        raise ValueError("now must be timezone-aware")
     return now >= expires_at
 
 
@@ -663,17 +665,35 @@ class ServerSessionState:
             )
         except (TypeError, ValueError):
             raise _malformed("not a TMK server session state") from None
-        state._check()
         return state
 
-    def _check(self) -> None:
+    def __post_init__(self) -> None:
         _check_session_id(self.session_id)
         _check_sn(self.sn)
         _check_suite_name(self.suite)
         _check_random(self.rnd1, "rnd1")
         _check_random(self.rnd2, "rnd2")
+        if not isinstance(self.stage, ServerStage):
+            raise _malformed("stage must be a ServerStage")
+        _check_time(self.created_at, "created_at")
+        _check_time(self.expires_at, "expires_at")
         if self.tmk_handle is not None and not isinstance(self.tmk_handle, str):
             raise _malformed("tmk_handle must be a string")
+        if self.stage in (ServerStage.DELIVERED, ServerStage.ACTIVE):
+            self._check_tmk()
+
+    def _check_tmk(self) -> None:
+        if not self.tmk_handle or self.tmk_algorithm not in TMK_ALGORITHMS:
+            raise _malformed(f"a {self.stage.value} session needs its TMK handle and algorithm")
+        length = KCV_LENGTHS[self.tmk_algorithm]
+        _check_bytes(self.kcv, "kcv", length, length)
+
+    @property
+    def tmk(self) -> tuple[str, KeyAlgorithm, bytes]:
+        """Handle, algorithm and KCV of the session's TMK (delivered or active sessions)."""
+        self._check_tmk()
+        assert self.tmk_handle and self.tmk_algorithm and self.kcv is not None  # by _check_tmk
+        return self.tmk_handle, self.tmk_algorithm, self.kcv
 
 
 @dataclass(frozen=True, slots=True)
@@ -724,7 +744,6 @@ def server_start(
         created_at=now,
         expires_at=now + ttl,
     )
-    state._check()
     tbs = server_auth_tbs(
         sn=state.sn,
         suite=state.suite,
@@ -816,18 +835,18 @@ def server_confirm(
     """Step 7: check the terminal's CMAC under the TMK; only then is the TMK active.
     On any error call :func:`server_abort`."""
     _expect(state, ServerStage.DELIVERED, confirmation.session_id, now)
-    assert state.tmk_handle and state.kcv is not None and state.tmk_algorithm
-    data = confirmation_data(session_id=state.session_id, kcv=state.kcv)
+    handle, algorithm, kcv = state.tmk
+    data = confirmation_data(session_id=state.session_id, kcv=kcv)
     try:
-        keystore.mac_verify(state.tmk_handle, data, confirmation.mac)
+        keystore.mac_verify(handle, data, confirmation.mac)
     except InvalidSignature:
         raise TmkBadConfirmation() from None
     event = TmkActivated(
         session_id=state.session_id,
         sn=state.sn,
-        tmk_handle=state.tmk_handle,
-        algorithm=state.tmk_algorithm,
-        kcv=state.kcv,
+        tmk_handle=handle,
+        algorithm=algorithm,
+        kcv=kcv,
         activated_at=now,
     )
     return event, replace(state, stage=ServerStage.ACTIVE)
