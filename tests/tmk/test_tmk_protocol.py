@@ -437,6 +437,21 @@ def test_an_rsa_work_key_and_an_intermediate_ca_are_accepted(
     assert run.state is not None and run.state.stage is ServerStage.ACTIVE
 
 
+@pytest.mark.parametrize(
+    "algorithm", [KeyAlgorithm.ED25519, KeyAlgorithm.RSA_3072], ids=["ed25519", "rsa-3072"]
+)
+def test_other_work_key_algorithms(
+    terminal: Terminal,
+    keystore: SoftKeyStore,
+    root: Ca,
+    trust: ServerTrust,
+    algorithm: KeyAlgorithm,
+) -> None:
+    work = _make_work_key(keystore, root, algorithm=algorithm)
+    run = download(terminal, Server(keystore, work, terminal.registration), trust)
+    assert run.state is not None and run.state.stage is ServerStage.ACTIVE
+
+
 class _KcvKeyStore(SoftKeyStore):
     """A key store that, like a payment HSM, reports the KCV of its keys (``kcv``).
 
@@ -759,6 +774,28 @@ def test_a_crl_not_signed_by_the_issuer_fails_closed(
     session, challenge, _ = _started(terminal, Server(keystore, work, terminal.registration), trust)
     with pytest.raises(errors.TmkUntrustedServerCertificate):
         session.receive_challenge(challenge)
+
+
+def test_a_forged_crl_cannot_hide_a_genuine_revocation(
+    terminal: Terminal, keystore: SoftKeyStore, root: Ca, work: WorkKey
+) -> None:
+    forged_root = _make_root(keystore, "ksrcrt")
+    forged = _crl(forged_root, [])  # claims nothing is revoked, signed by another key
+    genuine = _crl(root, [work.cert.serial_number])
+    trust = ServerTrust(roots=(root.cert,), crls=(forged, genuine))
+    session, challenge, _ = _started(terminal, Server(keystore, work, terminal.registration), trust)
+    with pytest.raises(errors.TmkRevokedServerCertificate):
+        session.receive_challenge(challenge)
+
+
+def test_a_stale_crl_beside_a_current_one_is_ignored(
+    terminal: Terminal, keystore: SoftKeyStore, root: Ca, work: WorkKey
+) -> None:
+    stale = _crl(root, [], next_update=NOW - timedelta(minutes=1))
+    current = _crl(root, [])
+    trust = ServerTrust(roots=(root.cert,), crls=(stale, current))
+    run = download(terminal, Server(keystore, work, terminal.registration), trust)
+    assert run.state is not None and run.state.stage is ServerStage.ACTIVE
 
 
 def test_a_proof_signed_with_another_terminals_key_is_refused(

@@ -945,16 +945,21 @@ class ServerTrust:
         return public_key  # type: ignore[return-value]  # pyca key types are PublicKey's
 
     def _check_revocation(self, chain: list[x509.Certificate], now: datetime) -> None:
+        """Each issuer of the chain that has CRLs here needs one that verifies and is
+        current (else fail closed); a certificate listed in any such CRL is revoked."""
         for cert, issuer in itertools.pairwise(chain):
-            for crl in self.crls:
-                if crl.issuer != issuer.subject:
-                    continue
-                if not _crl_is_current(crl, issuer, now):
-                    raise TmkUntrustedServerCertificate(
-                        "a CRL given to the terminal is badly signed or out of date"
-                    )
-                if crl.get_revoked_certificate_by_serial_number(cert.serial_number):
-                    raise TmkRevokedServerCertificate()
+            named = [crl for crl in self.crls if crl.issuer == issuer.subject]
+            if not named:
+                continue
+            current = [crl for crl in named if _crl_is_current(crl, issuer, now)]
+            if not current:
+                raise TmkUntrustedServerCertificate(
+                    "no CRL given to the terminal for an issuer is correctly signed and current"
+                )
+            if any(
+                crl.get_revoked_certificate_by_serial_number(cert.serial_number) for crl in current
+            ):
+                raise TmkRevokedServerCertificate()
 
 
 def _crl_is_current(
