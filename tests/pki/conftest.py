@@ -1,25 +1,25 @@
-"""PKI fixtures: a service over the migrated database and a key store, and a small CA
-hierarchy (root -> issuing) built through it."""
+"""PKI fixtures: a service over the migrated database and the soft key store (CA keys
+wrapped under a fresh master key), and a small CA hierarchy (root -> issuing)."""
 
 from __future__ import annotations
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from trustfleet.keystore.base import KeyStore
+from trustfleet.keystore.master import MasterKey, MasterKeyring
+from trustfleet.keystore.soft import SoftKeyStore
 from trustfleet.pki.service import PkiService
 
 from .helpers import Hierarchy
-from .keystore_double import InMemoryKeyStore
 
 
 @pytest.fixture
-def keystore() -> KeyStore:
-    return InMemoryKeyStore()
+def keystore(sessions: sessionmaker[Session]) -> SoftKeyStore:
+    return SoftKeyStore(sessions, MasterKeyring([MasterKey.new()]))
 
 
 @pytest.fixture
-def pki(sessions: sessionmaker[Session], keystore: KeyStore) -> PkiService:
+def pki(sessions: sessionmaker[Session], keystore: SoftKeyStore) -> PkiService:
     return PkiService(sessions, keystore)
 
 

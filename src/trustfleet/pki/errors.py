@@ -69,3 +69,8 @@ class CaRevoked(Conflict):
 class RootNotRevocable(Conflict):
     code = "root-not-revocable"
     title = "A root certificate cannot be revoked by a CRL; remove it from the trust stores"
+
+
+class CrlBusy(Conflict):
+    code = "crl-busy"
+    title = "The CRL changed while it was being signed; retry"

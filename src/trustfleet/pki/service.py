@@ -40,6 +40,7 @@ from trustfleet.pki.errors import (
     CaRevoked,
     CertificateAlreadyRevoked,
     CertificateNotFound,
+    CrlBusy,
     InvalidValidity,
     PathLengthExceeded,
     RootNotRevocable,
@@ -63,6 +64,7 @@ CRL_VALIDITY = timedelta(days=7)
 #: a CRL younger than this is served again instead of signing a new one (CRLs are public
 #: and unauthenticated; each revocation still forces a fresh one)
 CRL_REFRESH = timedelta(hours=1)
+CRL_ATTEMPTS = 5
 
 LOCAL_ROOT_CA = "trustfleet-root"
 LOCAL_ISSUING_CA = "trustfleet-issuing"
@@ -191,19 +193,16 @@ class PkiService:
         """A self-signed root whose key is generated in the key store."""
         algorithm = self._ca_algorithm(algorithm)
         self._check_new_ca(name, path_length)
+        times = self._validity(validity, issuer=None)
         with self._new_ca_key(algorithm, name) as (handle, public_key):
-            sign = partial(self._keystore.sign, handle)
             profile = px.ca_profile(
-                CertificateKind.ROOT,
-                name,
-                public_key,
-                path_length=path_length,
-                **self._validity(validity, issuer=None),
+                CertificateKind.ROOT, name, public_key, path_length=path_length, **times
             )
+            sign = partial(self._keystore.sign, handle)
             issuer = px.self_issuer(profile.subject, public_key, algorithm, sign)
+            cert = px.issue_certificate(profile, issuer, px.random_serial())
             with self._ca_transaction() as session:
                 self._check_ca_absent(session, name)
-                cert = px.issue_certificate(profile, issuer, px.random_serial())
                 row = self._store_ca(session, name, algorithm, handle, cert, None, path_length)
                 cert_row = self._store_certificate(session, cert, name, CertificateKind.ROOT)
                 self._audit_ca_created(session, row, cert_row, cert, actor)
@@ -222,26 +221,23 @@ class PkiService:
         """A CA below ``parent``; its key is generated in the key store."""
         algorithm = self._ca_algorithm(algorithm)
         self._check_new_ca(name, path_length)
-        with self._transaction() as session:  # fail before generating a key
-            parent_row = self._load_usable_ca(session, parent)
-            self._check_path_length(parent_row, path_length)
-        new_key = self._new_ca_key(algorithm, name)
-        with new_key as (handle, public_key), self._ca_transaction() as session:
-            self._check_ca_absent(session, name)
-            parent_row = self._load_usable_ca(session, parent)
-            issuer = self._issuer(parent_row)
+        parent_ca = self._usable_ca(parent)
+        self._check_path_length(parent_ca, path_length)
+        times = self._validity(validity, issuer=parent_ca)
+        with self._new_ca_key(algorithm, name) as (handle, public_key):
             profile = px.ca_profile(
-                CertificateKind.INTERMEDIATE,
-                name,
-                public_key,
-                path_length=path_length,
-                **self._validity(validity, issuer=parent_row),
+                CertificateKind.INTERMEDIATE, name, public_key, path_length=path_length, **times
             )
-            cert = px.issue_certificate(profile, issuer, px.random_serial())
-            row = self._store_ca(session, name, algorithm, handle, cert, parent, path_length)
-            cert_row = self._store_certificate(session, cert, parent, CertificateKind.INTERMEDIATE)
-            self._audit_ca_created(session, row, cert_row, cert, actor)
-            return _ca_info(row)
+            cert = px.issue_certificate(profile, self._issuer(parent_ca), px.random_serial())
+            with self._ca_transaction() as session:
+                self._check_ca_absent(session, name)
+                self._recheck_usable(session, parent_ca)
+                row = self._store_ca(session, name, algorithm, handle, cert, parent, path_length)
+                cert_row = self._store_certificate(
+                    session, cert, parent, CertificateKind.INTERMEDIATE
+                )
+                self._audit_ca_created(session, row, cert_row, cert, actor)
+                return _ca_info(row)
 
     def get_ca(self, name: str) -> CaInfo:
         with self._sessions() as session:
@@ -322,12 +318,13 @@ class PkiService:
         actor: str,
         details: dict[str, Any],
     ) -> CertificateInfo:
+        issuing = self._usable_ca(ca)
+        times = self._validity(validity, issuer=issuing)
+        leaf = profile(times["not_before"], times["not_after"])
+        cert = px.issue_certificate(leaf, self._issuer(issuing), px.random_serial())
         with self._transaction() as session:
-            ca_row = self._load_usable_ca(session, ca)
-            times = self._validity(validity, issuer=ca_row)
-            leaf = profile(times["not_before"], times["not_after"])
-            cert = px.issue_certificate(leaf, self._issuer(ca_row), px.random_serial())
-            row = self._store_certificate(session, cert, ca_row.name, leaf.kind)
+            self._recheck_usable(session, issuing)
+            row = self._store_certificate(session, cert, issuing.name, leaf.kind)
             audit.append(
                 session,
                 action="pki.certificate_issued",
@@ -380,29 +377,19 @@ class PkiService:
         """The CA's current CRL (DER): every certificate it issued that is revoked.
 
         A CRL signed less than ``crl_refresh`` ago is served again unless a revocation
-        happened since; otherwise a new one is signed now with the next CRL number.
+        happened since; otherwise a new one is signed now with the next CRL number. It is
+        signed outside any transaction, then stored only if neither the CRL number nor the
+        revocations changed meanwhile (else it is done again).
         """
-        now = self._now()
-        with self._transaction() as session:
-            ca = self._load_ca(session, ca_name, for_update=True)
-            cached = self._fresh_crl(ca, now)
-            if cached is not None:
-                return cached
-            revoked = session.scalars(
-                select(IssuedCertificate)
-                .where(IssuedCertificate.issuer_name == ca.name)
-                .where(IssuedCertificate.status == "revoked")
-                .order_by(IssuedCertificate.id)
-            ).all()
-            entries = [
-                px.RevokedEntry(
-                    int(r.serial_hex, 16),
-                    _utc(r.revoked_at or now),
-                    RevocationReason(r.revocation_reason or RevocationReason.UNSPECIFIED),
-                )
-                for r in revoked
-            ]
-            number = ca.crl_number + 1
+        for _attempt in range(CRL_ATTEMPTS):
+            now = self._now()
+            with self._sessions() as session:
+                row = self._load_ca(session, ca_name)
+                cached = self._fresh_crl(row, now)
+                if cached is not None:
+                    return cached
+                ca, number = _ca_info(row), row.crl_number + 1
+                entries = self._revoked_entries(session, ca.name)
             crl = px.build_crl(
                 self._issuer(ca),
                 number=number,
@@ -411,15 +398,40 @@ class PkiService:
                 revoked=entries,
             )
             der = crl.public_bytes(serialization.Encoding.DER)
-            ca.crl_number, ca.crl_der, ca.crl_this_update = number, der, now
-            audit.append(
-                session,
-                action="pki.crl_published",
-                actor=actor,
-                subject=ca.name,
-                details={"crl_number": number, "revoked": len(entries)},
+            with self._transaction() as session:
+                row = self._load_ca(session, ca_name, for_update=True)
+                if (
+                    row.crl_number + 1 != number
+                    or self._revoked_entries(session, ca.name) != entries
+                ):
+                    continue
+                row.crl_number, row.crl_der, row.crl_this_update = number, der, now
+                audit.append(
+                    session,
+                    action="pki.crl_published",
+                    actor=actor,
+                    subject=ca.name,
+                    details={"crl_number": number, "revoked": len(entries)},
+                )
+                return der
+        raise CrlBusy(f"the CRL of {ca_name!r} kept changing while it was signed; retry")
+
+    @staticmethod
+    def _revoked_entries(session: Session, ca_name: str) -> list[px.RevokedEntry]:
+        rows = session.scalars(
+            select(IssuedCertificate)
+            .where(IssuedCertificate.issuer_name == ca_name)
+            .where(IssuedCertificate.status == "revoked")
+            .order_by(IssuedCertificate.id)
+        ).all()
+        return [
+            px.RevokedEntry(
+                int(r.serial_hex, 16),
+                _utc(r.revoked_at or r.created_at),
+                RevocationReason(r.revocation_reason or RevocationReason.UNSPECIFIED),
             )
-            return der
+            for r in rows
+        ]
 
     def _fresh_crl(self, ca: CertificateAuthority, now: datetime) -> bytes | None:
         if ca.crl_der is None or ca.crl_this_update is None:
@@ -523,15 +535,13 @@ class PkiService:
         except IntegrityError as exc:  # another node created a CA of that name first
             raise CaExists("a certificate authority with that name was just created") from exc
 
-    def _validity(
-        self, validity: timedelta, *, issuer: CertificateAuthority | None
-    ) -> dict[str, datetime]:
+    def _validity(self, validity: timedelta, *, issuer: CaInfo | None) -> dict[str, datetime]:
         if not timedelta(0) < validity <= MAX_VALIDITY:
             raise InvalidValidity(f"validity must be positive and at most {MAX_VALIDITY.days} days")
         now = self._now()
         not_before, not_after = now - CLOCK_SKEW, now + validity
         if issuer is not None:
-            issuer_cert = x509.load_der_x509_certificate(issuer.certificate_der)
+            issuer_cert = issuer.certificate
             if not_after > issuer_cert.not_valid_after_utc:
                 raise InvalidValidity(
                     f"the certificate would outlive its issuer {issuer.name!r} "
@@ -560,7 +570,7 @@ class PkiService:
             raise CaExists(f"certificate authority {name!r} already exists")
 
     @staticmethod
-    def _check_path_length(parent: CertificateAuthority, path_length: int) -> None:
+    def _check_path_length(parent: CaInfo, path_length: int) -> None:
         if parent.path_length <= path_length:
             raise PathLengthExceeded(
                 f"{parent.name!r} allows CAs below it a path length of at most "
@@ -596,23 +606,32 @@ class PkiService:
             raise CaNotFound(f"no certificate authority named {name[:80]!r}")
         return row
 
-    def _load_usable_ca(self, session: Session, name: str) -> CertificateAuthority:
-        row = self._load_ca(session, name)
-        own = session.scalars(
-            select(IssuedCertificate.status).where(IssuedCertificate.serial_hex == row.serial_hex)
-        ).one()
+    def _usable_ca(self, name: str) -> CaInfo:
+        """The CA ``name`` if it may issue (its own certificate is not revoked)."""
+        with self._sessions() as session:
+            ca = _ca_info(self._load_ca(session, name))
+            self._recheck_usable(session, ca, lock=False)
+            return ca
+
+    @staticmethod
+    def _recheck_usable(session: Session, ca: CaInfo, *, lock: bool = True) -> None:
+        # Locking the CA's certificate row serialises this with a revocation of the CA.
+        query = select(IssuedCertificate.status).where(
+            IssuedCertificate.serial_hex == ca.serial_hex
+        )
+        own = session.scalars(query.with_for_update() if lock else query).one_or_none()
+        if own is None:
+            raise CaNotFound(f"certificate authority {ca.name!r} no longer exists")
         if own == "revoked":
-            raise CaRevoked(f"certificate authority {name!r} is revoked")
-        return row
+            raise CaRevoked(f"certificate authority {ca.name!r} is revoked")
 
     def _check_ca_absent(self, session: Session, name: str) -> None:
         if self._ca_row(session, name) is not None:
             raise CaExists(f"certificate authority {name!r} already exists")
 
-    def _issuer(self, ca: CertificateAuthority) -> px.Issuer:
-        cert = x509.load_der_x509_certificate(ca.certificate_der)
+    def _issuer(self, ca: CaInfo) -> px.Issuer:
         sign = partial(self._keystore.sign, ca.key_handle)
-        return px.issuer_from_certificate(cert, KeyAlgorithm(ca.algorithm), sign)
+        return px.issuer_from_certificate(ca.certificate, ca.algorithm, sign)
 
     def _store_ca(
         self,
