@@ -1,0 +1,79 @@
+"""The CA hierarchy with its keys in a PKCS#11 token (SoftHSM2): the token's raw ECDSA and
+RSA-PSS signatures end up in certificates and CRLs that OpenSSL and pyca accept."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from trustfleet.errors import CertificateRevoked
+from trustfleet.keystore.base import KeyStore
+from trustfleet.pki.service import PkiService
+
+from .helpers import crl_pem, ec_public_key, openssl, write
+
+pytestmark = pytest.mark.pkcs11
+
+MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+LABEL, PIN = "pki-test", "1234"
+
+
+@pytest.fixture(scope="module")
+def softhsm_conf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    util = shutil.which("softhsm2-util")
+    if util is None or not Path(MODULE).is_file():
+        pytest.fail("SoftHSM2 is not installed (Debian package softhsm2)")
+    root = tmp_path_factory.mktemp("pki-softhsm")
+    (root / "tokens").mkdir()
+    conf = root / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\n")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SOFTHSM2_CONF", str(conf))
+        subprocess.run(
+            [util, "--init-token", "--free", "--label", LABEL, "--pin", PIN, "--so-pin", "5678"],
+            check=True,
+            capture_output=True,
+        )
+        yield conf
+
+
+@pytest.fixture
+def keystore(softhsm_conf: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[KeyStore]:
+    from trustfleet.keystore.pkcs11 import Pkcs11KeyStore
+
+    monkeypatch.setenv("SOFTHSM2_CONF", str(softhsm_conf))
+    store = Pkcs11KeyStore(MODULE, LABEL, PIN)
+    yield store
+    store.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_token_backed_hierarchy_issues_and_revokes(
+    sessions: sessionmaker[Session], keystore: KeyStore, tmp_path: Path
+) -> None:
+    pki = PkiService(sessions, keystore)
+    root = pki.create_root_ca("hsm-root", "rsa-3072")
+    issuing = pki.create_intermediate_ca("hsm-issuing", "hsm-root", "ec-p256")
+    leaf = pki.issue_server_certificate(
+        "hsm-issuing", public_key=ec_public_key(), dns_names=["hsm.example.org"]
+    )
+    files = [
+        write(tmp_path / name, pem)
+        for name, pem in (("root.pem", root.pem), ("int.pem", issuing.pem), ("leaf.pem", leaf.pem))
+    ]
+    verify = ["verify", "-CAfile", files[0], "-untrusted", files[1], "-purpose", "sslserver"]
+    assert openssl(*verify, files[2]).stdout.strip().endswith(": OK")
+    pki.validate(leaf.der, [issuing.certificate_der], root.certificate_der)
+
+    pki.revoke(leaf.serial_hex, "key_compromise")
+    crls = [pki.crl("hsm-issuing"), pki.crl("hsm-root")]
+    crl_file = write(tmp_path / "crl.pem", crl_pem(crls[0]) + crl_pem(crls[1]))
+    result = openssl(*verify, "-crl_check_all", "-CRLfile", crl_file, files[2])
+    assert "certificate revoked" in result.stdout + result.stderr
+    with pytest.raises(CertificateRevoked):
+        pki.validate(leaf.der, [issuing.certificate_der], root.certificate_der, crl_ders=crls)
