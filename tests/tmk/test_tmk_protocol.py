@@ -1141,6 +1141,7 @@ MALFORMED_REQUESTS: list[Any] = [
         b'{"type":"tmk-download-request","v":1,"sn":"A","suite":"p256","rnd1":NaN}', id="nan"
     ),
     pytest.param(b"{" * 100_000, id="oversized"),
+    pytest.param(b'{"v":' + b"9" * 5000 + b"}", id="huge-integer"),
     pytest.param(b"[" * 5000 + b"]" * 5000, id="deeply-nested"),
 ]
 
@@ -1226,6 +1227,13 @@ def test_constructing_an_invalid_message_in_code_is_refused_too() -> None:
             signature=b"\x01",
             expires_at=datetime(2025, 1, 1, 12, 0, 0, 500, tzinfo=UTC),  # sub-second
         )
+
+
+def test_error_messages_do_not_echo_long_peer_input() -> None:
+    obj = {**_request_obj(), "x" * 5000: 1, "y" * 5000: 2}
+    with pytest.raises(errors.TmkMalformedMessage) as caught:
+        DownloadRequest.from_json(_encode(obj))
+    assert len(caught.value.message) < 200
 
 
 def test_parse_message_rejects_unknown_types() -> None:

@@ -104,7 +104,7 @@ _SN_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SUITE_PATTERN = re.compile(r"[a-z0-9-]{1,32}")
 _SESSION_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-_TIME_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+_TIME_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 
 _LABEL = "TF-TMK-v1"
 _SERVER_AUTH = f"{_LABEL} server-auth".encode()
@@ -193,11 +193,16 @@ def _parse_time(text: object, name: str) -> datetime:
         raise _malformed(f"{name} is not a valid time") from None
 
 
+def _quoted(name: str) -> str:
+    """A peer-chosen name, cut short for an error message."""
+    return repr(name[:40] + ("…" if len(name) > 40 else ""))
+
+
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise _malformed(f"duplicate field {key!r}")
+            raise _malformed(f"duplicate field {_quoted(key)}")
         result[key] = value
     return result
 
@@ -216,7 +221,7 @@ def _load_object(data: bytes | str, *, max_size: int = MAX_MESSAGE_SIZE) -> dict
         loaded = json.loads(
             text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
         )
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, an integer too long to parse
         raise _malformed("the message is not valid JSON") from None
     if not isinstance(loaded, dict):
         raise _malformed("a message must be a JSON object")
@@ -272,7 +277,8 @@ class _Fields:
     def done(self) -> None:
         unknown = set(self._obj) - self._seen
         if unknown:
-            raise _malformed(f"unknown field(s): {', '.join(sorted(unknown))}")
+            names = ", ".join(_quoted(name) for name in sorted(unknown)[:5])
+            raise _malformed(f"unknown field(s): {names}")
 
 
 def _parse(cls: type[_M], data: bytes | str) -> _M:
