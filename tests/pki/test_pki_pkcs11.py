@@ -66,7 +66,15 @@ def test_a_token_backed_hierarchy_issues_and_revokes(
         write(tmp_path / name, pem)
         for name, pem in (("root.pem", root.pem), ("int.pem", issuing.pem), ("leaf.pem", leaf.pem))
     ]
-    verify = ["verify", "-CAfile", files[0], "-untrusted", files[1], "-purpose", "sslserver"]
+    verify: list[str | Path] = [
+        "verify",
+        "-CAfile",
+        files[0],
+        "-untrusted",
+        files[1],
+        "-purpose",
+        "sslserver",
+    ]
     assert openssl(*verify, files[2]).stdout.strip().endswith(": OK")
     pki.validate(leaf.der, [issuing.certificate_der], root.certificate_der)
 
