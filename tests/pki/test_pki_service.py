@@ -582,3 +582,35 @@ def test_errors_carry_stable_codes() -> None:
     assert len(codes) == 12
     assert all(isinstance(c, str) and c == c.lower() for c in codes)
     assert issubclass(CsrInvalid, TrustfleetError)
+
+
+def test_a_revocation_while_a_crl_is_being_signed_is_not_lost(
+    pki: PkiService, keystore: KeyStore, hierarchy: Hierarchy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    leaf = pki.issue_device_certificate("issuing", "dev-1", public_key=ec_public_key())
+    real_sign = keystore.sign
+    revoked_meanwhile: list[str] = []
+
+    def sign_and_revoke_once(handle: str, data: bytes) -> bytes:
+        if not revoked_meanwhile:  # another admin revokes while the first CRL is signed
+            revoked_meanwhile.append(pki.revoke(leaf.serial_hex).serial_hex)
+        return real_sign(handle, data)
+
+    monkeypatch.setattr(keystore, "sign", sign_and_revoke_once)
+    crl = x509.load_der_x509_crl(pki.crl("issuing"))
+
+    assert crl.get_revoked_certificate_by_serial_number(leaf.certificate.serial_number)
+    assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 1
+
+
+def test_ensure_local_ca_uses_the_app_context(
+    sessions: sessionmaker[Session], keystore: KeyStore, tmp_path: Path
+) -> None:
+    from trustfleet.server.context import AppContext
+    from trustfleet.settings import Settings
+
+    engine = sessions.kw["bind"]
+    context = AppContext(Settings(data_dir=tmp_path), engine, sessions, keystore)
+    local = pki_service.ensure_local_ca(context)
+    assert local.root_pem_path == tmp_path / "ca" / "root.pem"
+    assert local.intermediate_pem_path.read_text() == local.issuing.pem
