@@ -55,6 +55,7 @@ from asn1crypto.core import OctetString
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11.constants import DEFAULT
 from pkcs11 import exceptions as p11
 from pkcs11.mechanisms import GCMParams
 from pkcs11.types import DecryptMixin, EncryptMixin, SignMixin, UnwrapMixin, WrapMixin
@@ -127,6 +128,8 @@ _PUBLIC_FLAGS = {
     KeyUsage.DECRYPT: Attribute.ENCRYPT,
     KeyUsage.UNWRAP: Attribute.WRAP,
 }
+
+_PUBLIC_ONLY_ATTRIBUTES = (Attribute.ENCRYPT, Attribute.VERIFY, Attribute.WRAP)
 
 _NO_DERIVE = (
     "the PKCS#11 backend cannot derive: the result is HKDF-SHA256 of the shared secret and"
@@ -472,6 +475,8 @@ class Pkcs11KeyStore(KeyStore):
         if algorithm.is_asymmetric:
             object_class = ObjectClass.PRIVATE_KEY
             template = _private_template(key_id, label, usage, exportable)
+            # python-pkcs11 adds every capability attribute; these are invalid on private keys
+            template.update({a: DEFAULT for a in _PUBLIC_ONLY_ATTRIBUTES})
         else:
             object_class = ObjectClass.SECRET_KEY
             template = _secret_template(key_id, label, usage, exportable)
@@ -523,7 +528,7 @@ class Pkcs11KeyStore(KeyStore):
         exportable: bool = False,
     ) -> KeyInfo:
         with self._lock:
-            self._use(handle, KeyUsage.DERIVE)
+            self._find(handle)
         raise UnsupportedAlgorithm(_NO_DERIVE)
 
     def export(self, handle: str) -> bytes:
