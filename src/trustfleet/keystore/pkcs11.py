@@ -55,8 +55,8 @@ from asn1crypto.core import OctetString
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
-from pkcs11.constants import DEFAULT
 from pkcs11 import exceptions as p11
+from pkcs11.constants import DEFAULT
 from pkcs11.mechanisms import GCMParams
 from pkcs11.types import DecryptMixin, EncryptMixin, SignMixin, UnwrapMixin, WrapMixin
 from pkcs11.util.ec import encode_named_curve_parameters
