@@ -5,9 +5,10 @@ directly (pyca/cryptography; gmalg for SM2) in the same run.
 
 ``--seconds`` is the time budget of each (suite, operation) pair, split evenly between
 the two sides. The sides run in alternating short batches (trustfleet first in even
-rounds, direct first in odd ones) so that frequency scaling and other noise hit both
-alike; the reported rate is the median over rounds. The ratio trustfleet/direct is the
-cost of the suite layer; the target is >= 0.9 for every public-key operation.
+rounds, direct first in odd ones) so that frequency scaling and other load hit both
+alike; the rates are medians over rounds, and the ratio trustfleet/direct is the median
+of the per-round ratios. It is the cost of the suite layer; the target is >= 0.9 for
+every public-key operation.
 
 The direct side gets the same inputs as the suite API: raw key bytes for the symmetric
 operations (so both sides build the cipher object per call) and key objects for the
@@ -36,7 +37,7 @@ from trustfleet.crypto import SM2PrivateKey, get_suite
 from trustfleet.crypto.base import Suite
 
 Op = Callable[[], object]
-ROUNDS = 10
+ROUNDS = 30
 INFO = b"bench session"
 SMALL = os.urandom(64)
 LARGE = os.urandom(1 << 20)
@@ -57,10 +58,8 @@ class Result:
     case: Case
     ours: float
     direct: float
-
-    @property
-    def ratio(self) -> float:
-        return self.ours / self.direct
+    #: median over rounds of the ratio of the two adjacent batches of a round
+    ratio: float
 
     @property
     def public_key(self) -> bool:
@@ -90,13 +89,24 @@ def _batch_size(fn: Op, seconds: float) -> int:
 
 
 def measure(case: Case, seconds: float) -> Result:
+    """Alternate short batches of both sides; pairing the two batches of each round
+    cancels most of the drift that other processes on the machine cause."""
     per_batch = seconds / (2 * ROUNDS)
-    ours = (case.ours, _batch_size(case.ours, per_batch), list[float]())
-    direct = (case.direct, _batch_size(case.direct, per_batch), list[float]())
+    ours_count = _batch_size(case.ours, per_batch)
+    direct_count = _batch_size(case.direct, per_batch)
+    ours: list[float] = []
+    direct: list[float] = []
     for round_number in range(ROUNDS):
-        for fn, count, rates in (ours, direct) if round_number % 2 == 0 else (direct, ours):
-            rates.append(_batch_rate(fn, count)[0])
-    return Result(case, statistics.median(ours[2]), statistics.median(direct[2]))
+        if round_number % 2 == 0:
+            ours.append(_batch_rate(case.ours, ours_count)[0])
+            direct.append(_batch_rate(case.direct, direct_count)[0])
+        else:
+            direct.append(_batch_rate(case.direct, direct_count)[0])
+            ours.append(_batch_rate(case.ours, ours_count)[0])
+    ratios = [o / d for o, d in zip(ours, direct, strict=True)]
+    return Result(
+        case, statistics.median(ours), statistics.median(direct), statistics.median(ratios)
+    )
 
 
 # -- the cases -------------------------------------------------------------------------

@@ -228,6 +228,19 @@ def test_sm2_private_key_with_a_mismatched_embedded_public_key_is_invalid() -> N
         load_private_key(tampered)
 
 
+def test_sm2_pkcs8_with_a_malformed_inner_key_is_invalid() -> None:
+    algorithm = asn1_keys.PrivateKeyAlgorithm(
+        {
+            "algorithm": "ec",
+            "parameters": asn1_keys.ECDomainParameters(name="named", value="1.2.156.10197.1.301"),
+        }
+    ).dump()
+    body = b"\x02\x01\x00" + algorithm + b"\x04\x07garbage"
+    pkcs8 = b"\x30" + bytes([len(body)]) + body
+    with pytest.raises(InvalidKey, match="SM2 private key is malformed"):
+        load_private_key(pkcs8)
+
+
 def test_sm2_user_id_length_is_limited() -> None:
     key = key_of(KeyAlgorithm.SM2)
     key.with_uid(b"u" * 8191)  # type: ignore[union-attr]

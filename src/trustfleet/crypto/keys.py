@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from asn1crypto import core as asn1_core
 from asn1crypto import keys as asn1_keys
 from asn1crypto import pem as asn1_pem
 from cryptography.exceptions import UnsupportedAlgorithm as _PycaUnsupportedAlgorithm
@@ -221,41 +222,54 @@ def _sm2_public_key(der: bytes) -> SM2PublicKey | None:
 
 def _sm2_private_key(der: bytes) -> SM2PrivateKey | None:
     """An SM2 key if ``der`` is an SM2 PKCS#8 or SEC1 private key, else None."""
-    try:
-        info = asn1_keys.PrivateKeyInfo.load(der, strict=True)
-        if not _is_sm2_algorithm(info["private_key_algorithm"]):
+    sec1_der = _sm2_pkcs8_content(der)
+    if sec1_der is None:
+        if not _is_sm2_sec1(der):
             return None
-        sec1 = asn1_keys.ECPrivateKey.load(info["private_key"].contents, strict=True)
-    except (ValueError, TypeError, KeyError):
-        sec1 = _sm2_sec1(der)
-        if sec1 is None:
-            return None
-    return _sm2_from_sec1(sec1)
-
-
-def _sm2_sec1(der: bytes) -> asn1_keys.ECPrivateKey | None:
+        sec1_der = der
     try:
-        sec1 = asn1_keys.ECPrivateKey.load(der, strict=True)
+        sec1 = asn1_keys.ECPrivateKey.load(sec1_der, strict=True)
         parameters = sec1["parameters"]
-        if parameters.native is None or not _is_sm2_parameters(parameters):
-            return None
-    except (ValueError, TypeError, KeyError):
-        return None
-    return sec1
-
-
-def _sm2_from_sec1(sec1: asn1_keys.ECPrivateKey) -> SM2PrivateKey:
-    try:
         d = sec1["private_key"].native
         embedded = sec1["public_key"].native
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, KeyError):
         raise InvalidKey("the SM2 private key is malformed") from None
-    if not isinstance(d, int):
+    if not isinstance(d, int) or not (parameters.native is None or _is_sm2_parameters(parameters)):
         raise InvalidKey("the SM2 private key is malformed")
     key = SM2PrivateKey(d)
     if embedded is not None and bytes(embedded) != key.public_key().public_bytes():
         raise InvalidKey("the SM2 private key's embedded public key does not match it")
     return key
+
+
+class _RawPrivateKeyInfo(asn1_core.Sequence):  # type: ignore[misc]
+    """PKCS#8 with the inner key left as bytes (asn1crypto's own class parses it eagerly)."""
+
+    _fields = [
+        ("version", asn1_core.Integer),
+        ("private_key_algorithm", asn1_keys.PrivateKeyAlgorithm),
+        ("private_key", asn1_core.OctetString),
+        ("attributes", asn1_keys.Attributes, {"implicit": 0, "optional": True}),
+    ]
+
+
+def _sm2_pkcs8_content(der: bytes) -> bytes | None:
+    """The SEC1 ECPrivateKey inside an SM2 PKCS#8 PrivateKeyInfo, else None."""
+    try:
+        info = _RawPrivateKeyInfo.load(der, strict=True)
+        if not _is_sm2_algorithm(info["private_key_algorithm"]):
+            return None
+        return bytes(info["private_key"].native)
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def _is_sm2_sec1(der: bytes) -> bool:
+    try:
+        parameters = asn1_keys.ECPrivateKey.load(der, strict=True)["parameters"]
+        return parameters.native is not None and _is_sm2_parameters(parameters)
+    except (ValueError, TypeError, KeyError):
+        return False
 
 
 def _sm2_algorithm_parameters() -> asn1_keys.ECDomainParameters:
