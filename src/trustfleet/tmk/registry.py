@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm as UnsupportedAlgorithmError
+from cryptography.hazmat.primitives.serialization import load_der_public_key, load_pem_public_key
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.crypto import algorithm_of, load_public_key, public_key_to_der
 from trustfleet.crypto.base import KeyAlgorithm, PublicKey
 from trustfleet.db import transaction
-from trustfleet.errors import Conflict, CryptoError, InvalidInput, NotFound
+from trustfleet.errors import Conflict, CryptoError, InvalidInput, NotFound, UnsupportedAlgorithm
 from trustfleet.server.audit import append as audit
 from trustfleet.tmk.models import Terminal
 
@@ -112,22 +114,41 @@ class _ValidRecord:
 # -- parsing ---------------------------------------------------------------------------
 
 
-def _decode_key(text: str) -> PublicKey:
+def _key_bytes(text: str) -> bytes:
     raw = text.strip()
     if raw.startswith("-----BEGIN"):
-        return load_public_key(raw.replace("\\n", "\n").encode())
+        return raw.replace("\\n", "\n").encode()
     try:
-        der = base64.b64decode(raw, validate=True)
+        return base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidTerminalRecord("public_key is neither PEM nor base64 DER") from exc
-    return load_public_key(der)
+
+
+def _is_other_wellformed_key(data: bytes) -> bool:
+    """True for a valid public key of a kind trustfleet does not accept (P-384, RSA-1024...)."""
+    loader = load_pem_public_key if data.startswith(b"-----BEGIN") else load_der_public_key
+    try:
+        loader(data)
+    except (ValueError, TypeError, UnsupportedAlgorithmError):
+        return False
+    return True
+
+
+def _decode_key(text: str) -> PublicKey:
+    data = _key_bytes(text)
+    try:
+        return load_public_key(data)
+    except CryptoError as exc:
+        if _is_other_wellformed_key(data):
+            raise UnsupportedAlgorithm(exc.message) from exc
+        raise
 
 
 def validate_record(raw: RawRecord) -> _ValidRecord | RowRejection:
     """Check one row; the rejection codes are documented in docs/tmk.md."""
     if not raw.sn:
         return RowRejection(raw.row, raw.sn, "missing-field", "sn is required")
-    if not SN_PATTERN.match(raw.sn):
+    if not SN_PATTERN.fullmatch(raw.sn):
         return RowRejection(
             raw.row, raw.sn[:64], "invalid-sn", "sn must be 1-64 of A-Z a-z 0-9 . _ -"
         )
@@ -249,13 +270,9 @@ def _import_chunk(
         else:
             seen[checked.sn] = checked.fingerprint
             valid.append(checked)
-    existing = dict(
-        session.execute(
-            select(Terminal.sn, Terminal.key_fingerprint).where(
-                Terminal.sn.in_([v.sn for v in valid])
-            )
-        ).tuples()
-    )
+    wanted = [v.sn for v in valid]
+    query = select(Terminal.sn, Terminal.key_fingerprint).where(Terminal.sn.in_(wanted))
+    existing = {sn: fingerprint for sn, fingerprint in session.execute(query)}
     new_rows: list[dict[str, Any]] = []
     for record in valid:
         registered = existing.get(record.sn)
