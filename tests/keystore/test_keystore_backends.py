@@ -402,6 +402,11 @@ def test_list_shows_live_keys_without_material(keystore: KeyStore) -> None:
     assert listed[b.handle].created_at.tzinfo is not None
 
 
+def test_a_working_store_answers_ping(keystore: KeyStore) -> None:
+    keystore.generate(A.AES_128, AEAD)
+    keystore.ping()
+
+
 def test_secret_keys_have_no_public_key(keystore: KeyStore) -> None:
     key = keystore.generate(A.AES_128, AEAD)
     with pytest.raises(InvalidInput):

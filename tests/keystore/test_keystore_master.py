@@ -334,3 +334,29 @@ def test_destroyed_keys_stay_destroyed_through_rotation(
     assert rotate_master_key(sessions, path).rewrapped == 0
     with pytest.raises(KeyNotFound):
         _fresh_store(sessions, path).sign(handle, b"x")
+
+
+def test_open_keystore_refuses_a_master_key_that_opens_no_stored_key(
+    tmp_path: Path, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    SoftKeyStore(sessions, master_module.MasterKeyring([MasterKey.new()])).generate(
+        A.AES_128, U.ENCRYPT
+    )
+    monkeypatch.setenv(MASTER_KEY_ENV, base64.b64encode(MasterKey.new().key).decode())
+    with pytest.raises(MasterKeyError, match="not loaded"):
+        open_keystore(Settings(data_dir=tmp_path), sessions)
+
+
+def test_open_keystore_on_a_database_not_yet_migrated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trustfleet.db import make_engine, make_session_factory
+
+    monkeypatch.setenv(MASTER_KEY_ENV, base64.b64encode(MasterKey.new().key).decode())
+    engine = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+    try:
+        assert isinstance(
+            open_keystore(Settings(data_dir=tmp_path), make_session_factory(engine)), SoftKeyStore
+        )
+    finally:
+        engine.dispose()

@@ -6,6 +6,7 @@ wrapped under the master key) or ``pkcs11`` (keys inside a PKCS#11 token).
 
 from __future__ import annotations
 
+from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from trustfleet.errors import ConfigurationError
@@ -14,6 +15,7 @@ from trustfleet.keystore.base import KeyInfo, KeyStore, KeyUsage
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
+    from trustfleet.keystore.soft import SoftKeyStore
     from trustfleet.settings import Settings
 
 __all__ = ["KeyInfo", "KeyStore", "KeyUsage", "open_keystore"]
@@ -23,14 +25,17 @@ BACKENDS = ("soft", "pkcs11")
 
 def open_keystore(settings: Settings, sessions: sessionmaker[Session]) -> KeyStore:
     """The configured key store. The soft store loads the master keyring now
-    (``TRUSTFLEET_MASTER_KEY`` first, else the master key file), so a missing or unreadable
-    master key fails at start-up with MasterKeyError rather than on the first key use."""
+    (``TRUSTFLEET_MASTER_KEY`` first, else the master key file) and checks that it opens the
+    stored keys, so a missing, unreadable or wrong master key fails at start-up with
+    MasterKeyError rather than on the first key use."""
     backend = settings.keystore_backend.strip().lower()
     if backend == "soft":
         from trustfleet.keystore.master import load_master_keyring
         from trustfleet.keystore.soft import SoftKeyStore
 
-        return SoftKeyStore(sessions, load_master_keyring(settings.resolved_master_key_file))
+        store = SoftKeyStore(sessions, load_master_keyring(settings.resolved_master_key_file))
+        _check_master_key(store)
+        return store
     if backend == "pkcs11":
         from trustfleet.keystore.pkcs11 import Pkcs11KeyStore
 
@@ -42,3 +47,11 @@ def open_keystore(settings: Settings, sessions: sessionmaker[Session]) -> KeySto
     raise ConfigurationError(
         f"unknown keystore_backend {settings.keystore_backend!r}; use one of {', '.join(BACKENDS)}"
     )
+
+
+def _check_master_key(store: SoftKeyStore) -> None:
+    from sqlalchemy.exc import DBAPIError
+
+    # DBAPIError: no keystore table yet (database not migrated), so nothing to check
+    with suppress(DBAPIError):
+        store.check_master_key()

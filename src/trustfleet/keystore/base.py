@@ -143,6 +143,10 @@ class KeyStore(ABC):
     def destroy(self, handle: str) -> None:
         """Erase the key. Later calls with the handle raise KeyNotFound."""
 
+    def ping(self) -> None:
+        """Raise unless the store can serve keys now (readiness checks call it)."""
+        self.list()
+
     def mac_verify(self, handle: str, data: bytes, tag: bytes) -> None:
         import hmac as _hmac
 

@@ -186,6 +186,10 @@ class Pkcs11KeyStore(KeyStore):
             raise ConfigurationError(f"no PKCS#11 token is labelled {token_label!r}") from None
         self._session = _open_session(token, user_pin)
 
+    def ping(self) -> None:
+        with self._lock, _token_errors("token check"):
+            self._session.generate_random(64)
+
     def close(self) -> None:
         with self._lock:
             self._session.close()

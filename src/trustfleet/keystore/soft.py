@@ -376,6 +376,9 @@ class SoftKeyStore(KeyStore):
             raise KeyNotFound(f"no key has handle {handle!r}")
         self._cache.forget(handle)
 
+    def ping(self) -> None:
+        self.check_master_key()
+
     def check_master_key(self) -> None:
         """Raise MasterKeyError unless every live key's master key is loaded."""
         with self._sessions() as session:
