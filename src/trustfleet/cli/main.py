@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from trustfleet.cli.common import console, err_console, state
@@ -93,7 +94,9 @@ def token_list() -> None:
 
 
 @token_app.command("revoke")
-def token_revoke(token_id: Annotated[int, typer.Argument(help="Token id from `token list`.")]) -> None:
+def token_revoke(
+    token_id: Annotated[int, typer.Argument(help="Token id from `token list`.")],
+) -> None:
     """Revoke a token at once on every node."""
     from trustfleet.server.auth import revoke_token
 
@@ -132,7 +135,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except TrustfleetError as exc:
-        err_console.print(f"error [{exc.code}]: {exc.message}")
+        err_console.print(escape(f"error [{exc.code}]: {exc.message}"))
         sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
