@@ -38,9 +38,19 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _sqlite_begin_immediate(connection: Any) -> None:
+#: execution option for connections that only read: on SQLite they begin a deferred
+#: transaction, which in WAL mode never waits for a writer (not even one in this process)
+READ_ONLY = "trustfleet_read_only"
+
+
+def _sqlite_begin(connection: Any) -> None:
+    if connection.get_execution_options().get(READ_ONLY):
+        connection.exec_driver_sql("BEGIN")
+        return
     # Take the write lock at BEGIN: two processes that both read then write would otherwise
-    # deadlock on the lock upgrade, which busy_timeout cannot resolve.
+    # deadlock on the lock upgrade, which busy_timeout cannot resolve. The price: a write
+    # transaction must not wait for another write transaction of the same thread (a key
+    # store write inside a service's open transaction would block until busy_timeout).
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
@@ -52,7 +62,7 @@ def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin_immediate)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
@@ -63,6 +73,11 @@ def sqlite_url(path: Path) -> str:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def read_only_sessions(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for use cases that only read (see :data:`READ_ONLY`)."""
+    return sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
 
 @contextmanager
