@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.ciphers import algorithms
 
 from trustfleet.crypto import (
     KeyAlgorithm,
+    SM2PrivateKey,
     generate_private_key,
     load_public_key,
     private_key_to_der,
@@ -428,6 +429,10 @@ def test_sm4_keys_encrypt_and_sm2_keys_sign_in_the_soft_store(keystore: KeyStore
     suite.verify(keystore.public_key(sm2.handle), b"m", keystore.sign(sm2.handle, b"m"))
     blob = suite.kem_wrap(keystore.public_key(sm2.handle), b"secret", b"ctx")
     assert keystore.decrypt(sm2.handle, blob, info=b"ctx") == b"secret"
+
+    raw = SM2PrivateKey.generate()
+    imported = keystore.import_key(A.SM2, raw.private_bytes(), U.SIGN)  # raw 32-byte scalar
+    assert keystore.public_key(imported.handle) == raw.public_key()
 
 
 def test_signature_digest_is_over_the_whole_message(keystore: KeyStore) -> None:

@@ -202,3 +202,43 @@ def test_open_keystore_picks_pkcs11(
     assert isinstance(store, Pkcs11KeyStore)
     assert store.generate(A.AES_128, U.MAC).backend == "pkcs11"
     store.close()
+
+
+def test_a_token_created_after_the_module_was_loaded_is_found_when_idle(
+    softhsm_token: SoftHsmToken, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    warm = Pkcs11KeyStore(softhsm_token.module, softhsm_token.label, softhsm_token.user_pin)
+    key = warm.generate(A.AES_128, U.MAC)
+    (tmp_path / "tokens").mkdir()
+    conf = tmp_path / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tmp_path / 'tokens'}\nobjectstore.backend = file\n")
+    monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
+    subprocess.run(
+        [
+            "softhsm2-util",
+            "--init-token",
+            "--free",
+            "--label",
+            "late",
+            "--pin",
+            "1111",
+            "--so-pin",
+            "2222",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    # While a store is open the module is not re-initialised (that would end its session).
+    with pytest.raises(ConfigurationError, match="late"):
+        Pkcs11KeyStore(softhsm_token.module, "late", "1111")
+    warm.mac(key.handle, b"still served")
+    warm.close()
+
+    late = Pkcs11KeyStore(softhsm_token.module, "late", "1111")
+    assert late.list() == []
+    late.close()
+    monkeypatch.undo()
+    back = Pkcs11KeyStore(softhsm_token.module, softhsm_token.label, softhsm_token.user_pin)
+    assert back.info(key.handle).algorithm is A.AES_128
+    back.destroy(key.handle)
+    back.close()

@@ -45,7 +45,7 @@ import os
 import struct
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -129,6 +129,10 @@ _PUBLIC_FLAGS = {
     KeyUsage.UNWRAP: Attribute.WRAP,
 }
 
+#: stores of this process with an open session, per module path
+_OPEN_STORES: dict[str, int] = {}
+_OPEN_STORES_LOCK = threading.Lock()
+
 _PUBLIC_ONLY_ATTRIBUTES = (Attribute.ENCRYPT, Attribute.VERIFY, Attribute.WRAP)
 
 _NO_DERIVE = (
@@ -180,19 +184,25 @@ class Pkcs11KeyStore(KeyStore):
             raise ConfigurationError(
                 f"cannot load the PKCS#11 module {module_path}: {type(exc).__name__}"
             ) from None
-        try:
-            token = lib.get_token(token_label=token_label)
-        except p11.NoSuchToken:
-            raise ConfigurationError(f"no PKCS#11 token is labelled {token_label!r}") from None
-        self._session = _open_session(token, user_pin)
+        with _OPEN_STORES_LOCK:
+            token = _find_token(lib, module_path, token_label)
+            self._session = _open_session(token, user_pin)
+            _OPEN_STORES[module_path] = _OPEN_STORES.get(module_path, 0) + 1
+        self._module_path = module_path
+        self._closed = False
 
     def ping(self) -> None:
         with self._lock, _token_errors("token check"):
             self._session.generate_random(64)
 
     def close(self) -> None:
-        with self._lock:
-            self._session.close()
+        with self._lock, _OPEN_STORES_LOCK:
+            if self._closed:
+                return
+            self._closed = True
+            _OPEN_STORES[self._module_path] -= 1
+            with suppress(p11.PKCS11Error):
+                self._session.close()
 
     # -- creating keys -----------------------------------------------------------------
 
@@ -559,6 +569,23 @@ class Pkcs11KeyStore(KeyStore):
 
 
 # -- session and errors ----------------------------------------------------------------
+
+
+def _find_token(lib: Any, module_path: str, token_label: str) -> pkcs11.Token:
+    """The token; if it is missing and no store of this process uses the module, initialise
+    the module again and look once more: modules such as SoftHSM2 only see the tokens that
+    existed when the process first initialised them (C_Initialize), and re-initialising
+    would close other stores' sessions, hence only when there are none."""
+    for attempt in range(2):
+        try:
+            token: pkcs11.Token = lib.get_token(token_label=token_label)
+            return token
+        except p11.NoSuchToken:
+            if attempt or _OPEN_STORES.get(module_path, 0):
+                break
+            with suppress(p11.PKCS11Error):
+                lib.reinitialize()
+    raise ConfigurationError(f"no PKCS#11 token is labelled {token_label!r}")
 
 
 def _open_session(token: pkcs11.Token, user_pin: str) -> pkcs11.Session:
