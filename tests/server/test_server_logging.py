@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from trustfleet.server.logging import REDACTED, configure_logging, redact_text
+from trustfleet.server.logging import MAX_TEXT_CHARS, REDACTED, configure_logging, redact_text
 
 from .conftest import bearer
 
@@ -137,7 +137,16 @@ def test_ordinary_text_is_left_alone(text: str) -> None:
         ("token tf_Q2hlY2sgdGhpcyB0b2tlbiBvdXQ", "tf_Q2hlY2sgdGhpcyB0b2tl"),
         ('{"private_key": "MC4CAQAwBQYDK2VwBCIEI"}', "MC4CAQAwBQYDK2VwBCIEI"),
         ("-----BEGIN PRIVATE KEY-----\nMC4CAQ\n-----END PRIVATE KEY-----", "MC4CAQ"),
+        ("private_key=" + "q" * 3000 + " tail", "q" * 20),
+        ("config: password=hunter2", "hunter2"),
     ],
 )
 def test_secret_shapes_are_masked(text: str, secret: str) -> None:
     assert secret not in redact_text(text)
+
+
+@pytest.mark.parametrize("text", ["key" * 5000, "a" * 20000, "password" * 3000, "x=" * 9000])
+def test_hostile_text_is_cut_and_redacted(text: str) -> None:
+    # paths and headers are attacker-chosen: redaction must stay linear (these inputs took
+    # minutes with a backtracking pattern) and bounded in size
+    assert len(redact_text(text)) <= MAX_TEXT_CHARS + len("…[truncated]")

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 REDACTED = "[redacted]"
+MAX_TEXT_CHARS = 16_384
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,14 @@ request_log_context: ContextVar[RequestLogContext | None] = ContextVar(
 _SENSITIVE_NAME = re.compile(r"key|secret|token|pin|passw|private|credential", re.IGNORECASE)
 # names that contain a sensitive word but only ever carry identifiers
 _HARMLESS_NAME = re.compile(r"(_id|_ids|_handle|_label|_backend|_count|_type)$", re.IGNORECASE)
+# Any name=value or "name": value pair; the name is judged in Python. (A keyword inside the
+# pattern, between two unbounded runs, backtracks cubically on long words.)
 _KEY_VALUE = re.compile(
-    r"""(?P<name>[A-Za-z0-9_.-]*(?:key|secret|token|pin|passw|private|credential)[A-Za-z0-9_.-]*)"""
-    r"""(?P<sep>["']?\s*[:=]\s*["']?)(?P<value>[^\s"',;&}\]]+)""",
-    re.IGNORECASE,
+    r"""(?P<name>[A-Za-z0-9_.-]{1,64})"""
+    r"""(?P<sep>["']?[ \t]*[:=][ \t]*["']?)"""
+    r"""(?P<value>[^\s"',;&}\]]{1,64})"""
 )
+_VALUE_RUN = re.compile(r"""[^\s"',;&}\]]*""")
 _API_TOKEN = re.compile(r"tf_[A-Za-z0-9_-]{16,}")
 _BEARER = re.compile(r"(?i)(bearer\s+)\S+")
 _HEX_BLOB = re.compile(r"(?<![0-9A-Za-z])(?:0x)?[0-9A-Fa-f]{33,}(?![0-9A-Za-z])")
@@ -60,10 +64,21 @@ def is_sensitive_name(name: str) -> bool:
     return bool(_SENSITIVE_NAME.search(name)) and not _HARMLESS_NAME.search(name)
 
 
-def _mask_key_value(match: re.Match[str]) -> str:
-    if not is_sensitive_name(match["name"]):
-        return match[0]
-    return f"{match['name']}{match['sep']}{REDACTED}"
+def _mask_pairs(text: str) -> str:
+    """Mask the value of every pair with a sensitive name. A pair with a harmless name is
+    skipped only up to its value, which may itself hold a pair (``config: password=x``)."""
+    parts, pos = [], 0
+    while match := _KEY_VALUE.search(text, pos):
+        value_at = match.start("value")
+        parts.append(text[pos:value_at])
+        if is_sensitive_name(match["name"]):
+            parts.append(REDACTED)
+            value_run = _VALUE_RUN.match(text, value_at)
+            pos = value_run.end() if value_run else match.end()
+        else:
+            pos = value_at
+    parts.append(text[pos:])
+    return "".join(parts)
 
 
 def _mask_base64(match: re.Match[str]) -> str:
@@ -75,11 +90,13 @@ def _mask_base64(match: re.Match[str]) -> str:
 
 def redact_text(text: str) -> str:
     """Mask secrets in free text: token-shaped strings, name=value pairs with a sensitive
-    name, PEM blocks and long hex or base64 blobs."""
+    name, PEM blocks and long hex or base64 blobs. Text beyond ``MAX_TEXT_CHARS`` is cut."""
+    if len(text) > MAX_TEXT_CHARS:
+        text = text[:MAX_TEXT_CHARS] + "…[truncated]"
     text = _PEM_BLOCK.sub(REDACTED, text)
     text = _API_TOKEN.sub("tf_" + REDACTED, text)
     text = _BEARER.sub(lambda m: m[1] + REDACTED, text)
-    text = _KEY_VALUE.sub(_mask_key_value, text)
+    text = _mask_pairs(text)
     text = _HEX_BLOB.sub(REDACTED, text)
     return _BASE64_BLOB.sub(_mask_base64, text)
 

@@ -20,6 +20,7 @@ from trustfleet.server.metrics import Metrics, route_template
 from trustfleet.server.problems import PROBLEM_MEDIA_TYPE, internal_error_body, problem_body
 
 REQUEST_ID_HEADER = "x-request-id"
+MAX_LOGGED_PATH = 512
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 log = logging.getLogger("trustfleet.server")
@@ -69,7 +70,7 @@ class RequestContextMiddleware:
         request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
         reset_token = request_log_context.set(
-            RequestLogContext(request_id, scope["method"], scope["path"])
+            RequestLogContext(request_id, scope["method"], scope["path"][:MAX_LOGGED_PATH])
         )
         status = 500
         started = False
