@@ -56,15 +56,19 @@ def _audit_failure_once(
         return
     setattr(request.state, _AUDITED_STATE, True)
     client = request.client.host if request.client else ""
-    with transaction(get_context(request).sessions) as session:
-        audit.append(
-            session,
-            action=action,
-            actor=actor,
-            subject=f"{request.method} {_route_name(request)}",
-            outcome="failure",
-            details={**details, "client": client},
-        )
+    try:
+        with transaction(get_context(request).sessions) as session:
+            audit.append(
+                session,
+                action=action,
+                actor=actor,
+                subject=f"{request.method} {_route_name(request)}",
+                outcome="failure",
+                details={**details, "client": client},
+            )
+    except Exception:
+        # the request is refused either way; a failed audit write must not turn 401/403 into 500
+        log.exception("could not write the %s audit record", action)
 
 
 def _principal(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal:
