@@ -51,15 +51,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import pkcs11
-from asn1crypto.core import OctetString
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.constants import DEFAULT
 from pkcs11.mechanisms import GCMParams
 from pkcs11.types import DecryptMixin, EncryptMixin, SignMixin, UnwrapMixin, WrapMixin
-from pkcs11.util.ec import encode_named_curve_parameters
 
 from trustfleet import crypto
 from trustfleet.crypto.base import KeyAlgorithm, PrivateKey, PublicKey
@@ -76,6 +74,7 @@ from trustfleet.errors import (
     TrustfleetError,
     UnsupportedAlgorithm,
 )
+from trustfleet.keystore import pkcs11_objects as objects
 from trustfleet.keystore import policy
 from trustfleet.keystore.base import KeyInfo, KeyStore, KeyUsage
 
@@ -87,11 +86,6 @@ NONCE_SIZE = 12
 TAG_BITS = 128
 PSS_SALT_LENGTH = 32
 
-P256_PARAMS = encode_named_curve_parameters("1.2.840.10045.3.1.7")
-ED25519_PARAMS = encode_named_curve_parameters("1.3.101.112")
-# Some tokens name Edwards curves with a PrintableString instead of the RFC 8410 OID.
-ED25519_PARAMS_ALT = b"\x13\x0cedwards25519"
-
 UNSUPPORTED = {
     KeyAlgorithm.SM2: "SM2",
     KeyAlgorithm.SM4: "SM4",
@@ -99,41 +93,9 @@ UNSUPPORTED = {
     KeyAlgorithm.X25519: "X25519",
 }
 
-_KEY_TYPES = {
-    KeyAlgorithm.EC_P256: KeyType.EC,
-    KeyAlgorithm.ED25519: KeyType.EC_EDWARDS,
-    KeyAlgorithm.RSA_2048: KeyType.RSA,
-    KeyAlgorithm.RSA_3072: KeyType.RSA,
-    KeyAlgorithm.AES_128: KeyType.AES,
-    KeyAlgorithm.AES_256: KeyType.AES,
-    KeyAlgorithm.HMAC_SHA256: KeyType.GENERIC_SECRET,
-}
-
-_PRIVATE_FLAGS = {
-    KeyUsage.SIGN: Attribute.SIGN,
-    KeyUsage.DECRYPT: Attribute.DECRYPT,
-    KeyUsage.UNWRAP: Attribute.UNWRAP,
-    KeyUsage.DERIVE: Attribute.DERIVE,
-}
-_SECRET_FLAGS = {
-    KeyUsage.ENCRYPT: Attribute.ENCRYPT,
-    KeyUsage.DECRYPT: Attribute.DECRYPT,
-    KeyUsage.MAC: Attribute.SIGN,
-    KeyUsage.WRAP: Attribute.WRAP,
-    KeyUsage.UNWRAP: Attribute.UNWRAP,
-    KeyUsage.DERIVE: Attribute.DERIVE,
-}
-_PUBLIC_FLAGS = {
-    KeyUsage.SIGN: Attribute.VERIFY,
-    KeyUsage.DECRYPT: Attribute.ENCRYPT,
-    KeyUsage.UNWRAP: Attribute.WRAP,
-}
-
 #: stores of this process with an open session, per module path
 _OPEN_STORES: dict[str, int] = {}
 _OPEN_STORES_LOCK = threading.Lock()
-
-_PUBLIC_ONLY_ATTRIBUTES = (Attribute.ENCRYPT, Attribute.VERIFY, Attribute.WRAP)
 
 _NO_DERIVE = (
     "the PKCS#11 backend cannot derive: the result is HKDF-SHA256 of the shared secret and"
@@ -158,7 +120,9 @@ class _Key:
     def info(self) -> KeyInfo:
         public_der = None
         if self.public is not None:
-            public_der = crypto.public_key_to_der(_public_from_object(self.algorithm, self.public))
+            public_der = crypto.public_key_to_der(
+                objects.public_key_of(self.algorithm, self.public)
+            )
         return KeyInfo(
             handle=self.handle,
             algorithm=self.algorithm,
@@ -216,31 +180,31 @@ class Pkcs11KeyStore(KeyStore):
                 self._generate_pair(algorithm, usage, key_id, label, exportable)
             else:
                 self._session.generate_key(
-                    _KEY_TYPES.get(algorithm, KeyType.DES2),
+                    objects.KEY_TYPES.get(algorithm, KeyType.DES2),
                     algorithm.secret_length * 8 if algorithm is not KeyAlgorithm.TDES else None,
                     store=True,
-                    mechanism=_secret_generation_mechanism(algorithm),
-                    template=_secret_template(key_id, label, usage, exportable),
+                    mechanism=objects.secret_generation_mechanism(algorithm),
+                    template=objects.secret_template(key_id, label, usage, exportable),
                 )
             return self._find(_handle_of(key_id)).info()
 
     def _generate_pair(
         self, algorithm: KeyAlgorithm, usage: KeyUsage, key_id: bytes, label: str, exp: bool
     ) -> None:
-        public_template = _public_template(key_id, label, usage)
+        public_template = objects.public_template(key_id, label, usage)
         bits = None
         if algorithm is KeyAlgorithm.EC_P256:
-            public_template[Attribute.EC_PARAMS] = P256_PARAMS
+            public_template[Attribute.EC_PARAMS] = objects.P256_PARAMS
         elif algorithm is KeyAlgorithm.ED25519:
-            public_template[Attribute.EC_PARAMS] = ED25519_PARAMS
+            public_template[Attribute.EC_PARAMS] = objects.ED25519_PARAMS
         else:
             bits = 2048 if algorithm is KeyAlgorithm.RSA_2048 else 3072
         self._session.generate_keypair(
-            _KEY_TYPES[algorithm],
+            objects.KEY_TYPES[algorithm],
             bits,
             store=True,
             public_template=public_template,
-            private_template=_private_template(key_id, label, usage, exp),
+            private_template=objects.private_template(key_id, label, usage, exp),
         )
 
     def import_key(
@@ -258,17 +222,17 @@ class Pkcs11KeyStore(KeyStore):
         key_id = _new_id()
         if algorithm.is_asymmetric:
             private_key = _load_private(algorithm, material)
-            private_attrs, public_attrs = _asymmetric_attributes(private_key)
+            private_attrs, public_attrs = objects.asymmetric_attributes(private_key)
         else:
             policy.check_secret(algorithm, material)
-            private_attrs, public_attrs = _secret_attributes(algorithm, material), None
+            private_attrs, public_attrs = objects.secret_attributes(algorithm, material), None
         with self._lock, _token_errors("key import"):
             if public_attrs is not None:
-                public_attrs.update(_public_template(key_id, label, usage))
+                public_attrs.update(objects.public_template(key_id, label, usage))
                 self._session.create_object(public_attrs)
-                private_attrs.update(_private_template(key_id, label, usage, exportable))
+                private_attrs.update(objects.private_template(key_id, label, usage, exportable))
             else:
-                private_attrs.update(_secret_template(key_id, label, usage, exportable))
+                private_attrs.update(objects.secret_template(key_id, label, usage, exportable))
             try:
                 self._session.create_object(private_attrs)
             except Exception:
@@ -300,7 +264,7 @@ class Pkcs11KeyStore(KeyStore):
             key = self._find(handle)
             if key.public is None:
                 raise InvalidInput(f"key {handle} is a secret key and has no public key")
-            return _public_from_object(key.algorithm, key.public)
+            return objects.public_key_of(key.algorithm, key.public)
 
     def _find(self, handle: str) -> _Key:
         key_id = _id_of(handle)
@@ -319,12 +283,12 @@ class Pkcs11KeyStore(KeyStore):
     def _describe(
         self, handle: str, key_id: bytes, obj: pkcs11.Key, public: pkcs11.PublicKey | None
     ) -> _Key:
-        algorithm = _algorithm_of(obj, public)
-        attrs = obj.get_attributes(
-            [Attribute.SENSITIVE, Attribute.EXTRACTABLE, Attribute.LABEL, *_flags_of(obj).values()]
-        )
+        algorithm = objects.algorithm_of_objects(obj, public)
+        flags = objects.flags_of(obj)
+        wanted = [Attribute.SENSITIVE, Attribute.EXTRACTABLE, Attribute.LABEL, *flags.values()]
+        attrs = obj.get_attributes(wanted)
         usage = KeyUsage.NONE
-        for flag, attribute in _flags_of(obj).items():
+        for flag, attribute in flags.items():
             if attrs.get(attribute):
                 usage |= flag
         if attrs.get(Attribute.EXTRACTABLE):
@@ -432,8 +396,8 @@ class Pkcs11KeyStore(KeyStore):
             Attribute.KEY_TYPE: KeyType.RSA,
             Attribute.TOKEN: False,
             Attribute.WRAP: True,
-            Attribute.MODULUS: _int_bytes(numbers.n),
-            Attribute.PUBLIC_EXPONENT: _int_bytes(numbers.e),
+            Attribute.MODULUS: objects.int_bytes(numbers.n),
+            Attribute.PUBLIC_EXPONENT: objects.int_bytes(numbers.e),
         }
         with _token_errors("RSA-OAEP key wrap"):
             wrapping = self._session.create_object(attrs)
@@ -488,13 +452,13 @@ class Pkcs11KeyStore(KeyStore):
         key_id = _new_id()
         if algorithm.is_asymmetric:
             object_class = ObjectClass.PRIVATE_KEY
-            template = _private_template(key_id, label, usage, exportable)
+            template = objects.private_template(key_id, label, usage, exportable)
             # python-pkcs11 adds every capability attribute; these are invalid on private keys
-            template.update({a: DEFAULT for a in _PUBLIC_ONLY_ATTRIBUTES})
+            template.update({a: DEFAULT for a in objects.PUBLIC_ONLY_ATTRIBUTES})
         else:
             object_class = ObjectClass.SECRET_KEY
-            template = _secret_template(key_id, label, usage, exportable)
-        key_type = _key_type_for_unwrap(algorithm, wrapped)
+            template = objects.secret_template(key_id, label, usage, exportable)
+        key_type = objects.key_type_for_unwrap(algorithm, wrapped)
         with _token_errors("key unwrap", failure=DecryptionFailed):
             obj = _able(kek, UnwrapMixin).unwrap_key(
                 object_class,
@@ -525,7 +489,7 @@ class Pkcs11KeyStore(KeyStore):
             Attribute.KEY_TYPE: KeyType.RSA,
             Attribute.MODULUS: attrs[Attribute.MODULUS],
             Attribute.PUBLIC_EXPONENT: attrs[Attribute.PUBLIC_EXPONENT],
-            **_public_template(key_id, label, usage),
+            **objects.public_template(key_id, label, usage),
         }
         with _token_errors("key unwrap"):
             self._session.create_object(public)
@@ -553,7 +517,7 @@ class Pkcs11KeyStore(KeyStore):
             with _token_errors("export"):
                 if isinstance(key.obj, pkcs11.SecretKey):
                     return bytes(key.obj[Attribute.VALUE])
-                return crypto.private_key_to_der(_private_from_object(key))
+                return crypto.private_key_to_der(objects.private_key_of(key.algorithm, key.obj))
 
     def destroy(self, handle: str) -> None:
         key_id = _id_of(handle)
@@ -685,221 +649,11 @@ def _check_supported(algorithm: KeyAlgorithm, usage: KeyUsage, label: str) -> No
         )
 
 
-def _common_template(key_id: bytes, label: str) -> dict[Attribute, Any]:
-    return {Attribute.ID: key_id, Attribute.LABEL: label, Attribute.TOKEN: True}
-
-
-def _private_template(
-    key_id: bytes, label: str, usage: KeyUsage, exportable: bool
-) -> dict[Attribute, Any]:
-    template = _common_template(key_id, label)
-    template.update({attr: flag in usage for flag, attr in _PRIVATE_FLAGS.items()})
-    template.update(
-        {
-            Attribute.PRIVATE: True,
-            Attribute.SENSITIVE: not exportable,
-            # PKCS#11 reveals CKA_VALUE only of extractable keys: exportable implies WRAPPABLE
-            Attribute.EXTRACTABLE: exportable or KeyUsage.WRAPPABLE in usage,
-        }
-    )
-    return template
-
-
-def _public_template(key_id: bytes, label: str, usage: KeyUsage) -> dict[Attribute, Any]:
-    template = _common_template(key_id, label)
-    template.update({attr: flag in usage for flag, attr in _PUBLIC_FLAGS.items()})
-    template[Attribute.PRIVATE] = False
-    return template
-
-
-def _secret_template(
-    key_id: bytes, label: str, usage: KeyUsage, exportable: bool
-) -> dict[Attribute, Any]:
-    template = _common_template(key_id, label)
-    template.update({attr: flag in usage for flag, attr in _SECRET_FLAGS.items()})
-    template.update(
-        {
-            Attribute.VERIFY: KeyUsage.MAC in usage,
-            Attribute.PRIVATE: True,
-            Attribute.SENSITIVE: not exportable,
-            # PKCS#11 reveals CKA_VALUE only of extractable keys: exportable implies WRAPPABLE
-            Attribute.EXTRACTABLE: exportable or KeyUsage.WRAPPABLE in usage,
-        }
-    )
-    return template
-
-
-def _secret_generation_mechanism(algorithm: KeyAlgorithm) -> Mechanism:
-    if algorithm is KeyAlgorithm.TDES:
-        return Mechanism.DES2_KEY_GEN
-    if algorithm is KeyAlgorithm.HMAC_SHA256:
-        return Mechanism.GENERIC_SECRET_KEY_GEN
-    return Mechanism.AES_KEY_GEN
-
-
-def _key_type_for_unwrap(algorithm: KeyAlgorithm, wrapped: bytes) -> KeyType:
-    if algorithm is KeyAlgorithm.TDES:
-        # RFC 5649 output is 8 bytes longer than a 16-byte key padded to 16 (24) and than a
-        # 24-byte key (32); OAEP hides the length, so assume 2-key TDES there.
-        return KeyType.DES3 if len(wrapped) == 32 else KeyType.DES2
-    return _KEY_TYPES[algorithm]
-
-
-def _flags_of(obj: pkcs11.Key) -> dict[KeyUsage, Attribute]:
-    return _SECRET_FLAGS if isinstance(obj, pkcs11.SecretKey) else _PRIVATE_FLAGS
-
-
-# -- algorithms and key conversion -----------------------------------------------------
-
-
-def _algorithm_of(obj: pkcs11.Key, public: pkcs11.PublicKey | None) -> KeyAlgorithm:
-    key_type = obj.key_type
-    if isinstance(obj, pkcs11.SecretKey):
-        return _secret_algorithm(obj, key_type)
-    if public is None:
-        raise UnsupportedAlgorithm("a private key without its public key object")
-    if key_type == KeyType.EC:
-        if bytes(public[Attribute.EC_PARAMS]) == P256_PARAMS:
-            return KeyAlgorithm.EC_P256
-    elif key_type == KeyType.EC_EDWARDS:
-        if bytes(public[Attribute.EC_PARAMS]) in (ED25519_PARAMS, ED25519_PARAMS_ALT):
-            return KeyAlgorithm.ED25519
-    elif key_type == KeyType.RSA:
-        bits = len(bytes(public[Attribute.MODULUS]).lstrip(b"\x00")) * 8
-        if bits in (2048, 3072):
-            return KeyAlgorithm.RSA_2048 if bits == 2048 else KeyAlgorithm.RSA_3072
-    raise UnsupportedAlgorithm(f"a {key_type.name} key of a kind trustfleet does not use")
-
-
-def _secret_algorithm(obj: pkcs11.Key, key_type: KeyType) -> KeyAlgorithm:
-    if key_type == KeyType.AES:
-        length = int(obj[Attribute.VALUE_LEN])
-        if length in (16, 32):
-            return KeyAlgorithm.AES_128 if length == 16 else KeyAlgorithm.AES_256
-    elif key_type in (KeyType.DES2, KeyType.DES3):
-        return KeyAlgorithm.TDES
-    elif key_type in (KeyType.GENERIC_SECRET, KeyType.SHA256_HMAC):
-        return KeyAlgorithm.HMAC_SHA256
-    raise UnsupportedAlgorithm(f"a {key_type.name} secret key of a kind trustfleet does not use")
-
-
-def _public_from_object(algorithm: KeyAlgorithm, public: pkcs11.PublicKey) -> PublicKey:
-    if algorithm is KeyAlgorithm.EC_P256:
-        point = _ec_point(bytes(public[Attribute.EC_POINT]))
-        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
-    if algorithm is KeyAlgorithm.ED25519:
-        return ed25519.Ed25519PublicKey.from_public_bytes(
-            _ec_point(bytes(public[Attribute.EC_POINT]))
-        )
-    attrs = public.get_attributes([Attribute.MODULUS, Attribute.PUBLIC_EXPONENT])
-    n = int.from_bytes(attrs[Attribute.MODULUS], "big")
-    e = int.from_bytes(attrs[Attribute.PUBLIC_EXPONENT], "big")
-    return rsa.RSAPublicNumbers(e, n).public_key()
-
-
-def _ec_point(encoded: bytes) -> bytes:
-    """CKA_EC_POINT is a DER OCTET STRING (some tokens give the raw point)."""
-    if encoded[:1] == b"\x04" and len(encoded) > 2 and encoded[1] == len(encoded) - 2:
-        return bytes(OctetString.load(encoded).native)
-    return encoded
-
-
-def _private_from_object(key: _Key) -> PrivateKey:
-    """The clear private key of an exportable (CKA_SENSITIVE=FALSE) token key."""
-    obj = key.obj
-    if key.algorithm is KeyAlgorithm.EC_P256:
-        d = int.from_bytes(obj[Attribute.VALUE], "big")
-        return ec.derive_private_key(d, ec.SECP256R1())
-    if key.algorithm is KeyAlgorithm.ED25519:
-        return ed25519.Ed25519PrivateKey.from_private_bytes(bytes(obj[Attribute.VALUE]))
-    names = [
-        Attribute.MODULUS,
-        Attribute.PUBLIC_EXPONENT,
-        Attribute.PRIVATE_EXPONENT,
-        Attribute.PRIME_1,
-        Attribute.PRIME_2,
-        Attribute.EXPONENT_1,
-        Attribute.EXPONENT_2,
-        Attribute.COEFFICIENT,
-    ]
-    n, e, d, p, q, dp, dq, qi = (
-        int.from_bytes(v, "big") for v in obj.get_attributes(names).values()
-    )
-    return rsa.RSAPrivateNumbers(p, q, d, dp, dq, qi, rsa.RSAPublicNumbers(e, n)).private_key()
-
-
 def _load_private(algorithm: KeyAlgorithm, material: bytes) -> PrivateKey:
     key = crypto.load_private_key(material)
     if crypto.algorithm_of(key) is not algorithm:
         raise InvalidKey(f"the key material is not an {algorithm.value} private key")
     return key
-
-
-def _int_bytes(value: int) -> bytes:
-    return value.to_bytes((value.bit_length() + 7) // 8 or 1, "big")
-
-
-def _asymmetric_attributes(
-    key: PrivateKey,
-) -> tuple[dict[Attribute, Any], dict[Attribute, Any]]:
-    """(private, public) object attributes holding ``key``'s material."""
-    private: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.PRIVATE_KEY}
-    public: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.PUBLIC_KEY}
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        point = key.public_key().public_numbers()
-        raw_point = b"\x04" + point.x.to_bytes(32, "big") + point.y.to_bytes(32, "big")
-        shared = {Attribute.KEY_TYPE: KeyType.EC, Attribute.EC_PARAMS: P256_PARAMS}
-        private.update(shared)
-        private[Attribute.VALUE] = key.private_numbers().private_value.to_bytes(32, "big")
-        public.update(shared)
-        public[Attribute.EC_POINT] = OctetString(raw_point).dump()
-    elif isinstance(key, ed25519.Ed25519PrivateKey):
-        from cryptography.hazmat.primitives import serialization as ser
-
-        shared = {Attribute.KEY_TYPE: KeyType.EC_EDWARDS, Attribute.EC_PARAMS: ED25519_PARAMS}
-        private.update(shared)
-        private[Attribute.VALUE] = key.private_bytes(
-            ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption()
-        )
-        public.update(shared)
-        public[Attribute.EC_POINT] = OctetString(
-            key.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
-        ).dump()
-    elif isinstance(key, rsa.RSAPrivateKey):
-        numbers = key.private_numbers()
-        pub = numbers.public_numbers
-        shared = {
-            Attribute.KEY_TYPE: KeyType.RSA,
-            Attribute.MODULUS: _int_bytes(pub.n),
-            Attribute.PUBLIC_EXPONENT: _int_bytes(pub.e),
-        }
-        private.update(shared)
-        private.update(
-            {
-                Attribute.PRIVATE_EXPONENT: _int_bytes(numbers.d),
-                Attribute.PRIME_1: _int_bytes(numbers.p),
-                Attribute.PRIME_2: _int_bytes(numbers.q),
-                Attribute.EXPONENT_1: _int_bytes(numbers.dmp1),
-                Attribute.EXPONENT_2: _int_bytes(numbers.dmq1),
-                Attribute.COEFFICIENT: _int_bytes(numbers.iqmp),
-            }
-        )
-        public.update(shared)
-    else:
-        raise UnsupportedAlgorithm("the PKCS#11 backend cannot import this kind of key")
-    return private, public
-
-
-def _secret_attributes(algorithm: KeyAlgorithm, secret: bytes) -> dict[Attribute, Any]:
-    if algorithm is KeyAlgorithm.TDES:
-        key_type = KeyType.DES2 if len(secret) == 16 else KeyType.DES3
-    else:
-        key_type = _KEY_TYPES[algorithm]
-    return {
-        Attribute.CLASS: ObjectClass.SECRET_KEY,
-        Attribute.KEY_TYPE: key_type,
-        Attribute.VALUE: secret,
-    }
 
 
 # -- small checks ----------------------------------------------------------------------
