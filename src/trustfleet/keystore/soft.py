@@ -14,6 +14,7 @@ changed row never hits a stale cache entry.
 from __future__ import annotations
 
 import hashlib
+import secrets
 import threading
 import uuid
 from collections import OrderedDict
@@ -34,7 +35,6 @@ from trustfleet.errors import (
     KeyNotExportable,
     KeyNotFound,
     MasterKeyError,
-    TrustfleetError,
     UnsupportedAlgorithm,
 )
 from trustfleet.keystore import policy, secret_ops
@@ -44,6 +44,7 @@ from trustfleet.keystore.models import StoredKey, row_binding
 
 HANDLE_PREFIX = "soft:"
 DEFAULT_CACHE_SIZE = 1024
+SM2_RAW_SIZE = 32
 
 Material: TypeAlias = "PrivateKey | bytes"
 
@@ -421,8 +422,6 @@ _ALL_USAGE = sum(flag.value for flag in KeyUsage)
 
 
 def _random_secret(algorithm: KeyAlgorithm) -> bytes:
-    import secrets
-
     while True:
         secret = secrets.token_bytes(algorithm.secret_length)
         try:
@@ -439,26 +438,12 @@ def _parse_material(algorithm: KeyAlgorithm, material: bytes) -> Material:
     if not algorithm.is_asymmetric:
         policy.check_secret(algorithm, material)
         return material
-    if algorithm is KeyAlgorithm.SM2 and len(material) == 32:
-        return _sm2_from_raw(material)
-    try:
-        key = crypto.load_private_key(material)
-    except TrustfleetError:
-        raise
-    except Exception:  # pyca raises ValueError/TypeError/UnsupportedAlgorithm for junk
-        raise InvalidKey("the key material is not a PKCS#8 private key") from None
+    if algorithm is KeyAlgorithm.SM2 and len(material) == SM2_RAW_SIZE:
+        return SM2PrivateKey.from_bytes(material)
+    key = crypto.load_private_key(material)
     if crypto.algorithm_of(key) is not algorithm:
         raise InvalidKey(f"the key material is not an {algorithm.value} private key")
     return key
-
-
-def _sm2_from_raw(raw: bytes) -> SM2PrivateKey:
-    try:
-        return SM2PrivateKey.from_bytes(raw)
-    except TrustfleetError:
-        raise
-    except Exception:
-        raise InvalidKey("the key material is not a raw SM2 private key") from None
 
 
 def _load_material(algorithm: KeyAlgorithm, plain: bytes) -> Material:
