@@ -169,3 +169,25 @@ def test_errors_never_carry_key_material(soft_store: SoftKeyStore) -> None:
     message = str(caught.value)
     assert secret.hex() not in message
     assert repr(secret) not in message
+
+
+def test_postgres_key_reads_survive_a_dropped_connection(
+    soft_store: SoftKeyStore, engine: Engine
+) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("the companion read engine exists only on PostgreSQL")
+    from sqlalchemy import text
+
+    from trustfleet.keystore.reads import read_engine
+
+    key = soft_store.generate(A.EC_P256, U.SIGN)
+    soft_store.sign(key.handle, b"opens the pooled read connection")
+    reads = read_engine(engine)
+    assert reads is not engine and read_engine(engine) is reads
+    with reads.connect() as connection:
+        pid = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    with engine.begin() as connection:
+        connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    soft_store.sign(key.handle, b"after the server dropped it")
+    engine.dispose()
+    assert reads.pool.checkedin() == 0  # disposed with the main engine

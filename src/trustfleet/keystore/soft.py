@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeAlias
 
-from sqlalchemy import Engine, Row, bindparam, select, update
+from sqlalchemy import Row, bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet import crypto
@@ -41,6 +41,7 @@ from trustfleet.keystore import policy, secret_ops
 from trustfleet.keystore.base import KeyInfo, KeyStore, KeyUsage
 from trustfleet.keystore.master import MasterKeyring
 from trustfleet.keystore.models import StoredKey, row_binding
+from trustfleet.keystore.reads import read_engine, run_read
 
 HANDLE_PREFIX = "soft:"
 DEFAULT_CACHE_SIZE = 1024
@@ -146,8 +147,7 @@ class SoftKeyStore(KeyStore):
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._sessions = sessions
-        # Reads skip the ORM session: the per-call row check is on the hot path of every sign.
-        self._engine: Engine = sessions.kw["bind"]
+        self._reads = read_engine(sessions.kw["bind"])
         self._master = master
         self._cache = _LRU(cache_size)
         self._clock = clock or (lambda: datetime.now(UTC))
@@ -246,8 +246,9 @@ class SoftKeyStore(KeyStore):
     def _row(self, handle: str) -> _Row:
         if not isinstance(handle, str) or not handle.startswith(HANDLE_PREFIX):
             raise KeyNotFound(f"no key has handle {handle!r}")
-        with self._engine.connect() as connection:
-            found = connection.execute(_SELECT_LIVE, {"handle": handle}).one_or_none()
+        found = run_read(
+            self._reads, lambda c: c.execute(_SELECT_LIVE, {"handle": handle}).one_or_none()
+        )
         if found is None:
             raise KeyNotFound(f"no key has handle {handle!r}")
         return _to_row(found)
