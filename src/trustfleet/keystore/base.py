@@ -9,11 +9,17 @@ its usage includes ``WRAPPABLE`` (see :meth:`KeyStore.wrap`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Flag, auto
+from typing import TYPE_CHECKING
 
 from trustfleet.crypto.base import KeyAlgorithm, PublicKey
+from trustfleet.errors import UnsupportedAlgorithm
+
+if TYPE_CHECKING:
+    from trustfleet.tmk.tr31 import KeyBlockHeader
 
 
 class KeyUsage(Flag):
@@ -142,6 +148,40 @@ class KeyStore(ABC):
     @abstractmethod
     def destroy(self, handle: str) -> None:
         """Erase the key. Later calls with the handle raise KeyNotFound."""
+
+    # -- payment-key operations (the soft store has them; a payment HSM backend would) ----
+
+    def kcv(self, handle: str) -> bytes:
+        """Key check value of a secret key (TDES: 3 bytes of TDES-ECB of zeros; AES: the first
+        5 bytes of AES-CMAC of zeros). A KCV identifies a key without revealing it, so any
+        secret key may give one, whatever its usage."""
+        raise UnsupportedAlgorithm(f"the {self.backend} key store cannot compute KCVs")
+
+    def wrap_tr31(self, handle: str, *, under: str, header: KeyBlockHeader) -> str:
+        """The key ``handle`` as a TR-31 key block under the key block protection key
+        ``under``. Needs ``WRAPPABLE`` on the key and ``WRAP`` on ``under``."""
+        raise UnsupportedAlgorithm(f"the {self.backend} key store cannot make TR-31 key blocks")
+
+    def unwrap_tr31(
+        self,
+        under: str,
+        block: str,
+        *,
+        expected_usage: str | Iterable[str],
+        expected_modes: Iterable[str],
+        usage: KeyUsage,
+        label: str = "",
+    ) -> tuple[KeyBlockHeader, KeyInfo]:
+        """Import the key of a TR-31 block protected by ``under`` (needs ``UNWRAP``), after
+        enforcing its key usage and mode of use. Never exportable."""
+        raise UnsupportedAlgorithm(f"the {self.backend} key store cannot read TR-31 key blocks")
+
+    def block_cipher(
+        self, handle: str, data: bytes, *, decrypt: bool, mode: str = "ecb", iv: bytes = b""
+    ) -> bytes:
+        """Raw AES/TDES/SM4 ECB or CBC over whole blocks (no padding), e.g. for PIN blocks.
+        Needs ``ENCRYPT`` or ``DECRYPT``."""
+        raise UnsupportedAlgorithm(f"the {self.backend} key store has no raw block cipher")
 
     def ping(self) -> None:
         """Raise unless the store can serve keys now (readiness checks call it)."""

@@ -20,7 +20,7 @@ POSSIBLE_USAGE: dict[KeyAlgorithm, KeyUsage] = {
     KeyAlgorithm.AES_128: _AEAD_SECRET | U.WRAP | U.UNWRAP,
     KeyAlgorithm.AES_256: _AEAD_SECRET | U.WRAP | U.UNWRAP,
     KeyAlgorithm.SM4: _AEAD_SECRET,
-    KeyAlgorithm.TDES: U.MAC | U.DERIVE | U.WRAPPABLE,
+    KeyAlgorithm.TDES: U.MAC | U.DERIVE | U.WRAPPABLE | U.WRAP | U.UNWRAP | U.ENCRYPT | U.DECRYPT,
     KeyAlgorithm.HMAC_SHA256: U.MAC | U.DERIVE | U.WRAPPABLE,
     KeyAlgorithm.HMAC_SM3: U.MAC | U.DERIVE | U.WRAPPABLE,
 }

@@ -18,7 +18,7 @@ import secrets
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeAlias
@@ -37,11 +37,13 @@ from trustfleet.errors import (
     MasterKeyError,
     UnsupportedAlgorithm,
 )
-from trustfleet.keystore import policy, secret_ops
+from trustfleet.keystore import payment_ops, policy, secret_ops
 from trustfleet.keystore.base import KeyInfo, KeyStore, KeyUsage
 from trustfleet.keystore.master import MasterKeyring
 from trustfleet.keystore.models import StoredKey, row_binding
 from trustfleet.keystore.reads import read_engine, run_read
+from trustfleet.tmk import tr31
+from trustfleet.tmk.tr31 import KeyBlockHeader
 
 HANDLE_PREFIX = "soft:"
 DEFAULT_CACHE_SIZE = 1024
@@ -359,6 +361,52 @@ class SoftKeyStore(KeyStore):
             secret = crypto.suite_for_algorithm(row.algorithm).key_agreement(key, peer_public)
         derived = secret_ops.hkdf_sha256(secret, info, algorithm.secret_length)
         return self._store(algorithm, derived, usage, label, exportable)
+
+    # -- payment-key operations --------------------------------------------------------
+
+    def kcv(self, handle: str) -> bytes:
+        row = self._row(handle)
+        policy.require_secret(handle, row.algorithm, "a KCV")
+        return payment_ops.kcv(row.algorithm, _secret(row, self._material(row)))
+
+    def wrap_tr31(self, handle: str, *, under: str, header: KeyBlockHeader) -> str:
+        if under == handle:
+            raise InvalidInput("a key cannot be wrapped under itself")
+        row, key = self._use(handle, KeyUsage.WRAPPABLE)
+        kbpk_row, kbpk = self._use(under, KeyUsage.WRAP)
+        payment_ops.check_tr31_header(row.algorithm, kbpk_row.algorithm, header)
+        return tr31.wrap(_secret(kbpk_row, kbpk), header, _secret(row, key))
+
+    def unwrap_tr31(
+        self,
+        under: str,
+        block: str,
+        *,
+        expected_usage: str | Iterable[str],
+        expected_modes: Iterable[str],
+        usage: KeyUsage,
+        label: str = "",
+    ) -> tuple[KeyBlockHeader, KeyInfo]:
+        kbpk_row, kbpk = self._use(under, KeyUsage.UNWRAP)
+        if kbpk_row.algorithm not in payment_ops.TR31_VERSION:
+            raise UnsupportedAlgorithm(
+                f"{kbpk_row.algorithm.value} keys cannot protect TR-31 blocks"
+            )
+        header, key = payment_ops.unwrap_tr31(
+            _secret(kbpk_row, kbpk), block, expected_usage, expected_modes
+        )
+        algorithm = payment_ops.algorithm_of_block_key(header, key)
+        policy.check_new_key(algorithm, usage, label)
+        policy.check_secret(algorithm, key)
+        return header, self._store(algorithm, key, usage, label, exportable=False)
+
+    def block_cipher(
+        self, handle: str, data: bytes, *, decrypt: bool, mode: str = "ecb", iv: bytes = b""
+    ) -> bytes:
+        row, key = self._use(handle, KeyUsage.DECRYPT if decrypt else KeyUsage.ENCRYPT)
+        return payment_ops.block_cipher(
+            row.algorithm, _secret(row, key), data, decrypt=decrypt, mode=mode, iv=iv
+        )
 
     def export(self, handle: str) -> bytes:
         row = self._row(handle)
