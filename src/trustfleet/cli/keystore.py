@@ -30,8 +30,18 @@ def list_keys() -> None:
 @app.command("rotate-master")
 def rotate_master() -> None:
     """Re-wrap every soft-store key under a new master key; safe to re-run after a crash."""
+    from trustfleet.db import transaction
     from trustfleet.keystore.master import rotate_master_key
+    from trustfleet.server.audit import append
 
     context = state.context()
     report = rotate_master_key(context.sessions, context.settings.resolved_master_key_file)
+    with transaction(context.sessions) as session:
+        append(
+            session,
+            action="keystore.master_rotated",
+            actor="cli",
+            subject=f"kek:{report.kek_id}",
+            details={"rewrapped": report.rewrapped},
+        )
     console.print(f"re-wrapped {report.rewrapped} keys; active master key {report.kek_id}")

@@ -132,20 +132,9 @@ _register_domain_commands()
 
 
 def main() -> None:
+    """Entry point: usage errors exit 2 (click), trustfleet errors print their code and exit 1."""
     try:
-        app(standalone_mode=False)
+        app()
     except TrustfleetError as exc:
         err_console.print(escape(f"error [{exc.code}]: {exc.message}"))
         sys.exit(1)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err_console.print("aborted")
-        sys.exit(1)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise

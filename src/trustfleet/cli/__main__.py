@@ -1,0 +1,3 @@
+from trustfleet.cli.main import main
+
+main()

@@ -1,0 +1,133 @@
+"""The ``trustfleet`` command line, run as a user runs it (a subprocess per verb)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+TOKEN_PREFIX = "tf_"
+
+
+def run(data_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TRUSTFLEET_DATA_DIR": str(data_dir), "COLUMNS": "200"}
+    env.pop("TRUSTFLEET_MASTER_KEY", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "trustfleet.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}: {result.stdout}{result.stderr}")
+    return result
+
+
+def _tokens(output: str) -> list[str]:
+    return [w for w in output.split() if w.startswith(TOKEN_PREFIX)]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("cli") / "data"
+    first = run(directory, "init")
+    assert len(_tokens(first.stdout)) == 1, "init prints the admin token once"
+    return directory
+
+
+def test_init_makes_a_private_master_key_and_is_idempotent(data_dir: Path) -> None:
+    mode = stat.S_IMODE((data_dir / "master.key").stat().st_mode)
+    assert mode == 0o600
+    again = run(data_dir, "init")
+    assert "already initialised" in again.stdout
+    assert _tokens(again.stdout) == []
+
+
+def test_tokens_are_created_listed_and_revoked(data_dir: Path) -> None:
+    created = run(data_dir, "token", "create", "--name", "tms", "--role", "operator")
+    (token,) = _tokens(created.stdout)
+    listed = run(data_dir, "token", "list")
+    assert "tms" in listed.stdout and token not in listed.stdout
+    bad = run(data_dir, "token", "create", "--name", "x", "--role", "root", check=False)
+    assert bad.returncode == 1 and "unknown-role" in bad.stderr
+    token_id = created.stdout.split()[1]
+    assert "revoked" in run(data_dir, "token", "revoke", token_id).stdout
+    missing = run(data_dir, "token", "revoke", "9999", check=False)
+    assert missing.returncode == 1 and "token-not-found" in missing.stderr
+
+
+def test_issued_certificate_verifies_with_openssl(data_dir: Path, tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    pub = tmp_path / "pub.pem"
+    pub.write_bytes(key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    leaf = tmp_path / "leaf.pem"
+    run(
+        data_dir,
+        "ca",
+        "issue",
+        "--kind",
+        "server",
+        "--public-key",
+        str(pub),
+        "--dns",
+        "node1.example",
+        "--out",
+        str(leaf),
+    )
+    ca = data_dir / "ca"
+    verify = subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-CAfile",
+            str(ca / "root.pem"),
+            "-untrusted",
+            str(ca / "intermediate.pem"),
+            str(leaf),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert verify.stdout.strip().endswith("OK"), verify.stderr
+
+
+def test_master_key_rotation_keeps_every_key_usable(data_dir: Path) -> None:
+    before = (data_dir / "master.key").read_bytes()
+    rotated = run(data_dir, "keystore", "rotate-master")
+    assert "re-wrapped" in rotated.stdout
+    assert (data_dir / "master.key").read_bytes() != before
+    assert stat.S_IMODE((data_dir / "master.key").stat().st_mode) == 0o600
+    run(data_dir, "ca", "crl", "--out", str(data_dir / "crl.pem"))  # signs with a re-wrapped key
+
+
+def test_audit_verify_detects_an_edited_record(data_dir: Path, tmp_path: Path) -> None:
+    assert "chain intact" in run(data_dir, "audit", "verify").stdout
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(data_dir), str(copy)], check=True)
+    with sqlite3.connect(copy / "trustfleet.db") as db:
+        db.execute("UPDATE audit_log SET actor = 'someone else' WHERE seq = 2")
+    tampered = run(copy, "audit", "verify", check=False)
+    assert tampered.returncode == 1
+    assert "record 2" in tampered.stderr and "TAMPERED" in tampered.stderr
+
+
+def test_usage_errors_exit_non_zero(data_dir: Path) -> None:
+    assert run(data_dir, "token", "revoke", "not-a-number", check=False).returncode == 2
+    assert run(data_dir, "no-such-verb", check=False).returncode == 2
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    result = run(tmp_path, "demo")
+    assert "demo complete" in result.stdout
+    assert "certificate revoked" in result.stdout
