@@ -33,7 +33,7 @@ class Settings:
     keystore_backend: str = "soft"  # "soft" or "pkcs11"
     master_key_file: str = ""  # empty: <data dir>/master.key
     pkcs11_module: str = ""
-    pkcs11_token_label: str = "trustfleet"
+    pkcs11_token_label: str = "trustfleet"  # noqa: S105 - a label, not a secret
     pkcs11_user_pin: str = ""
     max_body_bytes: int = 1_048_576
     max_import_bytes: int = 268_435_456  # streamed bulk imports

@@ -121,10 +121,12 @@ def audit_verify() -> None:
 
 
 def _register_domain_commands() -> None:
-    from trustfleet.cli import ca, demo, keystore
+    from trustfleet.cli import demo
+    from trustfleet.keystore import cli as keystore_cli
+    from trustfleet.pki import cli as pki_cli
 
-    app.add_typer(ca.app, name="ca")
-    app.add_typer(keystore.app, name="keystore")
+    app.add_typer(pki_cli.app, name="ca")
+    app.add_typer(keystore_cli.app, name="keystore")
     app.command("demo")(demo.demo)
 
 
