@@ -130,7 +130,7 @@ def test_usage_the_algorithm_cannot_serve_is_refused_at_creation(keystore: KeySt
     with pytest.raises(InvalidInput):
         keystore.generate(A.AES_128, U.SIGN)
     with pytest.raises(InvalidInput):
-        keystore.generate(A.TDES, U.ENCRYPT)
+        keystore.generate(A.TDES, U.SIGN)
     with pytest.raises(InvalidInput):
         keystore.generate(A.AES_128, U.MAC, label="x" * 201)
 

@@ -25,8 +25,8 @@ from cryptography.x509.oid import NameOID
 from trustfleet.crypto import load_public_key
 from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.db import make_engine, make_session_factory, migrate
-from trustfleet.errors import KeyNotFound
-from trustfleet.keystore.base import KeyInfo, KeyStore, KeyUsage
+from trustfleet.errors import KeyNotFound, UnsupportedAlgorithm
+from trustfleet.keystore.base import KeyStore, KeyUsage
 from trustfleet.keystore.master import MasterKey, MasterKeyring
 from trustfleet.keystore.soft import SoftKeyStore
 from trustfleet.pki import x509 as pki
@@ -452,50 +452,43 @@ def test_other_work_key_algorithms(
     assert run.state is not None and run.state.stage is ServerStage.ACTIVE
 
 
-class _KcvKeyStore(SoftKeyStore):
-    """A key store that, like a payment HSM, reports the KCV of its keys (``kcv``).
-
-    Test double over SoftKeyStore: it keeps generated keys exportable *inside* so it can
-    compute their legacy TDES KCV, for which the generic interface has no operation.
-    """
+class _NoKcvKeyStore(SoftKeyStore):
+    """A key store that, like the PKCS#11 backend, cannot compute KCVs."""
 
     def __init__(self, inner: SoftKeyStore) -> None:
         super().__init__(inner._sessions, inner.master)
 
-    def generate(
-        self, algorithm: KeyAlgorithm, usage: KeyUsage, *, label: str = "", exportable: bool = False
-    ) -> KeyInfo:
-        return super().generate(algorithm, usage, label=label, exportable=True)
-
     def kcv(self, handle: str) -> bytes:
-        return reference_kcv(self.info(handle).algorithm, self.export(handle))
+        raise UnsupportedAlgorithm("this key store cannot compute KCVs")
 
 
-def test_tdes_tmk_with_a_key_store_that_reports_kcvs(
+def test_tdes_tmk_download(
     terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
 ) -> None:
-    hsm = _KcvKeyStore(keystore)
     run = download(
-        terminal, Server(hsm, work, terminal.registration), trust, algorithm=KeyAlgorithm.TDES
+        terminal, Server(keystore, work, terminal.registration), trust, algorithm=KeyAlgorithm.TDES
     )
     assert run.delivery is not None and len(run.delivery.kcv) == 3
+    assert run.delivery.kcv == reference_kcv(KeyAlgorithm.TDES, tmk_of(terminal.scm))
     assert run.confirmation is not None and len(run.confirmation.mac) == 8  # TDES-CMAC
     assert terminal.scm.tmk_algorithm is KeyAlgorithm.TDES
     assert run.event is not None and run.state is not None
     assert run.state.stage is ServerStage.ACTIVE
+    assert not keystore.info(run.event.tmk_handle).exportable
 
 
-def test_tdes_needs_a_key_store_that_reports_kcvs_and_leaves_no_key_behind(
+def test_a_key_store_without_kcvs_refuses_the_download_and_leaves_no_key_behind(
     terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
 ) -> None:
-    server = Server(keystore, work, terminal.registration)
+    store = _NoKcvKeyStore(keystore)
+    server = Server(store, work, terminal.registration)
     session = TerminalSession(terminal.scm, trust, clock=lambda: NOW)
     challenge, state = server.start(session.start())
     proof = session.receive_challenge(challenge)
-    before = {k.handle for k in keystore.list()}
+    before = {k.handle for k in store.list()}
     with pytest.raises(errors.TmkUnsupportedSuite):
         server.accept(state, proof, algorithm=KeyAlgorithm.TDES)
-    assert {k.handle for k in keystore.list()} == before
+    assert {k.handle for k in store.list()} == before
 
 
 def test_aes_kcv_from_the_key_store_equals_the_reference_kcv(keystore: SoftKeyStore) -> None:

@@ -887,22 +887,15 @@ def _utc_seconds(now: datetime) -> datetime:
 
 
 def keystore_kcv(keystore: KeyStore, handle: str, algorithm: KeyAlgorithm) -> bytes:
-    """The KCV of a key that never leaves the key store.
-
-    A key store with a ``kcv(handle)`` method (payment HSMs return one) is asked directly.
-    Otherwise an AES KCV is the first 5 bytes of the key's CMAC over a zero block (the
-    X9.24 definition, so it equals :func:`trustfleet.tmk.kcv.kcv` of the raw key); a TDES
-    KCV needs an ECB encryption the generic key store interface does not offer.
-    """
-    kcv_method = getattr(keystore, "kcv", None)
-    if callable(kcv_method):
-        value = kcv_method(handle)
-        if not isinstance(value, bytes):
-            raise TypeError("KeyStore.kcv must return bytes")
-        return value[: KCV_LENGTHS[algorithm]]
-    if algorithm in (KeyAlgorithm.AES_128, KeyAlgorithm.AES_256):
-        return keystore.mac(handle, bytes(16))[: KCV_LENGTHS[algorithm]]
-    raise TmkUnsupportedSuite(f"this key store cannot compute the KCV of a {algorithm} key")
+    """The KCV of a key that never leaves the key store (X9.24: TDES-ECB or AES-CMAC of
+    zeros, as :func:`trustfleet.tmk.kcv.kcv` computes it from raw keys)."""
+    try:
+        value = keystore.kcv(handle)
+    except UnsupportedAlgorithm as exc:
+        raise TmkUnsupportedSuite(
+            f"this key store cannot compute the KCV of a {algorithm} key"
+        ) from exc
+    return value[: KCV_LENGTHS[algorithm]]
 
 
 # =====================================================================================
