@@ -1,0 +1,44 @@
+"""Settings: defaults < TOML file < TRUSTFLEET_* environment < explicit overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trustfleet.errors import ConfigurationError
+from trustfleet.settings import load_settings
+
+
+def test_layers_override_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "TRUSTFLEET_PORT",
+        "TRUSTFLEET_HOST",
+        "TRUSTFLEET_DATABASE_URL",
+        "TRUSTFLEET_CONFIG",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "trustfleet.toml").write_text('port = 9000\nhost = "127.0.0.2"\n')
+    assert load_settings(tmp_path).port == 9000
+    monkeypatch.setenv("TRUSTFLEET_PORT", "9100")
+    settings = load_settings(tmp_path)
+    assert (settings.port, settings.host) == (9100, "127.0.0.2")
+    assert load_settings(tmp_path, port=9200).port == 9200
+    assert settings.resolved_database_url == f"sqlite:///{tmp_path / 'trustfleet.db'}"
+    assert settings.resolved_master_key_file == tmp_path / "master.key"
+
+
+def test_data_dir_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRUSTFLEET_DATA_DIR", str(tmp_path / "d"))
+    assert load_settings().data_dir == tmp_path / "d"
+
+
+@pytest.mark.parametrize(
+    "toml",
+    ["prot = 1\n", "port = 'eighty'\n", "port = [\n"],
+    ids=["unknown-key", "bad-value", "bad-toml"],
+)
+def test_bad_configuration_is_a_clear_error(tmp_path: Path, toml: str) -> None:
+    (tmp_path / "trustfleet.toml").write_text(toml)
+    with pytest.raises(ConfigurationError):
+        load_settings(tmp_path)
