@@ -1,0 +1,269 @@
+"""The key server's identity: the KSRCRT root CA every terminal trusts, and the work key with
+its work certificate KSWCRT that signs each download challenge.
+
+Both certificates come from :mod:`trustfleet.pki` (KSRCRT is the PKI's root CA
+``tmk-ksrcrt``; KSWCRT a certificate it issues), and both private keys stay in the key store
+(PKCS#11 when configured). Terminals hold only KSRCRT, so the work certificate can be
+rotated without touching them; revoking it puts it on KSRCRT's CRL (served publicly at
+``/v1/ca/tmk-ksrcrt/crl``), which terminals given that CRL honour.
+
+One identity is active at a time, on every node: its row has ``active_slot = 1`` and the
+column is unique, so two nodes that create or rotate at once cannot both win.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from sqlalchemy import Select, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from trustfleet.crypto.base import KeyAlgorithm
+from trustfleet.db import transaction
+from trustfleet.errors import KeyNotFound, NotFound, UnsupportedAlgorithm
+from trustfleet.keystore.base import KeyStore, KeyUsage
+from trustfleet.pki import x509 as px
+from trustfleet.pki.errors import CaExists
+from trustfleet.pki.service import SERVER_VALIDITY, CaInfo, PkiService
+from trustfleet.pki.x509 import RevocationReason
+from trustfleet.server import audit
+from trustfleet.tmk.models import ServerIdentity
+
+KSRCRT_CA = "tmk-ksrcrt"
+WORK_CERT_NAME = "tmk-key-server.trustfleet"
+WORK_KEY_ALGORITHMS = frozenset(
+    {KeyAlgorithm.EC_P256, KeyAlgorithm.RSA_2048, KeyAlgorithm.RSA_3072}
+)
+DEFAULT_WORK_KEY_ALGORITHM = KeyAlgorithm.EC_P256
+_ACTIVE = 1
+
+
+class IdentityNotInitialised(NotFound):
+    code = "tmk-identity-not-initialised"
+    title = "The key server has no work certificate yet"
+
+
+@dataclass(frozen=True)
+class KeyServerIdentity:
+    """A work key (key store handle) and its certificate; public facts only."""
+
+    id: int
+    work_key_handle: str
+    algorithm: KeyAlgorithm
+    kswcrt_der: bytes
+    serial_hex: str
+    status: str
+    created_at: datetime
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return x509.load_der_x509_certificate(self.kswcrt_der)
+
+    @property
+    def pem(self) -> str:
+        return px.to_pem(self.certificate)
+
+
+def _identity(row: ServerIdentity) -> KeyServerIdentity:
+    created = row.created_at
+    return KeyServerIdentity(
+        id=row.id,
+        work_key_handle=row.work_key_handle,
+        algorithm=KeyAlgorithm(row.algorithm),
+        kswcrt_der=row.kswcrt_der,
+        serial_hex=row.serial_hex,
+        status=row.status,
+        created_at=created.replace(tzinfo=UTC) if created.tzinfo is None else created,
+    )
+
+
+def _active_query(*, for_update: bool = False) -> Select[ServerIdentity]:
+    query = select(ServerIdentity).where(ServerIdentity.active_slot == _ACTIVE)
+    return query.with_for_update() if for_update else query
+
+
+class IdentityService:
+    """Create, read, rotate and revoke the key server's identity."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        keystore: KeyStore,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        work_cert_validity: timedelta = SERVER_VALIDITY,
+    ) -> None:
+        self._sessions = sessions
+        self._keystore = keystore
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._validity = work_cert_validity
+        self._pki = PkiService(sessions, keystore, clock=clock)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def current(self) -> KeyServerIdentity | None:
+        """The active identity, or None before the first one is made."""
+        with self._sessions() as session:
+            row = session.scalars(_active_query()).one_or_none()
+            return _identity(row) if row else None
+
+    def require_current(self) -> KeyServerIdentity:
+        found = self.current()
+        if found is None:
+            raise IdentityNotInitialised(
+                "no work certificate yet: run `trustfleet tmk identity init` or start a download"
+            )
+        return found
+
+    def history(self) -> list[KeyServerIdentity]:
+        with self._sessions() as session:
+            rows = session.scalars(select(ServerIdentity).order_by(ServerIdentity.id))
+            return [_identity(row) for row in rows]
+
+    def root(self) -> CaInfo:
+        """KSRCRT, created on first use."""
+        existing = self._pki.find_ca(KSRCRT_CA)
+        if existing is not None:
+            return existing
+        try:
+            return self._pki.create_root_ca(
+                KSRCRT_CA, KeyAlgorithm.EC_P256, path_length=0, actor="tmk-identity"
+            )
+        except CaExists:  # another node made it at the same time
+            return self._pki.get_ca(KSRCRT_CA)
+
+    def crl(self, *, actor: str = "tmk-identity") -> bytes:
+        """KSRCRT's current CRL (DER): revoked work certificates."""
+        return self._pki.crl(KSRCRT_CA, actor=actor)
+
+    # -- changing --------------------------------------------------------------------------
+
+    def ensure(
+        self, *, actor: str, algorithm: KeyAlgorithm = DEFAULT_WORK_KEY_ALGORITHM
+    ) -> KeyServerIdentity:
+        """The active identity; KSRCRT and a first work certificate are made if missing."""
+        return self.current() or self._install(actor=actor, algorithm=algorithm, replace=False)
+
+    def rotate(
+        self, *, actor: str, algorithm: KeyAlgorithm = DEFAULT_WORK_KEY_ALGORITHM
+    ) -> KeyServerIdentity:
+        """A new work key and certificate under the same KSRCRT; the old one is retired and
+        its key destroyed. Terminals need no change: they trust only KSRCRT."""
+        return self._install(actor=actor, algorithm=algorithm, replace=True)
+
+    def revoke(
+        self,
+        *,
+        actor: str,
+        reason: RevocationReason | str = RevocationReason.KEY_COMPROMISE,
+        algorithm: KeyAlgorithm = DEFAULT_WORK_KEY_ALGORITHM,
+    ) -> tuple[KeyServerIdentity, KeyServerIdentity]:
+        """Revoke the active work certificate (KSRCRT's next CRL lists it) and put a new one
+        in its place. Returns (revoked, new)."""
+        old = self.require_current()
+        self._pki.revoke(old.serial_hex, reason, actor=actor)
+        new = self._install(actor=actor, algorithm=algorithm, replace=True, revoked=old.id)
+        revoked = next(i for i in self.history() if i.id == old.id)
+        return revoked, new
+
+    def _install(
+        self, *, actor: str, algorithm: KeyAlgorithm, replace: bool, revoked: int | None = None
+    ) -> KeyServerIdentity:
+        if algorithm not in WORK_KEY_ALGORITHMS:
+            allowed = ", ".join(sorted(a.value for a in WORK_KEY_ALGORITHMS))
+            raise UnsupportedAlgorithm(f"a work key is one of {allowed}")
+        self.root()
+        handle = self._keystore.generate(algorithm, KeyUsage.SIGN, label="tmk-work-key").handle
+        try:
+            cert = self._pki.issue_server_certificate(
+                KSRCRT_CA,
+                public_key=self._keystore.public_key(handle),
+                dns_names=[WORK_CERT_NAME],
+                validity=self._validity,
+                actor=actor,
+            )
+        except BaseException:
+            self._keystore.destroy(handle)
+            raise
+        try:
+            installed, old_handle = self._store(
+                handle,
+                algorithm,
+                cert.der,
+                cert.serial_hex,
+                actor=actor,
+                replace=replace,
+                revoked=revoked,
+            )
+        except BaseException:
+            self._discard(handle, cert.serial_hex, actor)
+            raise
+        if installed.work_key_handle != handle:  # another node installed one first
+            self._discard(handle, cert.serial_hex, actor)
+        if old_handle is not None:
+            self._destroy_quietly(old_handle)
+        return installed
+
+    def _store(
+        self,
+        handle: str,
+        algorithm: KeyAlgorithm,
+        der: bytes,
+        serial_hex: str,
+        *,
+        actor: str,
+        replace: bool,
+        revoked: int | None,
+    ) -> tuple[KeyServerIdentity, str | None]:
+        now = self._clock()
+        try:
+            with transaction(self._sessions) as session:
+                current = session.scalars(_active_query(for_update=True)).one_or_none()
+                if current is not None and not replace:
+                    return _identity(current), None
+                old_handle = None
+                if current is not None:
+                    current.active_slot = None
+                    current.status = "revoked" if current.id == revoked else "retired"
+                    current.retired_at = now
+                    old_handle = current.work_key_handle
+                    session.flush()  # free the active slot before the new row takes it
+                row = ServerIdentity(
+                    work_key_handle=handle,
+                    algorithm=algorithm.value,
+                    kswcrt_der=der,
+                    serial_hex=serial_hex,
+                    status="active",
+                    active_slot=_ACTIVE,
+                    created_at=now,
+                )
+                session.add(row)
+                session.flush()
+                audit.append(
+                    session,
+                    action="tmk.work_certificate_installed",
+                    actor=actor,
+                    subject=serial_hex,
+                    details={
+                        "algorithm": algorithm.value,
+                        "replaced": current.serial_hex if current is not None else None,
+                        "replaced_status": current.status if current is not None else None,
+                    },
+                )
+                return _identity(row), old_handle
+        except IntegrityError:  # another node took the active slot between our read and write
+            return self.require_current(), None
+
+    def _discard(self, handle: str, serial_hex: str, actor: str) -> None:
+        """An issued work certificate that never became active: revoke it, drop its key."""
+        self._destroy_quietly(handle)
+        self._pki.revoke(serial_hex, RevocationReason.SUPERSEDED, actor=actor)
+
+    def _destroy_quietly(self, handle: str) -> None:
+        with contextlib.suppress(KeyNotFound):
+            self._keystore.destroy(handle)
