@@ -214,7 +214,7 @@ def read_ndjson(lines: Iterable[str]) -> Iterator[RawRecord | RowRejection]:
         number += 1
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # bad JSON, or nested too deep to parse
             yield RowRejection(number, "", "malformed-row", "not a JSON object")
             continue
         yield _record_from_object(number, obj)
@@ -224,8 +224,8 @@ def read_json_array(text: str) -> Iterator[RawRecord | RowRejection]:
     """A JSON array of objects (read whole: use NDJSON or CSV for very large imports)."""
     try:
         items = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidTerminalRecord("the body is not valid JSON") from exc
+    except (ValueError, RecursionError):  # bad JSON, or nested too deep to parse
+        raise InvalidTerminalRecord("the body is not valid JSON") from None
     if not isinstance(items, list):
         raise InvalidTerminalRecord("a JSON import must be an array of objects")
     for number, obj in enumerate(items, start=1):

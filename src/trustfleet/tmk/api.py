@@ -1,0 +1,555 @@
+"""TMK routes: the terminal registry (manufacturer, operator), the download steps (device
+gateway), working keys and PIN-block checks (operator, i.e. the TMS), and the key server's
+identity (admin; its certificates are public).
+
+Routes parse, authorise, call :mod:`trustfleet.tmk.service` or :mod:`trustfleet.tmk.registry`
+and serialise; nothing else. The download steps take and return the protocol's canonical
+JSON messages (``docs/tmk-protocol.md``) byte for byte.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
+from functools import partial
+from typing import Annotated, Literal
+
+import anyio
+import anyio.from_thread
+from fastapi import APIRouter, Depends, Path, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from trustfleet.crypto.base import KeyAlgorithm
+from trustfleet.errors import InvalidInput
+from trustfleet.pki.x509 import RevocationReason
+from trustfleet.server.context import AppContext
+from trustfleet.server.deps import Principal, get_context, public, require_role
+from trustfleet.server.limits import streamed_import
+from trustfleet.server.models import Role
+from trustfleet.tmk import registry
+from trustfleet.tmk.identity import KSRCRT_CA, KeyServerIdentity
+from trustfleet.tmk.models import Terminal
+from trustfleet.tmk.service import (
+    WORKING_KEY_USAGES,
+    IssuedWorkingKey,
+    TerminalOverview,
+    TmkService,
+)
+
+router = APIRouter(prefix="/v1/tmk", tags=["tmk"])
+
+Context = Annotated[AppContext, Depends(get_context)]
+Admin = Annotated[Principal, Depends(require_role(Role.ADMIN))]
+Manufacturer = Annotated[Principal, Depends(require_role(Role.MANUFACTURER))]
+Operator = Annotated[Principal, Depends(require_role(Role.OPERATOR))]
+Reader = Annotated[Principal, Depends(require_role(Role.OPERATOR, Role.MANUFACTURER))]
+Gateway = Annotated[Principal, Depends(require_role(Role.DEVICE_GATEWAY))]
+Sn = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+SessionId = Annotated[str, Path(min_length=32, max_length=32, pattern=r"^[0-9a-f]{32}$")]
+
+MESSAGE_MEDIA_TYPE = "application/json"
+MAX_KEY_CHARS = 16_384
+MAX_LINE_CHARS = 1_048_576
+IMPORT_MEDIA_TYPES = {
+    "text/csv": "csv",
+    "application/x-ndjson": "ndjson",
+    "application/jsonl": "ndjson",
+    "application/json": "json",
+}
+CRL_PATH = f"/v1/ca/{KSRCRT_CA}/crl"
+_MESSAGE_DOC = {"description": "A protocol message (canonical JSON, docs/tmk-protocol.md)"}
+
+
+class UnsupportedImportType(InvalidInput):
+    code = "unsupported-media-type"
+    status = 415
+    title = "Import bodies are text/csv, application/x-ndjson or application/json"
+
+
+def _service(context: AppContext) -> TmkService:
+    return TmkService(context.sessions, context.keystore)
+
+
+async def _raw_body(request: Request) -> bytes:
+    return await request.body()
+
+
+RawBody = Annotated[bytes, Depends(_raw_body)]
+
+
+def _message(data: bytes) -> Response:
+    return Response(content=data, media_type=MESSAGE_MEDIA_TYPE)
+
+
+# =====================================================================================
+# Models
+# =====================================================================================
+
+
+class TerminalIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sn: str = Field(min_length=1, max_length=64)
+    model: str = Field(default="", max_length=registry.MODEL_MAX)
+    public_key: str = Field(
+        min_length=1, max_length=MAX_KEY_CHARS, description="TKP_Pu: PEM or base64 DER SPKI"
+    )
+
+
+class TerminalOut(BaseModel):
+    sn: str
+    model: str
+    key_algorithm: str
+    status: str
+    registered_by: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class RejectionOut(BaseModel):
+    row: int
+    sn: str
+    code: str
+    message: str
+
+
+class ImportReportOut(BaseModel):
+    rows: int
+    accepted: int
+    unchanged: int
+    rejected: list[RejectionOut]
+
+
+class TmkOut(BaseModel):
+    algorithm: str
+    kcv: str
+    status: str
+    session_id: str
+    created_at: datetime
+    activated_at: datetime | None
+
+
+class WorkingKeyInfoOut(BaseModel):
+    usage: str
+    algorithm: str
+    key_version: str
+    kcv: str
+    created_at: datetime
+
+
+class TerminalStatusOut(TerminalOut):
+    tmk_algorithm: str
+    rotation_requested: bool
+    active_tmk: TmkOut | None
+    working_keys: list[WorkingKeyInfoOut]
+    tmk_history: int
+
+    @classmethod
+    def of(cls, view: TerminalOverview) -> TerminalStatusOut:
+        tmk = view.active_tmk
+        return cls(
+            sn=view.sn,
+            model=view.model,
+            key_algorithm=view.key_algorithm,
+            status=view.status,
+            registered_by=view.registered_by,
+            created_at=view.created_at,
+            updated_at=view.updated_at,
+            tmk_algorithm=view.tmk_algorithm,
+            rotation_requested=view.rotation_requested,
+            active_tmk=TmkOut(
+                algorithm=tmk.algorithm,
+                kcv=tmk.kcv,
+                status=tmk.status,
+                session_id=tmk.session_id,
+                created_at=tmk.created_at,
+                activated_at=tmk.activated_at,
+            )
+            if tmk
+            else None,
+            working_keys=[
+                WorkingKeyInfoOut(
+                    usage=k.usage,
+                    algorithm=k.algorithm,
+                    key_version=k.key_version,
+                    kcv=k.kcv,
+                    created_at=k.created_at,
+                )
+                for k in view.working_keys
+            ],
+            tmk_history=view.tmk_history,
+        )
+
+
+class StatusChangeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(default="", max_length=200)
+
+
+class RotationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: Literal["aes-128", "aes-256", "tdes"] | None = Field(
+        default=None, description="The TMK algorithm of this and later downloads"
+    )
+
+
+class WorkingKeyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    usage: Literal["P0", "M1", "M3", "D0"] = Field(
+        description="TR-31 key usage: P0 PIN, M1/M3 ISO 9797-1 MAC 1/3, D0 data"
+    )
+
+
+class WorkingKeyOut(BaseModel):
+    sn: str
+    usage: str
+    algorithm: str
+    key_version: str
+    key_block: str = Field(description="TR-31 key block under the terminal's TMK")
+    kcv: str
+    tmk_kcv: str
+    issued_at: datetime
+
+    @classmethod
+    def of(cls, key: IssuedWorkingKey) -> WorkingKeyOut:
+        return cls(
+            sn=key.sn,
+            usage=key.usage,
+            algorithm=key.algorithm.value,
+            key_version=key.key_version,
+            key_block=key.key_block,
+            kcv=key.kcv.hex().upper(),
+            tmk_kcv=key.tmk_kcv.hex().upper(),
+            issued_at=key.issued_at,
+        )
+
+
+class PinCheckIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pin_block: str = Field(pattern=r"^(?:[0-9A-Fa-f]{16}|[0-9A-Fa-f]{32})$")
+    pan: str = Field(pattern=r"^[0-9]{12,19}$")
+    pin: str = Field(pattern=r"^[0-9]{4,12}$")
+
+
+class PinCheckOut(BaseModel):
+    match: bool
+
+
+class AbortIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    code: str = Field(min_length=1, max_length=64, description="The terminal's error code")
+
+
+class ActivatedOut(BaseModel):
+    status: Literal["active"] = "active"
+    session_id: str
+    sn: str
+    algorithm: str
+    kcv: str
+    activated_at: datetime
+
+
+class IdentityOut(BaseModel):
+    ksrcrt_pem: str
+    kswcrt_pem: str
+    work_certificate_serial: str
+    work_key_algorithm: str
+    not_after: datetime
+    crl_path: str
+
+    @classmethod
+    def of(cls, root_pem: str, identity: KeyServerIdentity) -> IdentityOut:
+        return cls(
+            ksrcrt_pem=root_pem,
+            kswcrt_pem=identity.pem,
+            work_certificate_serial=identity.serial_hex,
+            work_key_algorithm=identity.algorithm.value,
+            not_after=identity.certificate.not_valid_after_utc,
+            crl_path=CRL_PATH,
+        )
+
+
+class RevocationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: RevocationReason = RevocationReason.KEY_COMPROMISE
+
+
+class RevokedOut(BaseModel):
+    revoked_serial: str
+    identity: IdentityOut
+
+
+# =====================================================================================
+# Terminal registry
+# =====================================================================================
+
+
+def _terminal_out(row: Terminal) -> TerminalOut:
+    return TerminalOut(
+        sn=row.sn,
+        model=row.model,
+        key_algorithm=row.key_algorithm,
+        status=row.status,
+        registered_by=row.registered_by,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+@router.post("/terminals", status_code=201)
+def register_terminal(body: TerminalIn, context: Context, principal: Manufacturer) -> TerminalOut:
+    """Register one terminal (SN, model, TKP_Pu). Registering it again with the same key
+    changes nothing; another key for a registered SN is ``terminal-already-registered``."""
+    row = registry.register_terminal(
+        context.sessions,
+        sn=body.sn,
+        model=body.model,
+        public_key=body.public_key,
+        actor=principal.actor,
+    )
+    return _terminal_out(row)
+
+
+@router.post(
+    "/terminals/import",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {media: {"schema": {"type": "string"}} for media in IMPORT_MEDIA_TYPES},
+        }
+    },
+)
+@streamed_import
+async def import_terminals(
+    request: Request, context: Context, principal: Manufacturer
+) -> ImportReportOut:
+    """Bulk registration, streamed: CSV (header ``sn,model,public_key``), NDJSON (one
+    object per line) or a JSON array. One transaction; every row is accepted, unchanged
+    (already registered with that key) or rejected with a code (docs/tmk.md)."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    kind = IMPORT_MEDIA_TYPES.get(media)
+    if kind is None:
+        raise UnsupportedImportType(f"unsupported content type {media[:60]!r}")
+    run = partial(_import, context, kind, request.stream(), principal.actor)
+    report = await anyio.to_thread.run_sync(run)
+    return ImportReportOut(**report.to_dict())
+
+
+def _import(
+    context: AppContext, kind: str, chunks: AsyncIterator[bytes], actor: str
+) -> registry.ImportReport:
+    """Runs in a worker thread, pulling the body from the event loop line by line."""
+    lines = _lines(chunks, max_line=None if kind == "json" else MAX_LINE_CHARS)
+    if kind == "csv":
+        rows = registry.read_csv(lines)
+    elif kind == "ndjson":
+        rows = registry.read_ndjson(lines)
+    else:
+        rows = registry.read_json_array("".join(lines))
+    return registry.import_terminals(context.sessions, rows, actor=actor)
+
+
+async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await chunks.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+def _lines(chunks: AsyncIterator[bytes], *, max_line: int | None) -> Iterator[str]:
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    pending = ""
+    while True:
+        chunk = anyio.from_thread.run(_next_chunk, chunks)
+        try:
+            text = pending + decoder.decode(chunk or b"", final=chunk is None)
+        except UnicodeDecodeError:
+            raise registry.InvalidTerminalRecord("the body is not UTF-8 text") from None
+        *complete, pending = text.split("\n")
+        for line in complete:
+            yield line + "\n"
+        if max_line is not None and len(pending) > max_line:
+            raise registry.InvalidTerminalRecord(f"a line is longer than {max_line} characters")
+        if chunk is None:
+            if pending:
+                yield pending
+            return
+
+
+@router.get("/terminals/{sn}")
+def get_terminal(sn: Sn, context: Context, principal: Reader) -> TerminalStatusOut:
+    """The terminal's registration, status, active TMK and working keys (KCVs only)."""
+    return TerminalStatusOut.of(_service(context).overview(sn))
+
+
+def _change(
+    context: AppContext, sn: str, action: str, body: StatusChangeIn | None, actor: str
+) -> TerminalStatusOut:
+    reason = body.reason if body else ""
+    view = _service(context).change_terminal_status(sn, action, actor=actor, reason=reason)
+    return TerminalStatusOut.of(view)
+
+
+@router.post("/terminals/{sn}/suspend")
+def suspend_terminal(
+    sn: Sn, context: Context, principal: Operator, body: StatusChangeIn | None = None
+) -> TerminalStatusOut:
+    """Suspend: no downloads or working keys until re-activated; open downloads end."""
+    return _change(context, sn, "suspend", body, principal.actor)
+
+
+@router.post("/terminals/{sn}/revoke")
+def revoke_terminal(
+    sn: Sn, context: Context, principal: Operator, body: StatusChangeIn | None = None
+) -> TerminalStatusOut:
+    """Revoke for good: its TMK and working keys are retired and destroyed."""
+    return _change(context, sn, "revoke", body, principal.actor)
+
+
+@router.post("/terminals/{sn}/reactivate")
+def reactivate_terminal(
+    sn: Sn, context: Context, principal: Operator, body: StatusChangeIn | None = None
+) -> TerminalStatusOut:
+    """Re-activate a suspended terminal."""
+    return _change(context, sn, "reactivate", body, principal.actor)
+
+
+@router.post("/terminals/{sn}/rotate-tmk")
+def rotate_tmk(
+    sn: Sn, context: Context, principal: Operator, body: RotationIn | None = None
+) -> TerminalStatusOut:
+    """Allow the terminal's next download; when it completes, the current TMK and its
+    working keys are retired and destroyed."""
+    algorithm = KeyAlgorithm(body.algorithm) if body and body.algorithm else None
+    view = _service(context).request_rotation(sn, actor=principal.actor, algorithm=algorithm)
+    return TerminalStatusOut.of(view)
+
+
+# =====================================================================================
+# Working keys and PIN blocks (the TMS)
+# =====================================================================================
+
+
+@router.post("/terminals/{sn}/working-keys", status_code=201)
+def issue_working_key(
+    sn: Sn, body: WorkingKeyIn, context: Context, principal: Operator
+) -> WorkingKeyOut:
+    """A new working key as a TR-31 block under the terminal's TMK (version D for AES
+    TMKs, B for TDES); it replaces the terminal's previous key of that usage."""
+    assert body.usage in WORKING_KEY_USAGES
+    issued = _service(context).issue_working_key(sn, body.usage, actor=principal.actor)
+    return WorkingKeyOut.of(issued)
+
+
+@router.post("/terminals/{sn}/pin-blocks/verify")
+def verify_pin_block(
+    sn: Sn, body: PinCheckIn, context: Context, principal: Operator
+) -> PinCheckOut:
+    """Demo: does this PIN block (under the terminal's P0 key) carry this PIN? Answers
+    only the verdict; every call is audited. See docs/tmk.md for why this is a demo."""
+    match = _service(context).verify_pin_block(
+        sn, bytes.fromhex(body.pin_block), pan=body.pan, pin=body.pin, actor=principal.actor
+    )
+    return PinCheckOut(match=match)
+
+
+# =====================================================================================
+# Downloads (terminals, through the device gateway)
+# =====================================================================================
+
+
+@router.post(
+    "/downloads",
+    response_class=Response,
+    responses={200: {"content": {MESSAGE_MEDIA_TYPE: {}}, **_MESSAGE_DOC}},
+)
+def start_download(principal: Gateway, context: Context, body: RawBody) -> Response:
+    """Step 1-2: a ``tmk-download-request`` in, a ``tmk-server-challenge`` out."""
+    challenge = _service(context).start_download(body, actor=principal.actor)
+    return _message(challenge.to_json())
+
+
+@router.post(
+    "/downloads/{session_id}/proof",
+    response_class=Response,
+    responses={200: {"content": {MESSAGE_MEDIA_TYPE: {}}, **_MESSAGE_DOC}},
+)
+def download_proof(
+    session_id: SessionId, principal: Gateway, context: Context, body: RawBody
+) -> Response:
+    """Step 4-6: a ``tmk-terminal-proof`` in, a ``tmk-key-delivery`` out."""
+    delivery = _service(context).accept_proof(session_id, body, actor=principal.actor)
+    return _message(delivery.to_json())
+
+
+@router.post("/downloads/{session_id}/confirm")
+def download_confirm(
+    session_id: SessionId, principal: Gateway, context: Context, body: RawBody
+) -> ActivatedOut:
+    """Step 7: a ``tmk-confirmation`` in; the TMK is active once this answers 200."""
+    activation = _service(context).confirm(session_id, body, actor=principal.actor)
+    return ActivatedOut(
+        session_id=activation.session_id,
+        sn=activation.sn,
+        algorithm=activation.algorithm.value,
+        kcv=activation.kcv.hex().upper(),
+        activated_at=activation.activated_at,
+    )
+
+
+@router.post("/downloads/{session_id}/abort")
+def download_abort(
+    session_id: SessionId, body: AbortIn, context: Context, principal: Gateway
+) -> dict[str, str]:
+    """The terminal gave up (and says why): the session ends and its TMK is destroyed."""
+    _service(context).abort_download(session_id, body.code, actor=principal.actor)
+    return {"status": "aborted"}
+
+
+# =====================================================================================
+# The key server's identity
+# =====================================================================================
+
+
+def _identity_out(context: AppContext, identity: KeyServerIdentity) -> IdentityOut:
+    root = _service(context).identity.root()
+    return IdentityOut.of(root.pem, identity)
+
+
+@router.get("/identity", dependencies=[Depends(public)])
+def get_identity(context: Context) -> IdentityOut:
+    """KSRCRT (what terminals preload) and the current KSWCRT; public, as certificates
+    are. KSRCRT's CRL is at ``crl_path`` (public too)."""
+    service = _service(context)
+    return _identity_out(context, service.identity.require_current())
+
+
+@router.post("/identity")
+def init_identity(context: Context, principal: Admin) -> IdentityOut:
+    """Make KSRCRT and the first work certificate if they do not exist yet."""
+    identity = _service(context).identity.ensure(actor=principal.actor)
+    return _identity_out(context, identity)
+
+
+@router.post("/identity/rotate-work-cert")
+def rotate_work_certificate(context: Context, principal: Admin) -> IdentityOut:
+    """A new work key and KSWCRT under the same KSRCRT; terminals need no change."""
+    identity = _service(context).identity.rotate(actor=principal.actor)
+    return _identity_out(context, identity)
+
+
+@router.post("/identity/revoke-work-cert")
+def revoke_work_certificate(
+    context: Context, principal: Admin, body: RevocationIn | None = None
+) -> RevokedOut:
+    """Revoke the current KSWCRT (KSRCRT's CRL lists it at once) and issue a new one."""
+    reason = body.reason if body else RevocationReason.KEY_COMPROMISE
+    revoked, new = _service(context).identity.revoke(actor=principal.actor, reason=reason)
+    return RevokedOut(revoked_serial=revoked.serial_hex, identity=_identity_out(context, new))
