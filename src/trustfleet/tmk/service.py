@@ -338,22 +338,26 @@ class TmkService:
         try:
             identity = self.identity.ensure(actor=SERVICE_ACTOR)
             now = self._now()
+            with self._sessions() as session:
+                terminal = _check_terminal(session.get(Terminal, request.sn), request.sn)
+                self._may_download(session, terminal.sn)
+                registration = _registration(terminal)
+            # signing reads the key store: done between the check and the write, which
+            # checks again under lock
+            challenge, state = server_start(
+                request,
+                terminal=registration,
+                keystore=self._keystore,
+                work_key=identity.work_key_handle,
+                kswcrt_der=identity.kswcrt_der,
+                now=now,
+                ttl=self._ttl,
+                random=self._random,
+            )
             with transaction(self._sessions) as session:
-                terminal = _check_terminal(
-                    session.get(Terminal, request.sn, with_for_update=True), request.sn
-                )
-                algorithm = self._may_download(session, terminal.sn)
-                challenge, state = server_start(
-                    request,
-                    terminal=_registration(terminal),
-                    keystore=self._keystore,
-                    work_key=identity.work_key_handle,
-                    kswcrt_der=identity.kswcrt_der,
-                    now=now,
-                    ttl=self._ttl,
-                    random=self._random,
-                )
-                superseded = self._abort_open_sessions(session, terminal.sn, "tmk-superseded")
+                _check_terminal(session.get(Terminal, state.sn, with_for_update=True), state.sn)
+                algorithm = self._may_download(session, state.sn, lock=True)
+                superseded = self._abort_open_sessions(session, state.sn, "tmk-superseded")
                 session.add(
                     DownloadSession(
                         session_id=state.session_id,
@@ -385,9 +389,9 @@ class TmkService:
         self._destroy(superseded)
         return challenge
 
-    def _may_download(self, session: Session, sn: str) -> KeyAlgorithm:
+    def _may_download(self, session: Session, sn: str, *, lock: bool = False) -> KeyAlgorithm:
         """The TMK algorithm this terminal's download gets, or TmkDownloadNotAllowed."""
-        policy = session.get(DownloadPolicy, sn, with_for_update=True)
+        policy = session.get(DownloadPolicy, sn, with_for_update=lock)
         has_tmk = session.scalars(_active_tmk_query(sn)).first() is not None
         if has_tmk and (policy is None or policy.rotation_requested_at is None):
             raise TmkDownloadNotAllowed(
@@ -468,15 +472,23 @@ class TmkService:
         """The terminal's confirmation: the TMK becomes active, the previous one retired."""
         try:
             confirmation = Confirmation.from_json(body)
-            sn = self._read_session(session_id).sn
+            read = self._read_session(session_id)
+            with self._sessions() as session:
+                _check_terminal(session.get(Terminal, read.sn), read.sn)
+            # the MAC check reads the key store: done before the write, which stores the
+            # result only if the session is still the one that was checked
+            event, active = server_confirm(
+                ServerSessionState.from_json(read.state_json),
+                confirmation,
+                keystore=self._keystore,
+                now=self._now(),
+            )
+            sn = event.sn
             with transaction(self._sessions) as session:
                 _check_terminal(session.get(Terminal, sn, with_for_update=True), sn)
                 row = session.get(DownloadSession, session_id, with_for_update=True)
-                assert row is not None  # sessions are never deleted
-                state = ServerSessionState.from_json(row.state_json)
-                event, active = server_confirm(
-                    state, confirmation, keystore=self._keystore, now=self._now()
-                )
+                if row is None or row.state_json != read.state_json:
+                    raise TmkOutOfOrder("the session changed while the confirmation was checked")
                 row.state_json = active.to_json().decode()
                 row.stage = active.stage.value
                 row.updated_at = event.activated_at
@@ -696,7 +708,8 @@ class TmkService:
                 )
                 .values(destroyed_at=now)
             )
-        return len(tmk_ids) + len(aborted_sessions) + len(retired.working_keys)
+        aborted_handles = {s.tmk_handle for s in retired.aborted if s.tmk_handle is not None}
+        return len(aborted_handles | {h for _, h in retired.tmks + retired.working_keys})
 
     def _destroy_quietly(self, handle: str) -> None:
         with contextlib.suppress(KeyNotFound):
