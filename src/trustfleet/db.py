@@ -81,6 +81,15 @@ def read_only_sessions(engine: Engine) -> sessionmaker[Session]:
 
 
 @contextmanager
+def reading(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session for a use case that only reads: on SQLite its transaction is deferred, so
+    it never waits for a writer, not even one of this thread (see :data:`READ_ONLY`)."""
+    with factory() as session:
+        session.connection(execution_options={READ_ONLY: True})
+        yield session
+
+
+@contextmanager
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One use case, one transaction: commit on success, roll back on any error."""
     with factory() as session, session.begin():

@@ -4,7 +4,7 @@ On PostgreSQL the shared engine pings each connection at checkout and wraps each
 in BEGIN/ROLLBACK: three round trips around a one-row select. Key reads use a companion
 engine on the same URL instead, in autocommit and without the ping, shared by every store
 on that engine and disposed with it; a connection found dead is retried once. SQLite
-needs none of this (no network) and keeps its own transaction handling (see trustfleet.db).
+needs none of this (no network); its reads are deferred transactions (see trustfleet.db).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import TypeVar
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError
 
+from trustfleet.db import READ_ONLY
+
 T = TypeVar("T")
 
 _READ_POOL_SIZE = 5
@@ -27,7 +29,9 @@ _lock = threading.Lock()
 
 def read_engine(engine: Engine) -> Engine:
     if engine.dialect.name != "postgresql":
-        return engine
+        # deferred transactions: a key read never waits for a writer (even a caller's own
+        # open write transaction, which would otherwise deadlock until busy_timeout)
+        return engine.execution_options(**{READ_ONLY: True})
     with _lock:
         companion = _companions.get(engine)
         if companion is None:

@@ -15,10 +15,10 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from trustfleet.db import transaction
+from trustfleet.db import reading, transaction
 from trustfleet.errors import AuthenticationRequired, InvalidInput, NotFound
 from trustfleet.server import audit
 from trustfleet.server.models import ROLES, ApiToken, Role
@@ -178,6 +178,12 @@ def bootstrap_admin_token(sessions: sessionmaker[Session]) -> str:
     return plaintext
 
 
+def _touch(sessions: sessionmaker[Session], token_id: int, now: datetime) -> None:
+    """Record when a token was last used (at LAST_USED_RESOLUTION, to keep writes rare)."""
+    with transaction(sessions) as session:
+        session.execute(update(ApiToken).where(ApiToken.id == token_id).values(last_used_at=now))
+
+
 def authenticate(sessions: sessionmaker[Session], presented: str | None) -> Principal:
     """The principal of a presented token, or :class:`AuthenticationFailed` with the reason
     (missing, malformed, unknown, revoked)."""
@@ -186,7 +192,7 @@ def authenticate(sessions: sessionmaker[Session], presented: str | None) -> Prin
     if not presented.startswith(TOKEN_PREFIX) or len(presented) > MAX_TOKEN_CHARS:
         raise AuthenticationFailed("malformed")
     digest = hash_token(presented)
-    with transaction(sessions) as session:
+    with reading(sessions) as session:
         row = session.scalars(select(ApiToken).where(ApiToken.token_hash == digest)).first()
         if row is None or not hmac.compare_digest(row.token_hash, digest):
             raise AuthenticationFailed("unknown")
@@ -196,5 +202,5 @@ def authenticate(sessions: sessionmaker[Session], presented: str | None) -> Prin
             raise AuthenticationFailed("unknown-role", row.id)
         now = _now()
         if row.last_used_at is None or now - audit.as_utc(row.last_used_at) >= LAST_USED_RESOLUTION:
-            row.last_used_at = now
+            _touch(sessions, row.id, now)
         return Principal(name=row.name, role=row.role, token_id=row.id)
