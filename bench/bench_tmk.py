@@ -1,0 +1,323 @@
+"""TMK download benchmark: full downloads by emulated POS terminals over HTTP on loopback.
+
+For each terminal key suite (p256: P-256 TKP, rsa: RSA-2048 TKP) and each number of server
+workers, a fresh data directory is initialised, terminals are made by the reference
+terminal's factory step and imported, a real uvicorn server is started, and client
+processes run one full download per terminal (request -> challenge -> proof -> delivery ->
+confirmation, three HTTP round trips). Reported:
+
+- downloads/s over the measured batch (clients share the 2 cores with the server, so this
+  is a floor, not the server's limit);
+- server CPU per download: CPU seconds of the server's whole process tree / downloads;
+- crypto-only: the server-side cryptography of one download measured in the same run
+  directly through pyca/cryptography (sign the challenge with the work key, verify the
+  terminal's proof, generate the TMK, wrap it to TKP_Pu, its KCV, check the confirmation
+  CMAC), and the ratio crypto-only / server CPU (1.0 would mean no overhead at all).
+
+Usage: python bench/bench_tmk.py [--terminals 300] [--suites p256 rsa] [--workers 1 2]
+                                 [--concurrency 16] [--database-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives import cmac, hashes, hpke
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.ciphers import algorithms
+
+from trustfleet.bootstrap import initialise
+from trustfleet.crypto.base import KeyAlgorithm
+from trustfleet.server.auth import create_token
+from trustfleet.server.runner import build_context
+from trustfleet.settings import load_settings
+from trustfleet.tmk import registry
+from trustfleet.tmk.identity import IdentityService
+from trustfleet.tmk.terminal import HttpTransport, PosTerminal
+
+SUITES = {"p256": KeyAlgorithm.EC_P256, "rsa": KeyAlgorithm.RSA_2048}
+CLIENT_PROCESSES = 2
+WARMUP_TERMINALS = 8
+
+
+@dataclass(frozen=True)
+class Fleet:
+    data_dir: Path
+    terminal_dirs: list[Path]
+    gateway_token: str
+    env: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    suite: str
+    workers: int
+    downloads: int
+    failures: int
+    seconds: float
+    server_cpu_seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return self.downloads / self.seconds
+
+    @property
+    def cpu_ms_per_download(self) -> float:
+        return 1000 * self.server_cpu_seconds / self.downloads
+
+
+# -- setup -------------------------------------------------------------------------------
+
+
+def _make_terminal(args: tuple[str, str, str, bytes]) -> tuple[str, dict[str, Any]]:
+    directory, sn, algorithm, root_pem = args
+    record = PosTerminal.factory(directory, sn, KeyAlgorithm(algorithm), root_pem=root_pem)
+    return directory, record.to_dict()
+
+
+def build_fleet(workdir: Path, suite: str, count: int, database_url: str) -> Fleet:
+    data_dir = workdir / "data"
+    env = {**os.environ, "TRUSTFLEET_DATA_DIR": str(data_dir), "TRUSTFLEET_LOG_LEVEL": "WARNING"}
+    if database_url:
+        env["TRUSTFLEET_DATABASE_URL"] = database_url
+    settings = load_settings(data_dir, database_url=database_url or None)
+    initialise(settings)
+    context = build_context(settings)
+    identity = IdentityService(context.sessions, context.keystore)
+    identity.ensure(actor="bench")
+    root_pem = identity.root().pem.encode()
+    jobs = [
+        (str(workdir / "terminals" / f"T{i:06d}"), f"BENCH{i:06d}", SUITES[suite].value, root_pem)
+        for i in range(count)
+    ]
+    with multiprocessing.Pool(CLIENT_PROCESSES) as pool:
+        made = pool.map(_make_terminal, jobs, chunksize=16)
+    rows = (
+        registry.RawRecord(n, rec["sn"], rec["model"], rec["public_key"])
+        for n, (_, rec) in enumerate(made, start=1)
+    )
+    report = registry.import_terminals(context.sessions, rows, actor="bench")
+    assert report.accepted == count, report.to_dict()["rejected"][:3]
+    token, _ = create_token(context.sessions, "bench gateway", "device-gateway", actor="bench")
+    context.engine.dispose()
+    return Fleet(data_dir, [Path(d) for d, _ in made], token, env)
+
+
+# -- the server and its CPU time ---------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and all its live descendants."""
+    ticks = 0
+    for member in _tree(pid):
+        with contextlib.suppress(OSError):
+            fields = (Path("/proc") / str(member) / "stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def running_server(fleet: Fleet, workers: int) -> Iterator[tuple[str, int]]:
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "uvicorn", "--factory", "trustfleet.server.runner:app_from_env",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+        "--log-level", "warning", "--no-access-log",
+    ]  # fmt: skip
+    server = subprocess.Popen(command, env=fleet.env, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("the server did not become ready")
+        yield url, server.pid
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+# -- clients -----------------------------------------------------------------------------
+
+
+def _client_process(url: str, token: str, directories: list[str], threads: int) -> int:
+    """Download with ``threads`` threads over the given terminals; return the failures."""
+    failures = 0
+    lock = threading.Lock()
+    queue = list(directories)
+
+    def worker() -> None:
+        nonlocal failures
+        with httpx.Client(base_url=url, timeout=30) as client:
+            transport = HttpTransport(client, token)
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    directory = queue.pop()
+                try:
+                    PosTerminal.open(directory).download(transport)
+                except Exception as exc:  # counted and reported, never hidden
+                    with lock:
+                        failures += 1
+                        if failures <= 3:
+                            print(f"  download failed: {exc!r}", file=sys.stderr)
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return failures
+
+
+def run_downloads(url: str, token: str, directories: list[Path], concurrency: int) -> int:
+    shares = [[str(d) for d in directories[i::CLIENT_PROCESSES]] for i in range(CLIENT_PROCESSES)]
+    threads = max(1, concurrency // CLIENT_PROCESSES)
+    with multiprocessing.Pool(CLIENT_PROCESSES) as pool:
+        results = [
+            pool.apply_async(_client_process, (url, token, share, threads)) for share in shares
+        ]
+        return sum(r.get() for r in results)
+
+
+def measure(suite: str, workers: int, args: argparse.Namespace) -> Measurement:
+    workdir = Path(tempfile.mkdtemp(prefix=f"tf-bench-tmk-{suite}-"))
+    try:
+        fleet = build_fleet(workdir, suite, args.terminals + WARMUP_TERMINALS, args.database_url)
+        warmup, measured = (
+            fleet.terminal_dirs[:WARMUP_TERMINALS],
+            fleet.terminal_dirs[WARMUP_TERMINALS:],
+        )
+        with running_server(fleet, workers) as (url, pid):
+            run_downloads(url, fleet.gateway_token, warmup, WARMUP_TERMINALS)
+            cpu_before, start = tree_cpu_seconds(pid), time.perf_counter()
+            failures = run_downloads(url, fleet.gateway_token, measured, args.concurrency)
+            seconds, cpu = time.perf_counter() - start, tree_cpu_seconds(pid) - cpu_before
+        return Measurement(suite, workers, len(measured) - failures, failures, seconds, cpu)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# -- the crypto-only limit ---------------------------------------------------------------
+
+
+def _per_op(operation: Callable[[], object], seconds: float = 0.5) -> float:
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        for _ in range(20):
+            operation()
+        count += 20
+    return elapsed / count
+
+
+def crypto_only_seconds(suite: str) -> float:
+    """Server-side cryptography of one download, directly through pyca/cryptography."""
+    work_key = ec.generate_private_key(ec.SECP256R1())
+    tbs = secrets.token_bytes(180)
+    tmk = secrets.token_bytes(16)
+    cmac_data = secrets.token_bytes(48)
+
+    def aes_cmac(data: bytes) -> bytes:
+        mac = cmac.CMAC(algorithms.AES(tmk))
+        mac.update(data)
+        return mac.finalize()
+
+    ops: list[Callable[[], object]] = [
+        lambda: work_key.sign(tbs, ec.ECDSA(hashes.SHA256())),  # challenge signature
+        lambda: secrets.token_bytes(16),  # the TMK
+        lambda: aes_cmac(bytes(16)),  # its KCV
+        lambda: aes_cmac(cmac_data),  # checking the confirmation
+    ]
+    if suite == "p256":
+        tkp = ec.generate_private_key(ec.SECP256R1())
+        proof = tkp.sign(tbs, ec.ECDSA(hashes.SHA256()))
+        kem = hpke.Suite(hpke.KEM.P256, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_128_GCM)
+        public = tkp.public_key()
+        ops.append(lambda: public.verify(proof, tbs, ec.ECDSA(hashes.SHA256())))
+        ops.append(lambda: kem.encrypt(tmk, public, b"transcript-hash-32-bytes........"))
+    else:
+        tkp_rsa = rsa.generate_private_key(65537, 2048)
+        pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+        proof = tkp_rsa.sign(tbs, pss, hashes.SHA256())
+        oaep = padding.OAEP(
+            mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=b"t" * 32
+        )
+        rsa_public = tkp_rsa.public_key()
+        ops.append(lambda: rsa_public.verify(proof, tbs, pss, hashes.SHA256()))
+        ops.append(lambda: rsa_public.encrypt(tmk, oaep))
+    return sum(_per_op(op) for op in ops)
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--terminals", type=int, default=300)
+    parser.add_argument("--suites", nargs="+", default=list(SUITES), choices=list(SUITES))
+    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--database-url", default="", help="default: SQLite in the data dir")
+    args = parser.parse_args()
+
+    print(f"{args.terminals} downloads per run, {args.concurrency} concurrent terminals, "
+          f"database {'PostgreSQL' if args.database_url else 'SQLite'}")  # fmt: skip
+    print("| suite | workers | downloads/s | server CPU ms/download | crypto-only ms | ratio |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for suite in args.suites:
+        crypto_ms = 1000 * crypto_only_seconds(suite)
+        for workers in args.workers:
+            m = measure(suite, workers, args)
+            ratio = crypto_ms / m.cpu_ms_per_download
+            failed = f" ({m.failures} failed)" if m.failures else ""
+            print(
+                f"| {suite} | {workers} | {m.per_second:,.0f}{failed} | {m.cpu_ms_per_download:.2f}"
+                f" | {crypto_ms:.3f} | {ratio:.2f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
