@@ -16,8 +16,10 @@ from trustfleet.errors import TrustfleetError
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 token_app = typer.Typer(no_args_is_help=True, help="API tokens (one role each).")
 audit_app = typer.Typer(no_args_is_help=True, help="The hash-chained audit log.")
+emulate_app = typer.Typer(no_args_is_help=True, help="Reference devices (emulators).")
 app.add_typer(token_app, name="token")
 app.add_typer(audit_app, name="audit")
+app.add_typer(emulate_app, name="emulate")
 
 
 @app.callback()
@@ -124,9 +126,14 @@ def _register_domain_commands() -> None:
     from trustfleet.cli import demo
     from trustfleet.keystore import cli as keystore_cli
     from trustfleet.pki import cli as pki_cli
+    from trustfleet.tmk import cli as tmk_cli
 
     app.add_typer(pki_cli.app, name="ca")
     app.add_typer(keystore_cli.app, name="keystore")
+    app.add_typer(tmk_cli.app, name="tmk")
+    emulate_app.add_typer(tmk_cli.pos_app, name="pos")
+    if tmk_cli.demo_step not in demo.DEMO_STEPS:
+        demo.DEMO_STEPS.append(tmk_cli.demo_step)
     app.command("demo")(demo.demo)
 
 
