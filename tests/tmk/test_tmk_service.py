@@ -240,7 +240,7 @@ def test_download_activates_the_tmk_the_terminal_holds(
     assert keystore.kcv(tmk.key_handle)[:5] == terminal.scm.tmk_kcv
     assert _session_row(sessions, run.session_id).stage == "active"
     actions = [r.action for r in _audit(sessions) if r.subject == "POS-A"]
-    assert actions[-3:] == ["tmk.download_started", "tmk.tmk_delivered", "tmk.tmk_activated"]
+    assert actions[-2:] == ["tmk.download_started", "tmk.tmk_activated"]
     with sessions() as session:
         assert verify_chain(iter_records(session)).ok
 

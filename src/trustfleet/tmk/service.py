@@ -29,17 +29,17 @@ import contextlib
 import hmac
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Row, Select, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.crypto import load_public_key
 from trustfleet.crypto.base import KeyAlgorithm
-from trustfleet.db import transaction
+from trustfleet.db import reading, transaction
 from trustfleet.errors import InvalidInput, KeyNotFound
 from trustfleet.keystore.base import KeyStore, KeyUsage
 from trustfleet.server import audit
@@ -49,6 +49,7 @@ from trustfleet.tmk.identity import IdentityService
 from trustfleet.tmk.models import (
     DownloadPolicy,
     DownloadSession,
+    ServerIdentity,
     Terminal,
     TerminalMasterKey,
     WorkingKey,
@@ -253,18 +254,28 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _check_terminal(row: Terminal | None, sn: str) -> Terminal:
-    if row is None:
+def _check_status(sn: str, status: str | None) -> None:
+    """Only an active registered terminal may download and get keys."""
+    if status is None:
         raise TmkUnknownTerminal(f"no terminal {sn[:64]!r} is registered")
-    if row.status == "suspended":
-        raise TmkTerminalSuspended(f"terminal {row.sn} is suspended")
-    if row.status == "revoked":
-        raise TmkTerminalRevoked(f"terminal {row.sn} is revoked")
+    if status == "suspended":
+        raise TmkTerminalSuspended(f"terminal {sn} is suspended")
+    if status == "revoked":
+        raise TmkTerminalRevoked(f"terminal {sn} is revoked")
+
+
+def _check_terminal(row: Terminal | None, sn: str) -> Terminal:
+    _check_status(sn, row.status if row is not None else None)
+    assert row is not None
     return row
 
 
-def _registration(row: Terminal) -> RegisteredTerminal:
-    return RegisteredTerminal(sn=row.sn, auth_public=load_public_key(row.public_key_der))
+class _NoIdentity(Exception):
+    """The key server has no work certificate yet (only before the first download)."""
+
+
+def _registration(sn: str, public_key_der: bytes) -> RegisteredTerminal:
+    return RegisteredTerminal(sn=sn, auth_public=load_public_key(public_key_der))
 
 
 def _active_tmk_query(sn: str, *, for_update: bool = False) -> Select[TerminalMasterKey]:
@@ -291,10 +302,96 @@ class _Retired:
     tmks: list[tuple[int, str]]  # (row id, handle)
     working_keys: list[tuple[int, str]]
     aborted: list[ServerSessionState]
+    kcvs: list[str]  # of the retired TMKs
 
     @classmethod
     def none(cls) -> _Retired:
-        return cls([], [], [])
+        return cls([], [], [], [])
+
+
+def _check_session_id(session_id: object) -> None:
+    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+        raise TmkSessionNotFound()
+
+
+# The download's statements, built once: constructing a statement costs more than running it.
+_START_FACTS = (
+    select(
+        Terminal.status,
+        Terminal.public_key_der,
+        DownloadPolicy.tmk_algorithm,
+        DownloadPolicy.rotation_requested_at,
+        TerminalMasterKey.id.label("active_tmk"),
+    )
+    .select_from(Terminal)
+    .outerjoin(DownloadPolicy, DownloadPolicy.sn == Terminal.sn)
+    .outerjoin(TerminalMasterKey, TerminalMasterKey.active_sn == Terminal.sn)
+    .where(Terminal.sn == bindparam("b_sn"))
+    .with_for_update(of=Terminal.sn)
+)
+_ACTIVE_IDENTITY = select(
+    ServerIdentity.work_key_handle, ServerIdentity.kswcrt_der, ServerIdentity.serial_hex
+).where(ServerIdentity.active_slot == 1)
+_INSERT_SESSION = insert(DownloadSession)
+_PROOF_FACTS = (
+    select(
+        DownloadSession.sn,
+        DownloadSession.state_json,
+        DownloadSession.tmk_algorithm,
+        Terminal.status,
+        Terminal.public_key_der,
+    )
+    .join(Terminal, Terminal.sn == DownloadSession.sn)
+    .where(DownloadSession.session_id == bindparam("b_sid"))
+)
+_STORE_DELIVERY = update(DownloadSession).where(
+    DownloadSession.session_id == bindparam("b_sid"),
+    DownloadSession.state_json == bindparam("b_read"),
+)
+_INSERT_TMK = insert(TerminalMasterKey)
+_SESSION_LOCKED = (
+    select(DownloadSession.sn, DownloadSession.state_json)
+    .where(DownloadSession.session_id == bindparam("b_sid"))
+    .with_for_update()
+)
+_TERMINAL_STATUS_LOCKED = (
+    select(Terminal.status).where(Terminal.sn == bindparam("b_sn")).with_for_update()
+)
+_SET_SESSION_STATE = update(DownloadSession).where(DownloadSession.session_id == bindparam("b_sid"))
+_RETIRE_TMK = (
+    update(TerminalMasterKey)
+    .where(TerminalMasterKey.active_sn == bindparam("b_sn"))
+    .returning(TerminalMasterKey.id, TerminalMasterKey.key_handle, TerminalMasterKey.kcv_hex)
+)
+_RETIRE_WORKING_KEYS = (
+    update(WorkingKey)
+    .where(WorkingKey.tmk_id == bindparam("b_tmk"), WorkingKey.status == "active")
+    .returning(WorkingKey.id, WorkingKey.key_handle)
+)
+_ACTIVATE_TMK = update(TerminalMasterKey).where(TerminalMasterKey.session_id == bindparam("b_sid"))
+_SESSION_COLUMNS = (
+    DownloadSession.session_id,
+    DownloadSession.sn,
+    DownloadSession.state_json,
+    DownloadSession.stage,
+)
+_SESSION_FOR_ABORT = (
+    select(*_SESSION_COLUMNS)
+    .where(DownloadSession.session_id == bindparam("b_sid"))
+    .with_for_update()
+)
+_OPEN_SESSIONS = (
+    select(*_SESSION_COLUMNS)
+    .where(DownloadSession.sn == bindparam("b_sn"), DownloadSession.stage.in_(_OPEN_STAGES))
+    .with_for_update()
+)
+_OPEN_SESSIONS_SKIP_LOCKED = _OPEN_SESSIONS.with_for_update(skip_locked=True)
+_ABORT_PENDING_TMK = update(TerminalMasterKey).where(
+    TerminalMasterKey.session_id == bindparam("b_sid"), TerminalMasterKey.status == "pending"
+)
+_CLEAR_ROTATION = update(DownloadPolicy).where(
+    DownloadPolicy.sn == bindparam("b_sn"), DownloadPolicy.rotation_requested_at.is_not(None)
+)
 
 
 # =====================================================================================
@@ -336,17 +433,40 @@ class TmkService:
             self._fail(None, exc.code, actor=actor, step="request")
             raise
         try:
-            identity = self.identity.ensure(actor=SERVICE_ACTOR)
-            now = self._now()
-            with self._sessions() as session:
-                terminal = _check_terminal(session.get(Terminal, request.sn), request.sn)
-                self._may_download(session, terminal.sn)
-                registration = _registration(terminal)
-            # signing reads the key store: done between the check and the write, which
-            # checks again under lock
-            challenge, state = server_start(
+            try:
+                challenge, superseded = self._start(request, actor)
+            except _NoIdentity:  # the very first download: make KSRCRT and KSWCRT, then retry
+                self.identity.ensure(actor=SERVICE_ACTOR)
+                challenge, superseded = self._start(request, actor)
+        except TmkError as exc:
+            self._fail(None, exc.code, actor=actor, step="request", sn=request.sn)
+            raise
+        self._destroy(superseded)
+        return challenge
+
+    def _start(self, request: DownloadRequest, actor: str) -> tuple[ServerChallenge, _Retired]:
+        now = self._now()
+        with transaction(self._sessions) as session:
+            connection = session.connection()
+            facts = connection.execute(_START_FACTS, {"b_sn": request.sn}).first()
+            _check_status(request.sn, facts.status if facts else None)
+            assert facts is not None
+            if facts.active_tmk is not None and facts.rotation_requested_at is None:
+                raise TmkDownloadNotAllowed(
+                    f"terminal {request.sn} has an active TMK; ask for a new one with"
+                    " rotate-tmk first"
+                )
+            algorithm = (
+                KeyAlgorithm(facts.tmk_algorithm)
+                if facts.tmk_algorithm
+                else self._default_algorithm
+            )
+            identity = connection.execute(_ACTIVE_IDENTITY).first()
+            if identity is None:
+                raise _NoIdentity()
+            challenge, state = server_start(  # signing is a key-store read
                 request,
-                terminal=registration,
+                terminal=_registration(request.sn, facts.public_key_der),
                 keystore=self._keystore,
                 work_key=identity.work_key_handle,
                 kswcrt_der=identity.kswcrt_der,
@@ -354,74 +474,66 @@ class TmkService:
                 ttl=self._ttl,
                 random=self._random,
             )
-            with transaction(self._sessions) as session:
-                _check_terminal(session.get(Terminal, state.sn, with_for_update=True), state.sn)
-                algorithm = self._may_download(session, state.sn, lock=True)
-                superseded = self._abort_open_sessions(session, state.sn, "tmk-superseded")
-                session.add(
-                    DownloadSession(
-                        session_id=state.session_id,
-                        sn=state.sn,
-                        stage=state.stage.value,
-                        state_json=state.to_json().decode(),
-                        tmk_algorithm=algorithm.value,
-                        expires_at=state.expires_at,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
-                audit.append(
-                    session,
-                    action="tmk.download_started",
-                    actor=actor,
-                    subject=state.sn,
-                    details={
-                        "session_id": state.session_id,
-                        "suite": state.suite,
-                        "tmk_algorithm": algorithm.value,
-                        "work_certificate": identity.serial_hex,
-                        "superseded_sessions": len(superseded.aborted),
-                    },
-                )
-        except TmkError as exc:
-            self._fail(None, exc.code, actor=actor, step="request", sn=request.sn)
-            raise
-        self._destroy(superseded)
-        return challenge
-
-    def _may_download(self, session: Session, sn: str, *, lock: bool = False) -> KeyAlgorithm:
-        """The TMK algorithm this terminal's download gets, or TmkDownloadNotAllowed."""
-        policy = session.get(DownloadPolicy, sn, with_for_update=lock)
-        has_tmk = session.scalars(_active_tmk_query(sn)).first() is not None
-        if has_tmk and (policy is None or policy.rotation_requested_at is None):
-            raise TmkDownloadNotAllowed(
-                f"terminal {sn} has an active TMK; ask for a new one with rotate-tmk first"
+            superseded = self._abort_open_sessions(
+                session, state.sn, "tmk-superseded", skip_locked=True
             )
-        return KeyAlgorithm(policy.tmk_algorithm) if policy else self._default_algorithm
+            connection.execute(
+                _INSERT_SESSION,
+                {
+                    "session_id": state.session_id,
+                    "sn": state.sn,
+                    "stage": state.stage.value,
+                    "state_json": state.to_json().decode(),
+                    "tmk_algorithm": algorithm.value,
+                    "expires_at": state.expires_at,
+                    "created_at": now,
+                    "updated_at": now,
+                },
+            )
+            audit.append(
+                session,
+                action="tmk.download_started",
+                actor=actor,
+                subject=state.sn,
+                details={
+                    "session_id": state.session_id,
+                    "suite": state.suite,
+                    "tmk_algorithm": algorithm.value,
+                    "work_certificate": identity.serial_hex,
+                    "superseded_sessions": len(superseded.aborted),
+                },
+            )
+        return challenge, superseded
 
     # -- step 4-6: proof ----------------------------------------------------------------
 
     def accept_proof(self, session_id: str, body: bytes | str, *, actor: str) -> KeyDelivery:
-        """The terminal's proof: verify it, make the TMK and deliver it wrapped."""
+        """The terminal's proof: verify it, make the TMK and deliver it wrapped.
+
+        Making the TMK writes to the key store, so it happens outside the transaction that
+        stores the delivery; that transaction stores it only if the session is unchanged
+        since it was read (else the new TMK is destroyed and the session aborted)."""
         try:
             proof = TerminalProof.from_json(body)
-            row = self._read_session(session_id)
-            state = ServerSessionState.from_json(row.state_json)
-            with self._sessions() as session:
-                terminal = _check_terminal(session.get(Terminal, row.sn), row.sn)
+            _check_session_id(session_id)
+            with reading(self._sessions) as session:
+                facts = session.connection().execute(_PROOF_FACTS, {"b_sid": session_id}).first()
+            if facts is None:
+                raise TmkSessionNotFound()
+            _check_status(facts.sn, facts.status)
             delivery, delivered = server_accept_proof(
-                state,
+                ServerSessionState.from_json(facts.state_json),
                 proof,
-                terminal=_registration(terminal),
+                terminal=_registration(facts.sn, facts.public_key_der),
                 keystore=self._keystore,
                 now=self._now(),
-                tmk_algorithm=KeyAlgorithm(row.tmk_algorithm),
+                tmk_algorithm=KeyAlgorithm(facts.tmk_algorithm),
             )
         except TmkError as exc:
             self._fail(session_id, exc.code, actor=actor, step="proof")
             raise
         try:
-            self._store_delivery(row.state_json, delivered, actor=actor)
+            self._store_delivery(facts.state_json, delivered)
         except BaseException as exc:
             assert delivered.tmk_handle is not None
             self._destroy_quietly(delivered.tmk_handle)  # never recorded: nobody else knows it
@@ -430,68 +542,69 @@ class TmkService:
             raise
         return delivery
 
-    def _store_delivery(
-        self, read_state: str, delivered: ServerSessionState, *, actor: str
-    ) -> None:
+    def _store_delivery(self, read_state: str, delivered: ServerSessionState) -> None:
         now = self._now()
         handle, algorithm, kcv = delivered.tmk
         with transaction(self._sessions) as session:
-            _check_terminal(session.get(Terminal, delivered.sn, with_for_update=True), delivered.sn)
-            row = session.get(DownloadSession, delivered.session_id, with_for_update=True)
-            if row is None or row.state_json != read_state:
-                raise TmkOutOfOrder("the session changed while the proof was being checked")
-            row.state_json = delivered.to_json().decode()
-            row.stage = delivered.stage.value
-            row.updated_at = now
-            session.add(
-                TerminalMasterKey(
-                    sn=delivered.sn,
-                    session_id=delivered.session_id,
-                    key_handle=handle,
-                    algorithm=algorithm.value,
-                    kcv_hex=kcv.hex().upper(),
-                    status="pending",
-                    created_at=now,
-                )
+            connection = session.connection()
+            changed = connection.execute(
+                _STORE_DELIVERY,
+                {
+                    "b_sid": delivered.session_id,
+                    "b_read": read_state,
+                    "state_json": delivered.to_json().decode(),
+                    "stage": delivered.stage.value,
+                    "updated_at": now,
+                },
             )
-            audit.append(
-                session,
-                action="tmk.tmk_delivered",
-                actor=actor,
-                subject=delivered.sn,
-                details={
+            if changed.rowcount != 1:
+                raise TmkOutOfOrder("the session changed while the proof was being checked")
+            connection.execute(
+                _INSERT_TMK,
+                {
+                    "sn": delivered.sn,
                     "session_id": delivered.session_id,
+                    "key_handle": handle,
                     "algorithm": algorithm.value,
-                    "kcv": kcv.hex().upper(),
+                    "kcv_hex": kcv.hex().upper(),
+                    "status": "pending",
+                    "created_at": now,
                 },
             )
 
     # -- step 7: confirm ----------------------------------------------------------------
 
     def confirm(self, session_id: str, body: bytes | str, *, actor: str) -> Activation:
-        """The terminal's confirmation: the TMK becomes active, the previous one retired."""
+        """The terminal's confirmation: the TMK becomes active, the previous one retired.
+
+        Locks the session's row, then its terminal's (a start locks the terminal first but
+        skips locked sessions, so the two never wait for each other)."""
         try:
             confirmation = Confirmation.from_json(body)
-            read = self._read_session(session_id)
-            with self._sessions() as session:
-                _check_terminal(session.get(Terminal, read.sn), read.sn)
-            # the MAC check reads the key store: done before the write, which stores the
-            # result only if the session is still the one that was checked
-            event, active = server_confirm(
-                ServerSessionState.from_json(read.state_json),
-                confirmation,
-                keystore=self._keystore,
-                now=self._now(),
-            )
-            sn = event.sn
+            _check_session_id(session_id)
             with transaction(self._sessions) as session:
-                _check_terminal(session.get(Terminal, sn, with_for_update=True), sn)
-                row = session.get(DownloadSession, session_id, with_for_update=True)
-                if row is None or row.state_json != read.state_json:
-                    raise TmkOutOfOrder("the session changed while the confirmation was checked")
-                row.state_json = active.to_json().decode()
-                row.stage = active.stage.value
-                row.updated_at = event.activated_at
+                connection = session.connection()
+                row = connection.execute(_SESSION_LOCKED, {"b_sid": session_id}).first()
+                if row is None:
+                    raise TmkSessionNotFound()
+                sn = row.sn
+                status = connection.execute(_TERMINAL_STATUS_LOCKED, {"b_sn": sn}).scalar()
+                _check_status(sn, status)
+                event, active = server_confirm(  # the MAC check is a key-store read
+                    ServerSessionState.from_json(row.state_json),
+                    confirmation,
+                    keystore=self._keystore,
+                    now=self._now(),
+                )
+                connection.execute(
+                    _SET_SESSION_STATE,
+                    {
+                        "b_sid": session_id,
+                        "state_json": active.to_json().decode(),
+                        "stage": active.stage.value,
+                        "updated_at": event.activated_at,
+                    },
+                )
                 retired, old_kcv = self._activate(session, event.session_id, sn)
                 audit.append(
                     session,
@@ -520,38 +633,37 @@ class TmkService:
         )
 
     def _activate(self, session: Session, session_id: str, sn: str) -> tuple[_Retired, str | None]:
+        """Retire the terminal's active TMK (and its working keys), then activate the
+        session's. The caller holds the terminal's row lock."""
         now = self._now()
-        retired = _Retired.none()
-        old = session.scalars(_active_tmk_query(sn, for_update=True)).one_or_none()
-        old_kcv = None
-        if old is not None:
-            old_kcv = old.kcv_hex
-            self._retire_tmk(session, old, now, retired)
-            session.flush()  # free the active slot first
-        tmk = session.scalars(
-            select(TerminalMasterKey).where(TerminalMasterKey.session_id == session_id)
-        ).one()
-        tmk.status, tmk.active_sn, tmk.activated_at = "active", sn, now
-        policy = session.get(DownloadPolicy, sn, with_for_update=True)
-        if policy is not None:
-            policy.rotation_requested_at = None
-            policy.updated_at = now
+        retired = self._retire_active_tmk(session, sn, now)
+        old_kcv = retired.kcvs[0] if retired.kcvs else None
+        connection = session.connection()
+        connection.execute(
+            _ACTIVATE_TMK,
+            {"b_sid": session_id, "status": "active", "active_sn": sn, "activated_at": now},
+        )
+        connection.execute(
+            _CLEAR_ROTATION, {"b_sn": sn, "rotation_requested_at": None, "updated_at": now}
+        )
         return retired, old_kcv
 
     @staticmethod
-    def _retire_tmk(
-        session: Session, tmk: TerminalMasterKey, now: datetime, retired: _Retired
-    ) -> None:
-        tmk.status, tmk.active_sn, tmk.retired_at = "retired", None, now
-        retired.tmks.append((tmk.id, tmk.key_handle))
-        working = session.scalars(
-            select(WorkingKey)
-            .where(WorkingKey.tmk_id == tmk.id, WorkingKey.status == "active")
-            .with_for_update()
+    def _retire_active_tmk(session: Session, sn: str, now: datetime) -> _Retired:
+        retired = _Retired.none()
+        connection = session.connection()
+        old = connection.execute(
+            _RETIRE_TMK, {"b_sn": sn, "status": "retired", "active_sn": None, "retired_at": now}
         ).all()
-        for key in working:
-            key.status, key.active_slot, key.retired_at = "retired", None, now
-            retired.working_keys.append((key.id, key.key_handle))
+        for tmk_id, handle, kcv_hex in old:
+            retired.tmks.append((tmk_id, handle))
+            retired.kcvs.append(kcv_hex)
+            keys = connection.execute(
+                _RETIRE_WORKING_KEYS,
+                {"b_tmk": tmk_id, "status": "retired", "active_slot": None, "retired_at": now},
+            ).all()
+            retired.working_keys += [(key_id, key_handle) for key_id, key_handle in keys]
+        return retired
 
     # -- terminal-side failure, failures, sweeping ----------------------------------------
 
@@ -565,9 +677,8 @@ class TmkService:
         )
 
     def _read_session(self, session_id: str) -> DownloadSession:
-        if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
-            raise TmkSessionNotFound()
-        with self._sessions() as session:
+        _check_session_id(session_id)
+        with reading(self._sessions) as session:
             row = session.get(DownloadSession, session_id)
         if row is None:
             raise TmkSessionNotFound()
@@ -586,12 +697,13 @@ class TmkService:
         """Abort the session (if it is still open) and audit the failure."""
         aborted = _Retired.none()
         with transaction(self._sessions) as session:
-            row = None
             if session_id is not None and _SESSION_ID.fullmatch(session_id):
-                row = session.get(DownloadSession, session_id, with_for_update=True)
-            if row is not None:
-                sn = row.sn
-                self._abort_row(session, row, code, aborted)
+                row = (
+                    session.connection().execute(_SESSION_FOR_ABORT, {"b_sid": session_id}).first()
+                )
+                if row is not None:
+                    sn = row.sn
+                    self._abort_rows(session, [row], code, aborted)
             details: dict[str, Any] = {"code": code, "step": step, "session_id": session_id}
             if reported is not None:
                 details["reported_code"] = reported
@@ -605,35 +717,42 @@ class TmkService:
             )
         self._destroy(aborted)
 
-    def _abort_row(
-        self, session: Session, row: DownloadSession, code: str, aborted: _Retired
+    def _abort_rows(
+        self,
+        session: Session,
+        rows: Sequence[Row[str, str, str, str]],
+        code: str,
+        aborted: _Retired,
     ) -> None:
-        if row.stage not in _OPEN_STAGES:
-            return
-        state = ServerSessionState.from_json(row.state_json)
-        row.state_json = replace(state, stage=ServerStage.ABORTED).to_json().decode()
-        row.stage = ServerStage.ABORTED.value
-        row.error_code = code
-        row.updated_at = self._now()
-        session.execute(
-            update(TerminalMasterKey)
-            .where(
-                TerminalMasterKey.session_id == row.session_id,
-                TerminalMasterKey.status == "pending",
-            )
-            .values(status="aborted")
-        )
-        aborted.aborted.append(state)
-
-    def _abort_open_sessions(self, session: Session, sn: str, code: str) -> _Retired:
-        aborted = _Retired.none()
-        rows = session.scalars(
-            select(DownloadSession)
-            .where(DownloadSession.sn == sn, DownloadSession.stage.in_(_OPEN_STAGES))
-            .with_for_update()
-        ).all()
+        """Abort the open sessions among ``rows`` (session_id, sn, state_json, stage); their
+        TMKs are destroyed after commit (:meth:`_destroy` of ``aborted``)."""
+        connection = session.connection()
         for row in rows:
-            self._abort_row(session, row, code, aborted)
+            if row.stage not in _OPEN_STAGES:
+                continue
+            state = ServerSessionState.from_json(row.state_json)
+            connection.execute(
+                _SET_SESSION_STATE,
+                {
+                    "b_sid": row.session_id,
+                    "state_json": replace(state, stage=ServerStage.ABORTED).to_json().decode(),
+                    "stage": ServerStage.ABORTED.value,
+                    "error_code": code,
+                    "updated_at": self._now(),
+                },
+            )
+            connection.execute(_ABORT_PENDING_TMK, {"b_sid": row.session_id, "status": "aborted"})
+            aborted.aborted.append(state)
+
+    def _abort_open_sessions(
+        self, session: Session, sn: str, code: str, *, skip_locked: bool = False
+    ) -> _Retired:
+        """Abort the terminal's open sessions (with ``skip_locked``, those another
+        transaction is confirming right now are left to it)."""
+        aborted = _Retired.none()
+        query = _OPEN_SESSIONS_SKIP_LOCKED if skip_locked else _OPEN_SESSIONS
+        rows = session.connection().execute(query, {"b_sn": sn}).all()
+        self._abort_rows(session, rows, code, aborted)
         return aborted
 
     def sweep(self, *, actor: str = "tmk-sweeper") -> SweepReport:
@@ -642,13 +761,12 @@ class TmkService:
         now = self._now()
         aborted = _Retired.none()
         with transaction(self._sessions) as session:
-            expired = session.scalars(
-                select(DownloadSession)
+            expired = session.execute(
+                select(*_SESSION_COLUMNS)
                 .where(DownloadSession.stage.in_(_OPEN_STAGES), DownloadSession.expires_at <= now)
                 .with_for_update()
             ).all()
-            for row in expired:
-                self._abort_row(session, row, "tmk-session-expired", aborted)
+            self._abort_rows(session, expired, "tmk-session-expired", aborted)
             if expired:
                 audit.append(
                     session,
@@ -657,7 +775,7 @@ class TmkService:
                     subject="sessions",
                     details={"aborted": len(expired)},
                 )
-        with self._sessions() as session:
+        with reading(self._sessions) as session:
             aborted.tmks += [
                 (r.id, r.key_handle)
                 for r in session.scalars(
@@ -759,9 +877,9 @@ class TmkService:
                 aborted = self._abort_open_sessions(session, sn, f"tmk-terminal-{action}d")
                 retired.aborted += aborted.aborted
                 if action == "revoke":
-                    tmk = session.scalars(_active_tmk_query(sn, for_update=True)).one_or_none()
-                    if tmk is not None:
-                        self._retire_tmk(session, tmk, self._now(), retired)
+                    revoked = self._retire_active_tmk(session, sn, self._now())
+                    retired.tmks += revoked.tmks
+                    retired.working_keys += revoked.working_keys
             self._destroy(retired)
         return self.overview(sn)
 
@@ -812,7 +930,7 @@ class TmkService:
 
     def _tmk_for_issue(self, sn: str, usage: str) -> tuple[int, str, KeyAlgorithm, bytes, str]:
         working_key_profile(usage, KeyAlgorithm.AES_128)  # refuse unknown usages first
-        with self._sessions() as session:
+        with reading(self._sessions) as session:
             terminal = session.get(Terminal, sn)
             if terminal is None:
                 raise registry.TerminalNotFound(f"no terminal {sn[:64]!r}")
@@ -898,7 +1016,7 @@ class TmkService:
         ``pin``; only the verdict leaves the server (see docs/tmk.md for the trade-off)."""
         pinblock.check_pin(pin)
         pinblock.check_pan(pan)
-        with self._sessions() as session:
+        with reading(self._sessions) as session:
             terminal = session.get(Terminal, sn)
             if terminal is None:
                 raise registry.TerminalNotFound(f"no terminal {sn[:64]!r}")
@@ -937,7 +1055,7 @@ class TmkService:
 
     def overview(self, sn: str) -> TerminalOverview:
         """The terminal's registration, its active TMK and working keys (KCVs only)."""
-        with self._sessions() as session:
+        with reading(self._sessions) as session:
             terminal = session.get(Terminal, sn)
             if terminal is None:
                 raise registry.TerminalNotFound(f"no terminal {sn[:64]!r}")
