@@ -327,13 +327,13 @@ _START_FACTS = (
     .outerjoin(DownloadPolicy, DownloadPolicy.sn == Terminal.sn)
     .outerjoin(TerminalMasterKey, TerminalMasterKey.active_sn == Terminal.sn)
     .where(Terminal.sn == bindparam("b_sn"))
-    .with_for_update(of=Terminal.sn)
 )
+_START_FACTS_LOCKED = _START_FACTS.with_for_update(of=Terminal.sn)
 _ACTIVE_IDENTITY = select(
     ServerIdentity.work_key_handle, ServerIdentity.kswcrt_der, ServerIdentity.serial_hex
 ).where(ServerIdentity.active_slot == 1)
 _INSERT_SESSION = insert(DownloadSession)
-_PROOF_FACTS = (
+_SESSION_FACTS = (
     select(
         DownloadSession.sn,
         DownloadSession.state_json,
@@ -445,35 +445,33 @@ class TmkService:
         return challenge
 
     def _start(self, request: DownloadRequest, actor: str) -> tuple[ServerChallenge, _Retired]:
+        # Signing reads the key store, which needs a connection of its own: on SQLite a
+        # thread must not wait for one while it holds the write lock (every other thread
+        # may be holding a pooled connection while waiting for that lock). So: read,
+        # sign, then write after checking again under lock.
         now = self._now()
-        with transaction(self._sessions) as session:
+        with reading(self._sessions) as session:
             connection = session.connection()
             facts = connection.execute(_START_FACTS, {"b_sn": request.sn}).first()
-            _check_status(request.sn, facts.status if facts else None)
-            assert facts is not None
-            if facts.active_tmk is not None and facts.rotation_requested_at is None:
-                raise TmkDownloadNotAllowed(
-                    f"terminal {request.sn} has an active TMK; ask for a new one with"
-                    " rotate-tmk first"
-                )
-            algorithm = (
-                KeyAlgorithm(facts.tmk_algorithm)
-                if facts.tmk_algorithm
-                else self._default_algorithm
-            )
             identity = connection.execute(_ACTIVE_IDENTITY).first()
-            if identity is None:
-                raise _NoIdentity()
-            challenge, state = server_start(  # signing is a key-store read
-                request,
-                terminal=_registration(request.sn, facts.public_key_der),
-                keystore=self._keystore,
-                work_key=identity.work_key_handle,
-                kswcrt_der=identity.kswcrt_der,
-                now=now,
-                ttl=self._ttl,
-                random=self._random,
-            )
+        self._download_algorithm(request.sn, facts)
+        assert facts is not None  # checked above
+        if identity is None:
+            raise _NoIdentity()
+        challenge, state = server_start(
+            request,
+            terminal=_registration(request.sn, facts.public_key_der),
+            keystore=self._keystore,
+            work_key=identity.work_key_handle,
+            kswcrt_der=identity.kswcrt_der,
+            now=now,
+            ttl=self._ttl,
+            random=self._random,
+        )
+        with transaction(self._sessions) as session:
+            connection = session.connection()
+            locked = connection.execute(_START_FACTS_LOCKED, {"b_sn": request.sn}).first()
+            algorithm = self._download_algorithm(request.sn, locked)
             superseded = self._abort_open_sessions(
                 session, state.sn, "tmk-superseded", skip_locked=True
             )
@@ -505,6 +503,18 @@ class TmkService:
             )
         return challenge, superseded
 
+    def _download_algorithm(
+        self, sn: str, facts: Row[str, bytes, str, datetime | None, int] | None
+    ) -> KeyAlgorithm:
+        """The TMK algorithm of this terminal's download, or why it may not download."""
+        _check_status(sn, facts.status if facts else None)
+        assert facts is not None
+        if facts.active_tmk is not None and facts.rotation_requested_at is None:
+            raise TmkDownloadNotAllowed(
+                f"terminal {sn} has an active TMK; ask for a new one with rotate-tmk first"
+            )
+        return KeyAlgorithm(facts.tmk_algorithm) if facts.tmk_algorithm else self._default_algorithm
+
     # -- step 4-6: proof ----------------------------------------------------------------
 
     def accept_proof(self, session_id: str, body: bytes | str, *, actor: str) -> KeyDelivery:
@@ -517,7 +527,7 @@ class TmkService:
             proof = TerminalProof.from_json(body)
             _check_session_id(session_id)
             with reading(self._sessions) as session:
-                facts = session.connection().execute(_PROOF_FACTS, {"b_sid": session_id}).first()
+                facts = session.connection().execute(_SESSION_FACTS, {"b_sid": session_id}).first()
             if facts is None:
                 raise TmkSessionNotFound()
             _check_status(facts.sn, facts.status)
@@ -582,20 +592,25 @@ class TmkService:
         try:
             confirmation = Confirmation.from_json(body)
             _check_session_id(session_id)
+            with reading(self._sessions) as session:
+                facts = session.connection().execute(_SESSION_FACTS, {"b_sid": session_id}).first()
+            if facts is None:
+                raise TmkSessionNotFound()
+            sn = facts.sn
+            _check_status(sn, facts.status)
+            event, active = server_confirm(  # the MAC check reads the key store: see _start
+                ServerSessionState.from_json(facts.state_json),
+                confirmation,
+                keystore=self._keystore,
+                now=self._now(),
+            )
             with transaction(self._sessions) as session:
                 connection = session.connection()
                 row = connection.execute(_SESSION_LOCKED, {"b_sid": session_id}).first()
-                if row is None:
-                    raise TmkSessionNotFound()
-                sn = row.sn
+                if row is None or row.state_json != facts.state_json:
+                    raise TmkOutOfOrder("the session changed while the confirmation was checked")
                 status = connection.execute(_TERMINAL_STATUS_LOCKED, {"b_sn": sn}).scalar()
                 _check_status(sn, status)
-                event, active = server_confirm(  # the MAC check is a key-store read
-                    ServerSessionState.from_json(row.state_json),
-                    confirmation,
-                    keystore=self._keystore,
-                    now=self._now(),
-                )
                 connection.execute(
                     _SET_SESSION_STATE,
                     {
