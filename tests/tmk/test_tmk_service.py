@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -732,3 +733,18 @@ def test_a_server_whose_work_certificate_is_not_under_the_terminals_root_is_refu
     with pytest.raises(errors.TmkUntrustedServerCertificate):
         session.receive_challenge(challenge)
     assert not terminal.scm.has_tmk
+
+
+def test_many_concurrent_downloads_all_complete(
+    service: TmkService,
+    make_terminal: Callable[..., PosTerminal],
+    sessions: sessionmaker[Session],
+    clock: Clock,
+) -> None:
+    """More threads than the connection pool holds: no step may wait for a second
+    connection while it holds the database's write lock (SQLite would deadlock)."""
+    terminals = [make_terminal(f"POS-C{i}") for i in range(24)]
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        activations = list(pool.map(lambda t: download(service, t, clock), terminals))
+    assert [a.kcv for a in activations] == [t.scm.tmk_kcv for t in terminals]
+    assert _failures(sessions) == []
