@@ -171,12 +171,12 @@ class Transport(Protocol):
 
 
 class HttpTransport:
-    """JSON over HTTP with the device gateway's bearer token. ``client`` may be any
-    ``httpx.Client`` (FastAPI's TestClient is one)."""
+    """JSON over HTTP with the device gateway's bearer token (none for public reads).
+    ``client`` may be any ``httpx.Client`` (FastAPI's TestClient is one)."""
 
     def __init__(self, client: httpx.Client, token: str) -> None:
         self._client = client
-        self._headers = {"Authorization": f"Bearer {token}"}
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def post(self, path: str, body: bytes) -> bytes:
         headers = {**self._headers, "Content-Type": "application/json"}
