@@ -1103,6 +1103,3 @@ class TmkService:
             ],
             tmk_history=int(history or 0),
         )
-
-    def session_stage(self, session_id: str) -> str:
-        return self._read_session(session_id).stage
