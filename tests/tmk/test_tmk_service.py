@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.crypto.base import KeyAlgorithm
-from trustfleet.errors import KeyNotFound, KeyUsageNotAllowed
+from trustfleet.errors import KeyNotFound
 from trustfleet.keystore.base import KeyStore
 from trustfleet.keystore.master import MasterKey, MasterKeyring
 from trustfleet.keystore.soft import SoftKeyStore
@@ -630,16 +630,9 @@ def test_working_keys_need_an_active_tmk(service: TmkService, terminal: PosTermi
         service.issue_working_key("NOPE", "P0", actor="tms")
 
 
-TDES_TMK_CANNOT_WRAP = pytest.mark.xfail(
-    strict=True,
-    raises=KeyUsageNotAllowed,
-    reason="protocol.TMK_USAGE gives a TDES TMK no WRAP, which keystore.wrap_tr31 needs",
-)
-
-
 @pytest.mark.parametrize(
     "tmk_algorithm",
-    [KeyAlgorithm.AES_128, pytest.param(KeyAlgorithm.TDES, marks=TDES_TMK_CANNOT_WRAP)],
+    [KeyAlgorithm.AES_128, KeyAlgorithm.TDES],
 )
 def test_pin_block_from_the_terminal_deciphers_on_the_server(
     service: TmkService,

@@ -85,7 +85,7 @@ KCV_LENGTHS = {KeyAlgorithm.TDES: 3, KeyAlgorithm.AES_128: 5, KeyAlgorithm.AES_2
 TMK_USAGE = {
     KeyAlgorithm.AES_128: KeyUsage.WRAP | KeyUsage.MAC | KeyUsage.WRAPPABLE,
     KeyAlgorithm.AES_256: KeyUsage.WRAP | KeyUsage.MAC | KeyUsage.WRAPPABLE,
-    KeyAlgorithm.TDES: KeyUsage.MAC | KeyUsage.WRAPPABLE,
+    KeyAlgorithm.TDES: KeyUsage.WRAP | KeyUsage.MAC | KeyUsage.WRAPPABLE,
 }
 
 #: TKP algorithms whose key both signs and receives the TMK; Ed25519 terminals need an
