@@ -2,34 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from harness import run_cli
+
 TOKEN_PREFIX = "tf_"
 
 
-def run(data_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TRUSTFLEET_DATA_DIR": str(data_dir), "COLUMNS": "200"}
-    env.pop("TRUSTFLEET_MASTER_KEY", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "trustfleet.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} exited {result.returncode}: {result.stdout}{result.stderr}")
-    return result
+run = run_cli
 
 
 def _tokens(output: str) -> list[str]:

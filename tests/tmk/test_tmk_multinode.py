@@ -5,147 +5,45 @@ working keys issued on one node are used on the other."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import text
 
-from trustfleet.db import make_engine, make_session_factory, migrate
-from trustfleet.keystore.master import create_master_key_file
-from trustfleet.server.auth import bootstrap_admin_token
+from harness import (
+    Node,
+    admin_token_for,
+    needs_postgres,
+    node_environment,
+    postgres_schema,
+    running_nodes,
+)
 from trustfleet.tmk.terminal import HttpTransport, PosTerminal
 
-POSTGRES_URL = os.environ.get("TRUSTFLEET_TEST_POSTGRES_URL", "")
-STARTUP_SECONDS = 60
 PAN = "4761739001010010"
 
-pytestmark = [
-    pytest.mark.postgres,
-    pytest.mark.slow,
-    pytest.mark.skipif(not POSTGRES_URL, reason="TRUSTFLEET_TEST_POSTGRES_URL is not set"),
-]
-
-
-@dataclass
-class Node:
-    name: str
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _start_node(name: str, env: dict[str, str], data_dir: Path) -> Node:
-    port = _free_port()
-    data_dir.mkdir()
-    log = data_dir / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--factory",
-        "trustfleet.server.runner:app_from_env",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--no-access-log",
-    ]
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, env={**env, "TRUSTFLEET_DATA_DIR": str(data_dir)}, stdout=out, stderr=out
-        )
-    return Node(name, f"http://127.0.0.1:{port}", process, log)
-
-
-def _wait_ready(node: Node) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if node.process.poll() is not None:
-            pytest.fail(f"node {node.name} exited:\n{node.log.read_text()[-3000:]}")
-        try:
-            if httpx.get(node.url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"node {node.name} not ready:\n{node.log.read_text()[-3000:]}")
-
-
-def _stop(node: Node) -> None:
-    if node.process.poll() is None:
-        node.process.terminate()
-        try:
-            node.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            node.process.kill()
-            node.process.wait()
+pytestmark = [*needs_postgres, pytest.mark.slow]
 
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    schema = "tmk_" + secrets.token_hex(6)
-    admin = make_engine(POSTGRES_URL)
-    with admin.begin() as connection:
-        connection.execute(text(f"CREATE SCHEMA {schema}"))
-    sep = "&" if "?" in POSTGRES_URL else "?"
-    try:
-        yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as connection:
-            connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    with postgres_schema("tmk_") as url:
+        yield url
 
 
 @pytest.fixture
 def env(postgres_url: str, tmp_path: Path) -> dict[str, str]:
-    master_key = tmp_path / "master.key"
-    create_master_key_file(master_key)
-    environment = {
-        **os.environ,
-        "TRUSTFLEET_DATABASE_URL": postgres_url,
-        "TRUSTFLEET_MASTER_KEY_FILE": str(master_key),
-        "TRUSTFLEET_LOG_LEVEL": "WARNING",
-    }
-    environment.pop("TRUSTFLEET_MASTER_KEY", None)
-    environment.pop("TRUSTFLEET_CONFIG", None)
-    return environment
+    return node_environment(postgres_url, tmp_path)
 
 
 @pytest.fixture
 def nodes(env: dict[str, str], tmp_path: Path) -> Iterator[tuple[Node, Node]]:
-    started = [_start_node(name, env, tmp_path / name) for name in ("a", "b")]
-    try:
-        for node in started:
-            _wait_ready(node)
-        yield started[0], started[1]
-    finally:
-        for node in started:
-            _stop(node)
-
-
-def _admin_token(postgres_url: str) -> str:
-    engine = make_engine(postgres_url)
-    try:
-        migrate(engine)
-        return bootstrap_admin_token(make_session_factory(engine))
-    finally:
-        engine.dispose()
+    with running_nodes(env, tmp_path) as (a, b):
+        yield a, b
 
 
 class Alternating:
@@ -168,7 +66,7 @@ def test_downloads_hop_between_nodes_and_keys_work_everywhere(
     nodes: tuple[Node, Node], postgres_url: str, tmp_path: Path, env: dict[str, str]
 ) -> None:
     a, b = nodes
-    admin = {"Authorization": f"Bearer {_admin_token(postgres_url)}"}
+    admin = {"Authorization": f"Bearer {admin_token_for(postgres_url)}"}
     clients = [httpx.Client(base_url=n.url, timeout=30) for n in (a, b)]
     try:
         tokens = {

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from psec import pinblock as psec_pinblock
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from harness import run_cli
 from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.db import make_engine, make_session_factory, migrate
 from trustfleet.errors import InvalidInput, TrustfleetError
@@ -337,20 +336,7 @@ def test_bad_pins_and_pans_are_input_errors(pin: str, pan: str) -> None:
 # =====================================================================================
 
 
-def run(data_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TRUSTFLEET_DATA_DIR": str(data_dir), "COLUMNS": "200"}
-    env.pop("TRUSTFLEET_MASTER_KEY", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "trustfleet.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} exited {result.returncode}: {result.stdout}{result.stderr}")
-    return result
+run = run_cli
 
 
 @pytest.mark.slow
