@@ -15,10 +15,10 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from trustfleet.db import reading, transaction
+from trustfleet.db import READ_ONLY, transaction
 from trustfleet.errors import AuthenticationRequired, InvalidInput, NotFound
 from trustfleet.server import audit
 from trustfleet.server.models import ROLES, ApiToken, Role
@@ -178,6 +178,16 @@ def bootstrap_admin_token(sessions: sessionmaker[Session]) -> str:
     return plaintext
 
 
+_TOKEN_BY_HASH = select(
+    ApiToken.id,
+    ApiToken.name,
+    ApiToken.role,
+    ApiToken.token_hash,
+    ApiToken.revoked_at,
+    ApiToken.last_used_at,
+).where(ApiToken.token_hash == bindparam("digest"))
+
+
 def _touch(sessions: sessionmaker[Session], token_id: int, now: datetime) -> None:
     """Record when a token was last used (at LAST_USED_RESOLUTION, to keep writes rare)."""
     with transaction(sessions) as session:
@@ -192,15 +202,16 @@ def authenticate(sessions: sessionmaker[Session], presented: str | None) -> Prin
     if not presented.startswith(TOKEN_PREFIX) or len(presented) > MAX_TOKEN_CHARS:
         raise AuthenticationFailed("malformed")
     digest = hash_token(presented)
-    with reading(sessions) as session:
-        row = session.scalars(select(ApiToken).where(ApiToken.token_hash == digest)).first()
-        if row is None or not hmac.compare_digest(row.token_hash, digest):
-            raise AuthenticationFailed("unknown")
-        if row.revoked_at is not None:
-            raise AuthenticationFailed("revoked", row.id)
-        if row.role not in ROLES:
-            raise AuthenticationFailed("unknown-role", row.id)
-        now = _now()
-        if row.last_used_at is None or now - audit.as_utc(row.last_used_at) >= LAST_USED_RESOLUTION:
-            _touch(sessions, row.id, now)
-        return Principal(name=row.name, role=row.role, token_id=row.id)
+    engine = sessions.kw["bind"].execution_options(**{READ_ONLY: True})
+    with engine.connect() as connection:  # one indexed select on every request: no ORM
+        row = connection.execute(_TOKEN_BY_HASH, {"digest": digest}).first()
+    if row is None or not hmac.compare_digest(row.token_hash, digest):
+        raise AuthenticationFailed("unknown")
+    if row.revoked_at is not None:
+        raise AuthenticationFailed("revoked", row.id)
+    if row.role not in ROLES:
+        raise AuthenticationFailed("unknown-role", row.id)
+    now = _now()
+    if row.last_used_at is None or now - audit.as_utc(row.last_used_at) >= LAST_USED_RESOLUTION:
+        _touch(sessions, row.id, now)
+    return Principal(name=row.name, role=row.role, token_id=row.id)
