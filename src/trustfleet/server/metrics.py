@@ -16,7 +16,7 @@ from prometheus_client.exposition import generate_latest
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
-from trustfleet.server.audit import AuditRecord
+from trustfleet.server.audit import PENDING_INFO_KEY
 
 UNMATCHED_ROUTE = "unmatched"
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -50,7 +50,6 @@ class Metrics:
             ("action", "outcome"),
             registry=self.registry,
         )
-        self._pending_key = f"trustfleet_audit_pending_{id(self)}"
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         method = method if method in _KNOWN_METHODS else "OTHER"
@@ -63,21 +62,15 @@ class Metrics:
 
     def watch_audit(self, sessions: sessionmaker[Session]) -> None:
         """Count audit records written through ``sessions``, once their transaction commits."""
-        event.listen(sessions, "after_flush", self._collect_audit)
         event.listen(sessions, "after_commit", self._count_audit)
         event.listen(sessions, "after_rollback", self._forget_audit)
 
-    def _collect_audit(self, session: Session, _flush_context: Any) -> None:
-        written = [(r.action, r.outcome) for r in session.new if isinstance(r, AuditRecord)]
-        if written:
-            session.info.setdefault(self._pending_key, []).extend(written)
-
     def _count_audit(self, session: Session) -> None:
-        for action, outcome in session.info.pop(self._pending_key, []):
+        for action, outcome in session.info.pop(PENDING_INFO_KEY, []):
             self.audit_records.labels(action, outcome).inc()
 
     def _forget_audit(self, session: Session) -> None:
-        session.info.pop(self._pending_key, None)
+        session.info.pop(PENDING_INFO_KEY, None)
 
 
 def route_template(scope: MutableMapping[str, Any]) -> str:
