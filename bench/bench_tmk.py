@@ -41,9 +41,11 @@ import httpx
 from cryptography.hazmat.primitives import cmac, hashes, hpke
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import algorithms
+from sqlalchemy import text
 
 from trustfleet.bootstrap import initialise
 from trustfleet.crypto.base import KeyAlgorithm
+from trustfleet.db import make_engine
 from trustfleet.server.auth import create_token
 from trustfleet.server.runner import build_context
 from trustfleet.settings import load_settings
@@ -91,7 +93,20 @@ def _make_terminal(args: tuple[str, str, str, bytes]) -> tuple[str, dict[str, An
     return directory, record.to_dict()
 
 
+def fresh_schema_url(database_url: str) -> str:
+    """A new, empty schema of the PostgreSQL database (each run starts from nothing)."""
+    schema = "bench_" + secrets.token_hex(6)
+    engine = make_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(text(f"CREATE SCHEMA {schema}"))
+    engine.dispose()
+    sep = "&" if "?" in database_url else "?"
+    return f"{database_url}{sep}options=-csearch_path%3D{schema}"
+
+
 def build_fleet(workdir: Path, suite: str, count: int, database_url: str) -> Fleet:
+    if database_url:
+        database_url = fresh_schema_url(database_url)
     data_dir = workdir / "data"
     env = {**os.environ, "TRUSTFLEET_DATA_DIR": str(data_dir), "TRUSTFLEET_LOG_LEVEL": "WARNING"}
     if database_url:
