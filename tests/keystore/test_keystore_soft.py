@@ -178,7 +178,7 @@ def test_postgres_key_reads_survive_a_dropped_connection(
         pytest.skip("the companion read engine exists only on PostgreSQL")
     from sqlalchemy import text
 
-    from trustfleet.keystore.reads import read_engine
+    from trustfleet.rawdb import read_engine
 
     key = soft_store.generate(A.EC_P256, U.SIGN)
     soft_store.sign(key.handle, b"opens the pooled read connection")

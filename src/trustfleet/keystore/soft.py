@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeAlias
 
-from sqlalchemy import Row, bindparam, select, update
+from sqlalchemy import Engine, Row, bindparam, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet import crypto
@@ -41,7 +41,7 @@ from trustfleet.keystore import payment_ops, policy, secret_ops
 from trustfleet.keystore.base import KeyInfo, KeyStore, KeyUsage
 from trustfleet.keystore.master import MasterKeyring
 from trustfleet.keystore.models import StoredKey, row_binding
-from trustfleet.keystore.reads import read_engine, run_read
+from trustfleet.rawdb import raw_transaction, read, read_engine
 from trustfleet.tmk import tr31
 from trustfleet.tmk.tr31 import KeyBlockHeader
 
@@ -96,9 +96,12 @@ _COLUMNS = (
     StoredKey.kek_id,
 )
 
-# Built once: constructing the statement per call costs more than running it.
+# Run on the driver (trustfleet.rawdb): every key operation reads its row.
 _SELECT_LIVE = select(*_COLUMNS).where(
     StoredKey.handle == bindparam("handle"), StoredKey.destroyed_at.is_(None)
+)
+_INSERT_KEY = insert(StoredKey).values(
+    {column: bindparam(column.key) for column in _COLUMNS}  # destroyed_at stays NULL
 )
 
 
@@ -149,7 +152,8 @@ class SoftKeyStore(KeyStore):
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._sessions = sessions
-        self._reads = read_engine(sessions.kw["bind"])
+        self._engine: Engine = sessions.kw["bind"]
+        self._reads = read_engine(self._engine)
         self._master = master
         self._cache = _LRU(cache_size)
         self._clock = clock or (lambda: datetime.now(UTC))
@@ -208,19 +212,20 @@ class SoftKeyStore(KeyStore):
             kek_id="",
         )
         kek_id, wrapped = self._master.seal(_material_bytes(material), row.binding())
-        with self._sessions() as session, session.begin():
-            session.add(
-                StoredKey(
-                    handle=row.handle,
-                    algorithm=algorithm.value,
-                    usage=usage.value,
-                    exportable=exportable,
-                    label=label,
-                    created_at=row.created_at,
-                    public_key_der=public_der,
-                    wrapped=wrapped,
-                    kek_id=kek_id,
-                )
+        with raw_transaction(self._engine) as connection:
+            connection.run(
+                _INSERT_KEY,
+                {
+                    "handle": row.handle,
+                    "algorithm": algorithm.value,
+                    "usage": usage.value,
+                    "exportable": exportable,
+                    "label": label,
+                    "created_at": row.created_at,
+                    "public_key_der": public_der,
+                    "wrapped": wrapped,
+                    "kek_id": kek_id,
+                },
             )
         return row.info()
 
@@ -248,9 +253,7 @@ class SoftKeyStore(KeyStore):
     def _row(self, handle: str) -> _Row:
         if not isinstance(handle, str) or not handle.startswith(HANDLE_PREFIX):
             raise KeyNotFound(f"no key has handle {handle!r}")
-        found = run_read(
-            self._reads, lambda c: c.execute(_SELECT_LIVE, {"handle": handle}).one_or_none()
-        )
+        found = read(self._reads, lambda c: c.one(_SELECT_LIVE, {"handle": handle}))
         if found is None:
             raise KeyNotFound(f"no key has handle {handle!r}")
         return _to_row(found)

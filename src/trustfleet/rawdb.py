@@ -1,0 +1,274 @@
+"""Hot-path statements: SQLAlchemy Core statements compiled once, run on the DBAPI connection.
+
+A Core ``connection.execute`` costs about 20 µs on SQLite and a pooled ``reading()`` or
+``transaction()`` about 100 µs, against 3 µs and 20 µs for the same work on the driver
+(``bench/RESULTS.md``). Request paths that run several statements per request (the token
+check, the key store's row read, the TMK download) use this module instead; everything else
+keeps the ORM.
+
+The statements are still written in Core against the models, compiled once per dialect
+(:class:`Prepared`); values pass through the dialect's own bind and result processors, so
+what is written here reads back through the ORM unchanged (SQLite's datetimes as text, say).
+
+Transactions follow :mod:`trustfleet.db`'s SQLite rule: :func:`raw_transaction` takes the
+write lock at ``BEGIN IMMEDIATE``; :func:`raw_reading` begins a deferred transaction that
+never waits for a writer. Reads go through :func:`read_engine`: on PostgreSQL the shared
+engine pings each connection at checkout and wraps each statement in BEGIN/ROLLBACK, three
+round trips around a one-row select, so reads use a companion engine on the same URL in
+autocommit and without the ping, disposed with the shared one.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import namedtuple
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine.interfaces import Dialect
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ClauseElement
+
+from trustfleet.db import READ_ONLY
+
+__all__ = [
+    "ConnectionLost",
+    "Prepared",
+    "RawConnection",
+    "RawIntegrityError",
+    "raw_reading",
+    "raw_transaction",
+    "read",
+    "read_engine",
+]
+
+Processor = Callable[[Any], Any]
+T = TypeVar("T")
+
+
+class RawIntegrityError(Exception):
+    """A constraint refused a raw statement (the driver's IntegrityError, any driver)."""
+
+
+class ConnectionLost(Exception):
+    """The database dropped the connection (a restart, an idle timeout); it was discarded."""
+
+
+class Prepared:
+    """One Core statement compiled for one dialect, with its parameter order, literal
+    values and the column types' processors resolved once."""
+
+    __slots__ = ("_binds", "_defaults", "_order", "_required", "_results", "_row", "sql")
+
+    def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        assert isinstance(compiled, SQLCompiler), "a DML or SELECT statement"
+        self.sql = str(compiled)
+        self._order = tuple(compiled.positiontup or ()) if compiled.positional else None
+        self._defaults = dict(compiled.params)
+        self._required = frozenset(name for name, b in compiled.binds.items() if b.required)
+        self._binds: dict[str, Processor] = {}
+        for name, bind in compiled.binds.items():
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if process is not None:
+                self._binds[name] = process
+        columns = list(getattr(statement, "exported_columns", ()))
+        self._results: tuple[Processor | None, ...] = tuple(
+            c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns
+        )
+        keys = [getattr(c, "key", None) or f"c{i}" for i, c in enumerate(columns)]
+        self._row: Any = namedtuple("Row", keys, rename=True) if keys else None
+
+    def parameters(self, values: Mapping[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        missing = self._required - values.keys()
+        if missing:
+            raise TypeError(f"missing statement parameters: {', '.join(sorted(missing))}")
+        merged = {**self._defaults, **values}
+        for name, process in self._binds.items():
+            merged[name] = process(merged[name])
+        if self._order is None:
+            return merged
+        return tuple(merged[name] for name in self._order)
+
+    def row(self, raw: tuple[Any, ...]) -> Any:
+        assert self._row is not None, "the statement selects no columns"
+        return self._row._make(
+            value if process is None else process(value)
+            for value, process in zip(raw, self._results, strict=True)
+        )
+
+
+class RawConnection:
+    """A DBAPI connection checked out for one use case."""
+
+    __slots__ = ("_dbapi", "_dialect", "_prepared")
+
+    def __init__(self, dbapi_connection: Any, dialect: Dialect) -> None:
+        self._dbapi = dbapi_connection
+        self._dialect = dialect
+        self._prepared = _prepared_cache(dialect)
+
+    @property
+    def dialect_name(self) -> str:
+        return str(self._dialect.name)
+
+    def _run(self, statement: ClauseElement, values: Mapping[str, Any]) -> tuple[Any, Prepared]:
+        prepared = self._prepared.get(id(statement))
+        if prepared is None:
+            prepared = self._prepare(statement)
+        cursor = self._dbapi.cursor()
+        try:
+            cursor.execute(prepared.sql, prepared.parameters(values))
+        except self._dialect.loaded_dbapi.IntegrityError as exc:
+            cursor.close()
+            raise RawIntegrityError(str(exc)) from exc
+        except self._dialect.loaded_dbapi.Error as exc:
+            if self._dialect.is_disconnect(exc, self._dbapi, cursor):
+                raise ConnectionLost(str(exc)) from exc
+            cursor.close()
+            raise
+        except BaseException:
+            cursor.close()
+            raise
+        return cursor, prepared
+
+    def _prepare(self, statement: ClauseElement) -> Prepared:
+        prepared = Prepared(statement, self._dialect)
+        with _cache_lock:
+            self._prepared[id(statement)] = prepared
+            _keep_alive.append(statement)  # ids stay unique while the statement lives
+        return prepared
+
+    def one(self, statement: ClauseElement, values: Mapping[str, Any] | None = None) -> Any:
+        """The first row (a named tuple), or None."""
+        cursor, prepared = self._run(statement, values or {})
+        try:
+            raw = cursor.fetchone()
+        finally:
+            cursor.close()
+        return None if raw is None else prepared.row(raw)
+
+    def all(self, statement: ClauseElement, values: Mapping[str, Any] | None = None) -> list[Any]:
+        cursor, prepared = self._run(statement, values or {})
+        try:
+            return [prepared.row(raw) for raw in cursor.fetchall()]
+        finally:
+            cursor.close()
+
+    def scalar(self, statement: ClauseElement, values: Mapping[str, Any] | None = None) -> Any:
+        row = self.one(statement, values)
+        return None if row is None else row[0]
+
+    def run(self, statement: ClauseElement, values: Mapping[str, Any] | None = None) -> int:
+        """Execute a statement that returns no rows; its row count."""
+        cursor, _ = self._run(statement, values or {})
+        try:
+            return int(cursor.rowcount)
+        finally:
+            cursor.close()
+
+
+_caches: weakref.WeakKeyDictionary[Dialect, dict[int, Prepared]] = weakref.WeakKeyDictionary()
+_cache_lock = threading.Lock()
+_keep_alive: list[ClauseElement] = []
+
+
+def _prepared_cache(dialect: Dialect) -> dict[int, Prepared]:
+    cache = _caches.get(dialect)
+    if cache is None:
+        with _cache_lock:
+            cache = _caches.setdefault(dialect, {})
+    return cache
+
+
+_READ_POOL_SIZE = 5
+_READ_MAX_OVERFLOW = 15
+_companions: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+
+
+def read_engine(engine: Engine) -> Engine:
+    """The engine for hot-path reads of ``engine``'s database (see the module docstring)."""
+    if engine.dialect.name != "postgresql":
+        # deferred transactions: a read never waits for a writer (not even a caller's own
+        # open write transaction, which would otherwise deadlock until busy_timeout)
+        return engine.execution_options(**{READ_ONLY: True})
+    with _cache_lock:
+        companion = _companions.get(engine)
+        if companion is None:
+            companion = create_engine(
+                engine.url,
+                isolation_level="AUTOCOMMIT",
+                pool_pre_ping=False,
+                pool_size=_READ_POOL_SIZE,
+                max_overflow=_READ_MAX_OVERFLOW,
+            )
+            _companions[engine] = companion
+            event.listen(engine, "engine_disposed", lambda _: companion.dispose())
+        return companion
+
+
+def _is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+@contextmanager
+def raw_reading(engine: Engine) -> Iterator[RawConnection]:
+    """One consistent read; ``engine`` is a :func:`read_engine`."""
+    pooled = _checkout(engine)
+    try:
+        if _is_sqlite(engine):
+            pooled.driver_connection.execute("BEGIN")
+        yield RawConnection(pooled.driver_connection, engine.dialect)
+    except ConnectionLost:
+        pooled.invalidate()
+        raise
+    finally:
+        pooled.close()  # the pool's reset rolls back whatever is open
+
+
+def read(engine: Engine, use: Callable[[RawConnection], T]) -> T:
+    """``use`` in a :func:`raw_reading`; once more on a fresh connection if the pooled one
+    had been dropped by the server (reads are safe to repeat)."""
+    try:
+        with raw_reading(engine) as connection:
+            return use(connection)
+    except ConnectionLost:
+        pass
+    with raw_reading(engine) as connection:
+        return use(connection)
+
+
+@contextmanager
+def raw_transaction(engine: Engine) -> Iterator[RawConnection]:
+    """One write transaction: committed when the block ends, rolled back on any error.
+    On SQLite it holds the write lock from the start (``BEGIN IMMEDIATE``)."""
+    pooled = _checkout(engine)
+    driver = pooled.driver_connection
+    try:
+        if _is_sqlite(engine):
+            driver.execute("BEGIN IMMEDIATE")
+        try:
+            yield RawConnection(driver, engine.dialect)
+        except ConnectionLost:
+            pooled.invalidate()
+            raise
+        except BaseException:
+            driver.rollback()
+            raise
+        driver.commit()
+    finally:
+        pooled.close()
+
+
+def _checkout(engine: Engine) -> Any:
+    """A pooled DBAPI connection; once more if the first was found dead."""
+    try:
+        return engine.raw_connection()
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+    return engine.raw_connection()
