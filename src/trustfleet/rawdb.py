@@ -40,6 +40,7 @@ __all__ = [
     "Prepared",
     "RawConnection",
     "RawIntegrityError",
+    "on_commit",
     "raw_reading",
     "raw_transaction",
     "read",
@@ -70,9 +71,10 @@ class Prepared:
         self.sql = str(compiled)
         self._order = tuple(compiled.positiontup or ()) if compiled.positional else None
         self._defaults = dict(compiled.params)
-        self._required = frozenset(name for name, b in compiled.binds.items() if b.required)
+        names = compiled.bind_names  # each bind parameter's name in the SQL
+        self._required = frozenset(name for bind, name in names.items() if bind.required)
         self._binds: dict[str, Processor] = {}
-        for name, bind in compiled.binds.items():
+        for bind, name in names.items():
             process = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if process is not None:
                 self._binds[name] = process
@@ -105,12 +107,14 @@ class Prepared:
 class RawConnection:
     """A DBAPI connection checked out for one use case."""
 
-    __slots__ = ("_dbapi", "_dialect", "_prepared")
+    __slots__ = ("_dbapi", "_dialect", "_prepared", "info")
 
     def __init__(self, dbapi_connection: Any, dialect: Dialect) -> None:
         self._dbapi = dbapi_connection
         self._dialect = dialect
         self._prepared = _prepared_cache(dialect)
+        #: what the transaction's statements leave for :func:`on_commit` listeners
+        self.info: dict[str, Any] = {}
 
     @property
     def dialect_name(self) -> str:
@@ -191,24 +195,46 @@ _companions: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictiona
 
 
 def read_engine(engine: Engine) -> Engine:
-    """The engine for hot-path reads of ``engine``'s database (see the module docstring)."""
+    """The engine for hot-path reads of ``engine``'s database (see the module docstring),
+    made once per engine."""
+    companion = _companions.get(engine)
+    if companion is not None:
+        return companion
+    with _cache_lock:
+        companion = _companions.get(engine)
+        if companion is None:
+            companion = _make_read_engine(engine)
+            _companions[engine] = companion
+        return companion
+
+
+def _make_read_engine(engine: Engine) -> Engine:
     if engine.dialect.name != "postgresql":
         # deferred transactions: a read never waits for a writer (not even a caller's own
         # open write transaction, which would otherwise deadlock until busy_timeout)
         return engine.execution_options(**{READ_ONLY: True})
+    companion = create_engine(
+        engine.url,
+        isolation_level="AUTOCOMMIT",
+        pool_pre_ping=False,
+        pool_size=_READ_POOL_SIZE,
+        max_overflow=_READ_MAX_OVERFLOW,
+    )
+    event.listen(engine, "engine_disposed", lambda _: companion.dispose())
+    return companion
+
+
+CommitListener = Callable[[dict[str, Any]], None]
+_commit_listeners: weakref.WeakKeyDictionary[Engine, list[CommitListener]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def on_commit(engine: Engine, listener: CommitListener) -> None:
+    """Call ``listener`` with the connection's ``info`` after each :func:`raw_transaction`
+    on ``engine`` commits (the ORM's ``after_commit``, for raw transactions)."""
     with _cache_lock:
-        companion = _companions.get(engine)
-        if companion is None:
-            companion = create_engine(
-                engine.url,
-                isolation_level="AUTOCOMMIT",
-                pool_pre_ping=False,
-                pool_size=_READ_POOL_SIZE,
-                max_overflow=_READ_MAX_OVERFLOW,
-            )
-            _companions[engine] = companion
-            event.listen(engine, "engine_disposed", lambda _: companion.dispose())
-        return companion
+        _commit_listeners.setdefault(engine, []).append(listener)
 
 
 def _is_sqlite(engine: Engine) -> bool:
@@ -251,8 +277,9 @@ def raw_transaction(engine: Engine) -> Iterator[RawConnection]:
     try:
         if _is_sqlite(engine):
             driver.execute("BEGIN IMMEDIATE")
+        connection = RawConnection(driver, engine.dialect)
         try:
-            yield RawConnection(driver, engine.dialect)
+            yield connection
         except ConnectionLost:
             pooled.invalidate()
             raise
@@ -262,6 +289,8 @@ def raw_transaction(engine: Engine) -> Iterator[RawConnection]:
         driver.commit()
     finally:
         pooled.close()
+    for listener in _commit_listeners.get(engine, ()):
+        listener(connection.info)
 
 
 def _checkout(engine: Engine) -> Any:

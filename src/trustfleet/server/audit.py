@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Integer, String, Text, insert, select, text
+from sqlalchemy import DateTime, Integer, String, Text, bindparam, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from trustfleet.db import Base
 from trustfleet.errors import Conflict
+from trustfleet.rawdb import RawConnection, RawIntegrityError
 
 GENESIS_HASH = "0" * 64
 #: ``session.info`` key listing (action, outcome) of the records appended in the open
@@ -108,6 +109,13 @@ def _hash_of(rec: AuditRecord) -> str:
     )
 
 
+_ADVISORY_LOCK = select(func.pg_advisory_xact_lock(bindparam("k")))
+_HEAD = select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)
+_INSERT = insert(AuditRecord).values(
+    {column: bindparam(column.key) for column in AuditRecord.__table__.columns}
+)
+
+
 def append(
     session: Session,
     *,
@@ -119,11 +127,50 @@ def append(
     at: datetime | None = None,
 ) -> AuditRecord:
     """Append one record in ``session``'s transaction and return it."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _POSTGRES_AUDIT_LOCK})
-    head = session.execute(
-        select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)
-    ).first()
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        connection.execute(_ADVISORY_LOCK, {"k": _POSTGRES_AUDIT_LOCK})
+    rec = _record(connection.execute(_HEAD).first(), action, actor, subject, outcome, details, at)
+    try:  # a Core insert: the record is never updated, so it needs no ORM bookkeeping
+        connection.execute(_INSERT, _columns(rec))
+    except IntegrityError as exc:  # another node appended the same seq first
+        raise AuditConflict() from exc
+    session.info.setdefault(PENDING_INFO_KEY, []).append((rec.action, rec.outcome))
+    return rec
+
+
+def append_raw(
+    connection: RawConnection,
+    *,
+    action: str,
+    actor: str,
+    subject: str = "",
+    outcome: str = "success",
+    details: dict[str, Any] | None = None,
+    at: datetime | None = None,
+) -> AuditRecord:
+    """:func:`append` inside a :func:`trustfleet.rawdb.raw_transaction`."""
+    if connection.dialect_name == "postgresql":
+        connection.one(_ADVISORY_LOCK, {"k": _POSTGRES_AUDIT_LOCK})
+    rec = _record(connection.one(_HEAD), action, actor, subject, outcome, details, at)
+    try:
+        connection.run(_INSERT, _columns(rec))
+    except RawIntegrityError as exc:
+        raise AuditConflict() from exc
+    connection.info.setdefault(PENDING_INFO_KEY, []).append((rec.action, rec.outcome))
+    return rec
+
+
+def _record(
+    head: Any,
+    action: str,
+    actor: str,
+    subject: str,
+    outcome: str,
+    details: dict[str, Any] | None,
+    at: datetime | None,
+) -> AuditRecord:
+    """The next record after ``head`` (the newest record's (seq, hash), or None)."""
     seq, prev_hash = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
     rec = AuditRecord(
         seq=seq,
@@ -136,11 +183,6 @@ def append(
         prev_hash=prev_hash,
     )
     rec.hash = _hash_of(rec)
-    try:  # a Core insert: the record is never updated, so it needs no ORM bookkeeping
-        session.execute(insert(AuditRecord), [_columns(rec)])
-    except IntegrityError as exc:  # another node appended the same seq first
-        raise AuditConflict() from exc
-    session.info.setdefault(PENDING_INFO_KEY, []).append((rec.action, rec.outcome))
     return rec
 
 

@@ -15,11 +15,12 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Engine, bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from trustfleet.db import READ_ONLY, transaction
+from trustfleet.db import transaction
 from trustfleet.errors import AuthenticationRequired, InvalidInput, NotFound
+from trustfleet.rawdb import read, read_engine
 from trustfleet.server import audit
 from trustfleet.server.models import ROLES, ApiToken, Role
 
@@ -188,23 +189,28 @@ _TOKEN_BY_HASH = select(
 ).where(ApiToken.token_hash == bindparam("digest"))
 
 
-def _touch(sessions: sessionmaker[Session], token_id: int, now: datetime) -> None:
+def touch(sessions: sessionmaker[Session], token_id: int, now: datetime) -> None:
     """Record when a token was last used (at LAST_USED_RESOLUTION, to keep writes rare)."""
     with transaction(sessions) as session:
         session.execute(update(ApiToken).where(ApiToken.id == token_id).values(last_used_at=now))
 
 
-def authenticate(sessions: sessionmaker[Session], presented: str | None) -> Principal:
+@dataclass(frozen=True)
+class TokenCheck:
+    principal: Principal
+    #: when the token's last_used_at is due for a refresh (:func:`touch`), else None
+    touch_at: datetime | None
+
+
+def check_token(engine: Engine, presented: str | None) -> TokenCheck:
     """The principal of a presented token, or :class:`AuthenticationFailed` with the reason
-    (missing, malformed, unknown, revoked)."""
+    (missing, malformed, unknown, revoked). One indexed read on the driver, never a write."""
     if not presented:
         raise AuthenticationFailed("missing")
     if not presented.startswith(TOKEN_PREFIX) or len(presented) > MAX_TOKEN_CHARS:
         raise AuthenticationFailed("malformed")
     digest = hash_token(presented)
-    engine = sessions.kw["bind"].execution_options(**{READ_ONLY: True})
-    with engine.connect() as connection:  # one indexed select on every request: no ORM
-        row = connection.execute(_TOKEN_BY_HASH, {"digest": digest}).first()
+    row = read(read_engine(engine), lambda c: c.one(_TOKEN_BY_HASH, {"digest": digest}))
     if row is None or not hmac.compare_digest(row.token_hash, digest):
         raise AuthenticationFailed("unknown")
     if row.revoked_at is not None:
@@ -212,6 +218,14 @@ def authenticate(sessions: sessionmaker[Session], presented: str | None) -> Prin
     if row.role not in ROLES:
         raise AuthenticationFailed("unknown-role", row.id)
     now = _now()
-    if row.last_used_at is None or now - audit.as_utc(row.last_used_at) >= LAST_USED_RESOLUTION:
-        _touch(sessions, row.id, now)
-    return Principal(name=row.name, role=row.role, token_id=row.id)
+    due = row.last_used_at is None or now - audit.as_utc(row.last_used_at) >= LAST_USED_RESOLUTION
+    principal = Principal(name=row.name, role=row.role, token_id=row.id)
+    return TokenCheck(principal, now if due else None)
+
+
+def authenticate(sessions: sessionmaker[Session], presented: str | None) -> Principal:
+    """:func:`check_token`, then the last-used refresh if it is due."""
+    check = check_token(sessions.kw["bind"], presented)
+    if check.touch_at is not None:
+        touch(sessions, check.principal.token_id, check.touch_at)
+    return check.principal

@@ -16,6 +16,7 @@ from prometheus_client.exposition import generate_latest
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
+from trustfleet.rawdb import on_commit
 from trustfleet.server.audit import PENDING_INFO_KEY
 
 UNMATCHED_ROUTE = "unmatched"
@@ -64,9 +65,13 @@ class Metrics:
         """Count audit records written through ``sessions``, once their transaction commits."""
         event.listen(sessions, "after_commit", self._count_audit)
         event.listen(sessions, "after_rollback", self._forget_audit)
+        on_commit(sessions.kw["bind"], self._count_pending)
 
     def _count_audit(self, session: Session) -> None:
-        for action, outcome in session.info.pop(PENDING_INFO_KEY, []):
+        self._count_pending(session.info)
+
+    def _count_pending(self, info: dict[str, Any]) -> None:
+        for action, outcome in info.pop(PENDING_INFO_KEY, []):
             self.audit_records.labels(action, outcome).inc()
 
     def _forget_audit(self, session: Session) -> None:

@@ -24,7 +24,13 @@ from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.errors import InvalidInput
 from trustfleet.pki.x509 import RevocationReason
 from trustfleet.server.context import AppContext
-from trustfleet.server.deps import Principal, get_context, public, require_role
+from trustfleet.server.deps import (
+    Principal,
+    get_context,
+    public,
+    require_role,
+    run_database_work,
+)
 from trustfleet.server.limits import streamed_import
 from trustfleet.server.models import Role
 from trustfleet.tmk import registry
@@ -470,9 +476,10 @@ def verify_pin_block(
     response_class=Response,
     responses={200: {"content": {MESSAGE_MEDIA_TYPE: {}}, **_MESSAGE_DOC}},
 )
-def start_download(principal: Gateway, context: Context, body: RawBody) -> Response:
+async def start_download(principal: Gateway, context: Context, body: RawBody) -> Response:
     """Step 1-2: a ``tmk-download-request`` in, a ``tmk-server-challenge`` out."""
-    challenge = _service(context).start_download(body, actor=principal.actor)
+    start = partial(_service(context).start_download, body, actor=principal.actor)
+    challenge = await run_database_work(context, start)
     return _message(challenge.to_json())
 
 
@@ -481,20 +488,22 @@ def start_download(principal: Gateway, context: Context, body: RawBody) -> Respo
     response_class=Response,
     responses={200: {"content": {MESSAGE_MEDIA_TYPE: {}}, **_MESSAGE_DOC}},
 )
-def download_proof(
+async def download_proof(
     session_id: SessionId, principal: Gateway, context: Context, body: RawBody
 ) -> Response:
     """Step 4-6: a ``tmk-terminal-proof`` in, a ``tmk-key-delivery`` out."""
-    delivery = _service(context).accept_proof(session_id, body, actor=principal.actor)
+    accept = partial(_service(context).accept_proof, session_id, body, actor=principal.actor)
+    delivery = await run_database_work(context, accept)
     return _message(delivery.to_json())
 
 
 @router.post("/downloads/{session_id}/confirm")
-def download_confirm(
+async def download_confirm(
     session_id: SessionId, principal: Gateway, context: Context, body: RawBody
 ) -> ActivatedOut:
     """Step 7: a ``tmk-confirmation`` in; the TMK is active once this answers 200."""
-    activation = _service(context).confirm(session_id, body, actor=principal.actor)
+    confirm = partial(_service(context).confirm, session_id, body, actor=principal.actor)
+    activation = await run_database_work(context, confirm)
     return ActivatedOut(
         session_id=activation.session_id,
         sn=activation.sn,

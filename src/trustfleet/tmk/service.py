@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, Select, bindparam, func, insert, select, update
+from sqlalchemy import Engine, Select, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.crypto import load_public_key
@@ -42,6 +42,7 @@ from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.db import reading, transaction
 from trustfleet.errors import InvalidInput, KeyNotFound
 from trustfleet.keystore.base import KeyStore, KeyUsage
+from trustfleet.rawdb import RawConnection, raw_reading, raw_transaction, read_engine
 from trustfleet.server import audit
 from trustfleet.tmk import pinblock, registry
 from trustfleet.tmk.errors import TmkError, TmkOutOfOrder
@@ -314,7 +315,8 @@ def _check_session_id(session_id: object) -> None:
         raise TmkSessionNotFound()
 
 
-# The download's statements, built once: constructing a statement costs more than running it.
+# The download's statements, built once and run on the driver (trustfleet.rawdb): a
+# download is three requests whose own work is a few statements each.
 _START_FACTS = (
     select(
         Terminal.status,
@@ -332,7 +334,13 @@ _START_FACTS_LOCKED = _START_FACTS.with_for_update(of=Terminal.sn)
 _ACTIVE_IDENTITY = select(
     ServerIdentity.work_key_handle, ServerIdentity.kswcrt_der, ServerIdentity.serial_hex
 ).where(ServerIdentity.active_slot == 1)
-_INSERT_SESSION = insert(DownloadSession)
+_INSERT_SESSION = insert(DownloadSession).values(
+    {
+        column: bindparam(column.key)
+        for column in DownloadSession.__table__.columns
+        if column.key != "error_code"
+    }
+)
 _SESSION_FACTS = (
     select(
         DownloadSession.sn,
@@ -344,11 +352,33 @@ _SESSION_FACTS = (
     .join(Terminal, Terminal.sn == DownloadSession.sn)
     .where(DownloadSession.session_id == bindparam("b_sid"))
 )
-_STORE_DELIVERY = update(DownloadSession).where(
-    DownloadSession.session_id == bindparam("b_sid"),
-    DownloadSession.state_json == bindparam("b_read"),
+_NEW_STATE: dict[Any, Any] = {
+    DownloadSession.state_json: bindparam("state_json"),
+    DownloadSession.stage: bindparam("stage"),
+    DownloadSession.updated_at: bindparam("updated_at"),
+}
+_STORE_DELIVERY = (
+    update(DownloadSession)
+    .where(
+        DownloadSession.session_id == bindparam("b_sid"),
+        DownloadSession.state_json == bindparam("b_read"),
+    )
+    .values(_NEW_STATE)
 )
-_INSERT_TMK = insert(TerminalMasterKey)
+_INSERT_TMK = insert(TerminalMasterKey).values(
+    {
+        column: bindparam(column.key)
+        for column in (
+            TerminalMasterKey.sn,
+            TerminalMasterKey.session_id,
+            TerminalMasterKey.key_handle,
+            TerminalMasterKey.algorithm,
+            TerminalMasterKey.kcv_hex,
+            TerminalMasterKey.status,
+            TerminalMasterKey.created_at,
+        )
+    }
+)
 _SESSION_LOCKED = (
     select(DownloadSession.sn, DownloadSession.state_json)
     .where(DownloadSession.session_id == bindparam("b_sid"))
@@ -357,24 +387,36 @@ _SESSION_LOCKED = (
 _TERMINAL_STATUS_LOCKED = (
     select(Terminal.status).where(Terminal.sn == bindparam("b_sn")).with_for_update()
 )
-_SET_SESSION_STATE = update(DownloadSession).where(DownloadSession.session_id == bindparam("b_sid"))
+_SET_SESSION_STATE = (
+    update(DownloadSession)
+    .where(DownloadSession.session_id == bindparam("b_sid"))
+    .values(_NEW_STATE)
+)
+_ABORT_SESSION = _SET_SESSION_STATE.values(error_code=bindparam("error_code"))
 _RETIRE_TMK = (
     update(TerminalMasterKey)
     .where(TerminalMasterKey.active_sn == bindparam("b_sn"))
+    .values(status="retired", active_sn=None, retired_at=bindparam("b_now"))
     .returning(TerminalMasterKey.id, TerminalMasterKey.key_handle, TerminalMasterKey.kcv_hex)
 )
 _RETIRE_WORKING_KEYS = (
     update(WorkingKey)
     .where(WorkingKey.tmk_id == bindparam("b_tmk"), WorkingKey.status == "active")
+    .values(status="retired", active_slot=None, retired_at=bindparam("b_now"))
     .returning(WorkingKey.id, WorkingKey.key_handle)
 )
-_ACTIVATE_TMK = update(TerminalMasterKey).where(TerminalMasterKey.session_id == bindparam("b_sid"))
+_ACTIVATE_TMK = (
+    update(TerminalMasterKey)
+    .where(TerminalMasterKey.session_id == bindparam("b_sid"))
+    .values(status="active", active_sn=bindparam("b_sn"), activated_at=bindparam("b_now"))
+)
 _SESSION_COLUMNS = (
     DownloadSession.session_id,
     DownloadSession.sn,
     DownloadSession.state_json,
     DownloadSession.stage,
 )
+_IS_OPEN = or_(*(DownloadSession.stage == stage for stage in _OPEN_STAGES))
 _SESSION_FOR_ABORT = (
     select(*_SESSION_COLUMNS)
     .where(DownloadSession.session_id == bindparam("b_sid"))
@@ -382,15 +424,28 @@ _SESSION_FOR_ABORT = (
 )
 _OPEN_SESSIONS = (
     select(*_SESSION_COLUMNS)
-    .where(DownloadSession.sn == bindparam("b_sn"), DownloadSession.stage.in_(_OPEN_STAGES))
+    .where(DownloadSession.sn == bindparam("b_sn"), _IS_OPEN)
     .with_for_update()
 )
 _OPEN_SESSIONS_SKIP_LOCKED = _OPEN_SESSIONS.with_for_update(skip_locked=True)
-_ABORT_PENDING_TMK = update(TerminalMasterKey).where(
-    TerminalMasterKey.session_id == bindparam("b_sid"), TerminalMasterKey.status == "pending"
+_EXPIRED_SESSIONS = (
+    select(*_SESSION_COLUMNS)
+    .where(_IS_OPEN, DownloadSession.expires_at <= bindparam("b_now"))
+    .with_for_update()
 )
-_CLEAR_ROTATION = update(DownloadPolicy).where(
-    DownloadPolicy.sn == bindparam("b_sn"), DownloadPolicy.rotation_requested_at.is_not(None)
+_ABORT_PENDING_TMK = (
+    update(TerminalMasterKey)
+    .where(
+        TerminalMasterKey.session_id == bindparam("b_sid"), TerminalMasterKey.status == "pending"
+    )
+    .values(status="aborted")
+)
+_CLEAR_ROTATION = (
+    update(DownloadPolicy)
+    .where(
+        DownloadPolicy.sn == bindparam("b_sn"), DownloadPolicy.rotation_requested_at.is_not(None)
+    )
+    .values(rotation_requested_at=None, updated_at=bindparam("b_now"))
 )
 
 
@@ -413,6 +468,8 @@ class TmkService:
         default_tmk_algorithm: KeyAlgorithm = DEFAULT_TMK_ALGORITHM,
     ) -> None:
         self._sessions = sessions
+        self._engine: Engine = sessions.kw["bind"]
+        self._reads = read_engine(self._engine)
         self._keystore = keystore
         self._clock = clock or (lambda: datetime.now(UTC))
         self._random = random
@@ -450,10 +507,9 @@ class TmkService:
         # may be holding a pooled connection while waiting for that lock). So: read,
         # sign, then write after checking again under lock.
         now = self._now()
-        with reading(self._sessions) as session:
-            connection = session.connection()
-            facts = connection.execute(_START_FACTS, {"b_sn": request.sn}).first()
-            identity = connection.execute(_ACTIVE_IDENTITY).first()
+        with raw_reading(self._reads) as connection:
+            facts = connection.one(_START_FACTS, {"b_sn": request.sn})
+            identity = connection.one(_ACTIVE_IDENTITY)
         self._download_algorithm(request.sn, facts)
         assert facts is not None  # checked above
         if identity is None:
@@ -468,14 +524,13 @@ class TmkService:
             ttl=self._ttl,
             random=self._random,
         )
-        with transaction(self._sessions) as session:
-            connection = session.connection()
-            locked = connection.execute(_START_FACTS_LOCKED, {"b_sn": request.sn}).first()
+        with raw_transaction(self._engine) as connection:
+            locked = connection.one(_START_FACTS_LOCKED, {"b_sn": request.sn})
             algorithm = self._download_algorithm(request.sn, locked)
             superseded = self._abort_open_sessions(
-                session, state.sn, "tmk-superseded", skip_locked=True
+                connection, state.sn, "tmk-superseded", skip_locked=True
             )
-            connection.execute(
+            connection.run(
                 _INSERT_SESSION,
                 {
                     "session_id": state.session_id,
@@ -488,8 +543,8 @@ class TmkService:
                     "updated_at": now,
                 },
             )
-            audit.append(
-                session,
+            audit.append_raw(
+                connection,
                 action="tmk.download_started",
                 actor=actor,
                 subject=state.sn,
@@ -503,9 +558,7 @@ class TmkService:
             )
         return challenge, superseded
 
-    def _download_algorithm(
-        self, sn: str, facts: Row[str, bytes, str, datetime | None, int] | None
-    ) -> KeyAlgorithm:
+    def _download_algorithm(self, sn: str, facts: Any) -> KeyAlgorithm:
         """The TMK algorithm of this terminal's download, or why it may not download."""
         _check_status(sn, facts.status if facts else None)
         assert facts is not None
@@ -525,12 +578,7 @@ class TmkService:
         since it was read (else the new TMK is destroyed and the session aborted)."""
         try:
             proof = TerminalProof.from_json(body)
-            _check_session_id(session_id)
-            with reading(self._sessions) as session:
-                facts = session.connection().execute(_SESSION_FACTS, {"b_sid": session_id}).first()
-            if facts is None:
-                raise TmkSessionNotFound()
-            _check_status(facts.sn, facts.status)
+            facts = self._session_facts(session_id)
             delivery, delivered = server_accept_proof(
                 ServerSessionState.from_json(facts.state_json),
                 proof,
@@ -555,9 +603,8 @@ class TmkService:
     def _store_delivery(self, read_state: str, delivered: ServerSessionState) -> None:
         now = self._now()
         handle, algorithm, kcv = delivered.tmk
-        with transaction(self._sessions) as session:
-            connection = session.connection()
-            changed = connection.execute(
+        with raw_transaction(self._engine) as connection:
+            changed = connection.run(
                 _STORE_DELIVERY,
                 {
                     "b_sid": delivered.session_id,
@@ -567,9 +614,9 @@ class TmkService:
                     "updated_at": now,
                 },
             )
-            if changed.rowcount != 1:
+            if changed != 1:
                 raise TmkOutOfOrder("the session changed while the proof was being checked")
-            connection.execute(
+            connection.run(
                 _INSERT_TMK,
                 {
                     "sn": delivered.sn,
@@ -591,27 +638,21 @@ class TmkService:
         skips locked sessions, so the two never wait for each other)."""
         try:
             confirmation = Confirmation.from_json(body)
-            _check_session_id(session_id)
-            with reading(self._sessions) as session:
-                facts = session.connection().execute(_SESSION_FACTS, {"b_sid": session_id}).first()
-            if facts is None:
-                raise TmkSessionNotFound()
+            facts = self._session_facts(session_id)
             sn = facts.sn
-            _check_status(sn, facts.status)
             event, active = server_confirm(  # the MAC check reads the key store: see _start
                 ServerSessionState.from_json(facts.state_json),
                 confirmation,
                 keystore=self._keystore,
                 now=self._now(),
             )
-            with transaction(self._sessions) as session:
-                connection = session.connection()
-                row = connection.execute(_SESSION_LOCKED, {"b_sid": session_id}).first()
+            with raw_transaction(self._engine) as connection:
+                row = connection.one(_SESSION_LOCKED, {"b_sid": session_id})
                 if row is None or row.state_json != facts.state_json:
                     raise TmkOutOfOrder("the session changed while the confirmation was checked")
-                status = connection.execute(_TERMINAL_STATUS_LOCKED, {"b_sn": sn}).scalar()
+                status = connection.scalar(_TERMINAL_STATUS_LOCKED, {"b_sn": sn})
                 _check_status(sn, status)
-                connection.execute(
+                connection.run(
                     _SET_SESSION_STATE,
                     {
                         "b_sid": session_id,
@@ -620,9 +661,9 @@ class TmkService:
                         "updated_at": event.activated_at,
                     },
                 )
-                retired, old_kcv = self._activate(session, event.session_id, sn)
-                audit.append(
-                    session,
+                retired, old_kcv = self._activate(connection, event.session_id, sn)
+                audit.append_raw(
+                    connection,
                     action="tmk.tmk_activated",
                     actor=actor,
                     subject=sn,
@@ -647,36 +688,25 @@ class TmkService:
             retired_tmk_kcv=bytes.fromhex(old_kcv) if old_kcv else None,
         )
 
-    def _activate(self, session: Session, session_id: str, sn: str) -> tuple[_Retired, str | None]:
+    def _activate(
+        self, connection: RawConnection, session_id: str, sn: str
+    ) -> tuple[_Retired, str | None]:
         """Retire the terminal's active TMK (and its working keys), then activate the
         session's. The caller holds the terminal's row lock."""
         now = self._now()
-        retired = self._retire_active_tmk(session, sn, now)
+        retired = self._retire_active_tmk(connection, sn, now)
         old_kcv = retired.kcvs[0] if retired.kcvs else None
-        connection = session.connection()
-        connection.execute(
-            _ACTIVATE_TMK,
-            {"b_sid": session_id, "status": "active", "active_sn": sn, "activated_at": now},
-        )
-        connection.execute(
-            _CLEAR_ROTATION, {"b_sn": sn, "rotation_requested_at": None, "updated_at": now}
-        )
+        connection.run(_ACTIVATE_TMK, {"b_sid": session_id, "b_sn": sn, "b_now": now})
+        connection.run(_CLEAR_ROTATION, {"b_sn": sn, "b_now": now})
         return retired, old_kcv
 
     @staticmethod
-    def _retire_active_tmk(session: Session, sn: str, now: datetime) -> _Retired:
+    def _retire_active_tmk(connection: RawConnection, sn: str, now: datetime) -> _Retired:
         retired = _Retired.none()
-        connection = session.connection()
-        old = connection.execute(
-            _RETIRE_TMK, {"b_sn": sn, "status": "retired", "active_sn": None, "retired_at": now}
-        ).all()
-        for tmk_id, handle, kcv_hex in old:
+        for tmk_id, handle, kcv_hex in connection.all(_RETIRE_TMK, {"b_sn": sn, "b_now": now}):
             retired.tmks.append((tmk_id, handle))
             retired.kcvs.append(kcv_hex)
-            keys = connection.execute(
-                _RETIRE_WORKING_KEYS,
-                {"b_tmk": tmk_id, "status": "retired", "active_slot": None, "retired_at": now},
-            ).all()
+            keys = connection.all(_RETIRE_WORKING_KEYS, {"b_tmk": tmk_id, "b_now": now})
             retired.working_keys += [(key_id, key_handle) for key_id, key_handle in keys]
         return retired
 
@@ -690,6 +720,16 @@ class TmkService:
         self._fail(
             session_id, TmkTerminalAborted.code, actor=actor, step="terminal", reported=reported
         )
+
+    def _session_facts(self, session_id: str) -> Any:
+        """The session's state and its terminal's key and status, checked."""
+        _check_session_id(session_id)
+        with raw_reading(self._reads) as connection:
+            facts = connection.one(_SESSION_FACTS, {"b_sid": session_id})
+        if facts is None:
+            raise TmkSessionNotFound()
+        _check_status(facts.sn, facts.status)
+        return facts
 
     def _read_session(self, session_id: str) -> DownloadSession:
         _check_session_id(session_id)
@@ -711,19 +751,17 @@ class TmkService:
     ) -> None:
         """Abort the session (if it is still open) and audit the failure."""
         aborted = _Retired.none()
-        with transaction(self._sessions) as session:
+        with raw_transaction(self._engine) as connection:
             if session_id is not None and _SESSION_ID.fullmatch(session_id):
-                row = (
-                    session.connection().execute(_SESSION_FOR_ABORT, {"b_sid": session_id}).first()
-                )
+                row = connection.one(_SESSION_FOR_ABORT, {"b_sid": session_id})
                 if row is not None:
                     sn = row.sn
-                    self._abort_rows(session, [row], code, aborted)
+                    self._abort_rows(connection, [row], code, aborted)
             details: dict[str, Any] = {"code": code, "step": step, "session_id": session_id}
             if reported is not None:
                 details["reported_code"] = reported
-            audit.append(
-                session,
+            audit.append_raw(
+                connection,
                 action="tmk.download_failed",
                 actor=actor,
                 subject=sn or "",
@@ -733,21 +771,16 @@ class TmkService:
         self._destroy(aborted)
 
     def _abort_rows(
-        self,
-        session: Session,
-        rows: Sequence[Row[str, str, str, str]],
-        code: str,
-        aborted: _Retired,
+        self, connection: RawConnection, rows: Sequence[Any], code: str, aborted: _Retired
     ) -> None:
         """Abort the open sessions among ``rows`` (session_id, sn, state_json, stage); their
         TMKs are destroyed after commit (:meth:`_destroy` of ``aborted``)."""
-        connection = session.connection()
         for row in rows:
             if row.stage not in _OPEN_STAGES:
                 continue
             state = ServerSessionState.from_json(row.state_json)
-            connection.execute(
-                _SET_SESSION_STATE,
+            connection.run(
+                _ABORT_SESSION,
                 {
                     "b_sid": row.session_id,
                     "state_json": replace(state, stage=ServerStage.ABORTED).to_json().decode(),
@@ -756,18 +789,18 @@ class TmkService:
                     "updated_at": self._now(),
                 },
             )
-            connection.execute(_ABORT_PENDING_TMK, {"b_sid": row.session_id, "status": "aborted"})
+            connection.run(_ABORT_PENDING_TMK, {"b_sid": row.session_id})
             aborted.aborted.append(state)
 
     def _abort_open_sessions(
-        self, session: Session, sn: str, code: str, *, skip_locked: bool = False
+        self, connection: RawConnection, sn: str, code: str, *, skip_locked: bool = False
     ) -> _Retired:
         """Abort the terminal's open sessions (with ``skip_locked``, those another
         transaction is confirming right now are left to it)."""
         aborted = _Retired.none()
         query = _OPEN_SESSIONS_SKIP_LOCKED if skip_locked else _OPEN_SESSIONS
-        rows = session.connection().execute(query, {"b_sn": sn}).all()
-        self._abort_rows(session, rows, code, aborted)
+        rows = connection.all(query, {"b_sn": sn})
+        self._abort_rows(connection, rows, code, aborted)
         return aborted
 
     def sweep(self, *, actor: str = "tmk-sweeper") -> SweepReport:
@@ -775,16 +808,12 @@ class TmkService:
         and destroy any retired or aborted key a crash left in the key store."""
         now = self._now()
         aborted = _Retired.none()
-        with transaction(self._sessions) as session:
-            expired = session.execute(
-                select(*_SESSION_COLUMNS)
-                .where(DownloadSession.stage.in_(_OPEN_STAGES), DownloadSession.expires_at <= now)
-                .with_for_update()
-            ).all()
-            self._abort_rows(session, expired, "tmk-session-expired", aborted)
+        with raw_transaction(self._engine) as connection:
+            expired = connection.all(_EXPIRED_SESSIONS, {"b_now": now})
+            self._abort_rows(connection, expired, "tmk-session-expired", aborted)
             if expired:
-                audit.append(
-                    session,
+                audit.append_raw(
+                    connection,
                     action="tmk.sessions_expired",
                     actor=actor,
                     subject="sessions",
@@ -888,11 +917,11 @@ class TmkService:
         registry.change_status(self._sessions, sn, action, actor=actor, reason=reason)
         if action in ("suspend", "revoke"):
             retired = _Retired.none()
-            with transaction(self._sessions) as session:
-                aborted = self._abort_open_sessions(session, sn, f"tmk-terminal-{action}d")
+            with raw_transaction(self._engine) as connection:
+                aborted = self._abort_open_sessions(connection, sn, f"tmk-terminal-{action}d")
                 retired.aborted += aborted.aborted
                 if action == "revoke":
-                    revoked = self._retire_active_tmk(session, sn, self._now())
+                    revoked = self._retire_active_tmk(connection, sn, self._now())
                     retired.tmks += revoked.tmks
                     retired.working_keys += revoked.working_keys
             self._destroy(retired)
