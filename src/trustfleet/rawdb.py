@@ -20,6 +20,7 @@ autocommit and without the ping, disposed with the shared one.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections import namedtuple
@@ -237,6 +238,62 @@ def on_commit(engine: Engine, listener: CommitListener) -> None:
         _commit_listeners.setdefault(engine, []).append(listener)
 
 
+class _Idle:
+    """DBAPI connections of one engine kept for reuse, without the pool's per-checkout
+    bookkeeping (events, weakref finalisers, reset), which costs more than the statements
+    of a hot-path read. Connections are made by the engine's pool (so its connect events
+    run: SQLite's pragmas) and then detached from it."""
+
+    def __init__(self, engine: Engine, size: int) -> None:
+        self._engine = engine
+        self._size = size
+        self._idle: list[Any] = []
+        self._generation = 0
+
+    def acquire(self) -> tuple[Any, int]:
+        try:
+            return self._idle.pop(), self._generation
+        except IndexError:
+            pass
+        pooled = _checkout(self._engine)
+        driver = pooled.driver_connection
+        pooled.detach()
+        return driver, self._generation
+
+    def release(self, driver: Any, generation: int) -> None:
+        if _is_sqlite(self._engine) and driver.in_transaction:
+            driver.rollback()
+        if generation == self._generation and len(self._idle) < self._size:
+            self._idle.append(driver)
+        else:
+            driver.close()
+
+    @staticmethod
+    def discard(driver: Any) -> None:
+        with contextlib.suppress(Exception):
+            driver.close()
+
+    def dispose(self) -> None:
+        self._generation += 1
+        while self._idle:
+            self.discard(self._idle.pop())
+
+
+_IDLE_CONNECTIONS = 32
+_idle_by_engine: weakref.WeakKeyDictionary[Engine, _Idle] = weakref.WeakKeyDictionary()
+
+
+def _idle(engine: Engine) -> _Idle:
+    idle = _idle_by_engine.get(engine)
+    if idle is None:
+        with _cache_lock:
+            idle = _idle_by_engine.get(engine)
+            if idle is None:
+                idle = _idle_by_engine[engine] = _Idle(engine, _IDLE_CONNECTIONS)
+                event.listen(engine, "engine_disposed", lambda _: idle.dispose())
+    return idle
+
+
 def _is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
@@ -244,16 +301,19 @@ def _is_sqlite(engine: Engine) -> bool:
 @contextmanager
 def raw_reading(engine: Engine) -> Iterator[RawConnection]:
     """One consistent read; ``engine`` is a :func:`read_engine`."""
-    pooled = _checkout(engine)
+    idle = _idle(engine)
+    driver, generation = idle.acquire()
     try:
         if _is_sqlite(engine):
-            pooled.driver_connection.execute("BEGIN")
-        yield RawConnection(pooled.driver_connection, engine.dialect)
+            driver.execute("BEGIN")
+        yield RawConnection(driver, engine.dialect)
     except ConnectionLost:
-        pooled.invalidate()
+        idle.discard(driver)
         raise
-    finally:
-        pooled.close()  # the pool's reset rolls back whatever is open
+    except BaseException:
+        idle.release(driver, generation)
+        raise
+    idle.release(driver, generation)
 
 
 def read(engine: Engine, use: Callable[[RawConnection], T]) -> T:
@@ -271,13 +331,38 @@ def read(engine: Engine, use: Callable[[RawConnection], T]) -> T:
 @contextmanager
 def raw_transaction(engine: Engine) -> Iterator[RawConnection]:
     """One write transaction: committed when the block ends, rolled back on any error.
-    On SQLite it holds the write lock from the start (``BEGIN IMMEDIATE``)."""
+    On SQLite it holds the write lock from the start (``BEGIN IMMEDIATE``) and runs on a
+    kept connection; on PostgreSQL it checks a connection out of the engine's pool, whose
+    ping finds connections the server dropped before anything is written."""
+    if not _is_sqlite(engine):
+        with _pooled_transaction(engine) as connection:
+            yield connection
+        return
+    idle = _idle(engine)
+    driver, generation = idle.acquire()
+    connection = RawConnection(driver, engine.dialect)
+    try:
+        driver.execute("BEGIN IMMEDIATE")
+        yield connection
+        driver.commit()
+    except BaseException:
+        idle.release(driver, generation)  # rolls back
+        raise
+    idle.release(driver, generation)
+    _committed(engine, connection)
+
+
+def _committed(engine: Engine, connection: RawConnection) -> None:
+    for listener in _commit_listeners.get(engine, ()):
+        listener(connection.info)
+
+
+@contextmanager
+def _pooled_transaction(engine: Engine) -> Iterator[RawConnection]:
     pooled = _checkout(engine)
     driver = pooled.driver_connection
+    connection = RawConnection(driver, engine.dialect)
     try:
-        if _is_sqlite(engine):
-            driver.execute("BEGIN IMMEDIATE")
-        connection = RawConnection(driver, engine.dialect)
         try:
             yield connection
         except ConnectionLost:
@@ -289,8 +374,7 @@ def raw_transaction(engine: Engine) -> Iterator[RawConnection]:
         driver.commit()
     finally:
         pooled.close()
-    for listener in _commit_listeners.get(engine, ()):
-        listener(connection.info)
+    _committed(engine, connection)
 
 
 def _checkout(engine: Engine) -> Any:
