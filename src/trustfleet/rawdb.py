@@ -34,8 +34,6 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
-from trustfleet.db import READ_ONLY
-
 __all__ = [
     "ConnectionLost",
     "Prepared",
@@ -211,9 +209,9 @@ def read_engine(engine: Engine) -> Engine:
 
 def _make_read_engine(engine: Engine) -> Engine:
     if engine.dialect.name != "postgresql":
-        # deferred transactions: a read never waits for a writer (not even a caller's own
-        # open write transaction, which would otherwise deadlock until busy_timeout)
-        return engine.execution_options(**{READ_ONLY: True})
+        # SQLite: the same engine, so reads and writes share the kept connections (see
+        # _Idle): a connection's page cache survives its own writes, not another's
+        return engine
     companion = create_engine(
         engine.url,
         isolation_level="AUTOCOMMIT",

@@ -135,6 +135,10 @@ def load_private_key(data: bytes, password: bytes | None = None) -> PrivateKey:
         raise InvalidKey("cannot decrypt the private key: wrong password or corrupt data") from None
 
 
+#: the DER of the SM2 curve's OID 1.2.156.10197.1.301, which every SM2 SPKI contains
+_SM2_CURVE_OID_DER = bytes.fromhex("06082a811ccf5501822d")
+
+
 def load_public_key(data: bytes) -> PublicKey:
     """Load a public key from PEM or DER SubjectPublicKeyInfo (or PKCS#1 for RSA)."""
     der = _der_of(data, _PUBLIC_KEY_LABELS, "public key")
@@ -210,6 +214,8 @@ def _is_sm2_parameters(parameters: asn1_keys.ECDomainParameters) -> bool:
 
 def _sm2_public_key(der: bytes) -> SM2PublicKey | None:
     """An SM2 key if ``der`` is an SM2 SubjectPublicKeyInfo, else None."""
+    if _SM2_CURVE_OID_DER not in der:  # skips the ASN.1 parse for every other key
+        return None
     try:
         info = asn1_keys.PublicKeyInfo.load(der, strict=True)
         if not _is_sm2_algorithm(info["algorithm"]):

@@ -66,10 +66,10 @@ def _timestamp(at: datetime) -> str:
     return as_utc(at).replace(tzinfo=None).isoformat(timespec="microseconds")
 
 
-def _clip(value: str, column: Any) -> str:
+def _clip(value: str, length: int) -> str:
     # PostgreSQL refuses over-long values (and NUL); a failed audit write must not turn a
     # refused request into a 500, so clip to the column and drop NULs before hashing.
-    return value.replace("\x00", "")[: column.type.length]
+    return value.replace("\x00", "")[:length]
 
 
 def record_hash(
@@ -109,6 +109,14 @@ def _hash_of(rec: AuditRecord) -> str:
     )
 
 
+def _length(column: Any) -> int:
+    return int(column.type.length)
+
+
+_ACTOR_CHARS = _length(AuditRecord.actor)
+_ACTION_CHARS = _length(AuditRecord.action)
+_SUBJECT_CHARS = _length(AuditRecord.subject)
+_OUTCOME_CHARS = _length(AuditRecord.outcome)
 _ADVISORY_LOCK = select(func.pg_advisory_xact_lock(bindparam("k")))
 _HEAD = select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)
 _INSERT = insert(AuditRecord).values(
@@ -130,13 +138,15 @@ def append(
     connection = session.connection()
     if connection.dialect.name == "postgresql":
         connection.execute(_ADVISORY_LOCK, {"k": _POSTGRES_AUDIT_LOCK})
-    rec = _record(connection.execute(_HEAD).first(), action, actor, subject, outcome, details, at)
+    columns = _record(
+        connection.execute(_HEAD).first(), action, actor, subject, outcome, details, at
+    )
     try:  # a Core insert: the record is never updated, so it needs no ORM bookkeeping
-        connection.execute(_INSERT, _columns(rec))
+        connection.execute(_INSERT, columns)
     except IntegrityError as exc:  # another node appended the same seq first
         raise AuditConflict() from exc
-    session.info.setdefault(PENDING_INFO_KEY, []).append((rec.action, rec.outcome))
-    return rec
+    session.info.setdefault(PENDING_INFO_KEY, []).append((columns["action"], columns["outcome"]))
+    return AuditRecord(**columns)
 
 
 def append_raw(
@@ -148,17 +158,16 @@ def append_raw(
     outcome: str = "success",
     details: dict[str, Any] | None = None,
     at: datetime | None = None,
-) -> AuditRecord:
+) -> None:
     """:func:`append` inside a :func:`trustfleet.rawdb.raw_transaction`."""
     if connection.dialect_name == "postgresql":
         connection.one(_ADVISORY_LOCK, {"k": _POSTGRES_AUDIT_LOCK})
-    rec = _record(connection.one(_HEAD), action, actor, subject, outcome, details, at)
+    columns = _record(connection.one(_HEAD), action, actor, subject, outcome, details, at)
     try:
-        connection.run(_INSERT, _columns(rec))
+        connection.run(_INSERT, columns)
     except RawIntegrityError as exc:
         raise AuditConflict() from exc
-    connection.info.setdefault(PENDING_INFO_KEY, []).append((rec.action, rec.outcome))
-    return rec
+    connection.info.setdefault(PENDING_INFO_KEY, []).append((columns["action"], columns["outcome"]))
 
 
 def _record(
@@ -169,25 +178,22 @@ def _record(
     outcome: str,
     details: dict[str, Any] | None,
     at: datetime | None,
-) -> AuditRecord:
-    """The next record after ``head`` (the newest record's (seq, hash), or None)."""
+) -> dict[str, Any]:
+    """The columns of the next record after ``head`` (the newest record's (seq, hash), or
+    None), its hash included."""
     seq, prev_hash = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
-    rec = AuditRecord(
-        seq=seq,
-        at=as_utc(at or datetime.now(UTC)),
-        actor=_clip(actor, AuditRecord.actor),
-        action=_clip(action, AuditRecord.action),
-        subject=_clip(subject, AuditRecord.subject),
-        outcome=_clip(outcome, AuditRecord.outcome),
-        details=_canonical(details or {}).decode(),
-        prev_hash=prev_hash,
-    )
-    rec.hash = _hash_of(rec)
-    return rec
-
-
-def _columns(rec: AuditRecord) -> dict[str, Any]:
-    return {c.key: getattr(rec, c.key) for c in AuditRecord.__table__.columns}
+    columns: dict[str, Any] = {
+        "seq": seq,
+        "at": as_utc(at or datetime.now(UTC)),
+        "actor": _clip(actor, _ACTOR_CHARS),
+        "action": _clip(action, _ACTION_CHARS),
+        "subject": _clip(subject, _SUBJECT_CHARS),
+        "outcome": _clip(outcome, _OUTCOME_CHARS),
+        "details": _canonical(details or {}).decode(),
+        "prev_hash": prev_hash,
+    }
+    columns["hash"] = record_hash(**columns)
+    return columns
 
 
 @dataclass(frozen=True)

@@ -88,9 +88,10 @@ async def _audit_failure_once(
     request: Request, action: str, actor: str, details: dict[str, object]
 ) -> None:
     """One audit record per refused request at most, however many checks refuse it."""
-    if getattr(request.state, _AUDITED_STATE, False):
+    state = request.scope.setdefault("state", {})
+    if state.get(_AUDITED_STATE):
         return
-    setattr(request.state, _AUDITED_STATE, True)
+    state[_AUDITED_STATE] = True
     client = request.client.host if request.client else ""
     write = partial(_write_failure, request, action, actor, {**details, "client": client})
     await anyio.to_thread.run_sync(write)
@@ -115,7 +116,8 @@ def _write_failure(request: Request, action: str, actor: str, details: dict[str,
 async def _principal(
     request: Request, credentials: HTTPAuthorizationCredentials | None
 ) -> Principal:
-    cached = getattr(request.state, _PRINCIPAL_STATE, None)
+    state = request.scope.setdefault("state", {})  # request.state raises on a miss: slow
+    cached = state.get(_PRINCIPAL_STATE)
     if isinstance(cached, Principal):
         return cached
     presented = credentials.credentials if credentials is not None else None
@@ -134,7 +136,7 @@ async def _principal(
     if check.touch_at is not None:
         refresh = partial(touch, context.sessions, check.principal.token_id, check.touch_at)
         await anyio.to_thread.run_sync(refresh)
-    setattr(request.state, _PRINCIPAL_STATE, check.principal)
+    state[_PRINCIPAL_STATE] = check.principal
     return check.principal
 
 

