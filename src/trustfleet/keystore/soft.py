@@ -7,13 +7,12 @@ between rows makes the key fail with :class:`KeyIntegrityError` instead of widen
 
 Any node sharing the database and the master key serves any key. Each call reads the key's
 row (one indexed select) so a destroy on another node takes effect at once; unwrapped key
-objects are cached per process, keyed by a digest of everything the row authenticates, so a
-changed row never hits a stale cache entry.
+objects are cached per process, keyed by everything the row authenticates and the wrapped
+material itself, so a changed row never hits a stale cache entry.
 """
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import threading
 import uuid
@@ -50,6 +49,7 @@ DEFAULT_CACHE_SIZE = 1024
 SM2_RAW_SIZE = 32
 
 Material: TypeAlias = "PrivateKey | bytes"
+_CacheKey: TypeAlias = tuple[str, KeyAlgorithm, KeyUsage, bool, bytes | None, str, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +68,18 @@ class _Row:
         usage = self.usage.value
         return row_binding(
             self.handle, self.algorithm.value, usage, self.exportable, self.public_key_der
+        )
+
+    def cache_key(self) -> _CacheKey:
+        """Everything the row authenticates, and what it wraps: a changed row misses."""
+        return (
+            self.handle,
+            self.algorithm,
+            self.usage,
+            self.exportable,
+            self.public_key_der,
+            self.kek_id,
+            self.wrapped,
         )
 
     def info(self) -> KeyInfo:
@@ -110,10 +122,10 @@ class _LRU:
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._items: OrderedDict[bytes, tuple[str, Material]] = OrderedDict()
+        self._items: OrderedDict[_CacheKey, tuple[str, Material]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: bytes) -> Material | None:
+    def get(self, key: _CacheKey) -> Material | None:
         with self._lock:
             item = self._items.get(key)
             if item is None:
@@ -121,7 +133,7 @@ class _LRU:
             self._items.move_to_end(key)
             return item[1]
 
-    def put(self, key: bytes, handle: str, material: Material) -> None:
+    def put(self, key: _CacheKey, handle: str, material: Material) -> None:
         if self._size <= 0:
             return
         with self._lock:
@@ -264,14 +276,11 @@ class SoftKeyStore(KeyStore):
         return row, self._material(row)
 
     def _material(self, row: _Row) -> Material:
-        aad = row.binding()
-        cache_key = hashlib.sha256(
-            b"%d:%s|%s|" % (len(aad), aad, row.kek_id.encode()) + row.wrapped
-        ).digest()
+        cache_key = row.cache_key()
         cached = self._cache.get(cache_key)
         if cached is not None:
             return cached
-        plain = self._open(row, aad)
+        plain = self._open(row, row.binding())
         material = _load_material(row.algorithm, plain)
         self._cache.put(cache_key, row.handle, material)
         return material

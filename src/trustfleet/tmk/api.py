@@ -26,6 +26,7 @@ from trustfleet.pki.x509 import RevocationReason
 from trustfleet.server.context import AppContext
 from trustfleet.server.deps import (
     Principal,
+    context_of,
     get_context,
     public,
     require_role,
@@ -75,13 +76,6 @@ class UnsupportedImportType(InvalidInput):
 
 def _service(context: AppContext) -> TmkService:
     return TmkService(context.sessions, context.keystore)
-
-
-async def _raw_body(request: Request) -> bytes:
-    return await request.body()
-
-
-RawBody = Annotated[bytes, Depends(_raw_body)]
 
 
 def _message(data: bytes) -> Response:
@@ -476,8 +470,9 @@ def verify_pin_block(
     response_class=Response,
     responses={200: {"content": {MESSAGE_MEDIA_TYPE: {}}, **_MESSAGE_DOC}},
 )
-async def start_download(principal: Gateway, context: Context, body: RawBody) -> Response:
+async def start_download(principal: Gateway, request: Request) -> Response:
     """Step 1-2: a ``tmk-download-request`` in, a ``tmk-server-challenge`` out."""
+    context, body = context_of(request), await request.body()
     start = partial(_service(context).start_download, body, actor=principal.actor)
     challenge = await run_database_work(context, start)
     return _message(challenge.to_json())
@@ -488,10 +483,9 @@ async def start_download(principal: Gateway, context: Context, body: RawBody) ->
     response_class=Response,
     responses={200: {"content": {MESSAGE_MEDIA_TYPE: {}}, **_MESSAGE_DOC}},
 )
-async def download_proof(
-    session_id: SessionId, principal: Gateway, context: Context, body: RawBody
-) -> Response:
+async def download_proof(session_id: SessionId, principal: Gateway, request: Request) -> Response:
     """Step 4-6: a ``tmk-terminal-proof`` in, a ``tmk-key-delivery`` out."""
+    context, body = context_of(request), await request.body()
     accept = partial(_service(context).accept_proof, session_id, body, actor=principal.actor)
     delivery = await run_database_work(context, accept)
     return _message(delivery.to_json())
@@ -499,9 +493,10 @@ async def download_proof(
 
 @router.post("/downloads/{session_id}/confirm")
 async def download_confirm(
-    session_id: SessionId, principal: Gateway, context: Context, body: RawBody
+    session_id: SessionId, principal: Gateway, request: Request
 ) -> ActivatedOut:
     """Step 7: a ``tmk-confirmation`` in; the TMK is active once this answers 200."""
+    context, body = context_of(request), await request.body()
     confirm = partial(_service(context).confirm, session_id, body, actor=principal.actor)
     activation = await run_database_work(context, confirm)
     return ActivatedOut(
