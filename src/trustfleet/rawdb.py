@@ -11,11 +11,12 @@ The statements are still written in Core against the models, compiled once per d
 what is written here reads back through the ORM unchanged (SQLite's datetimes as text, say).
 
 Transactions follow :mod:`trustfleet.db`'s SQLite rule: :func:`raw_transaction` takes the
-write lock at ``BEGIN IMMEDIATE``; :func:`raw_reading` begins a deferred transaction that
-never waits for a writer. Reads go through :func:`read_engine`: on PostgreSQL the shared
-engine pings each connection at checkout and wraps each statement in BEGIN/ROLLBACK, three
-round trips around a one-row select, so reads use a companion engine on the same URL in
-autocommit and without the ping, disposed with the shared one.
+write lock at ``BEGIN IMMEDIATE``; :func:`raw_reading` runs statements in autocommit, each
+its own snapshot, which in WAL mode never waits for a writer. Reads go through
+:func:`read_engine`: on PostgreSQL the shared engine pings each connection at checkout and
+wraps each statement in BEGIN/ROLLBACK, three round trips around a one-row select, so reads
+use a companion engine on the same URL in autocommit and without the ping, disposed with
+the shared one.
 """
 
 from __future__ import annotations
@@ -298,12 +299,13 @@ def _is_sqlite(engine: Engine) -> bool:
 
 @contextmanager
 def raw_reading(engine: Engine) -> Iterator[RawConnection]:
-    """One consistent read; ``engine`` is a :func:`read_engine`."""
+    """Reads on a kept connection of ``engine`` (a :func:`read_engine`). Each statement
+    sees the database as of its start, as in autocommit: a use case that needs several
+    statements to agree reads them under lock in its write transaction instead. (A BEGIN
+    and ROLLBACK around them would cost more than a one-row select.)"""
     idle = _idle(engine)
     driver, generation = idle.acquire()
     try:
-        if _is_sqlite(engine):
-            driver.execute("BEGIN")
         yield RawConnection(driver, engine.dialect)
     except ConnectionLost:
         idle.discard(driver)

@@ -287,6 +287,64 @@ class RevokedOut(BaseModel):
 
 
 # =====================================================================================
+# Downloads (terminals, through the device gateway). Declared first: routes are matched
+# in order, and these are the busiest.
+# =====================================================================================
+
+
+@router.post(
+    "/downloads",
+    response_class=Response,
+    responses={200: {"content": {MESSAGE_MEDIA_TYPE: {}}, **_MESSAGE_DOC}},
+)
+async def start_download(principal: Gateway, request: Request) -> Response:
+    """Step 1-2: a ``tmk-download-request`` in, a ``tmk-server-challenge`` out."""
+    context, body = context_of(request), await request.body()
+    start = partial(_service(context).start_download, body, actor=principal.actor)
+    challenge = await run_database_work(context, start)
+    return _message(challenge.to_json())
+
+
+@router.post(
+    "/downloads/{session_id}/proof",
+    response_class=Response,
+    responses={200: {"content": {MESSAGE_MEDIA_TYPE: {}}, **_MESSAGE_DOC}},
+)
+async def download_proof(session_id: SessionId, principal: Gateway, request: Request) -> Response:
+    """Step 4-6: a ``tmk-terminal-proof`` in, a ``tmk-key-delivery`` out."""
+    context, body = context_of(request), await request.body()
+    accept = partial(_service(context).accept_proof, session_id, body, actor=principal.actor)
+    delivery = await run_database_work(context, accept)
+    return _message(delivery.to_json())
+
+
+@router.post("/downloads/{session_id}/confirm")
+async def download_confirm(
+    session_id: SessionId, principal: Gateway, request: Request
+) -> ActivatedOut:
+    """Step 7: a ``tmk-confirmation`` in; the TMK is active once this answers 200."""
+    context, body = context_of(request), await request.body()
+    confirm = partial(_service(context).confirm, session_id, body, actor=principal.actor)
+    activation = await run_database_work(context, confirm)
+    return ActivatedOut(
+        session_id=activation.session_id,
+        sn=activation.sn,
+        algorithm=activation.algorithm.value,
+        kcv=activation.kcv.hex().upper(),
+        activated_at=activation.activated_at,
+    )
+
+
+@router.post("/downloads/{session_id}/abort")
+def download_abort(
+    session_id: SessionId, body: AbortIn, context: Context, principal: Gateway
+) -> dict[str, str]:
+    """The terminal gave up (and says why): the session ends and its TMK is destroyed."""
+    _service(context).abort_download(session_id, body.code, actor=principal.actor)
+    return {"status": "aborted"}
+
+
+# =====================================================================================
 # Terminal registry
 # =====================================================================================
 
@@ -458,63 +516,6 @@ def verify_pin_block(
         sn, bytes.fromhex(body.pin_block), pan=body.pan, pin=body.pin, actor=principal.actor
     )
     return PinCheckOut(match=match)
-
-
-# =====================================================================================
-# Downloads (terminals, through the device gateway)
-# =====================================================================================
-
-
-@router.post(
-    "/downloads",
-    response_class=Response,
-    responses={200: {"content": {MESSAGE_MEDIA_TYPE: {}}, **_MESSAGE_DOC}},
-)
-async def start_download(principal: Gateway, request: Request) -> Response:
-    """Step 1-2: a ``tmk-download-request`` in, a ``tmk-server-challenge`` out."""
-    context, body = context_of(request), await request.body()
-    start = partial(_service(context).start_download, body, actor=principal.actor)
-    challenge = await run_database_work(context, start)
-    return _message(challenge.to_json())
-
-
-@router.post(
-    "/downloads/{session_id}/proof",
-    response_class=Response,
-    responses={200: {"content": {MESSAGE_MEDIA_TYPE: {}}, **_MESSAGE_DOC}},
-)
-async def download_proof(session_id: SessionId, principal: Gateway, request: Request) -> Response:
-    """Step 4-6: a ``tmk-terminal-proof`` in, a ``tmk-key-delivery`` out."""
-    context, body = context_of(request), await request.body()
-    accept = partial(_service(context).accept_proof, session_id, body, actor=principal.actor)
-    delivery = await run_database_work(context, accept)
-    return _message(delivery.to_json())
-
-
-@router.post("/downloads/{session_id}/confirm")
-async def download_confirm(
-    session_id: SessionId, principal: Gateway, request: Request
-) -> ActivatedOut:
-    """Step 7: a ``tmk-confirmation`` in; the TMK is active once this answers 200."""
-    context, body = context_of(request), await request.body()
-    confirm = partial(_service(context).confirm, session_id, body, actor=principal.actor)
-    activation = await run_database_work(context, confirm)
-    return ActivatedOut(
-        session_id=activation.session_id,
-        sn=activation.sn,
-        algorithm=activation.algorithm.value,
-        kcv=activation.kcv.hex().upper(),
-        activated_at=activation.activated_at,
-    )
-
-
-@router.post("/downloads/{session_id}/abort")
-def download_abort(
-    session_id: SessionId, body: AbortIn, context: Context, principal: Gateway
-) -> dict[str, str]:
-    """The terminal gave up (and says why): the session ends and its TMK is destroyed."""
-    _service(context).abort_download(session_id, body.code, actor=principal.actor)
-    return {"status": "aborted"}
 
 
 # =====================================================================================
