@@ -10,13 +10,13 @@ JSON messages (``docs/tmk-protocol.md``) byte for byte.
 from __future__ import annotations
 
 import codecs
-from collections.abc import AsyncIterator, Iterator
+import tempfile
+from collections.abc import Iterator
 from datetime import datetime
 from functools import partial
-from typing import Annotated, Literal
+from typing import IO, Annotated, Literal
 
-import anyio
-import anyio.from_thread
+import anyio.to_thread
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -58,6 +58,8 @@ SessionId = Annotated[str, Path(min_length=32, max_length=32, pattern=r"^[0-9a-f
 MESSAGE_MEDIA_TYPE = "application/json"
 MAX_KEY_CHARS = 16_384
 MAX_LINE_CHARS = 1_048_576
+SPOOL_MEMORY_BYTES = 8 * 1024 * 1024  # larger import bodies spill to a temporary file
+READ_CHUNK_BYTES = 64 * 1024
 IMPORT_MEDIA_TYPES = {
     "text/csv": "csv",
     "application/x-ndjson": "ndjson",
@@ -395,15 +397,20 @@ async def import_terminals(
     kind = IMPORT_MEDIA_TYPES.get(media)
     if kind is None:
         raise UnsupportedImportType(f"unsupported content type {media[:60]!r}")
-    run = partial(_import, context, kind, request.stream(), principal.actor)
-    report = await anyio.to_thread.run_sync(run)
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES) as body:
+        async for chunk in request.stream():
+            body.write(chunk)
+        body.seek(0)
+        run = partial(_import, context, kind, body, principal.actor)
+        report = await anyio.to_thread.run_sync(run)
     return ImportReportOut(**report.to_dict())
 
 
-def _import(
-    context: AppContext, kind: str, chunks: AsyncIterator[bytes], actor: str
-) -> registry.ImportReport:
-    """Runs in a worker thread, pulling the body from the event loop line by line."""
+def _import(context: AppContext, kind: str, body: IO[bytes], actor: str) -> registry.ImportReport:
+    """Runs in a worker thread over the spooled body. The body is received in full first:
+    the import's write transaction must not wait on the event loop, which may itself be
+    waiting for the database's write lock (see run_database_work)."""
+    chunks = iter(partial(body.read, READ_CHUNK_BYTES), b"")
     lines = _lines(chunks, max_line=None if kind == "json" else MAX_LINE_CHARS)
     if kind == "csv":
         rows = registry.read_csv(lines)
@@ -414,18 +421,11 @@ def _import(
     return registry.import_terminals(context.sessions, rows, actor=actor)
 
 
-async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:
-    try:
-        return await chunks.__anext__()
-    except StopAsyncIteration:
-        return None
-
-
-def _lines(chunks: AsyncIterator[bytes], *, max_line: int | None) -> Iterator[str]:
+def _lines(chunks: Iterator[bytes], *, max_line: int | None) -> Iterator[str]:
     decoder = codecs.getincrementaldecoder("utf-8-sig")()
     pending = ""
     while True:
-        chunk = anyio.from_thread.run(_next_chunk, chunks)
+        chunk = next(chunks, None)
         try:
             text = pending + decoder.decode(chunk or b"", final=chunk is None)
         except UnicodeDecodeError:
