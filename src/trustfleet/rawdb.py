@@ -63,41 +63,52 @@ class Prepared:
     """One Core statement compiled for one dialect, with its parameter order, literal
     values and the column types' processors resolved once."""
 
-    __slots__ = ("_binds", "_defaults", "_order", "_required", "_results", "_row", "sql")
+    __slots__ = ("_positional", "_processed", "_results", "_row", "_slots", "sql")
 
     def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
         compiled = statement.compile(dialect=dialect)
         assert isinstance(compiled, SQLCompiler), "a DML or SELECT statement"
         self.sql = str(compiled)
-        self._order = tuple(compiled.positiontup or ()) if compiled.positional else None
-        self._defaults = dict(compiled.params)
-        names = compiled.bind_names  # each bind parameter's name in the SQL
-        self._required = frozenset(name for bind, name in names.items() if bind.required)
-        self._binds: dict[str, Processor] = {}
-        for bind, name in names.items():
-            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
-            if process is not None:
-                self._binds[name] = process
+        defaults = compiled.params
+        by_name = {name: bind for bind, name in compiled.bind_names.items()}
+        self._positional = bool(compiled.positional)
+        order = compiled.positiontup or () if self._positional else list(by_name)
+        # (name, literal value, required, the type's bind processor) in the SQL's order
+        self._slots = tuple(
+            (
+                name,
+                defaults.get(name),
+                by_name[name].required,
+                by_name[name].type.dialect_impl(dialect).bind_processor(dialect),
+            )
+            for name in order
+        )
         columns = list(getattr(statement, "exported_columns", ()))
         self._results: tuple[Processor | None, ...] = tuple(
             c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns
         )
+        self._processed = any(process is not None for process in self._results)
         keys = [getattr(c, "key", None) or f"c{i}" for i, c in enumerate(columns)]
         self._row: Any = namedtuple("Row", keys, rename=True) if keys else None
 
     def parameters(self, values: Mapping[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
-        missing = self._required - values.keys()
-        if missing:
-            raise TypeError(f"missing statement parameters: {', '.join(sorted(missing))}")
-        merged = {**self._defaults, **values}
-        for name, process in self._binds.items():
-            merged[name] = process(merged[name])
-        if self._order is None:
-            return merged
-        return tuple(merged[name] for name in self._order)
+        bound = []
+        for name, default, required, process in self._slots:
+            if name in values:
+                value = values[name]
+            elif required:
+                raise TypeError(f"missing statement parameter: {name}")
+            else:
+                value = default
+            bound.append(value if process is None else process(value))
+        if self._positional:
+            return tuple(bound)
+        return {slot[0]: value for slot, value in zip(self._slots, bound, strict=True)}
 
     def row(self, raw: tuple[Any, ...]) -> Any:
         assert self._row is not None, "the statement selects no columns"
+        if not self._processed:
+            return self._row._make(raw)
         return self._row._make(
             value if process is None else process(value)
             for value, process in zip(raw, self._results, strict=True)
