@@ -68,7 +68,11 @@ def _body_limit(app: FastAPI, context: AppContext) -> Callable[[Scope], int]:
         nonlocal large
         if large is None:
             large = [r for r in iter_api_routes(app.routes) if is_streamed_import(r.endpoint)]
-        if any(route.matches(scope)[0] is Match.FULL for route in large):
+        path = scope.get("path", "")
+        if any(
+            route.path_regex.match(path) and route.matches(scope)[0] is Match.FULL
+            for route in large
+        ):
             return context.settings.max_import_bytes
         return context.settings.max_body_bytes
 

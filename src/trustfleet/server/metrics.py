@@ -51,12 +51,19 @@ class Metrics:
             ("action", "outcome"),
             registry=self.registry,
         )
+        self._series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        method = method if method in _KNOWN_METHODS else "OTHER"
-        labels = (method, route, str(status))
-        self.requests.labels(*labels).inc()
-        self.latency.labels(*labels).observe(seconds)
+        key = (method if method in _KNOWN_METHODS else "OTHER", route, status)
+        series = self._series.get(key)
+        if series is None:  # label lookups cost more than the update: done once per series
+            labels = (key[0], route, str(status))
+            series = self._series[key] = (
+                self.requests.labels(*labels),
+                self.latency.labels(*labels),
+            )
+        series[0].inc()
+        series[1].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,6 +20,7 @@ from trustfleet.server.problems import PROBLEM_MEDIA_TYPE, internal_error_body, 
 
 REQUEST_ID_HEADER = "x-request-id"
 MAX_LOGGED_PATH = 512
+_REQUEST_ID_BYTES = REQUEST_ID_HEADER.encode()
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 log = logging.getLogger("trustfleet.server")
@@ -79,7 +79,8 @@ class RequestContextMiddleware:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 started, status = True, message["status"]
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+                headers = [h for h in message.get("headers", ()) if h[0] != _REQUEST_ID_BYTES]
+                message["headers"] = [*headers, (_REQUEST_ID_BYTES, request_id.encode())]
             await send(message)
 
         began = time.perf_counter()
