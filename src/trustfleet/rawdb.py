@@ -116,7 +116,8 @@ class Prepared:
 
 
 class RawConnection:
-    """A DBAPI connection checked out for one use case."""
+    """A DBAPI connection checked out for one use case. Statements are compiled once and
+    cached by identity: build them once, at module level, never per call."""
 
     __slots__ = ("_dbapi", "_dialect", "_prepared", "info")
 
