@@ -272,8 +272,12 @@ class _Idle:
         return driver, self._generation
 
     def release(self, driver: Any, generation: int) -> None:
-        if _is_sqlite(self._engine) and driver.in_transaction:
-            driver.rollback()
+        try:
+            if _is_sqlite(self._engine) and driver.in_transaction:
+                driver.rollback()
+        except self._engine.dialect.loaded_dbapi.Error:
+            self.discard(driver)  # unusable: never hand it out again
+            return
         if generation == self._generation and len(self._idle) < self._size:
             self._idle.append(driver)
         else:
