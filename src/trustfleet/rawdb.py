@@ -29,17 +29,19 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Insert, bindparam, create_engine, event, insert
 from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import QueryableAttribute
 from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.expression import ClauseElement
+from sqlalchemy.sql.expression import ClauseElement, ColumnElement
 
 __all__ = [
     "ConnectionLost",
     "Prepared",
     "RawConnection",
     "RawIntegrityError",
+    "insert_columns",
     "on_commit",
     "raw_reading",
     "raw_transaction",
@@ -49,6 +51,14 @@ __all__ = [
 
 Processor = Callable[[Any], Any]
 T = TypeVar("T")
+
+
+def insert_columns(*columns: ColumnElement[Any] | QueryableAttribute[Any]) -> Insert:
+    """An insert into the columns' table binding each column by its key. A raw insert names
+    its columns: compiled without values, an insert would bind every column of the table
+    (NULL ids and defaults included)."""
+    table = columns[0].expression.table  # a mapped attribute's column, or the column itself
+    return insert(table).values({column: bindparam(column.key) for column in columns})
 
 
 class RawIntegrityError(Exception):

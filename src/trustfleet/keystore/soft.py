@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeAlias
 
-from sqlalchemy import Engine, Row, bindparam, insert, select, update
+from sqlalchemy import Engine, Row, bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet import crypto
@@ -40,7 +40,7 @@ from trustfleet.keystore import payment_ops, policy, secret_ops
 from trustfleet.keystore.base import KeyInfo, KeyStore, KeyUsage
 from trustfleet.keystore.master import MasterKeyring
 from trustfleet.keystore.models import StoredKey, row_binding
-from trustfleet.rawdb import raw_transaction, read, read_engine
+from trustfleet.rawdb import insert_columns, raw_transaction, read, read_engine
 from trustfleet.tmk import tr31
 from trustfleet.tmk.tr31 import KeyBlockHeader
 
@@ -112,9 +112,7 @@ _COLUMNS = (
 _SELECT_LIVE = select(*_COLUMNS).where(
     StoredKey.handle == bindparam("handle"), StoredKey.destroyed_at.is_(None)
 )
-_INSERT_KEY = insert(StoredKey).values(
-    {column: bindparam(column.key) for column in _COLUMNS}  # destroyed_at stays NULL
-)
+_INSERT_KEY = insert_columns(*_COLUMNS)  # destroyed_at stays NULL
 
 
 class _LRU:

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Integer, String, Text, bindparam, func, insert, select
+from sqlalchemy import DateTime, Integer, String, Text, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from trustfleet.db import Base
 from trustfleet.errors import Conflict
-from trustfleet.rawdb import RawConnection, RawIntegrityError
+from trustfleet.rawdb import RawConnection, RawIntegrityError, insert_columns
 
 GENESIS_HASH = "0" * 64
 #: ``session.info`` key listing (action, outcome) of the records appended in the open
@@ -119,9 +119,7 @@ _SUBJECT_CHARS = _length(AuditRecord.subject)
 _OUTCOME_CHARS = _length(AuditRecord.outcome)
 _ADVISORY_LOCK = select(func.pg_advisory_xact_lock(bindparam("k")))
 _HEAD = select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)
-_INSERT = insert(AuditRecord).values(
-    {column: bindparam(column.key) for column in AuditRecord.__table__.columns}
-)
+_INSERT = insert_columns(*AuditRecord.__table__.columns)
 
 
 def append(

@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Select, bindparam, func, insert, or_, select, update
+from sqlalchemy import Engine, Select, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.crypto import load_public_key
@@ -43,7 +43,13 @@ from trustfleet.crypto.base import KeyAlgorithm, PublicKey
 from trustfleet.db import reading, transaction
 from trustfleet.errors import InvalidInput, KeyNotFound
 from trustfleet.keystore.base import KeyStore, KeyUsage
-from trustfleet.rawdb import RawConnection, raw_reading, raw_transaction, read_engine
+from trustfleet.rawdb import (
+    RawConnection,
+    insert_columns,
+    raw_reading,
+    raw_transaction,
+    read_engine,
+)
 from trustfleet.server import audit
 from trustfleet.tmk import pinblock, registry
 from trustfleet.tmk.errors import TmkError, TmkOutOfOrder
@@ -342,12 +348,8 @@ _START_FACTS_LOCKED = _START_FACTS.with_for_update(of=Terminal.sn)
 _ACTIVE_IDENTITY = select(
     ServerIdentity.work_key_handle, ServerIdentity.kswcrt_der, ServerIdentity.serial_hex
 ).where(ServerIdentity.active_slot == 1)
-_INSERT_SESSION = insert(DownloadSession).values(
-    {
-        column: bindparam(column.key)
-        for column in DownloadSession.__table__.columns
-        if column.key != "error_code"
-    }
+_INSERT_SESSION = insert_columns(
+    *(column for column in DownloadSession.__table__.columns if column.key != "error_code")
 )
 _SESSION_FACTS = (
     select(
@@ -373,19 +375,14 @@ _STORE_DELIVERY = (
     )
     .values(_NEW_STATE)
 )
-_INSERT_TMK = insert(TerminalMasterKey).values(
-    {
-        column: bindparam(column.key)
-        for column in (
-            TerminalMasterKey.sn,
-            TerminalMasterKey.session_id,
-            TerminalMasterKey.key_handle,
-            TerminalMasterKey.algorithm,
-            TerminalMasterKey.kcv_hex,
-            TerminalMasterKey.status,
-            TerminalMasterKey.created_at,
-        )
-    }
+_INSERT_TMK = insert_columns(
+    TerminalMasterKey.sn,
+    TerminalMasterKey.session_id,
+    TerminalMasterKey.key_handle,
+    TerminalMasterKey.algorithm,
+    TerminalMasterKey.kcv_hex,
+    TerminalMasterKey.status,
+    TerminalMasterKey.created_at,
 )
 _SESSION_LOCKED = (
     select(DownloadSession.sn, DownloadSession.state_json)
