@@ -19,12 +19,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import DateTime, Integer, String, Text, bindparam, func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from trustfleet.db import Base
 from trustfleet.errors import Conflict
-from trustfleet.rawdb import RawConnection, RawIntegrityError, insert_columns
+from trustfleet.rawdb import RawConnection, RawIntegrityError, insert_columns, session_connection
 
 GENESIS_HASH = "0" * 64
 #: ``session.info`` key listing (action, outcome) of the records appended in the open
@@ -133,16 +132,7 @@ def append(
     at: datetime | None = None,
 ) -> AuditRecord:
     """Append one record in ``session``'s transaction and return it."""
-    connection = session.connection()
-    if connection.dialect.name == "postgresql":
-        connection.execute(_ADVISORY_LOCK, {"k": _POSTGRES_AUDIT_LOCK})
-    columns = _record(
-        connection.execute(_HEAD).first(), action, actor, subject, outcome, details, at
-    )
-    try:  # a Core insert: the record is never updated, so it needs no ORM bookkeeping
-        connection.execute(_INSERT, columns)
-    except IntegrityError as exc:  # another node appended the same seq first
-        raise AuditConflict() from exc
+    columns = _append(session_connection(session), action, actor, subject, outcome, details, at)
     session.info.setdefault(PENDING_INFO_KEY, []).append((columns["action"], columns["outcome"]))
     return AuditRecord(**columns)
 
@@ -158,14 +148,28 @@ def append_raw(
     at: datetime | None = None,
 ) -> None:
     """:func:`append` inside a :func:`trustfleet.rawdb.raw_transaction`."""
+    columns = _append(connection, action, actor, subject, outcome, details, at)
+    connection.info.setdefault(PENDING_INFO_KEY, []).append((columns["action"], columns["outcome"]))
+
+
+def _append(
+    connection: RawConnection,
+    action: str,
+    actor: str,
+    subject: str,
+    outcome: str,
+    details: dict[str, Any] | None,
+    at: datetime | None,
+) -> dict[str, Any]:
+    """Insert the next record in the connection's transaction; its columns."""
     if connection.dialect_name == "postgresql":
         connection.one(_ADVISORY_LOCK, {"k": _POSTGRES_AUDIT_LOCK})
     columns = _record(connection.one(_HEAD), action, actor, subject, outcome, details, at)
-    try:
+    try:  # a plain insert: the record is never updated, so it needs no ORM bookkeeping
         connection.run(_INSERT, columns)
-    except RawIntegrityError as exc:
+    except RawIntegrityError as exc:  # another node appended the same seq first
         raise AuditConflict() from exc
-    connection.info.setdefault(PENDING_INFO_KEY, []).append((columns["action"], columns["outcome"]))
+    return columns
 
 
 def _record(
