@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import codecs
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from functools import partial
-from typing import IO, Annotated, Literal
+from typing import IO, Annotated, Literal, TypeVar
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Path, Request, Response
@@ -45,6 +45,7 @@ from trustfleet.tmk.service import (
 )
 
 router = APIRouter(prefix="/v1/tmk", tags=["tmk"])
+T = TypeVar("T")
 
 Context = Annotated[AppContext, Depends(get_context)]
 Admin = Annotated[Principal, Depends(require_role(Role.ADMIN))]
@@ -78,6 +79,13 @@ class UnsupportedImportType(InvalidInput):
 
 def _service(context: AppContext) -> TmkService:
     return TmkService(context.sessions, context.keystore)
+
+
+async def _step(request: Request, use: Callable[[TmkService, bytes], T]) -> T:
+    """A download step: the body (read once the caller is authenticated) handed to the
+    service, on the event loop or in the thread pool (``run_database_work``)."""
+    context, body = context_of(request), await request.body()
+    return await run_database_work(context, partial(use, _service(context), body))
 
 
 def _message(data: bytes) -> Response:
@@ -301,9 +309,9 @@ class RevokedOut(BaseModel):
 )
 async def start_download(principal: Gateway, request: Request) -> Response:
     """Step 1-2: a ``tmk-download-request`` in, a ``tmk-server-challenge`` out."""
-    context, body = context_of(request), await request.body()
-    start = partial(_service(context).start_download, body, actor=principal.actor)
-    challenge = await run_database_work(context, start)
+    challenge = await _step(
+        request, lambda tmk, body: tmk.start_download(body, actor=principal.actor)
+    )
     return _message(challenge.to_json())
 
 
@@ -314,9 +322,9 @@ async def start_download(principal: Gateway, request: Request) -> Response:
 )
 async def download_proof(session_id: SessionId, principal: Gateway, request: Request) -> Response:
     """Step 4-6: a ``tmk-terminal-proof`` in, a ``tmk-key-delivery`` out."""
-    context, body = context_of(request), await request.body()
-    accept = partial(_service(context).accept_proof, session_id, body, actor=principal.actor)
-    delivery = await run_database_work(context, accept)
+    delivery = await _step(
+        request, lambda tmk, body: tmk.accept_proof(session_id, body, actor=principal.actor)
+    )
     return _message(delivery.to_json())
 
 
@@ -325,9 +333,9 @@ async def download_confirm(
     session_id: SessionId, principal: Gateway, request: Request
 ) -> ActivatedOut:
     """Step 7: a ``tmk-confirmation`` in; the TMK is active once this answers 200."""
-    context, body = context_of(request), await request.body()
-    confirm = partial(_service(context).confirm, session_id, body, actor=principal.actor)
-    activation = await run_database_work(context, confirm)
+    activation = await _step(
+        request, lambda tmk, body: tmk.confirm(session_id, body, actor=principal.actor)
+    )
     return ActivatedOut(
         session_id=activation.session_id,
         sn=activation.sn,

@@ -507,9 +507,7 @@ class TmkService:
         return challenge
 
     def _start(self, request: DownloadRequest, actor: str) -> tuple[ServerChallenge, _Retired]:
-        # Signing reads the key store, which needs a connection of its own: on SQLite a
-        # thread must not wait for one while it holds the write lock (every other thread
-        # may be holding a pooled connection while waiting for that lock). So: read,
+        # No key-store call inside the write transaction (docs/architecture.md): read,
         # sign, then write after checking again under lock.
         now = self._now()
         with raw_reading(self._reads) as connection:
