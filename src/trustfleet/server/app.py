@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from types import ModuleType
 
 from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
@@ -14,6 +15,7 @@ from trustfleet import __version__
 from trustfleet.models import import_if_present
 from trustfleet.server.api import router as spine_router
 from trustfleet.server.context import AppContext
+from trustfleet.server.devicelane import DeviceLane, DeviceRoute
 from trustfleet.server.limits import is_streamed_import
 from trustfleet.server.metrics import Metrics
 from trustfleet.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
@@ -32,18 +34,34 @@ DOMAIN_ROUTERS = (
 )
 
 
-def load_domain_routers(names: Sequence[str]) -> list[APIRouter]:
-    routers = []
+def _domain_modules(names: Sequence[str]) -> Iterator[ModuleType]:
     for name in names:
         module = import_if_present(name)
         if module is None:
             log.debug("domain router %s is not present; skipped", name)
             continue
+        yield module
+
+
+def load_domain_routers(names: Sequence[str]) -> list[APIRouter]:
+    routers = []
+    for module in _domain_modules(names):
         router = getattr(module, "router", None)
         if not isinstance(router, APIRouter):
-            raise TypeError(f"{name}.router must be a fastapi.APIRouter")
+            raise TypeError(f"{module.__name__}.router must be a fastapi.APIRouter")
         routers.append(router)
     return routers
+
+
+def load_device_routes(names: Sequence[str]) -> list[DeviceRoute]:
+    """The domains' ``device_routes`` (optional): served by the device lane."""
+    routes: list[DeviceRoute] = []
+    for module in _domain_modules(names):
+        declared = getattr(module, "device_routes", ())
+        if not all(isinstance(route, DeviceRoute) for route in declared):
+            raise TypeError(f"{module.__name__}.device_routes must hold DeviceRoute objects")
+        routes += declared
+    return routes
 
 
 def iter_api_routes(routes: Sequence[BaseRoute]) -> Iterator[APIRoute]:
@@ -79,9 +97,18 @@ def _body_limit(app: FastAPI, context: AppContext) -> Callable[[Scope], int]:
     return limit_for
 
 
-def create_app(context: AppContext, *, domain_routers: Sequence[str] = DOMAIN_ROUTERS) -> FastAPI:
+def create_app(
+    context: AppContext,
+    *,
+    domain_routers: Sequence[str] = DOMAIN_ROUTERS,
+    device_lane: bool = True,
+) -> FastAPI:
     """A FastAPI app serving ``context``. Holds no per-session state: any node can serve
-    any request, so several apps (processes, hosts) may share one database."""
+    any request, so several apps (processes, hosts) may share one database.
+
+    With ``device_lane`` (the default) the domains' device routes are answered by
+    :class:`~trustfleet.server.devicelane.DeviceLane` in front of the FastAPI stack;
+    without it, by their FastAPI routes (same handlers, same answers)."""
     app = FastAPI(
         title="trustfleet",
         version=__version__,
@@ -98,5 +125,8 @@ def create_app(context: AppContext, *, domain_routers: Sequence[str] = DOMAIN_RO
         app.include_router(router)
     app.include_router(spine_router)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limit(app, context))
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    if device_lane:  # outermost
+        routes = load_device_routes(domain_routers)
+        app.add_middleware(DeviceLane, context=context, metrics=metrics, routes=routes)
     return app

@@ -15,7 +15,7 @@ the thread pool.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Annotated, TypeVar, cast
 
@@ -49,7 +49,7 @@ _bearer = HTTPBearer(
     description="An API token: `Authorization: Bearer tf_...`",
 )
 _PRINCIPAL_STATE = "trustfleet_principal"
-_AUDITED_STATE = "trustfleet_auth_failure_audited"
+_AUDITOR_STATE = "trustfleet_refusal_auditor"
 
 
 def context_of(request: Request) -> AppContext:
@@ -84,33 +84,98 @@ def _route_name(request: Request) -> str:
     return str(getattr(route, "path", "unmatched"))
 
 
-async def _audit_failure_once(
-    request: Request, action: str, actor: str, details: dict[str, object]
+def bearer_credentials(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (as FastAPI's HTTPBearer
+    reads it); ``"?"`` when the header is there but is not a Bearer credential, so that it
+    is refused as malformed rather than as missing."""
+    if not authorization:
+        return None
+    scheme, _, credentials = authorization.partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() != "bearer" or not credentials:
+        return "?"
+    return credentials
+
+
+def audit_refusal(
+    context: AppContext, subject: str, action: str, actor: str, details: dict[str, object]
 ) -> None:
-    """One audit record per refused request at most, however many checks refuse it."""
-    state = request.scope.setdefault("state", {})
-    if state.get(_AUDITED_STATE):
-        return
-    state[_AUDITED_STATE] = True
-    client = request.client.host if request.client else ""
-    write = partial(_write_failure, request, action, actor, {**details, "client": client})
-    await anyio.to_thread.run_sync(write)
-
-
-def _write_failure(request: Request, action: str, actor: str, details: dict[str, object]) -> None:
+    """The audit record of a refused request (``auth.failed``, ``auth.forbidden``)."""
     try:
-        with transaction(context_of(request).sessions) as session:
+        with transaction(context.sessions) as session:
             audit.append(
                 session,
                 action=action,
                 actor=actor,
-                subject=f"{request.method} {_route_name(request)}",
+                subject=subject,
                 outcome="failure",
                 details=details,
             )
     except Exception:
         # the request is refused either way; a failed audit write must not turn 401/403 into 500
         log.exception("could not write the %s audit record", action)
+
+
+#: ``(action, actor, details)`` -> writes the refusal's audit record
+RefusalAuditor = Callable[[str, str, dict[str, object]], Awaitable[None]]
+
+
+def refusal_auditor(context: AppContext, subject: str, client: str) -> RefusalAuditor:
+    """Audits a request's refusals, at most one record per request however many checks
+    refuse it; the write goes to the thread pool."""
+    written = False
+
+    async def refuse(action: str, actor: str, details: dict[str, object]) -> None:
+        nonlocal written
+        if written:
+            return
+        written = True
+        write = partial(
+            audit_refusal, context, subject, action, actor, {**details, "client": client}
+        )
+        await anyio.to_thread.run_sync(write)
+
+    return refuse
+
+
+async def authenticate_bearer(
+    context: AppContext, presented: str | None, refuse: RefusalAuditor
+) -> Principal:
+    """The principal of a presented token; a refused token is audited (``refuse``) and
+    raises :class:`AuthenticationFailed`."""
+    try:
+        check = await run_database_work(context, partial(check_token, context.engine, presented))
+    except AuthenticationFailed as exc:
+        details: dict[str, object] = {"reason": exc.reason}
+        if exc.token_id is not None:
+            details["token_id"] = exc.token_id
+        await refuse("auth.failed", "unauthenticated", details)
+        log.info("authentication failed: %s", exc.reason)
+        raise
+    if check.touch_at is not None:
+        refresh = partial(touch, context.sessions, check.principal.token_id, check.touch_at)
+        await anyio.to_thread.run_sync(refresh)
+    return check.principal
+
+
+async def require_roles(
+    principal: Principal, roles: frozenset[str], refuse: RefusalAuditor
+) -> None:
+    """Refuse (audited, :class:`Forbidden`) a principal whose role is not in ``roles``."""
+    if principal.role not in roles:
+        await refuse("auth.forbidden", principal.actor, {"role": principal.role})
+        raise Forbidden(f"this needs one of the roles: {', '.join(sorted(roles))}")
+
+
+def _request_refusals(request: Request) -> RefusalAuditor:
+    """The request's refusal auditor, kept in its scope: several dependencies may refuse."""
+    state = request.scope.setdefault("state", {})
+    refuse = state.get(_AUDITOR_STATE)
+    if refuse is None:
+        client = request.client.host if request.client else ""
+        subject = f"{request.method} {_route_name(request)}"
+        refuse = state[_AUDITOR_STATE] = refusal_auditor(context_of(request), subject, client)
+    return cast(RefusalAuditor, refuse)
 
 
 async def _principal(
@@ -123,21 +188,11 @@ async def _principal(
     presented = credentials.credentials if credentials is not None else None
     if presented is None and request.headers.get("authorization"):
         presented = "?"  # present but not a Bearer credential: refused as malformed
-    context = context_of(request)
-    try:
-        check = await run_database_work(context, partial(check_token, context.engine, presented))
-    except AuthenticationFailed as exc:
-        details: dict[str, object] = {"reason": exc.reason}
-        if exc.token_id is not None:
-            details["token_id"] = exc.token_id
-        await _audit_failure_once(request, "auth.failed", "unauthenticated", details)
-        log.info("authentication failed: %s", exc.reason)
-        raise
-    if check.touch_at is not None:
-        refresh = partial(touch, context.sessions, check.principal.token_id, check.touch_at)
-        await anyio.to_thread.run_sync(refresh)
-    state[_PRINCIPAL_STATE] = check.principal
-    return check.principal
+    principal = await authenticate_bearer(
+        context_of(request), presented, _request_refusals(request)
+    )
+    state[_PRINCIPAL_STATE] = principal
+    return principal
 
 
 class RoleRequirement:
@@ -152,11 +207,7 @@ class RoleRequirement:
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Principal:
         principal = await _principal(request, credentials)
-        if principal.role not in self.roles:
-            await _audit_failure_once(
-                request, "auth.forbidden", principal.actor, {"role": principal.role}
-            )
-            raise Forbidden(f"this needs one of the roles: {', '.join(sorted(self.roles))}")
+        await require_roles(principal, self.roles, _request_refusals(request))
         return principal
 
 

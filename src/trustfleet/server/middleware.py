@@ -3,7 +3,6 @@ request body limit."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import secrets
@@ -16,7 +15,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trustfleet.server.logging import RequestLogContext, request_log_context
 from trustfleet.server.metrics import Metrics, route_template
-from trustfleet.server.problems import PROBLEM_MEDIA_TYPE, internal_error_body, problem_body
+from trustfleet.server.problems import (
+    PROBLEM_MEDIA_TYPE,
+    body_limit_problem,
+    internal_error_body,
+    render_problem,
+)
 
 REQUEST_ID_HEADER = "x-request-id"
 MAX_LOGGED_PATH = 512
@@ -30,7 +34,7 @@ access_log = logging.getLogger("trustfleet.access")
 async def send_problem(
     send: Send, body: dict[str, Any], headers: dict[str, str] | None = None
 ) -> None:
-    payload = json.dumps(body, ensure_ascii=False).encode()
+    payload = render_problem(body)
     raw_headers = [
         (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
         (b"content-length", str(len(payload)).encode()),
@@ -39,16 +43,16 @@ async def send_problem(
     await send({"type": "http.response.body", "body": payload})
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def header_value(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
             return str(value.decode("latin-1"))
     return None
 
 
-def _request_id(scope: Scope) -> str:
+def request_id_of(scope: Scope) -> str:
     """The caller's X-Request-ID when it is short and plain, else a fresh one."""
-    offered = _header(scope, REQUEST_ID_HEADER.encode())
+    offered = header_value(scope, REQUEST_ID_HEADER.encode())
     if offered and _VALID_REQUEST_ID.fullmatch(offered):
         return offered
     return secrets.token_hex(8)
@@ -67,7 +71,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _request_id(scope)
+        request_id = request_id_of(scope)
         scope.setdefault("state", {})["request_id"] = request_id
         reset_token = request_log_context.set(
             RequestLogContext(request_id, scope["method"], scope["path"][:MAX_LOGGED_PATH])
@@ -128,7 +132,7 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.limit_for(scope)
-        declared = _header(scope, b"content-length")
+        declared = header_value(scope, b"content-length")
         if declared is not None and (not declared.strip().isdigit() or int(declared) > limit):
             await self._refuse(scope, send, limit, bad_length=not declared.strip().isdigit())
             return
@@ -159,24 +163,8 @@ class BodyLimitMiddleware:
     @staticmethod
     async def _refuse(scope: Scope, send: Send, limit: int, *, bad_length: bool) -> None:
         request_id = scope.get("state", {}).get("request_id")
-        instance = scope.get("path")
-        if bad_length:
-            body = problem_body(
-                status=400,
-                code="bad-request",
-                title="The request could not be understood",
-                detail="Content-Length is not a number",
-                instance=instance,
-                request_id=request_id,
-            )
-        else:
-            body = problem_body(
-                status=413,
-                code="body-too-large",
-                title="The request body is too large",
-                detail=f"The request body exceeds the limit of {limit} bytes",
-                instance=instance,
-                request_id=request_id,
-            )
+        body = body_limit_problem(
+            limit, bad_length=bad_length, instance=scope.get("path"), request_id=request_id
+        )
         # the unread body stays on the wire: ask the client not to reuse the connection
         await send_problem(send, body, {"connection": "close"})

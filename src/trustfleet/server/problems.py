@@ -8,6 +8,7 @@ Nothing from the request body is echoed back, and echoed names are clipped.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -79,6 +80,52 @@ def problem_body(
     return body
 
 
+def render_problem(body: Mapping[str, Any]) -> bytes:
+    """A problem document's bytes, exactly as :class:`ProblemResponse` renders them."""
+    return json.dumps(
+        body, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
+    ).encode()
+
+
+def error_problem(
+    exc: TrustfleetError, *, instance: str | None, request_id: str | None
+) -> dict[str, Any]:
+    """The problem document of a raised trustfleet error (logged when it is a 5xx)."""
+    if exc.status >= 500:
+        log.error("request failed: %s [%s]", exc.message, exc.code, exc_info=exc)
+    return problem_body(
+        status=exc.status,
+        code=exc.code,
+        title=exc.title,
+        detail=exc.message,
+        instance=instance,
+        request_id=request_id,
+    )
+
+
+def body_limit_problem(
+    limit: int, *, bad_length: bool, instance: str | None, request_id: str | None
+) -> dict[str, Any]:
+    """413 for a body over ``limit``, 400 for a Content-Length that is not a number."""
+    if bad_length:
+        return problem_body(
+            status=400,
+            code="bad-request",
+            title="The request could not be understood",
+            detail="Content-Length is not a number",
+            instance=instance,
+            request_id=request_id,
+        )
+    return problem_body(
+        status=413,
+        code="body-too-large",
+        title="The request body is too large",
+        detail=f"The request body exceeds the limit of {limit} bytes",
+        instance=instance,
+        request_id=request_id,
+    )
+
+
 def problem_response(
     request: Request | None,
     *,
@@ -114,16 +161,9 @@ def _auth_headers(status: int) -> dict[str, str]:
 
 async def _trustfleet_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TrustfleetError)
-    if exc.status >= 500:
-        log.error("request failed: %s [%s]", exc.message, exc.code, exc_info=exc)
-    return problem_response(
-        request,
-        status=exc.status,
-        code=exc.code,
-        title=exc.title,
-        detail=exc.message,
-        headers=_auth_headers(exc.status),
-    )
+    request_id = getattr(request.state, "request_id", None)
+    body = error_problem(exc, instance=request.url.path, request_id=request_id)
+    return ProblemResponse(body, status_code=exc.status, headers=_auth_headers(exc.status))
 
 
 def _malformed_json(request: Request) -> Response:

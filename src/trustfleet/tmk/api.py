@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import codecs
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from functools import partial
-from typing import IO, Annotated, Literal, TypeVar
+from typing import IO, Annotated, Literal
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Path, Request, Response
@@ -26,11 +26,16 @@ from trustfleet.pki.x509 import RevocationReason
 from trustfleet.server.context import AppContext
 from trustfleet.server.deps import (
     Principal,
-    context_of,
     get_context,
     public,
     require_role,
     run_database_work,
+)
+from trustfleet.server.devicelane import (
+    DeviceAnswer,
+    DeviceHandler,
+    DeviceRoute,
+    answer_in_fastapi,
 )
 from trustfleet.server.limits import streamed_import
 from trustfleet.server.models import Role
@@ -45,7 +50,6 @@ from trustfleet.tmk.service import (
 )
 
 router = APIRouter(prefix="/v1/tmk", tags=["tmk"])
-T = TypeVar("T")
 
 Context = Annotated[AppContext, Depends(get_context)]
 Admin = Annotated[Principal, Depends(require_role(Role.ADMIN))]
@@ -79,17 +83,6 @@ class UnsupportedImportType(InvalidInput):
 
 def _service(context: AppContext) -> TmkService:
     return TmkService(context.sessions, context.keystore)
-
-
-async def _step(request: Request, use: Callable[[TmkService, bytes], T]) -> T:
-    """A download step: the body (read once the caller is authenticated) handed to the
-    service, on the event loop or in the thread pool (``run_database_work``)."""
-    context, body = context_of(request), await request.body()
-    return await run_database_work(context, partial(use, _service(context), body))
-
-
-def _message(data: bytes) -> Response:
-    return Response(content=data, media_type=MESSAGE_MEDIA_TYPE)
 
 
 # =====================================================================================
@@ -297,9 +290,63 @@ class RevokedOut(BaseModel):
 
 
 # =====================================================================================
-# Downloads (terminals, through the device gateway). Declared first: routes are matched
-# in order, and these are the busiest.
+# Downloads (terminals, through the device gateway): device routes, answered by the device
+# lane in front of FastAPI (trustfleet.server.devicelane); the FastAPI routes below call the
+# same handlers and document them.
 # =====================================================================================
+
+GATEWAY_ROLES = frozenset({Role.DEVICE_GATEWAY.value})
+SESSION_ID_PATTERN = "[0-9a-f]{32}"
+
+
+async def _start_step(
+    context: AppContext, principal: Principal, params: Mapping[str, str], body: bytes
+) -> DeviceAnswer:
+    start = partial(_service(context).start_download, body, actor=principal.actor)
+    challenge = await run_database_work(context, start)
+    return DeviceAnswer(challenge.to_json())
+
+
+async def _proof_step(
+    context: AppContext, principal: Principal, params: Mapping[str, str], body: bytes
+) -> DeviceAnswer:
+    service = _service(context)
+    proof = partial(service.accept_proof, params["session_id"], body, actor=principal.actor)
+    delivery = await run_database_work(context, proof)
+    return DeviceAnswer(delivery.to_json())
+
+
+async def _confirm_step(
+    context: AppContext, principal: Principal, params: Mapping[str, str], body: bytes
+) -> DeviceAnswer:
+    service = _service(context)
+    confirm = partial(service.confirm, params["session_id"], body, actor=principal.actor)
+    activation = await run_database_work(context, confirm)
+    out = ActivatedOut(
+        session_id=activation.session_id,
+        sn=activation.sn,
+        algorithm=activation.algorithm.value,
+        kcv=activation.kcv.hex().upper(),
+        activated_at=activation.activated_at,
+    )
+    return DeviceAnswer(out.model_dump_json().encode())
+
+
+def _download_route(path: str, handler: DeviceHandler) -> DeviceRoute:
+    return DeviceRoute(
+        "POST",
+        router.prefix + path,
+        GATEWAY_ROLES,
+        handler,
+        params={"session_id": SESSION_ID_PATTERN},
+    )
+
+
+device_routes = (
+    _download_route("/downloads", _start_step),
+    _download_route("/downloads/{session_id}/proof", _proof_step),
+    _download_route("/downloads/{session_id}/confirm", _confirm_step),
+)
 
 
 @router.post(
@@ -309,10 +356,7 @@ class RevokedOut(BaseModel):
 )
 async def start_download(principal: Gateway, request: Request) -> Response:
     """Step 1-2: a ``tmk-download-request`` in, a ``tmk-server-challenge`` out."""
-    challenge = await _step(
-        request, lambda tmk, body: tmk.start_download(body, actor=principal.actor)
-    )
-    return _message(challenge.to_json())
+    return await answer_in_fastapi(request, principal, _start_step)
 
 
 @router.post(
@@ -322,27 +366,17 @@ async def start_download(principal: Gateway, request: Request) -> Response:
 )
 async def download_proof(session_id: SessionId, principal: Gateway, request: Request) -> Response:
     """Step 4-6: a ``tmk-terminal-proof`` in, a ``tmk-key-delivery`` out."""
-    delivery = await _step(
-        request, lambda tmk, body: tmk.accept_proof(session_id, body, actor=principal.actor)
-    )
-    return _message(delivery.to_json())
+    return await answer_in_fastapi(request, principal, _proof_step)
 
 
-@router.post("/downloads/{session_id}/confirm")
-async def download_confirm(
-    session_id: SessionId, principal: Gateway, request: Request
-) -> ActivatedOut:
+@router.post(
+    "/downloads/{session_id}/confirm",
+    response_class=Response,
+    responses={200: {"model": ActivatedOut}},
+)
+async def download_confirm(session_id: SessionId, principal: Gateway, request: Request) -> Response:
     """Step 7: a ``tmk-confirmation`` in; the TMK is active once this answers 200."""
-    activation = await _step(
-        request, lambda tmk, body: tmk.confirm(session_id, body, actor=principal.actor)
-    )
-    return ActivatedOut(
-        session_id=activation.session_id,
-        sn=activation.sn,
-        algorithm=activation.algorithm.value,
-        kcv=activation.kcv.hex().upper(),
-        activated_at=activation.activated_at,
-    )
+    return await answer_in_fastapi(request, principal, _confirm_step)
 
 
 @router.post("/downloads/{session_id}/abort")

@@ -1,0 +1,258 @@
+"""Device routes: the few device-facing routes a fleet's traffic goes through, answered by a
+thin ASGI layer in front of FastAPI.
+
+A TMK download is three requests whose own work is a fraction of a millisecond, while
+FastAPI's routing, dependency injection and middleware stack cost about 0.25 ms of CPU per
+request here (bench/RESULTS.md). So a device route is declared once, as a
+:data:`DeviceHandler` ``(context, principal, params, body) -> DeviceAnswer``, and is served
+two ways that answer alike (the tests check it):
+
+- :class:`DeviceLane`, the outermost ASGI layer, answers a request that matches a device
+  route exactly (method, path, parameter patterns) by itself;
+- the domain's FastAPI route of the same path calls the same handler through
+  :func:`answer_in_fastapi`: it documents the route in OpenAPI and answers when the app is
+  built without the lane.
+
+The lane keeps every promise the FastAPI stack makes: the request id (``X-Request-ID``),
+log context, access line and metrics of
+:class:`~trustfleet.server.middleware.RequestContextMiddleware`; the body limit of
+:class:`~trustfleet.server.middleware.BodyLimitMiddleware`; the bearer-token check, role
+check and refusal audit of :mod:`trustfleet.server.deps` (shared code); problem+json errors
+with stable codes; a logged 500 ``internal-error`` for anything unexpected. A request that
+matches no device route (a malformed session id, another method) goes on to FastAPI.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from trustfleet.errors import TrustfleetError
+from trustfleet.server.auth import Principal
+from trustfleet.server.context import AppContext
+from trustfleet.server.deps import (
+    authenticate_bearer,
+    bearer_credentials,
+    context_of,
+    refusal_auditor,
+    require_roles,
+)
+from trustfleet.server.logging import RequestLogContext, request_log_context
+from trustfleet.server.metrics import Metrics
+from trustfleet.server.middleware import (
+    MAX_LOGGED_PATH,
+    REQUEST_ID_HEADER,
+    access_log,
+    header_value,
+    request_id_of,
+)
+from trustfleet.server.problems import (
+    PROBLEM_MEDIA_TYPE,
+    body_limit_problem,
+    error_problem,
+    internal_error_body,
+    render_problem,
+)
+
+log = logging.getLogger("trustfleet.server")
+
+_PARAMETER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_REQUEST_ID_BYTES = REQUEST_ID_HEADER.encode()
+_CONNECTION_CLOSE = [(b"connection", b"close")]
+_AUTHENTICATE_BEARER = [(b"www-authenticate", b"Bearer")]
+
+
+@dataclass(frozen=True)
+class DeviceAnswer:
+    """A device route's successful answer: the exact body bytes."""
+
+    body: bytes
+    media_type: str = "application/json"
+    status: int = 200
+
+
+#: ``(context, principal, path parameters, request body) -> answer``; errors are raised as
+#: :class:`~trustfleet.errors.TrustfleetError` and become problem+json
+DeviceHandler = Callable[[AppContext, Principal, Mapping[str, str], bytes], Awaitable[DeviceAnswer]]
+
+
+@dataclass(frozen=True)
+class DeviceRoute:
+    """One device route: ``path`` is a FastAPI path template (it is also the metrics and
+    log label), ``params`` the full-match pattern of each ``{parameter}`` in it."""
+
+    method: str
+    path: str
+    roles: frozenset[str]
+    handler: DeviceHandler
+    params: Mapping[str, str] = field(default_factory=dict)
+
+    def pattern(self) -> re.Pattern[str]:
+        parts, end = [], 0
+        for found in _PARAMETER.finditer(self.path):
+            name = found.group(1)
+            parts += [re.escape(self.path[end : found.start()]), f"(?P<{name}>{self.params[name]})"]
+            end = found.end()
+        parts.append(re.escape(self.path[end:]))
+        return re.compile("".join(parts))
+
+
+async def answer_in_fastapi(
+    request: Request, principal: Principal, handler: DeviceHandler
+) -> Response:
+    """A device handler behind a FastAPI route (authenticated by the route's dependency)."""
+    context, body = context_of(request), await request.body()
+    answer = await handler(context, principal, request.path_params, body)
+    return Response(answer.body, status_code=answer.status, media_type=answer.media_type)
+
+
+@dataclass(frozen=True)
+class _Reply:
+    status: int
+    body: bytes
+    media_type: str
+    headers: list[tuple[bytes, bytes]]
+
+
+class _Refused(Exception):
+    """The request was refused before its handler ran (its body is too large)."""
+
+    def __init__(self, reply: _Reply) -> None:
+        self.reply = reply
+
+
+class _Disconnected(Exception):
+    """The client went away before its body arrived: there is nobody to answer."""
+
+
+def _problem_reply(body: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> _Reply:
+    return _Reply(body["status"], render_problem(body), PROBLEM_MEDIA_TYPE, headers)
+
+
+class DeviceLane:
+    """Outermost ASGI layer: answers the device routes, hands everything else to ``app``."""
+
+    def __init__(
+        self, app: ASGIApp, context: AppContext, metrics: Metrics, routes: Sequence[DeviceRoute]
+    ) -> None:
+        self.app = app
+        self._context = context
+        self._metrics = metrics
+        self._routes = [(route, route.pattern()) for route in routes]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            method, path = scope["method"], scope["path"]
+            for route, pattern in self._routes:
+                if route.method == method and (found := pattern.fullmatch(path)):
+                    await self._serve(route, found.groupdict(), scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+    async def _serve(
+        self, route: DeviceRoute, params: dict[str, str], scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        request_id = request_id_of(scope)
+        reset_token = request_log_context.set(
+            RequestLogContext(request_id, route.method, scope["path"][:MAX_LOGGED_PATH])
+        )
+        began, status = time.perf_counter(), 500
+        try:
+            reply = await self._reply(route, params, scope, receive, request_id)
+            status = reply.status
+            headers = [
+                (b"content-type", reply.media_type.encode()),
+                (b"content-length", str(len(reply.body)).encode()),
+                (_REQUEST_ID_BYTES, request_id.encode()),
+                *reply.headers,
+            ]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": reply.body})
+        except _Disconnected:
+            status = 499  # nginx's "client closed request": nothing was sent
+        finally:
+            seconds = time.perf_counter() - began
+            self._metrics.observe_request(route.method, route.path, status, seconds)
+            access_log.info(
+                "request",
+                extra={
+                    "route": route.path,
+                    "status": status,
+                    "duration_ms": round(seconds * 1e3, 3),
+                },
+            )
+            request_log_context.reset(reset_token)
+
+    async def _reply(
+        self,
+        route: DeviceRoute,
+        params: dict[str, str],
+        scope: Scope,
+        receive: Receive,
+        request_id: str,
+    ) -> _Reply:
+        instance = scope["path"]
+        try:
+            limit = self._context.settings.max_body_bytes
+            _check_declared_length(scope, limit, instance, request_id)
+            principal = await self._principal(route, scope)
+            body = await _read_body(receive, limit, instance, request_id)
+            answer = await route.handler(self._context, principal, params, body)
+        except _Refused as refused:
+            return refused.reply
+        except TrustfleetError as exc:
+            problem = error_problem(exc, instance=instance, request_id=request_id)
+            return _problem_reply(problem, _AUTHENTICATE_BEARER if exc.status == 401 else [])
+        except _Disconnected:
+            raise
+        except Exception:
+            log.exception("unhandled error while answering the request")
+            return _problem_reply(internal_error_body(request_id), [])
+        return _Reply(answer.status, answer.body, answer.media_type, [])
+
+    async def _principal(self, route: DeviceRoute, scope: Scope) -> Principal:
+        client = scope.get("client")
+        refuse = refusal_auditor(
+            self._context, f"{route.method} {route.path}", client[0] if client else ""
+        )
+        presented = bearer_credentials(header_value(scope, b"authorization"))
+        principal = await authenticate_bearer(self._context, presented, refuse)
+        await require_roles(principal, route.roles, refuse)
+        return principal
+
+
+def _check_declared_length(scope: Scope, limit: int, instance: str, request_id: str) -> None:
+    declared = header_value(scope, b"content-length")
+    if declared is None:
+        return
+    bad_length = not declared.strip().isdigit()
+    if bad_length or int(declared) > limit:
+        problem = body_limit_problem(
+            limit, bad_length=bad_length, instance=instance, request_id=request_id
+        )
+        raise _Refused(_problem_reply(problem, _CONNECTION_CLOSE))
+
+
+async def _read_body(receive: Receive, limit: int, instance: str, request_id: str) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            problem = body_limit_problem(
+                limit, bad_length=False, instance=instance, request_id=request_id
+            )
+            raise _Refused(_problem_reply(problem, _CONNECTION_CLOSE))
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
