@@ -55,8 +55,16 @@ def context(tmp_path: Path, engine: Engine, sessions: sessionmaker[Session]) -> 
 
 
 @pytest.fixture
-def client(context: AppContext) -> Iterator[TestClient]:
-    with TestClient(create_app(context), raise_server_exceptions=False) as test_client:
+def device_lane() -> bool:
+    """Whether the download steps are answered by the device lane (the default) or by their
+    FastAPI routes; tests parametrize it to show both answer alike."""
+    return True
+
+
+@pytest.fixture
+def client(context: AppContext, device_lane: bool) -> Iterator[TestClient]:
+    app = create_app(context, device_lane=device_lane)
+    with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client
 
 
@@ -140,6 +148,7 @@ def _stage(sessions: sessionmaker[Session], session_id: str) -> str:
 # =====================================================================================
 
 
+@pytest.mark.parametrize("device_lane", [True, False], ids=["lane", "fastapi"])
 @pytest.mark.parametrize(
     "algorithm",
     [KeyAlgorithm.EC_P256, KeyAlgorithm.RSA_2048, KeyAlgorithm.SM2],
@@ -247,6 +256,7 @@ def assert_secret_absent(secret: bytes, blob: bytes) -> None:
                 assert secret not in decoded
 
 
+@pytest.mark.parametrize("device_lane", [True, False], ids=["lane", "fastapi"])
 def test_a_proof_replayed_into_another_session_is_refused_over_http(
     client: TestClient,
     tokens: dict[str, str],
@@ -355,6 +365,7 @@ def test_downloads_for_unknown_and_suspended_terminals_have_their_own_codes(
     assert status["status"] == "revoked" and status["active_tmk"] is None
 
 
+@pytest.mark.parametrize("device_lane", [True, False], ids=["lane", "fastapi"])
 def test_malformed_messages_and_unknown_sessions_are_problems(
     client: TestClient, tokens: dict[str, str]
 ) -> None:
