@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.rawdb import (
     RawIntegrityError,
+    RawTransactionDoomed,
     on_commit,
     raw_reading,
     raw_transaction,
@@ -107,3 +108,45 @@ def test_connections_are_reused_and_closed_with_the_engine(engine: Engine) -> No
     assert len(made) <= 2  # one for reads, one for writes at most: never one per use
     engine.dispose()  # closes the kept connections; new ones are made on demand
     assert len(read(reads, lambda c: c.all(select(ApiToken.id)))) == 50
+
+
+def _exists(engine: Engine, digest: str) -> bool:
+    return read(read_engine(engine), lambda c: c.one(_BY_DIGEST, {"digest": digest})) is not None
+
+
+def test_a_nested_transaction_joins_the_outer_one_and_commits_with_it(engine: Engine) -> None:
+    with raw_transaction(engine) as outer:
+        outer.run(_INSERT, {"name": "outer", "digest": "1" * 64, "at": AT})
+        with raw_transaction(engine) as inner:
+            assert inner is outer
+            inner.run(_INSERT, {"name": "inner", "digest": "2" * 64, "at": AT})
+        # reads inside the transaction see its own writes, on either engine
+        assert read(read_engine(engine), lambda c: c.one(_BY_DIGEST, {"digest": "2" * 64}))
+        with raw_reading(engine) as reading:
+            assert reading is outer
+    assert _exists(engine, "1" * 64) and _exists(engine, "2" * 64)
+
+
+def test_a_joined_transaction_rolls_back_with_the_outer_one(engine: Engine) -> None:
+    with pytest.raises(RuntimeError), raw_transaction(engine) as outer:
+        with raw_transaction(engine) as inner:
+            inner.run(_INSERT, {"name": "inner", "digest": "3" * 64, "at": AT})
+        outer.run(_INSERT, {"name": "outer", "digest": "4" * 64, "at": AT})
+        raise RuntimeError("the use case failed after the joined block")
+    assert not _exists(engine, "3" * 64) and not _exists(engine, "4" * 64)
+
+
+def test_an_error_caught_after_leaving_a_joined_block_dooms_the_outer_one(
+    engine: Engine,
+) -> None:
+    with pytest.raises(RawTransactionDoomed), raw_transaction(engine) as outer:
+        outer.run(_INSERT, {"name": "outer", "digest": "5" * 64, "at": AT})
+        try:
+            with raw_transaction(engine) as inner:
+                inner.run(_INSERT, {"name": "half", "digest": "6" * 64, "at": AT})
+                raise RuntimeError("half done")
+        except RuntimeError:
+            pass  # a caller that swallows the failure must not commit the half
+    assert not _exists(engine, "5" * 64) and not _exists(engine, "6" * 64)
+    _add(engine, "7" * 64)  # and the next transaction is a fresh one
+    assert _exists(engine, "7" * 64)

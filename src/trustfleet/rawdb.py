@@ -27,6 +27,8 @@ import weakref
 from collections import namedtuple
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, Insert, bindparam, create_engine, event, insert
@@ -41,6 +43,7 @@ __all__ = [
     "Prepared",
     "RawConnection",
     "RawIntegrityError",
+    "RawTransactionDoomed",
     "insert_columns",
     "on_commit",
     "raw_reading",
@@ -331,12 +334,43 @@ def _is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+class RawTransactionDoomed(RuntimeError):
+    """An error left a joined :func:`raw_transaction` and was caught: the outer one must
+    not commit what is left half-done."""
+
+
+@dataclass
+class _Ambient:
+    """The raw transaction open in this thread or task, and the engines it serves."""
+
+    engines: tuple[Engine, ...]
+    connection: RawConnection
+    doomed: bool = False
+
+
+_ambient: ContextVar[_Ambient | None] = ContextVar("trustfleet_raw_transaction", default=None)
+
+
+def _joined(engine: Engine) -> _Ambient | None:
+    ambient = _ambient.get()
+    if ambient is not None and any(engine is served for served in ambient.engines):
+        return ambient
+    return None
+
+
 @contextmanager
 def raw_reading(engine: Engine) -> Iterator[RawConnection]:
     """Reads on a kept connection of ``engine`` (a :func:`read_engine`). Each statement
     sees the database as of its start, as in autocommit: a use case that needs several
     statements to agree reads them under lock in its write transaction instead. (A BEGIN
-    and ROLLBACK around them would cost more than a one-row select.)"""
+    and ROLLBACK around them would cost more than a one-row select.)
+
+    Inside a :func:`raw_transaction` on the same database the reads run in it, and so see
+    its own writes."""
+    ambient = _joined(engine)
+    if ambient is not None:
+        yield ambient.connection
+        return
     idle = _idle(engine)
     driver, generation = idle.acquire()
     try:
@@ -357,7 +391,8 @@ def read(engine: Engine, use: Callable[[RawConnection], T]) -> T:
         with raw_reading(engine) as connection:
             return use(connection)
     except ConnectionLost:
-        pass
+        if _joined(engine) is not None:
+            raise  # the transaction is lost with it: nothing to repeat here
     with raw_reading(engine) as connection:
         return use(connection)
 
@@ -367,11 +402,35 @@ def raw_transaction(engine: Engine) -> Iterator[RawConnection]:
     """One write transaction: committed when the block ends, rolled back on any error.
     On SQLite it holds the write lock from the start (``BEGIN IMMEDIATE``) and runs on a
     kept connection; on PostgreSQL it checks a connection out of the engine's pool, whose
-    ping finds connections the server dropped before anything is written."""
-    if not _is_sqlite(engine):
-        with _pooled_transaction(engine) as connection:
-            yield connection
+    ping finds connections the server dropped before anything is written.
+
+    A raw transaction opened inside another on the same engine, in the same thread or
+    task, joins it: its statements commit or roll back with the outer one's. That is how
+    a use case makes a key in the soft key store (which writes to this database) in its
+    own transaction. An error that leaves the inner block dooms the outer transaction:
+    committing it raises :class:`RawTransactionDoomed` even if the error was caught."""
+    ambient = _joined(engine)
+    if ambient is not None:
+        try:
+            yield ambient.connection
+        except BaseException:
+            ambient.doomed = True
+            raise
         return
+    opened = _pooled_transaction if not _is_sqlite(engine) else _sqlite_transaction
+    with opened(engine) as connection:
+        ambient = _Ambient((engine, read_engine(engine)), connection)
+        token = _ambient.set(ambient)
+        try:
+            yield connection
+        finally:
+            _ambient.reset(token)
+        if ambient.doomed:
+            raise RawTransactionDoomed("a joined transaction failed; rolled back")
+
+
+@contextmanager
+def _sqlite_transaction(engine: Engine) -> Iterator[RawConnection]:
     idle = _idle(engine)
     driver, generation = idle.acquire()
     connection = RawConnection(driver, engine.dialect)

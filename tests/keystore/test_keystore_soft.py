@@ -15,6 +15,7 @@ from trustfleet.keystore.base import KeyUsage
 from trustfleet.keystore.master import KeyIntegrityError, MasterKey, MasterKeyring
 from trustfleet.keystore.models import StoredKey
 from trustfleet.keystore.soft import SoftKeyStore
+from trustfleet.rawdb import raw_transaction
 
 A = KeyAlgorithm
 U = KeyUsage
@@ -191,3 +192,19 @@ def test_postgres_key_reads_survive_a_dropped_connection(
     soft_store.sign(key.handle, b"after the server dropped it")
     engine.dispose()
     assert reads.pool.checkedin() == 0  # disposed with the main engine
+
+
+def test_a_key_made_in_a_raw_transaction_exists_only_if_it_commits(
+    soft_store: SoftKeyStore, engine: Engine
+) -> None:
+    with raw_transaction(engine):
+        kept = soft_store.generate(A.AES_128, U.MAC)
+        soft_store.mac(kept.handle, b"usable inside the transaction")
+    soft_store.mac(kept.handle, b"and after it")
+    with pytest.raises(RuntimeError), raw_transaction(engine):
+        lost = soft_store.generate(A.AES_128, U.MAC)
+        soft_store.mac(lost.handle, b"usable inside the transaction")
+        raise RuntimeError("the use case failed after making the key")
+    with pytest.raises(KeyNotFound):
+        soft_store.mac(lost.handle, b"rolled back with the transaction")
+    assert lost.handle not in {k.handle for k in soft_store.list()}

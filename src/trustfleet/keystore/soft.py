@@ -18,7 +18,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TypeAlias
 
@@ -222,6 +222,9 @@ class SoftKeyStore(KeyStore):
             kek_id="",
         )
         kek_id, wrapped = self._master.seal(_material_bytes(material), row.binding())
+        row = replace(row, wrapped=wrapped, kek_id=kek_id)
+        # Joins the caller's raw transaction if there is one (rawdb): the key then exists
+        # only if that transaction commits.
         with raw_transaction(self._engine) as connection:
             connection.run(
                 _INSERT_KEY,
@@ -237,6 +240,7 @@ class SoftKeyStore(KeyStore):
                     "kek_id": kek_id,
                 },
             )
+        self._cache.put(row.cache_key(), row.handle, material)  # a new key is used at once
         return row.info()
 
     # -- reading -----------------------------------------------------------------------

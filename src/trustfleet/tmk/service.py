@@ -576,61 +576,61 @@ class TmkService:
     def accept_proof(self, session_id: str, body: bytes | str, *, actor: str) -> KeyDelivery:
         """The terminal's proof: verify it, make the TMK and deliver it wrapped.
 
-        Making the TMK writes to the key store, so it happens outside the transaction that
-        stores the delivery; that transaction stores it only if the session is unchanged
-        since it was read (else the new TMK is destroyed and the session aborted)."""
+        One transaction: the TMK is made in it (a soft key store's insert joins it, see
+        :func:`trustfleet.rawdb.raw_transaction`), and the delivery is stored only if the
+        session is unchanged since it was read. Should anything fail after the TMK was made,
+        it is destroyed (a key store outside the database, PKCS#11, keeps it otherwise)."""
+        delivered: ServerSessionState | None = None
         try:
             proof = TerminalProof.from_json(body)
             facts = self._session_facts(session_id)
-            delivery, delivered = server_accept_proof(
-                ServerSessionState.from_json(facts.state_json),
-                proof,
-                terminal=_registration(facts.sn, facts.public_key_der),
-                keystore=self._keystore,
-                now=self._now(),
-                tmk_algorithm=KeyAlgorithm(facts.tmk_algorithm),
-            )
-        except TmkError as exc:
-            self._fail(session_id, exc.code, actor=actor, step="proof")
-            raise
-        try:
-            self._store_delivery(facts.state_json, delivered)
+            with raw_transaction(self._engine) as connection:
+                delivery, delivered = server_accept_proof(
+                    ServerSessionState.from_json(facts.state_json),
+                    proof,
+                    terminal=_registration(facts.sn, facts.public_key_der),
+                    keystore=self._keystore,
+                    now=self._now(),
+                    tmk_algorithm=KeyAlgorithm(facts.tmk_algorithm),
+                )
+                self._store_delivery(connection, facts.state_json, delivered)
         except BaseException as exc:
-            assert delivered.tmk_handle is not None
-            self._destroy_quietly(delivered.tmk_handle)  # never recorded: nobody else knows it
+            if delivered is not None and delivered.tmk_handle is not None:
+                self._destroy_quietly(delivered.tmk_handle)  # never stored: nobody knows it
             if isinstance(exc, TmkError):
                 self._fail(session_id, exc.code, actor=actor, step="proof")
             raise
         return delivery
 
-    def _store_delivery(self, read_state: str, delivered: ServerSessionState) -> None:
+    def _store_delivery(
+        self, connection: RawConnection, read_state: str, delivered: ServerSessionState
+    ) -> None:
         now = self._now()
         handle, algorithm, kcv = delivered.tmk
-        with raw_transaction(self._engine) as connection:
-            changed = connection.run(
-                _STORE_DELIVERY,
-                {
-                    "b_sid": delivered.session_id,
-                    "b_read": read_state,
-                    "state_json": delivered.to_json().decode(),
-                    "stage": delivered.stage.value,
-                    "updated_at": now,
-                },
-            )
-            if changed != 1:
-                raise TmkOutOfOrder("the session changed while the proof was being checked")
-            connection.run(
-                _INSERT_TMK,
-                {
-                    "sn": delivered.sn,
-                    "session_id": delivered.session_id,
-                    "key_handle": handle,
-                    "algorithm": algorithm.value,
-                    "kcv_hex": kcv.hex().upper(),
-                    "status": "pending",
-                    "created_at": now,
-                },
-            )
+        changed = connection.run(
+            _STORE_DELIVERY,
+            {
+                "b_sid": delivered.session_id,
+                "b_read": read_state,
+                "state_json": delivered.to_json().decode(),
+                "stage": delivered.stage.value,
+                "updated_at": now,
+            },
+        )
+        if changed != 1:
+            raise TmkOutOfOrder("the session changed while the proof was being checked")
+        connection.run(
+            _INSERT_TMK,
+            {
+                "sn": delivered.sn,
+                "session_id": delivered.session_id,
+                "key_handle": handle,
+                "algorithm": algorithm.value,
+                "kcv_hex": kcv.hex().upper(),
+                "status": "pending",
+                "created_at": now,
+            },
+        )
 
     # -- step 7: confirm ----------------------------------------------------------------
 
