@@ -44,10 +44,13 @@ from trustfleet.tmk.protocol import (
     TerminalProof,
     TerminalSession,
     TerminalStage,
+    TicketKey,
     TmkActivated,
     confirmation_data,
     keystore_kcv,
+    open_ticket,
     parse_message,
+    seal_ticket,
     server_abort,
     server_accept_proof,
     server_confirm,
@@ -218,6 +221,11 @@ def wire(message: Any) -> Any:
     return type(message).from_json(message.to_json())
 
 
+def ticket_key(keystore: KeyStore, key_id: int = 7) -> TicketKey:
+    handle = keystore.generate(KeyAlgorithm.HMAC_SHA256, KeyUsage.MAC, label="ticket").handle
+    return TicketKey(key_id, handle)
+
+
 def persist(state: ServerSessionState) -> ServerSessionState:
     """Store and reload the server state, as the service does between requests."""
     return ServerSessionState.from_json(state.to_json())
@@ -246,20 +254,29 @@ class Server:
         self.keystore = keystore
         self.work = work
         self.terminal = terminal
+        self.ticket_key = ticket_key(keystore)
 
     def start(
         self, request: DownloadRequest, now: datetime = NOW
     ) -> tuple[ServerChallenge, ServerSessionState]:
+        """The challenge, and the state its ticket carries back (what the service uses)."""
         challenge, state = server_start(
             wire(request),
             terminal=self.terminal,
             keystore=self.keystore,
             work_key=self.work.handle,
             kswcrt_der=self.work.der,
+            ticket_key=self.ticket_key,
             chain_der=self.work.chain_der,
             now=now,
         )
-        return challenge, persist(state)
+        opened = self.open(wire(challenge).ticket)
+        assert opened == state
+        return challenge, opened
+
+    def open(self, ticket: bytes) -> ServerSessionState:
+        keys = {self.ticket_key.key_id: self.ticket_key.handle}
+        return open_ticket(ticket, keystore=self.keystore, key_for=keys.get)
 
     def accept(
         self,
@@ -1047,6 +1064,7 @@ def test_randomness_and_time_are_injectable(
         keystore=keystore,
         work_key=work.handle,
         kswcrt_der=work.der,
+        ticket_key=ticket_key(keystore),
         now=NOW,
         ttl=timedelta(seconds=5),
         random=fixed,
@@ -1156,6 +1174,7 @@ def _challenge_obj() -> dict[str, Any]:
         kswcrt_der=b"\x30\x00",
         signature=b"\x01" * 64,
         expires_at=NOW,
+        ticket=b"opaque",
     )
     obj: dict[str, Any] = json.loads(challenge.to_json())
     return obj
@@ -1219,6 +1238,7 @@ def test_constructing_an_invalid_message_in_code_is_refused_too() -> None:
             kswcrt_der=b"\x30\x00",
             signature=b"\x01",
             expires_at=datetime(2025, 1, 1, 12, 0, 0, 500, tzinfo=UTC),  # sub-second
+            ticket=b"opaque",
         )
 
 
@@ -1300,3 +1320,53 @@ def test_error_codes_are_distinct_and_stable() -> None:
         assert cls.code == code
         assert issubclass(cls, errors.TmkError)
     assert len(set(expected.values())) == len(expected)
+
+
+# =====================================================================================
+# Session tickets: the challenged state travels with the terminal
+# =====================================================================================
+
+
+def test_a_ticket_carries_the_challenged_state_and_only_its_sealer_opens_it(
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+) -> None:
+    server = Server(keystore, work, terminal.registration)
+    _, challenge, state = _started(terminal, server, trust)
+    assert server.open(challenge.ticket) == state
+    for position in (0, 3, len(challenge.ticket) // 2, len(challenge.ticket) - 1):
+        altered = bytearray(challenge.ticket)
+        altered[position] ^= 0x01
+        with pytest.raises(errors.TmkInvalidTicket):
+            server.open(bytes(altered))
+    for cut in (b"", challenge.ticket[:37], challenge.ticket[:-1]):
+        with pytest.raises(errors.TmkInvalidTicket):
+            server.open(cut)
+    other_server = Server(keystore, work, terminal.registration)  # same key id, other key
+    with pytest.raises(errors.TmkInvalidTicket):
+        other_server.open(challenge.ticket)
+    with pytest.raises(errors.TmkInvalidTicket):  # a key that no longer seals tickets
+        open_ticket(challenge.ticket, keystore=keystore, key_for=lambda _: None)
+
+
+def test_a_ticket_answers_only_a_challenged_state(
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+) -> None:
+    server = Server(keystore, work, terminal.registration)
+    run = download(terminal, server, trust)
+    assert run.state is not None and run.state.stage is ServerStage.ACTIVE
+    with pytest.raises(ValueError, match="challenged"):
+        seal_ticket(run.state, keystore=keystore, key=server.ticket_key)
+
+
+def test_a_ticket_holds_no_secret_and_expires_with_its_session(
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+) -> None:
+    server = Server(keystore, work, terminal.registration)
+    session, challenge, state = _started(terminal, server, trust)
+    sealed_state = json.loads(challenge.ticket[5:-32])
+    assert sealed_state["stage"] == "challenged" and sealed_state["sn"] == terminal.scm.sn
+    assert sealed_state["tmk_handle"] is None  # randoms, SN and times only
+    proof = session.receive_challenge(challenge)
+    assert proof.ticket == challenge.ticket
+    with pytest.raises(errors.TmkSessionExpired):
+        server.accept(server.open(proof.ticket), proof, now=state.expires_at)

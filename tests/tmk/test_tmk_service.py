@@ -24,7 +24,7 @@ from trustfleet.keystore.soft import SoftKeyStore
 from trustfleet.pki.service import PkiService
 from trustfleet.server.audit import AuditRecord, iter_records, verify_chain
 from trustfleet.tmk import errors, registry
-from trustfleet.tmk.models import DownloadSession, TerminalMasterKey, WorkingKey
+from trustfleet.tmk.models import DownloadSession, ServerIdentity, TerminalMasterKey, WorkingKey
 from trustfleet.tmk.protocol import (
     Confirmation,
     KeyDelivery,
@@ -225,8 +225,10 @@ def test_download_activates_the_tmk_the_terminal_holds(
     terminal = make_terminal("POS-A", algorithm)
     run = steps(service, terminal, clock)
     run.start()
-    assert _session_row(sessions, run.session_id).stage == "challenged"
+    with sessions() as session:  # a challenge writes nothing: its session is in the ticket
+        assert session.get(DownloadSession, run.session_id) is None
     run.proof()
+    assert _session_row(sessions, run.session_id).stage == "delivered"
     (pending,) = _tmks(sessions, "POS-A")
     assert pending.status == "pending" and pending.active_sn is None  # not active yet
     activation = run.confirm()
@@ -241,7 +243,7 @@ def test_download_activates_the_tmk_the_terminal_holds(
     assert keystore.kcv(tmk.key_handle)[:5] == terminal.scm.tmk_kcv
     assert _session_row(sessions, run.session_id).stage == "active"
     actions = [r.action for r in _audit(sessions) if r.subject == "POS-A"]
-    assert actions[-2:] == ["tmk.download_started", "tmk.tmk_activated"]
+    assert actions[-1] == "tmk.tmk_activated" and "tmk.download_started" not in actions
     with sessions() as session:
         assert verify_chain(iter_records(session)).ok
 
@@ -378,7 +380,7 @@ def test_kcv_mismatch_on_the_terminal_is_reported_and_the_tmk_destroyed(
     assert failure["reported_code"] == "tmk-kcv-mismatch"
 
 
-def test_a_proof_replayed_into_another_session_fails_and_kills_that_session(
+def test_a_proof_replayed_into_another_session_fails_and_leaves_both_sessions_alone(
     service: TmkService,
     make_terminal: Callable[..., PosTerminal],
     sessions: sessionmaker[Session],
@@ -391,9 +393,12 @@ def test_a_proof_replayed_into_another_session_fails_and_kills_that_session(
     proof_a = run_a.session.receive_challenge(run_a.challenge)  # type: ignore[arg-type]
     with pytest.raises(errors.TmkReplay):
         service.accept_proof(run_b.session_id, proof_a.to_json(), actor="gw")
-    assert _session_row(sessions, run_b.session_id).stage == "aborted"
-    # the same message in its own session still works: only the target session died
+    assert _failures(sessions)[-1]["code"] == "tmk-replay"
+    # B's session lives in B's ticket, which the replay does not carry: B goes on, and so
+    # does the message in its own session
     service.accept_proof(run_a.session_id, proof_a.to_json(), actor="gw")
+    run_b.proof()
+    run_b.confirm()
 
 
 def test_a_proof_replayed_into_its_own_session_aborts_it_and_destroys_the_tmk(
@@ -467,8 +472,8 @@ def test_a_terminal_signing_with_another_sns_key_is_refused(
 def test_unknown_session_and_malformed_messages_are_refused_and_audited(
     service: TmkService, sessions: sessionmaker[Session]
 ) -> None:
-    proof = TerminalProof(session_id="0" * 32, signature=b"x")
-    with pytest.raises(TmkSessionNotFound):
+    proof = TerminalProof(session_id="0" * 32, signature=b"x", ticket=b"\x01" + bytes(99))
+    with pytest.raises(errors.TmkInvalidTicket):  # a session this server never sealed
         service.accept_proof("0" * 32, proof.to_json(), actor="gw")
     confirmation = Confirmation(session_id="0" * 32, mac=bytes(16))
     with pytest.raises(TmkSessionNotFound):
@@ -478,7 +483,7 @@ def test_unknown_session_and_malformed_messages_are_refused_and_audited(
     with pytest.raises(errors.TmkMalformedMessage):
         service.accept_proof("0" * 32, b"{}", actor="gw")
     assert [f["code"] for f in _failures(sessions)] == [
-        "tmk-session-not-found",
+        "tmk-invalid-ticket",
         "tmk-session-not-found",
         "tmk-malformed-message",
         "tmk-malformed-message",
@@ -513,12 +518,14 @@ def test_sweep_aborts_expired_sessions_and_destroys_their_tmks(
     delivered.start()
     delivered.proof()
     challenged = steps(service, make_terminal("POS-B"), clock)
-    challenged.start()
+    late_proof = challenged.session.receive_challenge(challenged.start())
     assert service.sweep().sessions_aborted == 0
     clock.advance(120)
-    report = service.sweep()
-    assert report.sessions_aborted == 2 and report.keys_destroyed == 1
+    report = service.sweep()  # a challenged session is only in its ticket: nothing to sweep
+    assert report.sessions_aborted == 1 and report.keys_destroyed == 1
     assert_no_tmk_left(sessions, keystore, "POS-A")
+    with pytest.raises(errors.TmkSessionExpired):  # and its ticket expired with it
+        service.accept_proof(challenged.session_id, late_proof.to_json(), actor="gw")
     assert _session_row(sessions, challenged.session_id).error_code == "tmk-session-expired"
 
 
@@ -741,3 +748,72 @@ def test_many_concurrent_downloads_all_complete(
         activations = list(pool.map(lambda t: download(service, t, clock), terminals))
     assert [a.kcv for a in activations] == [t.scm.tmk_kcv for t in terminals]
     assert _failures(sessions) == []
+
+
+# =====================================================================================
+# Session tickets (the challenged session travels with the terminal)
+# =====================================================================================
+
+
+def test_a_ticket_the_terminal_aborted_cannot_be_answered_after(
+    service: TmkService, terminal: PosTerminal, sessions: sessionmaker[Session], clock: Clock
+) -> None:
+    run = steps(service, terminal, clock)
+    challenge = run.start()
+    proof = run.session.receive_challenge(challenge)
+    with pytest.raises(TmkSessionNotFound):  # before its proof, a session is its ticket
+        service.abort_download(run.session_id, "tmk-kcv-mismatch", actor="gw")
+    service.abort_download(run.session_id, "tmk-kcv-mismatch", actor="gw", ticket=challenge.ticket)
+    row = _session_row(sessions, run.session_id)
+    assert (row.stage, row.error_code) == ("aborted", "tmk-terminal-aborted")
+    with pytest.raises(errors.TmkOutOfOrder):
+        service.accept_proof(run.session_id, proof.to_json(), actor="gw")
+    other = steps(service, terminal, clock)
+    forged = bytearray(other.start().ticket)
+    forged[-1] ^= 1
+    with pytest.raises(errors.TmkInvalidTicket):
+        service.abort_download(other.session_id, "x", actor="gw", ticket=bytes(forged))
+
+
+def test_a_refused_proof_uses_up_its_ticket(
+    service: TmkService, terminal: PosTerminal, sessions: sessionmaker[Session], clock: Clock
+) -> None:
+    run = steps(service, terminal, clock)
+    genuine = run.session.receive_challenge(run.start())
+    forged = replace(genuine, signature=bytes(64))
+    with pytest.raises(errors.TmkBadTerminalProof):
+        service.accept_proof(run.session_id, forged.to_json(), actor="gw")
+    assert _session_row(sessions, run.session_id).error_code == "tmk-bad-terminal-proof"
+    with pytest.raises(errors.TmkOutOfOrder):  # the ticket is spent, even for the real proof
+        service.accept_proof(run.session_id, genuine.to_json(), actor="gw")
+
+
+def test_tickets_survive_a_work_certificate_rotation_but_not_a_revocation(
+    service: TmkService,
+    make_terminal: Callable[..., PosTerminal],
+    sessions: sessionmaker[Session],
+    clock: Clock,
+) -> None:
+    rotated = steps(service, make_terminal("POS-A"), clock)
+    rotated.start()
+    service.identity.rotate(actor="ops")
+    rotated.proof()  # in flight across a rotation: the retired identity's ticket key stays
+    rotated.confirm()
+    revoked = steps(service, make_terminal("POS-B"), clock)
+    revoked.start()
+    service.identity.revoke(actor="ops")
+    with pytest.raises(errors.TmkInvalidTicket):
+        revoked.proof()
+
+
+def test_an_identity_from_before_tickets_gets_a_ticket_key_at_the_next_download(
+    service: TmkService, terminal: PosTerminal, sessions: sessionmaker[Session], clock: Clock
+) -> None:
+    identity = service.identity.ensure(actor="ops")
+    with sessions() as session, session.begin():  # as migration tmk_0003 leaves it
+        row = session.get(ServerIdentity, identity.id)
+        assert row is not None
+        row.ticket_key_handle = None
+    assert download(service, terminal, clock).kcv == terminal.scm.tmk_kcv
+    current = service.identity.require_current()
+    assert current.id == identity.id and current.ticket_key_handle is not None

@@ -4,6 +4,7 @@ and the ``trustfleet emulate pos`` / ``trustfleet tmk`` command lines."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
@@ -59,7 +60,9 @@ class ServiceTransport:
             if step == "confirm":
                 self.service.confirm(session_id, body, actor="gw")
                 return b"{}"
-            self.service.abort_download(session_id, json.loads(body)["code"], actor="gw")
+            report = json.loads(body)
+            ticket = base64.b64decode(report["ticket"]) if "ticket" in report else None
+            self.service.abort_download(session_id, report["code"], actor="gw", ticket=ticket)
             return b"{}"
         except TrustfleetError as exc:  # what the API would answer as problem+json
             raise TmkServerRefused(exc.code, exc.message, exc.status) from exc

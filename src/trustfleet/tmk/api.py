@@ -9,6 +9,8 @@ JSON messages (``docs/tmk-protocol.md``) byte for byte.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import codecs
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -247,6 +249,19 @@ class AbortIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     code: str = Field(min_length=1, max_length=64, description="The terminal's error code")
+    ticket: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="The challenge's ticket (base64): needed before the proof was sent",
+    )
+
+    def ticket_bytes(self) -> bytes | None:
+        if self.ticket is None:
+            return None
+        try:
+            return base64.b64decode(self.ticket, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInput("ticket is not base64") from None
 
 
 class ActivatedOut(BaseModel):
@@ -384,7 +399,9 @@ def download_abort(
     session_id: SessionId, body: AbortIn, context: Context, principal: Gateway
 ) -> dict[str, str]:
     """The terminal gave up (and says why): the session ends and its TMK is destroyed."""
-    _service(context).abort_download(session_id, body.code, actor=principal.actor)
+    _service(context).abort_download(
+        session_id, body.code, actor=principal.actor, ticket=body.ticket_bytes()
+    )
     return {"status": "aborted"}
 
 

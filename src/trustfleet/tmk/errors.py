@@ -67,6 +67,12 @@ class TmkBadServerSignature(TmkError):
     title = "The key server's signature over the challenge does not verify"
 
 
+class TmkInvalidTicket(TmkError):
+    code = "tmk-invalid-ticket"
+    status = 403
+    title = "The session ticket was not issued by this key server, or was altered"
+
+
 class TmkBadTerminalProof(TmkError):
     code = "tmk-bad-terminal-proof"
     status = 403

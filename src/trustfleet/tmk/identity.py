@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
-from sqlalchemy import Select, select
+from sqlalchemy import Select, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -59,6 +59,8 @@ class KeyServerIdentity:
     serial_hex: str
     status: str
     created_at: datetime
+    #: the key store handle of the HMAC key sealing this identity's session tickets
+    ticket_key_handle: str | None = None
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -79,6 +81,7 @@ def _identity(row: ServerIdentity) -> KeyServerIdentity:
         serial_hex=row.serial_hex,
         status=row.status,
         created_at=created.replace(tzinfo=UTC) if created.tzinfo is None else created,
+        ticket_key_handle=row.ticket_key_handle,
     )
 
 
@@ -146,8 +149,29 @@ class IdentityService:
     def ensure(
         self, *, actor: str, algorithm: KeyAlgorithm = DEFAULT_WORK_KEY_ALGORITHM
     ) -> KeyServerIdentity:
-        """The active identity; KSRCRT and a first work certificate are made if missing."""
-        return self.current() or self._install(actor=actor, algorithm=algorithm, replace=False)
+        """The active identity; KSRCRT and a first work certificate are made if missing, and
+        a ticket key if the identity predates them (migration tmk_0003)."""
+        current = self.current() or self._install(actor=actor, algorithm=algorithm, replace=False)
+        if current.ticket_key_handle is None:
+            return self._add_ticket_key(current)
+        return current
+
+    def _new_ticket_key(self) -> str:
+        return self._keystore.generate(
+            KeyAlgorithm.HMAC_SHA256, KeyUsage.MAC, label="tmk-ticket-key"
+        ).handle
+
+    def _add_ticket_key(self, identity: KeyServerIdentity) -> KeyServerIdentity:
+        handle = self._new_ticket_key()
+        with transaction(self._sessions) as session:
+            result = session.execute(
+                update(ServerIdentity)
+                .where(ServerIdentity.id == identity.id, ServerIdentity.ticket_key_handle.is_(None))
+                .values(ticket_key_handle=handle)
+            )
+        if not getattr(result, "rowcount", 0):  # another node added one first
+            self._destroy_quietly(handle)
+        return self.require_current()
 
     def rotate(
         self, *, actor: str, algorithm: KeyAlgorithm = DEFAULT_WORK_KEY_ALGORITHM
@@ -179,6 +203,7 @@ class IdentityService:
             raise UnsupportedAlgorithm(f"a work key is one of {allowed}")
         self.root()
         handle = self._keystore.generate(algorithm, KeyUsage.SIGN, label="tmk-work-key").handle
+        ticket_key = self._new_ticket_key()
         try:
             cert = self._pki.issue_server_certificate(
                 KSRCRT_CA,
@@ -189,10 +214,11 @@ class IdentityService:
             )
         except BaseException:
             self._keystore.destroy(handle)
+            self._keystore.destroy(ticket_key)
             raise
         try:
-            installed, old_handle = self._store(
-                handle,
+            installed, old_handles = self._store(
+                (handle, ticket_key),
                 algorithm,
                 cert.der,
                 cert.serial_hex,
@@ -201,17 +227,17 @@ class IdentityService:
                 revoked=revoked,
             )
         except BaseException:
-            self._discard(handle, cert.serial_hex, actor)
+            self._discard((handle, ticket_key), cert.serial_hex, actor)
             raise
         if installed.work_key_handle != handle:  # another node installed one first
-            self._discard(handle, cert.serial_hex, actor)
-        if old_handle is not None:
+            self._discard((handle, ticket_key), cert.serial_hex, actor)
+        for old_handle in old_handles:
             self._destroy_quietly(old_handle)
         return installed
 
     def _store(
         self,
-        handle: str,
+        handles: tuple[str, str],
         algorithm: KeyAlgorithm,
         der: bytes,
         serial_hex: str,
@@ -219,22 +245,28 @@ class IdentityService:
         actor: str,
         replace: bool,
         revoked: int | None,
-    ) -> tuple[KeyServerIdentity, str | None]:
+    ) -> tuple[KeyServerIdentity, list[str]]:
+        """Install the new identity (work key and ticket key ``handles``); the keys of the
+        one it replaces that are to be destroyed: the work key, and the ticket key too if
+        it is revoked (a retired one's tickets live out their minute)."""
         now = self._clock()
         try:
             with transaction(self._sessions) as session:
                 current = session.scalars(_active_query(for_update=True)).one_or_none()
                 if current is not None and not replace:
-                    return _identity(current), None
-                old_handle = None
+                    return _identity(current), []
+                old_handles = []
                 if current is not None:
                     current.active_slot = None
                     current.status = "revoked" if current.id == revoked else "retired"
                     current.retired_at = now
-                    old_handle = current.work_key_handle
+                    old_handles.append(current.work_key_handle)
+                    if current.status == "revoked" and current.ticket_key_handle:
+                        old_handles.append(current.ticket_key_handle)
                     session.flush()  # free the active slot before the new row takes it
                 row = ServerIdentity(
-                    work_key_handle=handle,
+                    work_key_handle=handles[0],
+                    ticket_key_handle=handles[1],
                     algorithm=algorithm.value,
                     kswcrt_der=der,
                     serial_hex=serial_hex,
@@ -255,13 +287,14 @@ class IdentityService:
                         "replaced_status": current.status if current is not None else None,
                     },
                 )
-                return _identity(row), old_handle
+                return _identity(row), old_handles
         except IntegrityError:  # another node took the active slot between our read and write
-            return self.require_current(), None
+            return self.require_current(), []
 
-    def _discard(self, handle: str, serial_hex: str, actor: str) -> None:
-        """An issued work certificate that never became active: revoke it, drop its key."""
-        self._destroy_quietly(handle)
+    def _discard(self, handles: tuple[str, str], serial_hex: str, actor: str) -> None:
+        """An issued work certificate that never became active: revoke it, drop its keys."""
+        for handle in handles:
+            self._destroy_quietly(handle)
         self._pki.revoke(serial_hex, RevocationReason.SUPERSEDED, actor=actor)
 
     def _destroy_quietly(self, handle: str) -> None:

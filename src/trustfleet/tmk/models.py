@@ -137,3 +137,7 @@ class ServerIdentity(Base):
     active_slot: Mapped[int | None] = mapped_column(Integer, unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: the HMAC key that seals this identity's session tickets (migration tmk_0003); kept
+    #: when the identity is retired (its tickets live out their minute), destroyed when
+    #: it is revoked
+    ticket_key_handle: Mapped[str | None] = mapped_column(String(200))

@@ -6,10 +6,12 @@ The flow (spec §5, hardened; see ``docs/tmk-protocol.md``)::
     DownloadRequest(sn, rnd1, suite)            ->
                                                 <-      ServerChallenge(session_id, rnd1, rnd2,
                                                             KSWCRT [+ chain], sig_KS(TBS1),
-                                                            expires_at)
+                                                            expires_at, ticket)
     check KSWCRT -> KSRCRT, sig, rnd1
-    TerminalProof(session_id, sig_TKP(TBS2))    ->
-                                                        verify with TKP_Pu registered for sn
+    TerminalProof(session_id, sig_TKP(TBS2),
+                  ticket)                       ->
+                                                        open the ticket, verify with TKP_Pu
+                                                        registered for sn
                                                 <-      KeyDelivery(session_id, algorithm,
                                                             KEM(TKP_Pu, TMK, info), kcv)
     unwrap in the SCM, check the KCV, store
@@ -17,8 +19,11 @@ The flow (spec §5, hardened; see ``docs/tmk-protocol.md``)::
                                                         verify -> TMK active
 
 Nothing here does I/O, reads the clock or draws randomness on its own: the server role is
-a set of pure functions over a serialisable :class:`ServerSessionState` (the service keeps
-it in its database between HTTP requests), the terminal role is :class:`TerminalSession`,
+a set of pure functions over a serialisable :class:`ServerSessionState`. Between the
+challenge and the proof the state travels with the terminal, sealed in a session ticket
+(:func:`seal_ticket`: the state and a MAC under a key store key, echoed back unchanged), so
+a challenge costs the server no storage; from the proof on, the service keeps it in its
+database, the terminal role is :class:`TerminalSession`,
 an object fed with messages. Time and randomness are parameters.
 
 Every message is a frozen dataclass with a canonical JSON encoding (sorted keys, no
@@ -48,6 +53,7 @@ from trustfleet.crypto.base import KeyAlgorithm, PublicKey, Suite
 from trustfleet.errors import (
     CryptoError,
     InvalidSignature,
+    KeyNotFound,
     TrustfleetError,
     UnsupportedAlgorithm,
 )
@@ -57,6 +63,7 @@ from trustfleet.tmk.errors import (
     TmkBadServerSignature,
     TmkBadTerminalProof,
     TmkError,
+    TmkInvalidTicket,
     TmkMalformedMessage,
     TmkOutOfOrder,
     TmkReplay,
@@ -73,6 +80,7 @@ MAX_RANDOM_SIZE = 64
 DEFAULT_SESSION_TTL = timedelta(seconds=60)
 MAX_MESSAGE_SIZE = 64 * 1024
 MAX_CHAIN_LENGTH = 4
+MAX_TICKET_SIZE = 2048
 
 #: suites a terminal may download with (the suite of its TKP)
 SUPPORTED_SUITES = frozenset({"p256", "rsa", "gm", "ed25519"})
@@ -111,6 +119,10 @@ _SERVER_AUTH = f"{_LABEL} server-auth".encode()
 _TERMINAL_AUTH = f"{_LABEL} terminal-auth".encode()
 _TMK_TRANSPORT = f"{_LABEL} tmk-transport".encode()
 _CONFIRM = f"{_LABEL} confirm".encode()
+_TICKET = f"{_LABEL} session-ticket".encode()
+_TICKET_VERSION = b"\x01"
+_TICKET_KEY_ID_SIZE = 4
+_TICKET_TAG_SIZE = 32  # HMAC-SHA256
 
 
 # =====================================================================================
@@ -346,7 +358,8 @@ class ServerChallenge(_Message):
     (and any intermediates) and its signature over TBS1 (see :func:`server_auth_tbs`).
 
     ``rnd1`` echoes the terminal's random so a challenge meant for another request is
-    recognised before any signature check.
+    recognised before any signature check. ``ticket`` is opaque to the terminal: it sends it
+    back unchanged with its proof (and with an abort).
     """
 
     TYPE: ClassVar[str] = "tmk-server-challenge"
@@ -356,6 +369,7 @@ class ServerChallenge(_Message):
     kswcrt_der: bytes
     signature: bytes
     expires_at: datetime
+    ticket: bytes
     chain_der: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
@@ -365,6 +379,7 @@ class ServerChallenge(_Message):
         _check_bytes(self.kswcrt_der, "kswcrt_der", 1, 16384)
         _check_bytes(self.signature, "signature", 1, 1024)
         _check_time(self.expires_at, "expires_at")
+        _check_bytes(self.ticket, "ticket", 1, MAX_TICKET_SIZE)
         if not isinstance(self.chain_der, tuple) or len(self.chain_der) > MAX_CHAIN_LENGTH:
             raise _malformed(f"chain_der must hold at most {MAX_CHAIN_LENGTH} certificates")
         for cert in self.chain_der:
@@ -379,6 +394,7 @@ class ServerChallenge(_Message):
             "chain": [_b64encode(cert) for cert in self.chain_der],
             "signature": _b64encode(self.signature),
             "expires_at": _format_time(self.expires_at),
+            "ticket": _b64encode(self.ticket),
         }
 
     @classmethod
@@ -391,27 +407,39 @@ class ServerChallenge(_Message):
             chain_der=fields.bytes_list("chain", MAX_CHAIN_LENGTH),
             signature=fields.blob("signature"),
             expires_at=fields.time("expires_at"),
+            ticket=fields.blob("ticket"),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class TerminalProof(_Message):
-    """Step 4, terminal -> server: the TKP's signature over TBS2 (:func:`terminal_auth_tbs`)."""
+    """Step 4, terminal -> server: the TKP's signature over TBS2 (:func:`terminal_auth_tbs`)
+    and the challenge's ticket, unchanged."""
 
     TYPE: ClassVar[str] = "tmk-terminal-proof"
     session_id: str
     signature: bytes
+    ticket: bytes
 
     def __post_init__(self) -> None:
         _check_session_id(self.session_id)
         _check_bytes(self.signature, "signature", 1, 1024)
+        _check_bytes(self.ticket, "ticket", 1, MAX_TICKET_SIZE)
 
     def _fields(self) -> dict[str, Any]:
-        return {"session_id": self.session_id, "signature": _b64encode(self.signature)}
+        return {
+            "session_id": self.session_id,
+            "signature": _b64encode(self.signature),
+            "ticket": _b64encode(self.ticket),
+        }
 
     @classmethod
     def _from_fields(cls, fields: _Fields) -> Self:
-        return cls(session_id=fields.text("session_id"), signature=fields.blob("signature"))
+        return cls(
+            session_id=fields.text("session_id"),
+            signature=fields.blob("signature"),
+            ticket=fields.blob("ticket"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -721,13 +749,16 @@ def server_start(
     keystore: KeyStore,
     work_key: str,
     kswcrt_der: bytes,
+    ticket_key: TicketKey,
     chain_der: tuple[bytes, ...] = (),
     now: datetime,
     ttl: timedelta = DEFAULT_SESSION_TTL,
     random: RandomSource = os.urandom,
 ) -> tuple[ServerChallenge, ServerSessionState]:
     """Steps 1-2: open a session for ``request`` and sign the challenge with ``work_key``
-    (the key store handle of the private key certified by ``kswcrt_der``).
+    (the key store handle of the private key certified by ``kswcrt_der``). The session's
+    state goes out sealed in the challenge's ticket (:func:`seal_ticket`); it is returned
+    too, for callers that keep it themselves.
 
     ``terminal`` is the registration the service looked up by ``request.sn``.
     """
@@ -766,8 +797,52 @@ def server_start(
         chain_der=tuple(chain_der),
         signature=keystore.sign(work_key, tbs),
         expires_at=state.expires_at,
+        ticket=seal_ticket(state, keystore=keystore, key=ticket_key),
     )
     return challenge, state
+
+
+@dataclass(frozen=True, slots=True)
+class TicketKey:
+    """The key store MAC key (HMAC-SHA256) that seals session tickets, and the number that
+    names it inside them."""
+
+    key_id: int
+    handle: str
+
+
+def seal_ticket(state: ServerSessionState, *, keystore: KeyStore, key: TicketKey) -> bytes:
+    """A challenged session's state, for the terminal to carry until its proof:
+    ``version || key id || state JSON || HMAC(label || everything before)``. The state
+    holds no secret (randoms, SN, times), so it is authenticated, not encrypted."""
+    if state.stage is not ServerStage.CHALLENGED:
+        raise ValueError("only a challenged session travels in a ticket")
+    body = _TICKET_VERSION + key.key_id.to_bytes(_TICKET_KEY_ID_SIZE, "big") + state.to_json()
+    return body + keystore.mac(key.handle, _TICKET + body)
+
+
+def open_ticket(
+    ticket: bytes, *, keystore: KeyStore, key_for: Callable[[int], str | None]
+) -> ServerSessionState:
+    """The challenged state a ticket sealed, or :class:`TmkInvalidTicket` if this server did
+    not seal it (or it was altered). ``key_for`` maps a ticket key id to its key store
+    handle, None for a key that no longer seals tickets. Expiry is the caller's check
+    (:func:`server_accept_proof` makes it)."""
+    header = len(_TICKET_VERSION) + _TICKET_KEY_ID_SIZE
+    if len(ticket) <= header + _TICKET_TAG_SIZE or not ticket.startswith(_TICKET_VERSION):
+        raise TmkInvalidTicket()
+    body, tag = ticket[:-_TICKET_TAG_SIZE], ticket[-_TICKET_TAG_SIZE:]
+    handle = key_for(int.from_bytes(body[len(_TICKET_VERSION) : header], "big"))
+    if handle is None:
+        raise TmkInvalidTicket()
+    try:
+        keystore.mac_verify(handle, _TICKET + body, tag)
+    except (InvalidSignature, KeyNotFound):
+        raise TmkInvalidTicket() from None
+    state = ServerSessionState.from_json(body[header:])
+    if state.stage is not ServerStage.CHALLENGED:
+        raise TmkInvalidTicket()
+    return state
 
 
 def server_accept_proof(
@@ -1069,7 +1144,8 @@ class TerminalSession:
         self._random_size = random_size
         self._stage = TerminalStage.IDLE
         self._rnd1 = b""
-        self._challenge: ServerChallenge | None = None
+        self._challenge: ServerChallenge | None = None  # once it was verified
+        self._received: ServerChallenge | None = None
 
     @property
     def stage(self) -> TerminalStage:
@@ -1078,6 +1154,11 @@ class TerminalSession:
     @property
     def session_id(self) -> str | None:
         return self._challenge.session_id if self._challenge else None
+
+    @property
+    def ticket(self) -> bytes | None:
+        """The challenge's ticket, once a challenge was received (an abort carries it)."""
+        return self._received.ticket if self._received else None
 
     def start(self) -> DownloadRequest:
         self._advance(TerminalStage.IDLE)
@@ -1098,6 +1179,7 @@ class TerminalSession:
     # -- steps ---------------------------------------------------------------------------
 
     def _answer(self, challenge: ServerChallenge) -> TerminalProof:
+        self._received = challenge
         if challenge.rnd1 != self._rnd1:
             raise TmkReplay("the challenge answers another terminal's request")
         now = self._clock()
@@ -1122,7 +1204,9 @@ class TerminalSession:
         signature = self._module.sign_terminal_proof(
             session_id=challenge.session_id, rnd1=self._rnd1, rnd2=challenge.rnd2
         )
-        return TerminalProof(session_id=challenge.session_id, signature=signature)
+        return TerminalProof(
+            session_id=challenge.session_id, signature=signature, ticket=challenge.ticket
+        )
 
     def _install(self, delivery: KeyDelivery) -> Confirmation:
         challenge = self._challenge
@@ -1175,10 +1259,13 @@ __all__ = [
     "TerminalProof",
     "TerminalSession",
     "TerminalStage",
+    "TicketKey",
     "TmkActivated",
     "confirmation_data",
     "keystore_kcv",
+    "open_ticket",
     "parse_message",
+    "seal_ticket",
     "server_abort",
     "server_accept_proof",
     "server_auth_tbs",

@@ -45,6 +45,7 @@ from trustfleet.errors import InvalidInput, KeyNotFound
 from trustfleet.keystore.base import KeyStore, KeyUsage
 from trustfleet.rawdb import (
     RawConnection,
+    RawIntegrityError,
     insert_columns,
     raw_reading,
     raw_transaction,
@@ -52,7 +53,7 @@ from trustfleet.rawdb import (
 )
 from trustfleet.server import audit
 from trustfleet.tmk import pinblock, registry
-from trustfleet.tmk.errors import TmkError, TmkOutOfOrder
+from trustfleet.tmk.errors import TmkError, TmkOutOfOrder, TmkReplay
 from trustfleet.tmk.identity import IdentityService
 from trustfleet.tmk.models import (
     DownloadPolicy,
@@ -74,6 +75,8 @@ from trustfleet.tmk.protocol import (
     ServerSessionState,
     ServerStage,
     TerminalProof,
+    TicketKey,
+    open_ticket,
     server_abort,
     server_accept_proof,
     server_confirm,
@@ -346,11 +349,15 @@ _START_FACTS = (
 )
 _START_FACTS_LOCKED = _START_FACTS.with_for_update(of=Terminal.sn)
 _ACTIVE_IDENTITY = select(
-    ServerIdentity.work_key_handle, ServerIdentity.kswcrt_der, ServerIdentity.serial_hex
+    ServerIdentity.id,
+    ServerIdentity.work_key_handle,
+    ServerIdentity.kswcrt_der,
+    ServerIdentity.ticket_key_handle,
 ).where(ServerIdentity.active_slot == 1)
-_INSERT_SESSION = insert_columns(
-    *(column for column in DownloadSession.__table__.columns if column.key != "error_code")
+_TICKET_KEY = select(ServerIdentity.ticket_key_handle, ServerIdentity.status).where(
+    ServerIdentity.id == bindparam("b_id")
 )
+_INSERT_SESSION = insert_columns(*DownloadSession.__table__.columns)
 _SESSION_FACTS = (
     select(
         DownloadSession.sn,
@@ -367,14 +374,6 @@ _NEW_STATE: dict[Any, Any] = {
     DownloadSession.stage: bindparam("stage"),
     DownloadSession.updated_at: bindparam("updated_at"),
 }
-_STORE_DELIVERY = (
-    update(DownloadSession)
-    .where(
-        DownloadSession.session_id == bindparam("b_sid"),
-        DownloadSession.state_json == bindparam("b_read"),
-    )
-    .values(_NEW_STATE)
-)
 _INSERT_TMK = insert_columns(
     TerminalMasterKey.sn,
     TerminalMasterKey.session_id,
@@ -488,7 +487,8 @@ class TmkService:
     # -- step 1-2: start --------------------------------------------------------------
 
     def start_download(self, body: bytes | str, *, actor: str) -> ServerChallenge:
-        """A terminal's DownloadRequest: open a session and return the signed challenge."""
+        """A terminal's DownloadRequest: the signed challenge, with the session sealed in
+        its ticket. Nothing is written: the session is stored when the proof comes."""
         try:
             request = DownloadRequest.from_json(body)
         except TmkError as exc:
@@ -496,70 +496,34 @@ class TmkService:
             raise
         try:
             try:
-                challenge, superseded = self._start(request, actor)
+                return self._start(request)
             except _NoIdentity:  # the very first download: make KSRCRT and KSWCRT, then retry
                 self.identity.ensure(actor=SERVICE_ACTOR)
-                challenge, superseded = self._start(request, actor)
+                return self._start(request)
         except TmkError as exc:
             self._fail(None, exc.code, actor=actor, step="request", sn=request.sn)
             raise
-        self._destroy(superseded)
-        return challenge
 
-    def _start(self, request: DownloadRequest, actor: str) -> tuple[ServerChallenge, _Retired]:
-        # No key-store call inside the write transaction (docs/architecture.md): read,
-        # sign, then write after checking again under lock.
-        now = self._now()
+    def _start(self, request: DownloadRequest) -> ServerChallenge:
         with raw_reading(self._reads) as connection:
             facts = connection.one(_START_FACTS, {"b_sn": request.sn})
             identity = connection.one(_ACTIVE_IDENTITY)
         self._download_algorithm(request.sn, facts)
         assert facts is not None  # checked above
-        if identity is None:
+        if identity is None or identity.ticket_key_handle is None:
             raise _NoIdentity()
-        challenge, state = server_start(
+        challenge, _ = server_start(
             request,
             terminal=_registration(request.sn, facts.public_key_der),
             keystore=self._keystore,
             work_key=identity.work_key_handle,
             kswcrt_der=identity.kswcrt_der,
-            now=now,
+            ticket_key=TicketKey(identity.id, identity.ticket_key_handle),
+            now=self._now(),
             ttl=self._ttl,
             random=self._random,
         )
-        with raw_transaction(self._engine) as connection:
-            locked = connection.one(_START_FACTS_LOCKED, {"b_sn": request.sn})
-            algorithm = self._download_algorithm(request.sn, locked)
-            superseded = self._abort_open_sessions(
-                connection, state.sn, "tmk-superseded", skip_locked=True
-            )
-            connection.run(
-                _INSERT_SESSION,
-                {
-                    "session_id": state.session_id,
-                    "sn": state.sn,
-                    "stage": state.stage.value,
-                    "state_json": state.to_json().decode(),
-                    "tmk_algorithm": algorithm.value,
-                    "expires_at": state.expires_at,
-                    "created_at": now,
-                    "updated_at": now,
-                },
-            )
-            audit.append_raw(
-                connection,
-                action="tmk.download_started",
-                actor=actor,
-                subject=state.sn,
-                details={
-                    "session_id": state.session_id,
-                    "suite": state.suite,
-                    "tmk_algorithm": algorithm.value,
-                    "work_certificate": identity.serial_hex,
-                    "superseded_sessions": len(superseded.aborted),
-                },
-            )
-        return challenge, superseded
+        return challenge
 
     def _download_algorithm(self, sn: str, facts: Any) -> KeyAlgorithm:
         """The TMK algorithm of this terminal's download, or why it may not download."""
@@ -574,51 +538,65 @@ class TmkService:
     # -- step 4-6: proof ----------------------------------------------------------------
 
     def accept_proof(self, session_id: str, body: bytes | str, *, actor: str) -> KeyDelivery:
-        """The terminal's proof: verify it, make the TMK and deliver it wrapped.
+        """The terminal's proof: open its ticket, verify it, make the TMK and deliver it
+        wrapped.
 
-        One transaction: the TMK is made in it (a soft key store's insert joins it, see
-        :func:`trustfleet.rawdb.raw_transaction`), and the delivery is stored only if the
-        session is unchanged since it was read. Should anything fail after the TMK was made,
-        it is destroyed (a key store outside the database, PKCS#11, keeps it otherwise)."""
+        One transaction, under the terminal's row lock: the checks of the start are made
+        again, the TMK is made (a soft key store's insert joins the transaction, see
+        :func:`trustfleet.rawdb.raw_transaction`), the session is stored as delivered (its
+        id is the primary key: a ticket answers once) and the terminal's other open
+        sessions are superseded. Should anything fail after the TMK was made, it is
+        destroyed (a key store outside the database, PKCS#11, would keep it otherwise)."""
+        state: ServerSessionState | None = None
         delivered: ServerSessionState | None = None
         try:
             proof = TerminalProof.from_json(body)
-            facts = self._session_facts(session_id)
+            state = self._open_ticket(session_id, proof.ticket)
             with raw_transaction(self._engine) as connection:
+                facts = connection.one(_START_FACTS_LOCKED, {"b_sn": state.sn})
+                algorithm = self._download_algorithm(state.sn, facts)
                 delivery, delivered = server_accept_proof(
-                    ServerSessionState.from_json(facts.state_json),
+                    state,
                     proof,
-                    terminal=_registration(facts.sn, facts.public_key_der),
+                    terminal=_registration(state.sn, facts.public_key_der),
                     keystore=self._keystore,
                     now=self._now(),
-                    tmk_algorithm=KeyAlgorithm(facts.tmk_algorithm),
+                    tmk_algorithm=algorithm,
                 )
-                self._store_delivery(connection, facts.state_json, delivered)
+                superseded = self._abort_open_sessions(
+                    connection, state.sn, "tmk-superseded", skip_locked=True
+                )
+                self._store_delivery(connection, delivered)
         except BaseException as exc:
             if delivered is not None and delivered.tmk_handle is not None:
                 self._destroy_quietly(delivered.tmk_handle)  # never stored: nobody knows it
             if isinstance(exc, TmkError):
-                self._fail(session_id, exc.code, actor=actor, step="proof")
+                self._fail(session_id, exc.code, actor=actor, step="proof", ticketed=state)
             raise
+        self._destroy(superseded)
         return delivery
 
-    def _store_delivery(
-        self, connection: RawConnection, read_state: str, delivered: ServerSessionState
-    ) -> None:
+    def _open_ticket(self, session_id: str, ticket: bytes) -> ServerSessionState:
+        """The challenged state the ticket carries, which must be ``session_id``'s."""
+        _check_session_id(session_id)
+        state = open_ticket(ticket, keystore=self._keystore, key_for=self._ticket_key)
+        if state.session_id != session_id:
+            raise TmkReplay("the ticket is another session's")
+        return state
+
+    def _ticket_key(self, key_id: int) -> str | None:
+        """The ticket key of an identity, None once the identity is revoked."""
+        with raw_reading(self._reads) as connection:
+            row = connection.one(_TICKET_KEY, {"b_id": key_id})
+        return row.ticket_key_handle if row is not None and row.status != "revoked" else None
+
+    def _store_delivery(self, connection: RawConnection, delivered: ServerSessionState) -> None:
         now = self._now()
         handle, algorithm, kcv = delivered.tmk
-        changed = connection.run(
-            _STORE_DELIVERY,
-            {
-                "b_sid": delivered.session_id,
-                "b_read": read_state,
-                "state_json": delivered.to_json().decode(),
-                "stage": delivered.stage.value,
-                "updated_at": now,
-            },
-        )
-        if changed != 1:
-            raise TmkOutOfOrder("the session changed while the proof was being checked")
+        try:
+            self._insert_session(connection, delivered, algorithm, now)
+        except RawIntegrityError:
+            raise TmkOutOfOrder("the session was answered already") from None
         connection.run(
             _INSERT_TMK,
             {
@@ -629,6 +607,29 @@ class TmkService:
                 "kcv_hex": kcv.hex().upper(),
                 "status": "pending",
                 "created_at": now,
+            },
+        )
+
+    @staticmethod
+    def _insert_session(
+        connection: RawConnection,
+        state: ServerSessionState,
+        algorithm: KeyAlgorithm,
+        now: datetime,
+        error_code: str | None = None,
+    ) -> None:
+        connection.run(
+            _INSERT_SESSION,
+            {
+                "session_id": state.session_id,
+                "sn": state.sn,
+                "stage": state.stage.value,
+                "state_json": state.to_json().decode(),
+                "tmk_algorithm": algorithm.value,
+                "expires_at": state.expires_at,
+                "error_code": error_code,
+                "created_at": state.created_at,
+                "updated_at": now,
             },
         )
 
@@ -715,13 +716,28 @@ class TmkService:
 
     # -- terminal-side failure, failures, sweeping ----------------------------------------
 
-    def abort_download(self, session_id: str, code: str, *, actor: str) -> None:
+    def abort_download(
+        self, session_id: str, code: str, *, actor: str, ticket: bytes | None = None
+    ) -> None:
         """The terminal reports that the download failed on its side (an untrusted server,
-        a KCV mismatch...): end the session now and destroy its TMK."""
+        a KCV mismatch...): end the session now and destroy its TMK. A session that has not
+        sent its proof yet is known only by its ``ticket``; it is then stored as aborted,
+        so that the ticket can no longer be answered."""
         reported = code if _ERROR_CODE.fullmatch(code) else "invalid-code"
-        self._read_session(session_id)
+        state = None
+        try:
+            self._read_session(session_id)
+        except TmkSessionNotFound:
+            if ticket is None:
+                raise
+            state = self._open_ticket(session_id, ticket)
         self._fail(
-            session_id, TmkTerminalAborted.code, actor=actor, step="terminal", reported=reported
+            session_id,
+            TmkTerminalAborted.code,
+            actor=actor,
+            step="terminal",
+            reported=reported,
+            ticketed=state,
         )
 
     def _session_facts(self, session_id: str) -> Any:
@@ -751,8 +767,10 @@ class TmkService:
         step: str,
         sn: str | None = None,
         reported: str | None = None,
+        ticketed: ServerSessionState | None = None,
     ) -> None:
-        """Abort the session (if it is still open) and audit the failure."""
+        """Abort the session (if it is still open) and audit the failure. A session known
+        only from its ticket (``ticketed``) is stored as aborted: it is single-use too."""
         aborted = _Retired.none()
         with raw_transaction(self._engine) as connection:
             if session_id is not None and _SESSION_ID.fullmatch(session_id):
@@ -760,6 +778,15 @@ class TmkService:
                 if row is not None:
                     sn = row.sn
                     self._abort_rows(connection, [row], code, aborted)
+                elif ticketed is not None and ticketed.session_id == session_id:
+                    sn = ticketed.sn
+                    self._insert_session(
+                        connection,
+                        replace(ticketed, stage=ServerStage.ABORTED),
+                        self._default_algorithm,
+                        self._now(),
+                        error_code=code,
+                    )
             details: dict[str, Any] = {"code": code, "step": step, "session_id": session_id}
             if reported is not None:
                 details["reported_code"] = reported

@@ -18,6 +18,7 @@ clear key exists only for that call and is never returned. The download runs
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hmac
 import json
@@ -312,7 +313,7 @@ class PosTerminal:
         except TmkServerRefused:
             raise
         except TmkError as exc:
-            self._report_failure(transport, base, exc.code)
+            self._report_failure(transport, base, exc.code, session.ticket)
             raise
         answer = json.loads(transport.post(f"{base}/confirm", confirmation.to_json()))
         self._save_working_keys({})  # blocks under the previous TMK are void now
@@ -324,10 +325,14 @@ class PosTerminal:
         )
 
     @staticmethod
-    def _report_failure(transport: Transport, base: str, code: str) -> None:
-        # best effort: the server's session expires anyway
+    def _report_failure(transport: Transport, base: str, code: str, ticket: bytes | None) -> None:
+        # best effort: the server's session expires anyway. Before the proof the server
+        # knows the session only from its ticket.
+        report = {"code": code}
+        if ticket is not None:
+            report["ticket"] = base64.b64encode(ticket).decode()
         with contextlib.suppress(TmkServerRefused, httpx.HTTPError):
-            transport.post(f"{base}/abort", json.dumps({"code": code}).encode())
+            transport.post(f"{base}/abort", json.dumps(report).encode())
 
     @staticmethod
     def fetch_crl(transport: Transport) -> x509.CertificateRevocationList:
