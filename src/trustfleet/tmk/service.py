@@ -1,24 +1,25 @@
 """TMK use cases on the server: downloads, TMK activation and rotation, working keys, PIN
 block checks, and the terminals' key status.
 
-Each download step drives one pure function of :mod:`trustfleet.tmk.protocol` over the
-session state kept in ``tmk_download_sessions`` (no state in process memory: any node can
-serve any step). A step's database work is one transaction, but key-store *writes* (making
-or destroying a key) happen outside it: the soft key store writes to the same database, and
-on SQLite a write inside another open write transaction would wait for it (see
-``docs/architecture.md``). So:
+Each download step drives one pure function of :mod:`trustfleet.tmk.protocol` (no state
+in process memory: any node can serve any step). Key-store writes (making or destroying a
+key) never run inside an ORM transaction: the soft key store writes to the same database,
+and on SQLite a second writer would wait for the first. Inside a raw transaction they join
+it instead (:func:`trustfleet.rawdb.raw_transaction`; see ``docs/architecture.md``). So:
 
-- ``start``: lock the terminal, check it may download, sign the challenge (a key-store
-  read), store the session and its audit record in one transaction.
-- ``proof``: read the session, verify the proof and make the TMK in the key store (the
-  protocol function), then in one transaction re-read the session under lock, store the
-  delivered state only if nobody changed it meanwhile, and record the pending TMK; else
-  destroy the TMK just made.
+- ``start``: read the terminal and the active identity, check it may download, sign the
+  challenge and seal the session into its ticket (key-store reads). Nothing is written.
+- ``proof``: open the ticket, then in one transaction under the terminal's row lock check
+  again that it may download, verify the proof, make the TMK (its key-store row joins the
+  transaction), supersede the terminal's other open sessions and store the session as
+  delivered with its pending TMK. The session id is the primary key, so a ticket is
+  answered once.
 - ``confirm``: one transaction: verify the CMAC (a key-store read), activate the TMK, retire
   the terminal's previous TMK and its working keys; their keys are destroyed after commit.
 
 On any :class:`~trustfleet.tmk.errors.TmkError` the session is aborted in its own
-transaction (``server_abort``: single use, a delivered TMK is destroyed), a
+transaction (``server_abort``: single use, a delivered TMK is destroyed; a session known
+only from its ticket is stored as aborted, which spends the ticket), a
 ``tmk.download_failed`` audit record with the error's code is written, and the error goes
 back to the caller (the API answers problem+json with that code).
 """
