@@ -501,6 +501,10 @@ def test_a_new_download_supersedes_an_open_one_and_destroys_its_tmk(
     stale.start()
     stale.proof()
     (pending,) = _tmks(sessions, "POS-1")
+    # a mere download request for the SN (anyone with a gateway token can send one) changes
+    # nothing: only a new download that proves the terminal's key supersedes the open one
+    steps(service, terminal, clock).start()
+    assert _session_row(sessions, stale.session_id).stage == "delivered"
     download(service, terminal, clock)
     assert _session_row(sessions, stale.session_id).error_code == "tmk-superseded"
     assert_destroyed(keystore, pending.key_handle)
