@@ -359,16 +359,19 @@ _TICKET_KEY = select(ServerIdentity.ticket_key_handle, ServerIdentity.status).wh
     ServerIdentity.id == bindparam("b_id")
 )
 _INSERT_SESSION = insert_columns(*DownloadSession.__table__.columns)
-_SESSION_FACTS = (
+# the confirmation's facts, under the session's and then the terminal's row lock
+_CONFIRM_FACTS_LOCKED = (
     select(
         DownloadSession.sn,
         DownloadSession.state_json,
-        DownloadSession.tmk_algorithm,
         Terminal.status,
-        Terminal.public_key_der,
+        DownloadPolicy.rotation_requested_at,
     )
+    .select_from(DownloadSession)
     .join(Terminal, Terminal.sn == DownloadSession.sn)
+    .outerjoin(DownloadPolicy, DownloadPolicy.sn == DownloadSession.sn)
     .where(DownloadSession.session_id == bindparam("b_sid"))
+    .with_for_update(of=[DownloadSession.session_id, Terminal.sn])
 )
 _NEW_STATE: dict[Any, Any] = {
     DownloadSession.state_json: bindparam("state_json"),
@@ -383,14 +386,6 @@ _INSERT_TMK = insert_columns(
     TerminalMasterKey.kcv_hex,
     TerminalMasterKey.status,
     TerminalMasterKey.created_at,
-)
-_SESSION_LOCKED = (
-    select(DownloadSession.sn, DownloadSession.state_json)
-    .where(DownloadSession.session_id == bindparam("b_sid"))
-    .with_for_update()
-)
-_TERMINAL_STATUS_LOCKED = (
-    select(Terminal.status).where(Terminal.sn == bindparam("b_sn")).with_for_update()
 )
 _SET_SESSION_STATE = (
     update(DownloadSession)
@@ -639,24 +634,24 @@ class TmkService:
     def confirm(self, session_id: str, body: bytes | str, *, actor: str) -> Activation:
         """The terminal's confirmation: the TMK becomes active, the previous one retired.
 
-        Locks the session's row, then its terminal's (a start locks the terminal first but
-        skips locked sessions, so the two never wait for each other)."""
+        One transaction under the session's row lock, then its terminal's (a proof locks
+        the terminal first but skips locked sessions, so the two never wait for each other);
+        the CMAC check is a few microseconds and reads the TMK in the same transaction."""
         try:
             confirmation = Confirmation.from_json(body)
-            facts = self._session_facts(session_id)
-            sn = facts.sn
-            event, active = server_confirm(  # the MAC check reads the key store: see _start
-                ServerSessionState.from_json(facts.state_json),
-                confirmation,
-                keystore=self._keystore,
-                now=self._now(),
-            )
+            _check_session_id(session_id)
             with raw_transaction(self._engine) as connection:
-                row = connection.one(_SESSION_LOCKED, {"b_sid": session_id})
-                if row is None or row.state_json != facts.state_json:
-                    raise TmkOutOfOrder("the session changed while the confirmation was checked")
-                status = connection.scalar(_TERMINAL_STATUS_LOCKED, {"b_sn": sn})
-                _check_status(sn, status)
+                facts = connection.one(_CONFIRM_FACTS_LOCKED, {"b_sid": session_id})
+                if facts is None:
+                    raise TmkSessionNotFound()
+                sn = facts.sn
+                _check_status(sn, facts.status)
+                event, active = server_confirm(
+                    ServerSessionState.from_json(facts.state_json),
+                    confirmation,
+                    keystore=self._keystore,
+                    now=self._now(),
+                )
                 connection.run(
                     _SET_SESSION_STATE,
                     {
@@ -666,7 +661,9 @@ class TmkService:
                         "updated_at": event.activated_at,
                     },
                 )
-                retired, old_kcv = self._activate(connection, event.session_id, sn)
+                retired, old_kcv = self._activate(
+                    connection, session_id, sn, rotation_requested=facts.rotation_requested_at
+                )
                 audit.append_raw(
                     connection,
                     action="tmk.tmk_activated",
@@ -694,15 +691,22 @@ class TmkService:
         )
 
     def _activate(
-        self, connection: RawConnection, session_id: str, sn: str
+        self,
+        connection: RawConnection,
+        session_id: str,
+        sn: str,
+        *,
+        rotation_requested: datetime | None,
     ) -> tuple[_Retired, str | None]:
-        """Retire the terminal's active TMK (and its working keys), then activate the
-        session's. The caller holds the terminal's row lock."""
+        """Retire the terminal's active TMK (and its working keys), activate the session's
+        and clear the rotation request it answers. The caller holds the terminal's row
+        lock (a rotation asked for since then stays asked for)."""
         now = self._now()
         retired = self._retire_active_tmk(connection, sn, now)
         old_kcv = retired.kcvs[0] if retired.kcvs else None
         connection.run(_ACTIVATE_TMK, {"b_sid": session_id, "b_sn": sn, "b_now": now})
-        connection.run(_CLEAR_ROTATION, {"b_sn": sn, "b_now": now})
+        if rotation_requested is not None:
+            connection.run(_CLEAR_ROTATION, {"b_sn": sn, "b_now": now})
         return retired, old_kcv
 
     @staticmethod
@@ -740,16 +744,6 @@ class TmkService:
             reported=reported,
             ticketed=state,
         )
-
-    def _session_facts(self, session_id: str) -> Any:
-        """The session's state and its terminal's key and status, checked."""
-        _check_session_id(session_id)
-        with raw_reading(self._reads) as connection:
-            facts = connection.one(_SESSION_FACTS, {"b_sid": session_id})
-        if facts is None:
-            raise TmkSessionNotFound()
-        _check_status(facts.sn, facts.status)
-        return facts
 
     def _read_session(self, session_id: str) -> DownloadSession:
         _check_session_id(session_id)
