@@ -358,6 +358,14 @@ def _joined(engine: Engine) -> _Ambient | None:
     return None
 
 
+def transaction_info(engine: Engine) -> dict[str, Any] | None:
+    """The ``info`` of the :func:`raw_transaction` this thread or task has open on
+    ``engine``'s database, or None: what its statements wrote so far, for code that would
+    otherwise read it back."""
+    ambient = _joined(engine)
+    return None if ambient is None else ambient.connection.info
+
+
 @contextmanager
 def raw_reading(engine: Engine) -> Iterator[RawConnection]:
     """Reads on a kept connection of ``engine`` (a :func:`read_engine`). Each statement

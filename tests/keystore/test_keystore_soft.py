@@ -208,3 +208,19 @@ def test_a_key_made_in_a_raw_transaction_exists_only_if_it_commits(
     with pytest.raises(KeyNotFound):
         soft_store.mac(lost.handle, b"rolled back with the transaction")
     assert lost.handle not in {k.handle for k in soft_store.list()}
+
+
+def test_inside_a_raw_transaction_only_the_keys_it_made_skip_the_read(
+    soft_store: SoftKeyStore, engine: Engine
+) -> None:
+    destroyed = soft_store.generate(A.AES_128, U.MAC)
+    soft_store.mac(destroyed.handle, b"cached now")
+    soft_store.destroy(destroyed.handle)
+    with raw_transaction(engine):
+        made = soft_store.generate(A.AES_128, U.MAC)
+        soft_store.mac(made.handle, b"made here: known without reading it back")
+        with pytest.raises(KeyNotFound):
+            soft_store.mac(destroyed.handle, b"made before: read, and found destroyed")
+    soft_store.destroy(made.handle)
+    with raw_transaction(engine), pytest.raises(KeyNotFound):
+        soft_store.mac(made.handle, b"another transaction reads it again")

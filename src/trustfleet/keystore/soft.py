@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import TypeAlias
+from typing import TypeAlias, cast
 
 from sqlalchemy import Engine, Row, bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,7 +40,13 @@ from trustfleet.keystore import payment_ops, policy, secret_ops
 from trustfleet.keystore.base import KeyInfo, KeyStore, KeyUsage
 from trustfleet.keystore.master import MasterKeyring
 from trustfleet.keystore.models import StoredKey, row_binding
-from trustfleet.rawdb import insert_columns, raw_transaction, read, read_engine
+from trustfleet.rawdb import (
+    insert_columns,
+    raw_transaction,
+    read,
+    read_engine,
+    transaction_info,
+)
 from trustfleet.tmk import tr31
 from trustfleet.tmk.tr31 import KeyBlockHeader
 
@@ -113,6 +119,9 @@ _SELECT_LIVE = select(*_COLUMNS).where(
     StoredKey.handle == bindparam("handle"), StoredKey.destroyed_at.is_(None)
 )
 _INSERT_KEY = insert_columns(*_COLUMNS)  # destroyed_at stays NULL
+#: the rows of the keys a raw transaction made (rawdb.transaction_info): a key made and
+#: used in one transaction, a TMK and its wrap, is not read back
+_MADE_IN_TRANSACTION = "keystore.soft.made"
 
 
 class _LRU:
@@ -240,6 +249,7 @@ class SoftKeyStore(KeyStore):
                     "kek_id": kek_id,
                 },
             )
+            connection.info.setdefault(_MADE_IN_TRANSACTION, {})[row.handle] = row
         self._cache.put(row.cache_key(), row.handle, material)  # a new key is used at once
         return row.info()
 
@@ -267,6 +277,9 @@ class SoftKeyStore(KeyStore):
     def _row(self, handle: str) -> _Row:
         if not isinstance(handle, str) or not handle.startswith(HANDLE_PREFIX):
             raise KeyNotFound(f"no key has handle {handle!r}")
+        made = transaction_info(self._engine)
+        if made is not None and (new := made.get(_MADE_IN_TRANSACTION, {}).get(handle)):
+            return cast(_Row, new)  # nobody else sees it before the transaction commits
         found = read(self._reads, lambda c: c.one(_SELECT_LIVE, {"handle": handle}))
         if found is None:
             raise KeyNotFound(f"no key has handle {handle!r}")
