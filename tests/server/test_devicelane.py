@@ -201,3 +201,26 @@ def test_every_device_route_has_a_fastapi_route_admitting_the_same_roles(
         assert len(matching) == 1, device.path
         (requirement,) = role_requirements(matching[0])
         assert requirement.roles == device.roles
+
+
+def test_the_lane_makes_one_thread_hop_on_postgresql_and_none_on_sqlite(
+    lanes: dict[str, TestClient],
+    tokens: dict[str, str],
+    context: AppContext,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The token check (and its last-used refresh, due on a token's first use) and the
+    handler are one piece of database work."""
+    import anyio.to_thread
+
+    hops: list[object] = []
+    run_sync = anyio.to_thread.run_sync
+
+    async def counted(function: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append(function)
+        return await run_sync(function, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+    response = lanes["lane"].post(ECHO, content=b"hi", headers=bearer(tokens["operator"]))
+    assert response.status_code == 201
+    assert len(hops) == (1 if context.engine.dialect.name == "postgresql" else 0)

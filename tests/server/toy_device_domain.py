@@ -28,7 +28,7 @@ class ToyConflict(Conflict):
     title = "The toy refuses"
 
 
-async def echo(
+def echo(
     context: AppContext, principal: Principal, params: Mapping[str, str], body: bytes
 ) -> DeviceAnswer:
     if body == b"fail":

@@ -146,16 +146,21 @@ async def authenticate_bearer(
     try:
         check = await run_database_work(context, partial(check_token, context.engine, presented))
     except AuthenticationFailed as exc:
-        details: dict[str, object] = {"reason": exc.reason}
-        if exc.token_id is not None:
-            details["token_id"] = exc.token_id
-        await refuse("auth.failed", "unauthenticated", details)
-        log.info("authentication failed: %s", exc.reason)
+        await refuse_authentication(exc, refuse)
         raise
     if check.touch_at is not None:
         refresh = partial(touch, context.sessions, check.principal.token_id, check.touch_at)
         await anyio.to_thread.run_sync(refresh)
     return check.principal
+
+
+async def refuse_authentication(exc: AuthenticationFailed, refuse: RefusalAuditor) -> None:
+    """Audit (``auth.failed``) and log a refused token; the caller raises ``exc``."""
+    details: dict[str, object] = {"reason": exc.reason}
+    if exc.token_id is not None:
+        details["token_id"] = exc.token_id
+    await refuse("auth.failed", "unauthenticated", details)
+    log.info("authentication failed: %s", exc.reason)
 
 
 async def require_roles(

@@ -31,7 +31,6 @@ from trustfleet.server.deps import (
     get_context,
     public,
     require_role,
-    run_database_work,
 )
 from trustfleet.server.devicelane import (
     DeviceAnswer,
@@ -314,29 +313,24 @@ GATEWAY_ROLES = frozenset({Role.DEVICE_GATEWAY.value})
 SESSION_ID_PATTERN = "[0-9a-f]{32}"
 
 
-async def _start_step(
+def _start_step(
     context: AppContext, principal: Principal, params: Mapping[str, str], body: bytes
 ) -> DeviceAnswer:
-    start = partial(_service(context).start_download, body, actor=principal.actor)
-    challenge = await run_database_work(context, start)
+    challenge = _service(context).start_download(body, actor=principal.actor)
     return DeviceAnswer(challenge.to_json())
 
 
-async def _proof_step(
+def _proof_step(
     context: AppContext, principal: Principal, params: Mapping[str, str], body: bytes
 ) -> DeviceAnswer:
-    service = _service(context)
-    proof = partial(service.accept_proof, params["session_id"], body, actor=principal.actor)
-    delivery = await run_database_work(context, proof)
+    delivery = _service(context).accept_proof(params["session_id"], body, actor=principal.actor)
     return DeviceAnswer(delivery.to_json())
 
 
-async def _confirm_step(
+def _confirm_step(
     context: AppContext, principal: Principal, params: Mapping[str, str], body: bytes
 ) -> DeviceAnswer:
-    service = _service(context)
-    confirm = partial(service.confirm, params["session_id"], body, actor=principal.actor)
-    activation = await run_database_work(context, confirm)
+    activation = _service(context).confirm(params["session_id"], body, actor=principal.actor)
     out = ActivatedOut(
         session_id=activation.session_id,
         sn=activation.sn,
