@@ -349,12 +349,14 @@ _START_FACTS = (
     .where(Terminal.sn == bindparam("b_sn"))
 )
 _START_FACTS_LOCKED = _START_FACTS.with_for_update(of=Terminal.sn)
-_ACTIVE_IDENTITY = select(
-    ServerIdentity.id,
+# a start's facts and the active work certificate's, in one read (no row: no terminal;
+# a NULL identity: none yet, only before the first download)
+_START_FACTS_AND_IDENTITY = _START_FACTS.add_columns(
+    ServerIdentity.id.label("identity_id"),
     ServerIdentity.work_key_handle,
     ServerIdentity.kswcrt_der,
     ServerIdentity.ticket_key_handle,
-).where(ServerIdentity.active_slot == 1)
+).outerjoin(ServerIdentity, ServerIdentity.active_slot == 1)
 _TICKET_KEY = select(ServerIdentity.ticket_key_handle, ServerIdentity.status).where(
     ServerIdentity.id == bindparam("b_id")
 )
@@ -502,19 +504,18 @@ class TmkService:
 
     def _start(self, request: DownloadRequest) -> ServerChallenge:
         with raw_reading(self._reads) as connection:
-            facts = connection.one(_START_FACTS, {"b_sn": request.sn})
-            identity = connection.one(_ACTIVE_IDENTITY)
+            facts = connection.one(_START_FACTS_AND_IDENTITY, {"b_sn": request.sn})
         self._download_algorithm(request.sn, facts)
         assert facts is not None  # checked above
-        if identity is None or identity.ticket_key_handle is None:
+        if facts.identity_id is None or facts.ticket_key_handle is None:
             raise _NoIdentity()
         challenge, _ = server_start(
             request,
             terminal=_registration(request.sn, facts.public_key_der),
             keystore=self._keystore,
-            work_key=identity.work_key_handle,
-            kswcrt_der=identity.kswcrt_der,
-            ticket_key=TicketKey(identity.id, identity.ticket_key_handle),
+            work_key=facts.work_key_handle,
+            kswcrt_der=facts.kswcrt_der,
+            ticket_key=TicketKey(facts.identity_id, facts.ticket_key_handle),
             now=self._now(),
             ttl=self._ttl,
             random=self._random,
