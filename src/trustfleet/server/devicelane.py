@@ -57,6 +57,7 @@ from trustfleet.server.middleware import (
     MAX_LOGGED_PATH,
     REQUEST_ID_HEADER,
     access_log,
+    declared_length_problem,
     header_value,
     request_id_of,
 )
@@ -226,7 +227,9 @@ class DeviceLane:
         instance = scope["path"]
         try:
             limit = self._context.settings.max_body_bytes
-            _check_declared_length(scope, limit, instance, request_id)
+            problem = declared_length_problem(scope, limit, request_id)
+            if problem is not None:
+                return _problem_reply(problem, _CONNECTION_CLOSE)
             body = await _read_body(receive, limit, instance, request_id)
             answer = await self._answer(route, params, scope, body)
         except _Refused as refused:
@@ -260,18 +263,6 @@ class DeviceLane:
         client = scope.get("client")
         subject = f"{route.method} {route.path}"
         return refusal_auditor(self._context, subject, client[0] if client else "")
-
-
-def _check_declared_length(scope: Scope, limit: int, instance: str, request_id: str) -> None:
-    declared = header_value(scope, b"content-length")
-    if declared is None:
-        return
-    bad_length = not declared.strip().isdigit()
-    if bad_length or int(declared) > limit:
-        problem = body_limit_problem(
-            limit, bad_length=bad_length, instance=instance, request_id=request_id
-        )
-        raise _Refused(_problem_reply(problem, _CONNECTION_CLOSE))
 
 
 async def _read_body(receive: Receive, limit: int, instance: str, request_id: str) -> bytes:

@@ -50,6 +50,22 @@ def header_value(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def declared_length_problem(
+    scope: Scope, limit: int, request_id: str | None
+) -> dict[str, Any] | None:
+    """The problem of a request whose Content-Length is over ``limit`` (413) or is not a
+    number (400); None when the declared length, if any, is within the limit."""
+    declared = header_value(scope, b"content-length")
+    if declared is None:
+        return None
+    bad_length = not declared.strip().isdigit()
+    if not bad_length and int(declared) <= limit:
+        return None
+    return body_limit_problem(
+        limit, bad_length=bad_length, instance=scope.get("path"), request_id=request_id
+    )
+
+
 def request_id_of(scope: Scope) -> str:
     """The caller's X-Request-ID when it is short and plain, else a fresh one."""
     offered = header_value(scope, REQUEST_ID_HEADER.encode())
@@ -132,9 +148,9 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.limit_for(scope)
-        declared = header_value(scope, b"content-length")
-        if declared is not None and (not declared.strip().isdigit() or int(declared) > limit):
-            await self._refuse(scope, send, limit, bad_length=not declared.strip().isdigit())
+        problem = declared_length_problem(scope, limit, scope.get("state", {}).get("request_id"))
+        if problem is not None:
+            await _refuse(send, problem)
             return
         received = 0
         started = False
@@ -158,13 +174,13 @@ class BodyLimitMiddleware:
         except BodyTooLarge:
             if started:
                 raise
-            await self._refuse(scope, send, limit, bad_length=False)
+            request_id = scope.get("state", {}).get("request_id")
+            problem = body_limit_problem(
+                limit, bad_length=False, instance=scope.get("path"), request_id=request_id
+            )
+            await _refuse(send, problem)
 
-    @staticmethod
-    async def _refuse(scope: Scope, send: Send, limit: int, *, bad_length: bool) -> None:
-        request_id = scope.get("state", {}).get("request_id")
-        body = body_limit_problem(
-            limit, bad_length=bad_length, instance=scope.get("path"), request_id=request_id
-        )
-        # the unread body stays on the wire: ask the client not to reuse the connection
-        await send_problem(send, body, {"connection": "close"})
+
+async def _refuse(send: Send, problem: dict[str, Any]) -> None:
+    # the unread body stays on the wire: ask the client not to reuse the connection
+    await send_problem(send, problem, {"connection": "close"})
