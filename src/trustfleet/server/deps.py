@@ -7,9 +7,9 @@ declares one of the two.
 
 The dependencies are coroutines: FastAPI runs a plain function in the thread pool, a hop
 that costs about 100 µs of CPU here (bench/RESULTS.md), more than the token check itself.
-The check is one indexed read on the event loop (:func:`run_database_work` explains why that
-is safe); the rare writes (an audit record of a refused token, a last-used refresh) go to
-the thread pool.
+The check is one indexed read, with the token's last-used refresh when it is due (once a
+minute at most), run by :func:`run_database_work` (on the event loop on SQLite, which it
+explains is safe); the audit record of a refused token goes to the thread pool.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from trustfleet.db import transaction
 from trustfleet.errors import Forbidden
 from trustfleet.server import audit
-from trustfleet.server.auth import AuthenticationFailed, Principal, check_token, touch
+from trustfleet.server.auth import AuthenticationFailed, Principal, authenticate
 from trustfleet.server.context import AppContext
 from trustfleet.server.models import ROLES
 
@@ -144,14 +144,10 @@ async def authenticate_bearer(
     """The principal of a presented token; a refused token is audited (``refuse``) and
     raises :class:`AuthenticationFailed`."""
     try:
-        check = await run_database_work(context, partial(check_token, context.engine, presented))
+        return await run_database_work(context, partial(authenticate, context.sessions, presented))
     except AuthenticationFailed as exc:
         await refuse_authentication(exc, refuse)
         raise
-    if check.touch_at is not None:
-        refresh = partial(touch, context.sessions, check.principal.token_id, check.touch_at)
-        await anyio.to_thread.run_sync(refresh)
-    return check.principal
 
 
 async def refuse_authentication(exc: AuthenticationFailed, refuse: RefusalAuditor) -> None:
