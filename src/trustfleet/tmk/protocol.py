@@ -23,8 +23,8 @@ a set of pure functions over a serialisable :class:`ServerSessionState`. Between
 challenge and the proof the state travels with the terminal, sealed in a session ticket
 (:func:`seal_ticket`: the state and a MAC under a key store key, echoed back unchanged), so
 a challenge costs the server no storage; from the proof on, the service keeps it in its
-database, the terminal role is :class:`TerminalSession`,
-an object fed with messages. Time and randomness are parameters.
+database. The terminal role is :class:`TerminalSession`, an object fed with messages. Time
+and randomness are parameters.
 
 Every message is a frozen dataclass with a canonical JSON encoding (sorted keys, no
 whitespace, standard base64 with padding for bytes, RFC 3339 UTC seconds for times) and a
