@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import CheckConstraint, DateTime, ForeignKey, Integer, LargeBinary, String, Text
+from sqlalchemy import (
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from trustfleet.db import Base
@@ -43,10 +52,15 @@ class DownloadSession(Base):
     """
 
     __tablename__ = "tmk_download_sessions"
-    __table_args__ = (CheckConstraint(f"stage IN {SESSION_STAGES!r}", name="stage"),)
+    __table_args__ = (
+        CheckConstraint(f"stage IN {SESSION_STAGES!r}", name="stage"),
+        # a terminal's open sessions are found without reading the ended ones, however many
+        # it has (anyone with the gateway token can end sessions by the thousand)
+        Index("ix_tmk_download_sessions_sn_stage", "sn", "stage"),
+    )
 
     session_id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    sn: Mapped[str] = mapped_column(String(64), ForeignKey("tmk_terminals.sn"), index=True)
+    sn: Mapped[str] = mapped_column(String(64), ForeignKey("tmk_terminals.sn"))
     stage: Mapped[str] = mapped_column(String(16), index=True)
     state_json: Mapped[str] = mapped_column(Text)
     tmk_algorithm: Mapped[str] = mapped_column(String(16))
