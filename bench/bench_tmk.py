@@ -169,14 +169,17 @@ def tree_cpu_seconds(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def running_server(fleet: Fleet, workers: int) -> Iterator[tuple[str, int]]:
+def uvicorn_server(
+    app: list[str], env: dict[str, str], workers: int = 1
+) -> Iterator[tuple[str, int]]:
+    """uvicorn serving ``app`` (its uvicorn arguments) on a free loopback port, once it
+    answers ``GET /readyz``: its URL and process id."""
     port = _free_port()
     command = [
-        sys.executable, "-m", "uvicorn", "--factory", "trustfleet.server.runner:app_from_env",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
-        "--log-level", "warning", "--no-access-log",
+        sys.executable, "-m", "uvicorn", *app, "--host", "127.0.0.1", "--port", str(port),
+        "--workers", str(workers), "--log-level", "warning", "--no-access-log",
     ]  # fmt: skip
-    server = subprocess.Popen(command, env=fleet.env, stdout=subprocess.DEVNULL)
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -191,6 +194,14 @@ def running_server(fleet: Fleet, workers: int) -> Iterator[tuple[str, int]]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def running_server(
+    fleet: Fleet, workers: int
+) -> contextlib.AbstractContextManager[tuple[str, int]]:
+    return uvicorn_server(
+        ["--factory", "trustfleet.server.runner:app_from_env"], fleet.env, workers
+    )
 
 
 # -- clients -----------------------------------------------------------------------------
