@@ -56,6 +56,7 @@ from trustfleet.tmk.terminal import HttpTransport, PosTerminal
 SUITES = {"p256": KeyAlgorithm.EC_P256, "rsa": KeyAlgorithm.RSA_2048}
 CLIENT_PROCESSES = 2
 WARMUP_TERMINALS = 8
+CONCURRENCY = 16
 
 
 @dataclass(frozen=True)
@@ -248,10 +249,17 @@ def run_downloads(url: str, token: str, directories: list[Path], concurrency: in
         return sum(r.get() for r in results)
 
 
-def measure(suite: str, workers: int, args: argparse.Namespace) -> Measurement:
+def measure(
+    suite: str,
+    workers: int,
+    *,
+    terminals: int,
+    concurrency: int = CONCURRENCY,
+    database_url: str = "",
+) -> Measurement:
     workdir = Path(tempfile.mkdtemp(prefix=f"tf-bench-tmk-{suite}-"))
     try:
-        fleet = build_fleet(workdir, suite, args.terminals + WARMUP_TERMINALS, args.database_url)
+        fleet = build_fleet(workdir, suite, terminals + WARMUP_TERMINALS, database_url)
         warmup, measured = (
             fleet.terminal_dirs[:WARMUP_TERMINALS],
             fleet.terminal_dirs[WARMUP_TERMINALS:],
@@ -259,7 +267,7 @@ def measure(suite: str, workers: int, args: argparse.Namespace) -> Measurement:
         with running_server(fleet, workers) as (url, pid):
             run_downloads(url, fleet.gateway_token, warmup, WARMUP_TERMINALS)
             cpu_before, start = tree_cpu_seconds(pid), time.perf_counter()
-            failures = run_downloads(url, fleet.gateway_token, measured, args.concurrency)
+            failures = run_downloads(url, fleet.gateway_token, measured, concurrency)
             seconds, cpu = time.perf_counter() - start, tree_cpu_seconds(pid) - cpu_before
         return Measurement(suite, workers, len(measured) - failures, failures, seconds, cpu)
     finally:
@@ -324,7 +332,7 @@ def main() -> None:
     parser.add_argument("--terminals", type=int, default=300)
     parser.add_argument("--suites", nargs="+", default=list(SUITES), choices=list(SUITES))
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
     parser.add_argument("--database-url", default="", help="default: SQLite in the data dir")
     args = parser.parse_args()
 
@@ -335,7 +343,13 @@ def main() -> None:
     for suite in args.suites:
         crypto_ms = 1000 * crypto_only_seconds(suite)
         for workers in args.workers:
-            m = measure(suite, workers, args)
+            m = measure(
+                suite,
+                workers,
+                terminals=args.terminals,
+                concurrency=args.concurrency,
+                database_url=args.database_url,
+            )
             ratio = crypto_ms / m.cpu_ms_per_download
             failed = f" ({m.failures} failed)" if m.failures else ""
             print(
