@@ -7,11 +7,11 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from trustfleet.crypto.base import KeyAlgorithm
+from trustfleet.crypto.payment import kcv as kcvs
+from trustfleet.crypto.payment.tr31 import KeyBlockHeader, Tr31ModeMismatch, Tr31UsageMismatch
 from trustfleet.errors import InvalidInput, KeyUsageNotAllowed, UnsupportedAlgorithm
 from trustfleet.keystore.base import KeyStore, KeyUsage
 from trustfleet.keystore.soft import SoftKeyStore
-from trustfleet.tmk import kcv as kcvs
-from trustfleet.tmk.tr31 import KeyBlockHeader, Tr31ModeMismatch, Tr31UsageMismatch
 
 U = KeyUsage
 # X9.24 example key and its well-known check value

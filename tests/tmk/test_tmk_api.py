@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.crypto import generate_private_key, public_key_to_der
 from trustfleet.crypto.base import KeyAlgorithm
+from trustfleet.crypto.payment import tr31
 from trustfleet.db import Base
 from trustfleet.keystore.master import MasterKey, MasterKeyring
 from trustfleet.keystore.soft import SoftKeyStore
@@ -34,7 +35,7 @@ from trustfleet.server.auth import create_token
 from trustfleet.server.context import AppContext
 from trustfleet.server.models import ROLES
 from trustfleet.settings import Settings
-from trustfleet.tmk import errors, tr31
+from trustfleet.tmk import errors
 from trustfleet.tmk.models import DownloadSession, Terminal
 from trustfleet.tmk.terminal import HttpTransport, PosTerminal, TmkServerRefused
 

@@ -25,9 +25,9 @@ from trustfleet.crypto import (
     suite_for_algorithm,
 )
 from trustfleet.crypto.base import KeyAlgorithm
+from trustfleet.crypto.payment.kcv import kcv as reference_kcv
+from trustfleet.crypto.payment.kcv import kcv_aes_cmac
 from trustfleet.tmk import errors
-from trustfleet.tmk.kcv import kcv as reference_kcv
-from trustfleet.tmk.kcv import kcv_aes_cmac
 from trustfleet.tmk.protocol import confirmation_data, terminal_auth_tbs, transport_info
 from trustfleet.tmk.scm import DeviceKey, SecureControlModule, TerminalRecord
 

@@ -19,13 +19,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from harness import run_cli
 from trustfleet.crypto.base import KeyAlgorithm
+from trustfleet.crypto.payment import pinblock, tr31
+from trustfleet.crypto.payment.kcv import kcv
 from trustfleet.db import make_engine, make_session_factory, migrate
 from trustfleet.errors import InvalidInput, TrustfleetError
 from trustfleet.keystore.master import MasterKey, MasterKeyring
 from trustfleet.keystore.soft import SoftKeyStore
-from trustfleet.tmk import pinblock, registry, tr31
+from trustfleet.tmk import registry
 from trustfleet.tmk.errors import ScmExists, ScmNoTmk, TmkUntrustedServerCertificate
-from trustfleet.tmk.kcv import kcv
 from trustfleet.tmk.models import DownloadSession
 from trustfleet.tmk.service import TmkService
 from trustfleet.tmk.terminal import (

@@ -19,7 +19,7 @@ from trustfleet.crypto.base import KeyAlgorithm, PublicKey
 from trustfleet.errors import UnsupportedAlgorithm
 
 if TYPE_CHECKING:
-    from trustfleet.tmk.tr31 import KeyBlockHeader
+    from trustfleet.crypto.payment.tr31 import KeyBlockHeader
 
 
 class KeyUsage(Flag):

@@ -1,5 +1,5 @@
 """Payment-key operations on secret key material held by the soft store: KCVs, TR-31 key
-blocks and raw block-cipher calls (PIN blocks). Thin calls into pyca and ``tmk.tr31``."""
+blocks and raw block-cipher calls (PIN blocks). Thin calls into pyca and ``crypto.payment.tr31``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
 from trustfleet.crypto.base import KeyAlgorithm
+from trustfleet.crypto.payment import kcv as kcvs
+from trustfleet.crypto.payment import tr31
 from trustfleet.errors import InvalidInput, UnsupportedAlgorithm
-from trustfleet.tmk import kcv as kcvs
-from trustfleet.tmk import tr31
 
 #: TR-31 header algorithm letter of each key algorithm a key block may carry
 TR31_ALGORITHM = {

@@ -27,6 +27,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet import crypto
 from trustfleet.crypto.base import KeyAlgorithm, PrivateKey, PublicKey
+from trustfleet.crypto.payment import tr31
+from trustfleet.crypto.payment.tr31 import KeyBlockHeader
 from trustfleet.crypto.sm2 import SM2PrivateKey
 from trustfleet.errors import (
     InvalidInput,
@@ -47,8 +49,6 @@ from trustfleet.rawdb import (
     read_engine,
     transaction_info,
 )
-from trustfleet.tmk import tr31
-from trustfleet.tmk.tr31 import KeyBlockHeader
 
 HANDLE_PREFIX = "soft:"
 DEFAULT_CACHE_SIZE = 1024

@@ -963,7 +963,7 @@ def _utc_seconds(now: datetime) -> datetime:
 
 def keystore_kcv(keystore: KeyStore, handle: str, algorithm: KeyAlgorithm) -> bytes:
     """The KCV of a key that never leaves the key store (X9.24: TDES-ECB or AES-CMAC of
-    zeros, as :func:`trustfleet.tmk.kcv.kcv` computes it from raw keys)."""
+    zeros, as :func:`trustfleet.crypto.payment.kcv.kcv` computes it from raw keys)."""
     try:
         value = keystore.kcv(handle)
     except UnsupportedAlgorithm as exc:

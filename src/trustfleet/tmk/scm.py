@@ -50,8 +50,8 @@ from trustfleet.crypto import (
     suite_for_algorithm,
 )
 from trustfleet.crypto.base import KeyAlgorithm, PrivateKey, PublicKey, Suite
+from trustfleet.crypto.payment import kcv as kcv_module
 from trustfleet.errors import CryptoError, TrustfleetError
-from trustfleet.tmk import kcv as kcv_module
 from trustfleet.tmk.errors import (
     ScmError,
     ScmExists,

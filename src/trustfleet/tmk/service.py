@@ -41,6 +41,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.crypto import load_public_key
 from trustfleet.crypto.base import KeyAlgorithm, PublicKey
+from trustfleet.crypto.payment import pinblock
+from trustfleet.crypto.payment.tr31 import KeyBlockHeader
 from trustfleet.db import reading, transaction
 from trustfleet.errors import InvalidInput, KeyNotFound
 from trustfleet.keystore.base import KeyStore, KeyUsage
@@ -53,7 +55,7 @@ from trustfleet.rawdb import (
     read_engine,
 )
 from trustfleet.server import audit
-from trustfleet.tmk import pinblock, registry
+from trustfleet.tmk import registry
 from trustfleet.tmk.errors import TmkError, TmkOutOfOrder, TmkReplay
 from trustfleet.tmk.identity import IdentityService
 from trustfleet.tmk.models import (
@@ -83,7 +85,6 @@ from trustfleet.tmk.protocol import (
     server_confirm,
     server_start,
 )
-from trustfleet.tmk.tr31 import KeyBlockHeader
 
 DEFAULT_TMK_ALGORITHM = KeyAlgorithm.AES_128
 SERVICE_ACTOR = "tmk-service"

@@ -34,9 +34,9 @@ import httpx
 from cryptography import x509
 
 from trustfleet.crypto.base import KeyAlgorithm
+from trustfleet.crypto.payment import kcv as kcvs
+from trustfleet.crypto.payment import pinblock, tr31
 from trustfleet.errors import InvalidInput
-from trustfleet.tmk import kcv as kcvs
-from trustfleet.tmk import pinblock, tr31
 from trustfleet.tmk.errors import ScmError, TmkError
 from trustfleet.tmk.protocol import (
     KeyDelivery,

@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 from trustfleet.crypto.base import KeyAlgorithm
+from trustfleet.crypto.payment.kcv import kcv, kcv_aes_cmac, kcv_tdes
 from trustfleet.errors import InvalidKey, UnsupportedAlgorithm
-from trustfleet.tmk.kcv import kcv, kcv_aes_cmac, kcv_tdes
 
 OPENSSL = shutil.which("openssl")
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="openssl CLI not installed")

@@ -30,8 +30,8 @@ from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import cmac
 from cryptography.hazmat.primitives.ciphers import BlockCipherAlgorithm, Cipher, algorithms, modes
 
+from trustfleet.crypto.payment.kcv import tdes_cipher_key
 from trustfleet.errors import CryptoError
-from trustfleet.tmk.kcv import tdes_cipher_key
 
 # --- errors -------------------------------------------------------------------------
 

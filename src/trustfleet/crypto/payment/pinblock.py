@@ -32,8 +32,8 @@ from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from trustfleet.crypto.base import KeyAlgorithm
+from trustfleet.crypto.payment.kcv import tdes_cipher_key
 from trustfleet.errors import CryptoError, InvalidInput
-from trustfleet.tmk.kcv import tdes_cipher_key
 
 BlockFunction = Callable[[bytes], bytes]
 RandomSource = Callable[[int], bytes]

@@ -10,9 +10,9 @@ from typing import Any
 import psec
 import pytest
 
+from trustfleet.crypto.payment import tr31
+from trustfleet.crypto.payment.tr31 import KeyBlockHeader
 from trustfleet.errors import CryptoError
-from trustfleet.tmk import tr31
-from trustfleet.tmk.tr31 import KeyBlockHeader
 
 
 def psec_wrap(kbpk: bytes, header: Any, key: bytes) -> str:
