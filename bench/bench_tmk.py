@@ -45,10 +45,10 @@ from sqlalchemy import text
 
 from trustfleet.bootstrap import initialise
 from trustfleet.crypto.base import KeyAlgorithm
-from trustfleet.db import make_engine
 from trustfleet.server.auth import create_token
 from trustfleet.server.runner import build_context
 from trustfleet.settings import load_settings
+from trustfleet.store.engine import make_engine
 from trustfleet.tmk import registry
 from trustfleet.tmk.identity import IdentityService
 from trustfleet.tmk.terminal import HttpTransport, PosTerminal

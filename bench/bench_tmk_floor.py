@@ -43,7 +43,7 @@ from sqlalchemy import event
 from sqlalchemy.pool import Pool
 
 import bench_tmk  # the sibling benchmark (on sys.path as the script's folder)
-from trustfleet.db import _sqlite_pragmas
+from trustfleet.store.engine import _sqlite_pragmas
 from trustfleet.tmk.terminal import HttpTransport, PosTerminal, Transport
 
 WARMUP = 20

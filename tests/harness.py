@@ -18,9 +18,9 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from trustfleet.db import make_engine, make_session_factory, migrate
 from trustfleet.keystore.master import create_master_key_file
 from trustfleet.server.auth import bootstrap_admin_token
+from trustfleet.store.engine import make_engine, make_session_factory, migrate
 
 POSTGRES_URL = os.environ.get("TRUSTFLEET_TEST_POSTGRES_URL", "")
 STARTUP_SECONDS = 60

@@ -350,7 +350,7 @@ def test_open_keystore_refuses_a_master_key_that_opens_no_stored_key(
 def test_open_keystore_on_a_database_not_yet_migrated(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trustfleet.db import make_engine, make_session_factory
+    from trustfleet.store.engine import make_engine, make_session_factory
 
     monkeypatch.setenv(MASTER_KEY_ENV, base64.b64encode(MasterKey.new().key).decode())
     engine = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")

@@ -15,7 +15,7 @@ from trustfleet.keystore.base import KeyUsage
 from trustfleet.keystore.master import KeyIntegrityError, MasterKey, MasterKeyring
 from trustfleet.keystore.models import StoredKey
 from trustfleet.keystore.soft import SoftKeyStore
-from trustfleet.rawdb import raw_transaction
+from trustfleet.store.driver import raw_transaction
 
 A = KeyAlgorithm
 U = KeyUsage
@@ -179,7 +179,7 @@ def test_postgres_key_reads_survive_a_dropped_connection(
         pytest.skip("the companion read engine exists only on PostgreSQL")
     from sqlalchemy import text
 
-    from trustfleet.rawdb import read_engine
+    from trustfleet.store.driver import read_engine
 
     key = soft_store.generate(A.EC_P256, U.SIGN)
     soft_store.sign(key.handle, b"opens the pooled read connection")

@@ -37,7 +37,7 @@ from trustfleet.pki.errors import (
 )
 from trustfleet.pki.models import CertificateAuthority, IssuedCertificate
 from trustfleet.pki.service import PkiService, bootstrap
-from trustfleet.server.audit import AuditRecord, iter_records, verify_chain
+from trustfleet.store.audit import AuditRecord, iter_records, verify_chain
 
 from .helpers import Hierarchy, ec_public_key, openssl
 

@@ -15,10 +15,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.server.app import DOMAIN_ROUTERS, create_app, load_device_routes
-from trustfleet.server.audit import iter_records
 from trustfleet.server.context import AppContext
 from trustfleet.server.devicelane import DeviceRoute
 from trustfleet.server.logging import configure_logging
+from trustfleet.store.audit import iter_records
 
 from . import toy_device_domain as toy
 from .conftest import MAX_BODY_BYTES, assert_problem, bearer

@@ -11,11 +11,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from trustfleet.db import make_engine, make_session_factory
-from trustfleet.server import audit
 from trustfleet.server.app import create_app
 from trustfleet.server.context import AppContext
 from trustfleet.server.deps import Principal, require_role
+from trustfleet.store import audit
+from trustfleet.store.engine import make_engine, make_session_factory
 
 from .conftest import StubKeyStore, assert_problem, bearer
 from .helpers import api_routes, is_public, protected_calls, role_requirements
@@ -183,7 +183,7 @@ def test_readyz_checks_database_and_keystore(client: TestClient, context: AppCon
 
 
 def test_readyz_fails_when_the_database_is_gone(context: AppContext, tmp_path: object) -> None:
-    broken = make_engine("sqlite:////nonexistent-dir/trustfleet.db")
+    broken = make_engine("sqlite:////nonexistent-dir/trustfleet.store.engine")
     app = create_app(
         AppContext(
             settings=context.settings,

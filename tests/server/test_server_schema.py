@@ -6,8 +6,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect
 
-from trustfleet.db import Base
 from trustfleet.models import import_all_models
+from trustfleet.store.engine import Base
 
 SERVER_TABLES = {"api_tokens", "audit_log"}
 

@@ -11,7 +11,6 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.errors import InvalidInput
-from trustfleet.server import audit
 from trustfleet.server.auth import (
     AuthenticationFailed,
     TokenNotFound,
@@ -23,6 +22,7 @@ from trustfleet.server.auth import (
     revoke_token,
 )
 from trustfleet.server.models import ROLES
+from trustfleet.store import audit
 
 
 def _audit_actions(sessions: sessionmaker[Session]) -> list[tuple[str, str, str]]:

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.crypto import generate_private_key, public_key_to_der
 from trustfleet.crypto.base import KeyAlgorithm
-from trustfleet.server.audit import AuditRecord, iter_records, verify_chain
+from trustfleet.store.audit import AuditRecord, iter_records, verify_chain
 from trustfleet.tmk import registry
 from trustfleet.tmk.models import Terminal
 

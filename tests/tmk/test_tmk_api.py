@@ -25,16 +25,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from trustfleet.crypto import generate_private_key, public_key_to_der
 from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.crypto.payment import tr31
-from trustfleet.db import Base
 from trustfleet.keystore.master import MasterKey, MasterKeyring
 from trustfleet.keystore.soft import SoftKeyStore
 from trustfleet.models import import_all_models
 from trustfleet.server.app import create_app
-from trustfleet.server.audit import AuditRecord, iter_records
 from trustfleet.server.auth import create_token
 from trustfleet.server.context import AppContext
 from trustfleet.server.models import ROLES
 from trustfleet.settings import Settings
+from trustfleet.store.audit import AuditRecord, iter_records
+from trustfleet.store.engine import Base
 from trustfleet.tmk import errors
 from trustfleet.tmk.models import DownloadSession, Terminal
 from trustfleet.tmk.terminal import HttpTransport, PosTerminal, TmkServerRefused

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from harness import admin_token_for, node_environment, running_nodes
-from trustfleet.db import sqlite_url
+from trustfleet.store.engine import sqlite_url
 from trustfleet.tmk.registry import CHUNK_ROWS
 from trustfleet.tmk.terminal import HttpTransport, PosTerminal
 

@@ -25,12 +25,12 @@ from cryptography.x509.oid import NameOID
 from trustfleet.crypto import load_public_key
 from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.crypto.payment.kcv import kcv as reference_kcv
-from trustfleet.db import make_engine, make_session_factory, migrate
 from trustfleet.errors import KeyNotFound, UnsupportedAlgorithm
 from trustfleet.keystore.base import KeyStore, KeyUsage
 from trustfleet.keystore.master import MasterKey, MasterKeyring
 from trustfleet.keystore.soft import SoftKeyStore
 from trustfleet.pki import x509 as pki
+from trustfleet.store.engine import make_engine, make_session_factory, migrate
 from trustfleet.tmk import errors
 from trustfleet.tmk.protocol import (
     Confirmation,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import Engine
 
-from trustfleet.rawdb import Prepared
+from trustfleet.store.driver import Prepared
 from trustfleet.tmk.service import _OPEN_SESSIONS
 
 

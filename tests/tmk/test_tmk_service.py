@@ -22,7 +22,7 @@ from trustfleet.keystore.base import KeyStore
 from trustfleet.keystore.master import MasterKey, MasterKeyring
 from trustfleet.keystore.soft import SoftKeyStore
 from trustfleet.pki.service import PkiService
-from trustfleet.server.audit import AuditRecord, iter_records, verify_chain
+from trustfleet.store.audit import AuditRecord, iter_records, verify_chain
 from trustfleet.tmk import errors, registry
 from trustfleet.tmk.models import DownloadSession, ServerIdentity, TerminalMasterKey, WorkingKey
 from trustfleet.tmk.protocol import (

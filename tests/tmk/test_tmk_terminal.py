@@ -21,10 +21,10 @@ from harness import run_cli
 from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.crypto.payment import pinblock, tr31
 from trustfleet.crypto.payment.kcv import kcv
-from trustfleet.db import make_engine, make_session_factory, migrate
 from trustfleet.errors import InvalidInput, TrustfleetError
 from trustfleet.keystore.master import MasterKey, MasterKeyring
 from trustfleet.keystore.soft import SoftKeyStore
+from trustfleet.store.engine import make_engine, make_session_factory, migrate
 from trustfleet.tmk import registry
 from trustfleet.tmk.errors import ScmExists, ScmNoTmk, TmkUntrustedServerCertificate
 from trustfleet.tmk.models import DownloadSession

@@ -109,7 +109,7 @@ def token_revoke(
 @audit_app.command("verify")
 def audit_verify() -> None:
     """Walk the audit chain; exit 1 if any record was edited, deleted or reordered."""
-    from trustfleet.server.audit import iter_records, verify_chain
+    from trustfleet.store.audit import iter_records, verify_chain
 
     with state.context().sessions() as session:
         report = verify_chain(iter_records(session))

@@ -30,9 +30,9 @@ def list_keys() -> None:
 @app.command("rotate-master")
 def rotate_master() -> None:
     """Re-wrap every soft-store key under a new master key; safe to re-run after a crash."""
-    from trustfleet.db import transaction
     from trustfleet.keystore.master import rotate_master_key
-    from trustfleet.server.audit import append
+    from trustfleet.store.audit import append
+    from trustfleet.store.engine import transaction
 
     context = state.context()
     report = rotate_master_key(context.sessions, context.settings.resolved_master_key_file)

@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import Boolean, DateTime, Integer, LargeBinary, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from trustfleet.db import Base
+from trustfleet.store.engine import Base
 
 
 class StoredKey(Base):

@@ -42,7 +42,7 @@ from trustfleet.keystore import payment_ops, policy, secret_ops
 from trustfleet.keystore.base import KeyInfo, KeyStore, KeyUsage
 from trustfleet.keystore.master import MasterKeyring
 from trustfleet.keystore.models import StoredKey, row_binding
-from trustfleet.rawdb import (
+from trustfleet.store.driver import (
     insert_columns,
     raw_transaction,
     read,
@@ -114,7 +114,7 @@ _COLUMNS = (
     StoredKey.kek_id,
 )
 
-# Run on the driver (trustfleet.rawdb): every key operation reads its row.
+# Run on the driver (trustfleet.store.driver): every key operation reads its row.
 _SELECT_LIVE = select(*_COLUMNS).where(
     StoredKey.handle == bindparam("handle"), StoredKey.destroyed_at.is_(None)
 )

@@ -11,7 +11,7 @@ from datetime import datetime
 from sqlalchemy import CheckConstraint, DateTime, ForeignKey, Integer, LargeBinary, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from trustfleet.db import Base
+from trustfleet.store.engine import Base
 
 KINDS = ("root", "intermediate", "server", "device")
 STATUSES = ("active", "revoked")

@@ -25,7 +25,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.crypto.base import KeyAlgorithm
-from trustfleet.db import transaction
 from trustfleet.errors import (
     CertificateInvalid,
     CertificateRevoked,
@@ -47,7 +46,8 @@ from trustfleet.pki.errors import (
 )
 from trustfleet.pki.models import CertificateAuthority, IssuedCertificate
 from trustfleet.pki.x509 import CertificateKind, Purpose, RevocationReason, ValidatedChain
-from trustfleet.server import audit
+from trustfleet.store import audit
+from trustfleet.store.engine import transaction
 
 if TYPE_CHECKING:
     from trustfleet.server.context import AppContext

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select, text
 
 from trustfleet.errors import TrustfleetError
-from trustfleet.server import audit
 from trustfleet.server.auth import (
     MAX_NAME_CHARS,
     MAX_TOKEN_ID,
@@ -30,6 +29,7 @@ from trustfleet.server.context import AppContext
 from trustfleet.server.deps import Principal, get_context, public, require_role
 from trustfleet.server.metrics import Metrics
 from trustfleet.server.models import Role
+from trustfleet.store import audit
 
 log = logging.getLogger("trustfleet.server")
 

@@ -18,11 +18,11 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Engine, bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from trustfleet.db import transaction
 from trustfleet.errors import AuthenticationRequired, InvalidInput, NotFound
-from trustfleet.rawdb import read, read_engine
-from trustfleet.server import audit
 from trustfleet.server.models import ROLES, ApiToken, Role
+from trustfleet.store import audit
+from trustfleet.store.driver import read, read_engine
+from trustfleet.store.engine import transaction
 
 TOKEN_PREFIX = "tf_"  # noqa: S105 (a prefix, not a secret)
 TOKEN_BYTES = 32

@@ -23,12 +23,12 @@ import anyio.to_thread
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from trustfleet.db import transaction
 from trustfleet.errors import Forbidden
-from trustfleet.server import audit
 from trustfleet.server.auth import AuthenticationFailed, Principal, authenticate
 from trustfleet.server.context import AppContext
 from trustfleet.server.models import ROLES
+from trustfleet.store import audit
+from trustfleet.store.engine import transaction
 
 __all__ = [
     "Principal",

@@ -16,8 +16,8 @@ from prometheus_client.exposition import generate_latest
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
-from trustfleet.rawdb import on_commit
-from trustfleet.server.audit import PENDING_INFO_KEY
+from trustfleet.store.audit import PENDING_INFO_KEY
+from trustfleet.store.driver import on_commit
 
 UNMATCHED_ROUTE = "unmatched"
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

@@ -1,4 +1,4 @@
-"""The spine's tables: API tokens here, the audit log in :mod:`trustfleet.server.audit`."""
+"""The spine's tables: API tokens here, the audit log in :mod:`trustfleet.store.audit`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from enum import StrEnum
 from sqlalchemy import DateTime, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from trustfleet.db import Base
-from trustfleet.server.audit import AuditRecord
+from trustfleet.store.audit import AuditRecord
+from trustfleet.store.engine import Base
 
 __all__ = ["ROLES", "ApiToken", "AuditRecord", "Role"]
 

@@ -14,11 +14,11 @@ from contextlib import contextmanager
 from fastapi import FastAPI
 from sqlalchemy import Engine, text
 
-from trustfleet.db import make_engine, make_session_factory, migrate
 from trustfleet.server.app import create_app
 from trustfleet.server.context import AppContext
 from trustfleet.server.logging import configure_logging
 from trustfleet.settings import Settings, load_settings
+from trustfleet.store.engine import make_engine, make_session_factory, migrate
 
 _POSTGRES_MIGRATION_LOCK = 0x74666D6967  # advisory lock id: one node migrates at a time
 

@@ -24,14 +24,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.crypto.base import KeyAlgorithm
-from trustfleet.db import transaction
 from trustfleet.errors import KeyNotFound, NotFound, UnsupportedAlgorithm
 from trustfleet.keystore.base import KeyStore, KeyUsage
 from trustfleet.pki import x509 as px
 from trustfleet.pki.errors import CaExists
 from trustfleet.pki.service import SERVER_VALIDITY, CaInfo, PkiService
 from trustfleet.pki.x509 import RevocationReason
-from trustfleet.server import audit
+from trustfleet.store import audit
+from trustfleet.store.engine import transaction
 from trustfleet.tmk.models import ServerIdentity
 
 KSRCRT_CA = "tmk-ksrcrt"

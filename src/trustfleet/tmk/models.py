@@ -16,7 +16,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from trustfleet.db import Base
+from trustfleet.store.engine import Base
 
 
 class Terminal(Base):

@@ -26,9 +26,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.crypto import algorithm_of, load_public_key, public_key_to_der
 from trustfleet.crypto.base import KeyAlgorithm, PublicKey
-from trustfleet.db import transaction
 from trustfleet.errors import Conflict, CryptoError, InvalidInput, NotFound, UnsupportedAlgorithm
-from trustfleet.server.audit import append as audit
+from trustfleet.store.audit import append as audit
+from trustfleet.store.engine import transaction
 from trustfleet.tmk.models import Terminal
 
 SN_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

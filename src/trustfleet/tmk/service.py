@@ -5,7 +5,7 @@ Each download step drives one pure function of :mod:`trustfleet.tmk.protocol` (n
 in process memory: any node can serve any step). Key-store writes (making or destroying a
 key) never run inside an ORM transaction: the soft key store writes to the same database,
 and on SQLite a second writer would wait for the first. Inside a raw transaction they join
-it instead (:func:`trustfleet.rawdb.raw_transaction`; see ``docs/architecture.md``). So:
+it instead (:func:`trustfleet.store.driver.raw_transaction`; see ``docs/architecture.md``). So:
 
 - ``start``: read the terminal and the active identity, check it may download, sign the
   challenge and seal the session into its ticket (key-store reads). Nothing is written.
@@ -43,10 +43,10 @@ from trustfleet.crypto import load_public_key
 from trustfleet.crypto.base import KeyAlgorithm, PublicKey
 from trustfleet.crypto.payment import pinblock
 from trustfleet.crypto.payment.tr31 import KeyBlockHeader
-from trustfleet.db import reading, transaction
 from trustfleet.errors import InvalidInput, KeyNotFound
 from trustfleet.keystore.base import KeyStore, KeyUsage
-from trustfleet.rawdb import (
+from trustfleet.store import audit
+from trustfleet.store.driver import (
     RawConnection,
     RawIntegrityError,
     insert_columns,
@@ -54,7 +54,7 @@ from trustfleet.rawdb import (
     raw_transaction,
     read_engine,
 )
-from trustfleet.server import audit
+from trustfleet.store.engine import reading, transaction
 from trustfleet.tmk import registry
 from trustfleet.tmk.errors import TmkError, TmkOutOfOrder, TmkReplay
 from trustfleet.tmk.identity import IdentityService
@@ -334,7 +334,7 @@ def _check_session_id(session_id: object) -> None:
         raise TmkSessionNotFound()
 
 
-# The download's statements, built once and run on the driver (trustfleet.rawdb): a
+# The download's statements, built once and run on the driver (trustfleet.store.driver): a
 # download is three requests whose own work is a few statements each.
 _START_FACTS = (
     select(
@@ -541,7 +541,7 @@ class TmkService:
 
         One transaction, under the terminal's row lock: the checks of the start are made
         again, the TMK is made (a soft key store's insert joins the transaction, see
-        :func:`trustfleet.rawdb.raw_transaction`), the session is stored as delivered (its
+        :func:`trustfleet.store.driver.raw_transaction`), the session is stored as delivered (its
         id is the primary key: a ticket answers once) and the terminal's other open
         sessions are superseded. Should anything fail after the TMK was made, it is
         destroyed (a key store outside the database, PKCS#11, would keep it otherwise)."""

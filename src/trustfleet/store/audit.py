@@ -21,9 +21,14 @@ from typing import Any
 from sqlalchemy import DateTime, Integer, String, Text, bindparam, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from trustfleet.db import Base
 from trustfleet.errors import Conflict
-from trustfleet.rawdb import RawConnection, RawIntegrityError, insert_columns, session_connection
+from trustfleet.store.driver import (
+    RawConnection,
+    RawIntegrityError,
+    insert_columns,
+    session_connection,
+)
+from trustfleet.store.engine import Base
 
 GENESIS_HASH = "0" * 64
 #: ``session.info`` key listing (action, outcome) of the records appended in the open
@@ -147,7 +152,7 @@ def append_raw(
     details: dict[str, Any] | None = None,
     at: datetime | None = None,
 ) -> None:
-    """:func:`append` inside a :func:`trustfleet.rawdb.raw_transaction`."""
+    """:func:`append` inside a :func:`trustfleet.store.driver.raw_transaction`."""
     columns = _append(connection, action, actor, subject, outcome, details, at)
     connection.info.setdefault(PENDING_INFO_KEY, []).append((columns["action"], columns["outcome"]))
 

@@ -11,8 +11,8 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from trustfleet.db import make_engine, make_session_factory, transaction
-from trustfleet.server import audit
+from trustfleet.store import audit
+from trustfleet.store.engine import make_engine, make_session_factory, transaction
 
 
 def _append_records(sessions: sessionmaker[Session], count: int) -> None:
@@ -188,7 +188,7 @@ def test_concurrent_appends_from_two_engines_make_one_chain(database_url: str) -
     per_thread = 15
     engines = [make_engine(database_url) for _ in range(2)]
     try:
-        from trustfleet.db import migrate
+        from trustfleet.store.engine import migrate
 
         migrate(engines[0])
         errors: list[BaseException] = []

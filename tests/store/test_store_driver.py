@@ -1,4 +1,4 @@
-"""trustfleet.rawdb: Core statements run on the driver read and write exactly what the ORM
+"""trustfleet.store.driver: Core statements run on the driver read and write exactly what the ORM
 does, transactions commit or roll back as a whole, and commit listeners see only commits."""
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import pytest
 from sqlalchemy import Engine, bindparam, event, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from trustfleet.rawdb import (
+from trustfleet.server.models import ApiToken
+from trustfleet.store.audit import as_utc
+from trustfleet.store.driver import (
     RawIntegrityError,
     RawTransactionDoomed,
     on_commit,
@@ -19,8 +21,6 @@ from trustfleet.rawdb import (
     read,
     read_engine,
 )
-from trustfleet.server.audit import as_utc
-from trustfleet.server.models import ApiToken
 
 _INSERT = insert(ApiToken).values(
     name=bindparam("name"),

@@ -1,12 +1,12 @@
-"""Alembic environment: runs on the connection handed over by ``trustfleet.db.migrate``."""
+"""Alembic environment: runs on the connection handed over by ``store.engine.migrate``."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from trustfleet.db import Base
 from trustfleet.models import import_all_models
+from trustfleet.store.engine import Base
 
 import_all_models()
 target_metadata = Base.metadata

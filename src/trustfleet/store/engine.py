@@ -1,7 +1,7 @@
 """Database engine, declarative base and the one-transaction-per-use-case helper.
 
 SQLite (WAL) is the embedded default; PostgreSQL by URL for multi-node deployments. Every
-table is created by the Alembic migrations in ``trustfleet/server/migrations``; never by
+table is created by the Alembic migrations in ``trustfleet/store/migrations``; never by
 ``create_all`` outside tests of a single model.
 """
 
@@ -102,7 +102,7 @@ def migrate(engine: Engine) -> None:
     from alembic.config import Config
 
     config = Config()
-    config.set_main_option("script_location", str(Path(__file__).parent / "server" / "migrations"))
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "heads")

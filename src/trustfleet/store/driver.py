@@ -10,7 +10,7 @@ The statements are still written in Core against the models, compiled once per d
 (:class:`Prepared`); values pass through the dialect's own bind and result processors, so
 what is written here reads back through the ORM unchanged (SQLite's datetimes as text, say).
 
-Transactions follow :mod:`trustfleet.db`'s SQLite rule: :func:`raw_transaction` takes the
+Transactions follow :mod:`trustfleet.store.engine`'s SQLite rule: :func:`raw_transaction` takes the
 write lock at ``BEGIN IMMEDIATE``; :func:`raw_reading` runs statements in autocommit, each
 its own snapshot, which in WAL mode never waits for a writer. Reads go through
 :func:`read_engine`: on PostgreSQL the shared engine pings each connection at checkout and
