@@ -33,7 +33,7 @@ def _ensure_master_key(settings: Settings) -> None:
 
 def initialise(settings: Settings) -> InitResult:
     """Master key (0600), migrated database, local root + issuing CA, first admin token."""
-    from trustfleet.pki.service import ensure_local_ca
+    from trustfleet.pki.service import bootstrap as bootstrap_local_ca
     from trustfleet.server.auth import bootstrap_admin_token
     from trustfleet.server.runner import build_context
 
@@ -42,7 +42,7 @@ def initialise(settings: Settings) -> InitResult:
         return InitResult(settings.data_dir, settings.ca_dir / "root.pem", None)
     _ensure_master_key(settings)
     context = build_context(settings)
-    ensure_local_ca(context)
+    bootstrap_local_ca(context.sessions, context.keystore, context.settings.ca_dir)
     token = bootstrap_admin_token(context.sessions)
     (settings.data_dir / INITIALISED_MARKER).write_text("1\n")
     return InitResult(settings.data_dir, settings.ca_dir / "root.pem", token)

@@ -606,14 +606,9 @@ def test_a_revocation_while_a_crl_is_being_signed_is_not_lost(
     assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 1
 
 
-def test_ensure_local_ca_uses_the_app_context(
+def test_bootstrap_writes_the_local_ca_pems_into_the_ca_directory(
     sessions: sessionmaker[Session], keystore: KeyStore, tmp_path: Path
 ) -> None:
-    from trustfleet.server.context import AppContext
-    from trustfleet.settings import Settings
-
-    engine = sessions.kw["bind"]
-    context = AppContext(Settings(data_dir=tmp_path), engine, sessions, keystore)
-    local = pki_service.ensure_local_ca(context)
+    local = pki_service.bootstrap(sessions, keystore, tmp_path / "ca")
     assert local.root_pem_path == tmp_path / "ca" / "root.pem"
     assert local.intermediate_pem_path.read_text() == local.issuing.pem

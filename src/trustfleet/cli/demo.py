@@ -8,9 +8,8 @@ import subprocess
 import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -22,42 +21,15 @@ with warnings.catch_warnings():  # starlette's notice about its httpx-based clie
     from fastapi.testclient import TestClient
 
 from trustfleet.bootstrap import initialise
-from trustfleet.cli.common import console
-from trustfleet.errors import TrustfleetError
+from trustfleet.kit.cli import console
+from trustfleet.kit.demo import DemoEnv, DemoFailed, step_title
 from trustfleet.server.app import create_app
-from trustfleet.server.context import AppContext
 from trustfleet.server.runner import build_context
 from trustfleet.settings import load_settings
 
 
-@dataclass
-class DemoEnv:
-    context: AppContext
-    client: TestClient
-    admin_token: str
-    workdir: Path
-
-    def call(self, method: str, path: str, token: str | None = None, **kwargs: Any) -> Any:
-        """One API call; a non-2xx answer stops the demo with its problem code."""
-        headers = {"Authorization": f"Bearer {token or self.admin_token}"}
-        response = self.client.request(method, path, headers=headers, **kwargs)
-        if response.status_code >= 400:
-            problem = response.json()
-            raise DemoFailed(f"{method} {path}: {problem.get('code')}: {problem.get('detail')}")
-        return response.json() if "json" in response.headers.get("content-type", "") else response
-
-
-class DemoFailed(TrustfleetError):
-    code = "demo-failed"
-    title = "A demo step failed"
-
-
-def _step(title: str) -> None:
-    console.rule(f"[bold]{title}")
-
-
 def spine_step(env: DemoEnv) -> None:
-    _step("spine: tokens, certificates, CRL, audit")
+    step_title("spine: tokens, certificates, CRL, audit")
     created = env.call("POST", "/v1/tokens", json={"name": "demo operator", "role": "operator"})
     console.print(f"operator token #{created['id']} created (role {created['role']})")
     try:

@@ -10,8 +10,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from trustfleet.cli.common import console, err_console, state
 from trustfleet.errors import TrustfleetError
+from trustfleet.kit.cli import console, err_console, state
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 token_app = typer.Typer(no_args_is_help=True, help="API tokens (one role each).")
@@ -123,9 +123,9 @@ def audit_verify() -> None:
 
 
 def _register_domain_commands() -> None:
+    from trustfleet.cli import ca as pki_cli
     from trustfleet.cli import demo
-    from trustfleet.keystore import cli as keystore_cli
-    from trustfleet.pki import cli as pki_cli
+    from trustfleet.cli import keystore as keystore_cli
     from trustfleet.tmk import cli as tmk_cli
 
     app.add_typer(pki_cli.app, name="ca")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -48,9 +48,6 @@ from trustfleet.pki.models import CertificateAuthority, IssuedCertificate
 from trustfleet.pki.x509 import CertificateKind, Purpose, RevocationReason, ValidatedChain
 from trustfleet.store import audit
 from trustfleet.store.engine import transaction
-
-if TYPE_CHECKING:
-    from trustfleet.server.context import AppContext
 
 ROOT_VALIDITY = timedelta(days=3650)
 INTERMEDIATE_VALIDITY = timedelta(days=1825)
@@ -737,10 +734,6 @@ def bootstrap(
     _write_atomically(root_path, root.pem)
     _write_atomically(intermediate_path, issuing.pem)
     return LocalCa(root, issuing, root_path, intermediate_path)
-
-
-def ensure_local_ca(context: AppContext) -> LocalCa:
-    return bootstrap(context.sessions, context.keystore, context.settings.ca_dir)
 
 
 def _ensure_ca(service: PkiService, name: str, parent: str | None, actor: str) -> CaInfo:

@@ -14,6 +14,7 @@ from starlette.types import Scope
 from trustfleet import __version__
 from trustfleet.models import import_if_present
 from trustfleet.server.api import router as spine_router
+from trustfleet.server.ca_api import router as ca_router
 from trustfleet.server.context import AppContext
 from trustfleet.server.devicelane import DeviceLane, DeviceRoute
 from trustfleet.server.limits import is_streamed_import
@@ -26,7 +27,6 @@ log = logging.getLogger("trustfleet.server")
 #: Each module exposes ``router`` (an APIRouter). A module not written yet is skipped;
 #: one that exists but fails to import stops the app from starting.
 DOMAIN_ROUTERS = (
-    "trustfleet.pki.api",
     "trustfleet.keysync.api",
     "trustfleet.deactivation.api",
     "trustfleet.meter.api",
@@ -123,6 +123,7 @@ def create_app(
     # routes (the busiest) come before the spine's
     for router in load_domain_routers(domain_routers):
         app.include_router(router)
+    app.include_router(ca_router)
     app.include_router(spine_router)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limit(app, context))
     app.add_middleware(RequestContextMiddleware, metrics=metrics)

@@ -17,16 +17,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from trustfleet.cli.common import console, state
 from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.errors import InvalidInput
+from trustfleet.kit.cli import console, state
 from trustfleet.tmk import registry
 from trustfleet.tmk.identity import KeyServerIdentity
 from trustfleet.tmk.service import WORKING_KEY_USAGES, TerminalOverview, TmkService
 from trustfleet.tmk.terminal import IDENTITY_PATH, HttpTransport, PosTerminal
 
 if TYPE_CHECKING:
-    from trustfleet.cli.demo import DemoEnv
+    from trustfleet.kit.demo import DemoEnv
 
 app = typer.Typer(no_args_is_help=True, help="POS terminals: registry, TMKs, working keys.")
 identity_app = typer.Typer(
@@ -395,7 +395,7 @@ def _request(env: DemoEnv, method: str, path: str, token: str, **kwargs: Any) ->
     headers = {"Authorization": f"Bearer {token}", **kwargs.pop("headers", {})}
     response = env.client.request(method, path, headers=headers, **kwargs)
     if response.status_code >= 400:
-        from trustfleet.cli.demo import DemoFailed
+        from trustfleet.kit.demo import DemoFailed
 
         problem = response.json()
         raise DemoFailed(f"{method} {path}: {problem.get('code')}: {problem.get('detail')}")

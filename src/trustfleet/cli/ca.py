@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import load_der_x509_crl
 from rich.table import Table
 
-from trustfleet.cli.common import console, state
 from trustfleet.errors import InvalidInput
+from trustfleet.kit.cli import console, state
 from trustfleet.pki.service import LOCAL_ISSUING_CA, PkiService
 
 app = typer.Typer(no_args_is_help=True, help="The local certificate authorities.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from trustfleet.cli.common import console, state
+from trustfleet.kit.cli import console, state
 
 app = typer.Typer(no_args_is_help=True, help="The key store (never shows key material).")
 
