@@ -4,11 +4,13 @@ several engines (as several nodes would be) still produce one valid chain."""
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, insert, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.store import audit
@@ -225,3 +227,38 @@ def test_concurrent_appends_from_two_engines_make_one_chain(database_url: str) -
     finally:
         for engine in engines:
             engine.dispose()
+
+
+CHAIN_BEFORE_THE_WIRE_CODEC = Path(__file__).parent / "data" / "audit_chain_16f2c31.json"
+
+
+def _load_saved_chain(engine: Engine) -> list[dict[str, object]]:
+    """Insert, as they were stored, the records a release before the shared codec wrote
+    (non-ASCII details, quotes, backslashes and emoji included)."""
+    saved = json.loads(CHAIN_BEFORE_THE_WIRE_CODEC.read_text(encoding="utf-8"))["records"]
+    rows = [{**row, "at": datetime.fromisoformat(row["at"])} for row in saved]
+    with engine.begin() as connection:
+        connection.execute(insert(audit.AuditRecord), rows)
+    return saved
+
+
+def test_a_chain_written_before_the_shared_codec_still_verifies(
+    engine: Engine, sessions: sessionmaker[Session]
+) -> None:
+    saved = _load_saved_chain(engine)
+    report = _verify(sessions)
+    assert report.ok, report.problems
+    assert report.records == len(saved) == 5
+    _append_records(sessions, 1)  # today's code continues the old chain
+    assert _verify(sessions).ok
+
+
+def test_a_saved_chain_edited_after_the_fact_is_detected(
+    engine: Engine, sessions: sessionmaker[Session]
+) -> None:
+    _load_saved_chain(engine)
+    _sql(engine, "UPDATE audit_log SET details = replace(details, '密钥', 'keys') WHERE seq = 4")
+    problems = _verify(sessions).problems
+    assert [(p.seq, p.problem) for p in problems] == [
+        (4, "content does not match its hash (edited)")
+    ]

@@ -12,7 +12,6 @@ Callers must never put key material in ``details``.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +28,7 @@ from trustfleet.store.driver import (
     session_connection,
 )
 from trustfleet.store.engine import Base
+from trustfleet.wire import canonical_json
 
 GENESIS_HASH = "0" * 64
 #: ``session.info`` key listing (action, outcome) of the records appended in the open
@@ -54,10 +54,6 @@ class AuditRecord(Base):
     details: Mapped[str] = mapped_column(Text)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
-
-
-def _canonical(fields: dict[str, Any]) -> bytes:
-    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def as_utc(at: datetime) -> datetime:
@@ -97,7 +93,7 @@ def record_hash(
         "details": details,
         "prev_hash": prev_hash,
     }
-    return hashlib.sha256(_canonical(fields)).hexdigest()
+    return hashlib.sha256(canonical_json(fields)).hexdigest()
 
 
 def _hash_of(rec: AuditRecord) -> str:
@@ -196,7 +192,7 @@ def _record(
         "action": _clip(action, _ACTION_CHARS),
         "subject": _clip(subject, _SUBJECT_CHARS),
         "outcome": _clip(outcome, _OUTCOME_CHARS),
-        "details": _canonical(details or {}).decode(),
+        "details": canonical_json(details or {}).decode(),
         "prev_hash": prev_hash,
     }
     columns["hash"] = record_hash(**columns)

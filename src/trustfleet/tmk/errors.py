@@ -8,6 +8,7 @@ check failed. Messages never carry key material, randoms or MACs.
 from __future__ import annotations
 
 from trustfleet.errors import TrustfleetError
+from trustfleet.wire import MalformedMessage
 
 
 class TmkError(TrustfleetError):
@@ -19,7 +20,7 @@ class TmkError(TrustfleetError):
 # -- message and state-machine errors -----------------------------------------------
 
 
-class TmkMalformedMessage(TmkError):
+class TmkMalformedMessage(TmkError, MalformedMessage):
     code = "tmk-malformed-message"
     title = "The TMK download message is malformed"
 

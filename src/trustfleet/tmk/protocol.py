@@ -33,13 +33,10 @@ strict parser: anything malformed raises :class:`TmkMalformedMessage`.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import itertools
-import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -48,6 +45,7 @@ from typing import Any, ClassVar, Protocol, Self, TypeVar
 from cryptography import x509
 from cryptography.x509 import verification
 
+from trustfleet import wire
 from trustfleet.crypto import algorithm_of, suite_for_algorithm
 from trustfleet.crypto.base import KeyAlgorithm, PublicKey, Suite
 from trustfleet.errors import (
@@ -62,7 +60,6 @@ from trustfleet.tmk.errors import (
     TmkBadConfirmation,
     TmkBadServerSignature,
     TmkBadTerminalProof,
-    TmkError,
     TmkInvalidTicket,
     TmkMalformedMessage,
     TmkOutOfOrder,
@@ -71,6 +68,14 @@ from trustfleet.tmk.errors import (
     TmkSessionExpired,
     TmkUnsupportedSuite,
     TmkUntrustedServerCertificate,
+)
+from trustfleet.wire import (
+    Alphabet,
+    Codec,
+    Fields,
+    canonical_json,
+    format_time,
+    transcript,
 )
 
 PROTOCOL_VERSION = 1
@@ -105,14 +110,11 @@ _KEM_ALGORITHMS = _SELF_TRANSPORT_ALGORITHMS | {KeyAlgorithm.X25519}
 
 RandomSource = Callable[[int], bytes]
 Clock = Callable[[], datetime]
-_M = TypeVar("_M", bound="_Message")
 _R = TypeVar("_R")
 
 _SN_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SUITE_PATTERN = re.compile(r"[a-z0-9-]{1,32}")
 _SESSION_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
-_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-_TIME_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 
 _LABEL = "TF-TMK-v1"
 _SERVER_AUTH = f"{_LABEL} server-auth".encode()
@@ -126,183 +128,41 @@ _TICKET_TAG_SIZE = 32  # HMAC-SHA256
 
 
 # =====================================================================================
-# Field checks and the canonical JSON codec
+# Field checks (the codec is trustfleet.wire's, with this protocol's error and alphabet)
 # =====================================================================================
 
-
-def _malformed(message: str) -> TmkMalformedMessage:
-    return TmkMalformedMessage(message)
+CODEC = Codec(
+    malformed=TmkMalformedMessage,
+    alphabet=Alphabet.STANDARD,
+    version=PROTOCOL_VERSION,
+    max_size=MAX_MESSAGE_SIZE,
+)
 
 
 def validate_sn(sn: object) -> None:
     """A hardware serial number as the protocol accepts it; else TmkMalformedMessage."""
-    if not isinstance(sn, str) or not _SN_PATTERN.fullmatch(sn):
-        raise _malformed("sn must be 1-64 characters of A-Z a-z 0-9 . _ - (first alnum)")
-
-
-_check_sn = validate_sn
+    CODEC.check_text(sn, "sn", _SN_PATTERN, "1-64 characters of A-Z a-z 0-9 . _ - (first alnum)")
 
 
 def _check_suite_name(suite: object) -> None:
-    if not isinstance(suite, str) or not _SUITE_PATTERN.fullmatch(suite):
-        raise _malformed("suite must be 1-32 characters of a-z 0-9 -")
+    CODEC.check_text(suite, "suite", _SUITE_PATTERN, "1-32 characters of a-z 0-9 -")
 
 
 def _check_session_id(session_id: object) -> None:
-    if not isinstance(session_id, str) or not _SESSION_ID_PATTERN.fullmatch(session_id):
-        raise _malformed("session_id must be 32 lowercase hex digits")
-
-
-def _check_bytes(value: object, name: str, low: int, high: int) -> None:
-    if not isinstance(value, bytes) or not low <= len(value) <= high:
-        raise _malformed(f"{name} must be {low}..{high} bytes")
+    CODEC.check_text(session_id, "session_id", _SESSION_ID_PATTERN, "32 lowercase hex digits")
 
 
 def _check_random(value: object, name: str) -> None:
-    _check_bytes(value, name, MIN_RANDOM_SIZE, MAX_RANDOM_SIZE)
-
-
-def _check_time(value: object, name: str) -> None:
-    if (
-        not isinstance(value, datetime)
-        or value.utcoffset() != timedelta(0)
-        or value.microsecond != 0
-    ):
-        raise _malformed(f"{name} must be an aware UTC datetime in whole seconds")
+    CODEC.check_bytes(value, name, MIN_RANDOM_SIZE, MAX_RANDOM_SIZE)
 
 
 def _check_tmk_algorithm(value: object) -> None:
     if value not in TMK_ALGORITHMS:
-        raise _malformed("algorithm must be one of aes-128, aes-256, tdes")
+        CODEC.fail("algorithm must be one of aes-128, aes-256, tdes")
 
 
-def _b64encode(value: bytes) -> str:
-    return base64.b64encode(value).decode("ascii")
-
-
-def _b64decode(text: object, name: str) -> bytes:
-    if not isinstance(text, str):
-        raise _malformed(f"{name} must be a base64 string")
-    try:
-        value = base64.b64decode(text.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError):
-        raise _malformed(f"{name} is not valid base64") from None
-    if _b64encode(value) != text:  # one encoding per value: canonical form only
-        raise _malformed(f"{name} is not canonical base64")
-    return value
-
-
-def _format_time(value: datetime) -> str:
-    return value.astimezone(UTC).strftime(_TIME_FORMAT)
-
-
-def _parse_time(text: object, name: str) -> datetime:
-    if not isinstance(text, str) or not _TIME_PATTERN.fullmatch(text):
-        raise _malformed(f"{name} must be an RFC 3339 UTC time like 2025-01-31T12:00:00Z")
-    try:
-        return datetime.fromisoformat(text)  # the pattern above admits only UTC ("Z")
-    except ValueError:
-        raise _malformed(f"{name} is not a valid time") from None
-
-
-def _quoted(name: str) -> str:
-    """A peer-chosen name, cut short for an error message."""
-    return repr(name[:40] + ("…" if len(name) > 40 else ""))
-
-
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _malformed(f"duplicate field {_quoted(key)}")
-        result[key] = value
-    return result
-
-
-def _reject_constant(name: str) -> Any:
-    raise _malformed(f"{name} is not valid JSON")
-
-
-def _load_object(data: bytes | str, *, max_size: int = MAX_MESSAGE_SIZE) -> dict[str, Any]:
-    if not isinstance(data, bytes | str):
-        raise _malformed("a message must be JSON text")
-    if len(data) > max_size:
-        raise _malformed(f"a message must not exceed {max_size} bytes")
-    try:
-        text = data.decode("utf-8") if isinstance(data, bytes) else data
-        loaded = json.loads(
-            text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
-        )
-    except (ValueError, RecursionError):  # bad UTF-8 or JSON, an integer too long to parse
-        raise _malformed("the message is not valid JSON") from None
-    if not isinstance(loaded, dict):
-        raise _malformed("a message must be a JSON object")
-    return loaded
-
-
-def _canonical(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
-class _Fields:
-    """Typed, exhaustive access to a decoded JSON object: every field read exactly once."""
-
-    def __init__(self, obj: dict[str, Any], message_type: str) -> None:
-        self._obj = obj
-        self._seen: set[str] = set()
-        if self._take("type") != message_type:
-            raise _malformed(f"expected a {message_type} message")
-        version = self._take("v")
-        if type(version) is not int or version != PROTOCOL_VERSION:
-            raise _malformed(f"unsupported protocol version, expected {PROTOCOL_VERSION}")
-
-    def _take(self, name: str) -> Any:
-        if name not in self._obj:
-            raise _malformed(f"missing field {name!r}")
-        self._seen.add(name)
-        return self._obj[name]
-
-    def text(self, name: str) -> str:
-        value = self._take(name)
-        if not isinstance(value, str):
-            raise _malformed(f"{name} must be a string")
-        return value
-
-    def blob(self, name: str) -> bytes:
-        return _b64decode(self._take(name), name)
-
-    def bytes_list(self, name: str, max_items: int) -> tuple[bytes, ...]:
-        value = self._take(name)
-        if not isinstance(value, list) or len(value) > max_items:
-            raise _malformed(f"{name} must be a list of at most {max_items} items")
-        return tuple(_b64decode(item, name) for item in value)
-
-    def time(self, name: str) -> datetime:
-        return _parse_time(self._take(name), name)
-
-    def tmk_algorithm(self, name: str) -> KeyAlgorithm:
-        value = self._take(name)
-        if not isinstance(value, str) or value not in {a.value for a in TMK_ALGORITHMS}:
-            raise _malformed("algorithm must be one of aes-128, aes-256, tdes")
-        return KeyAlgorithm(value)
-
-    def done(self) -> None:
-        unknown = set(self._obj) - self._seen
-        if unknown:
-            names = ", ".join(_quoted(name) for name in sorted(unknown)[:5])
-            raise _malformed(f"unknown field(s): {names}")
-
-
-def _parse(cls: type[_M], data: bytes | str) -> _M:
-    fields = _Fields(_load_object(data), cls.TYPE)
-    try:
-        message = cls._from_fields(fields)
-    except TmkError:
-        raise
-    except (TypeError, ValueError):  # a field check we did not anticipate
-        raise _malformed(f"the {cls.TYPE} message is not valid") from None
-    fields.done()
-    return message
+_b64 = CODEC.encode_bytes
+_TMK_ALGORITHM_NAMES = frozenset(a.value for a in TMK_ALGORITHMS)
 
 
 # =====================================================================================
@@ -310,24 +170,8 @@ def _parse(cls: type[_M], data: bytes | str) -> _M:
 # =====================================================================================
 
 
-class _Message:
-    TYPE: ClassVar[str]
-
-    def _fields(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    @classmethod
-    def _from_fields(cls, fields: _Fields) -> Self:
-        raise NotImplementedError
-
-    def to_json(self) -> bytes:
-        """The canonical encoding: equal messages encode to equal bytes."""
-        return _canonical({"type": self.TYPE, "v": PROTOCOL_VERSION, **self._fields()})
-
-    @classmethod
-    def from_json(cls, data: bytes | str) -> Self:
-        """Strict parse; anything but a well-formed message raises TmkMalformedMessage."""
-        return _parse(cls, data)
+class _Message(wire.Message):
+    CODEC = CODEC
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,15 +184,15 @@ class DownloadRequest(_Message):
     suite: str
 
     def __post_init__(self) -> None:
-        _check_sn(self.sn)
+        validate_sn(self.sn)
         _check_random(self.rnd1, "rnd1")
         _check_suite_name(self.suite)
 
     def _fields(self) -> dict[str, Any]:
-        return {"sn": self.sn, "rnd1": _b64encode(self.rnd1), "suite": self.suite}
+        return {"sn": self.sn, "rnd1": _b64(self.rnd1), "suite": self.suite}
 
     @classmethod
-    def _from_fields(cls, fields: _Fields) -> Self:
+    def _from_fields(cls, fields: Fields) -> Self:
         return cls(sn=fields.text("sn"), rnd1=fields.blob("rnd1"), suite=fields.text("suite"))
 
 
@@ -376,35 +220,35 @@ class ServerChallenge(_Message):
         _check_session_id(self.session_id)
         _check_random(self.rnd1, "rnd1")
         _check_random(self.rnd2, "rnd2")
-        _check_bytes(self.kswcrt_der, "kswcrt_der", 1, 16384)
-        _check_bytes(self.signature, "signature", 1, 1024)
-        _check_time(self.expires_at, "expires_at")
-        _check_bytes(self.ticket, "ticket", 1, MAX_TICKET_SIZE)
+        CODEC.check_bytes(self.kswcrt_der, "kswcrt_der", 1, 16384)
+        CODEC.check_bytes(self.signature, "signature", 1, 1024)
+        CODEC.check_time(self.expires_at, "expires_at")
+        CODEC.check_bytes(self.ticket, "ticket", 1, MAX_TICKET_SIZE)
         if not isinstance(self.chain_der, tuple) or len(self.chain_der) > MAX_CHAIN_LENGTH:
-            raise _malformed(f"chain_der must hold at most {MAX_CHAIN_LENGTH} certificates")
+            CODEC.fail(f"chain_der must hold at most {MAX_CHAIN_LENGTH} certificates")
         for cert in self.chain_der:
-            _check_bytes(cert, "chain_der", 1, 16384)
+            CODEC.check_bytes(cert, "chain_der", 1, 16384)
 
     def _fields(self) -> dict[str, Any]:
         return {
             "session_id": self.session_id,
-            "rnd1": _b64encode(self.rnd1),
-            "rnd2": _b64encode(self.rnd2),
-            "kswcrt": _b64encode(self.kswcrt_der),
-            "chain": [_b64encode(cert) for cert in self.chain_der],
-            "signature": _b64encode(self.signature),
-            "expires_at": _format_time(self.expires_at),
-            "ticket": _b64encode(self.ticket),
+            "rnd1": _b64(self.rnd1),
+            "rnd2": _b64(self.rnd2),
+            "kswcrt": _b64(self.kswcrt_der),
+            "chain": [_b64(cert) for cert in self.chain_der],
+            "signature": _b64(self.signature),
+            "expires_at": format_time(self.expires_at),
+            "ticket": _b64(self.ticket),
         }
 
     @classmethod
-    def _from_fields(cls, fields: _Fields) -> Self:
+    def _from_fields(cls, fields: Fields) -> Self:
         return cls(
             session_id=fields.text("session_id"),
             rnd1=fields.blob("rnd1"),
             rnd2=fields.blob("rnd2"),
             kswcrt_der=fields.blob("kswcrt"),
-            chain_der=fields.bytes_list("chain", MAX_CHAIN_LENGTH),
+            chain_der=fields.blob_list("chain", MAX_CHAIN_LENGTH),
             signature=fields.blob("signature"),
             expires_at=fields.time("expires_at"),
             ticket=fields.blob("ticket"),
@@ -423,18 +267,18 @@ class TerminalProof(_Message):
 
     def __post_init__(self) -> None:
         _check_session_id(self.session_id)
-        _check_bytes(self.signature, "signature", 1, 1024)
-        _check_bytes(self.ticket, "ticket", 1, MAX_TICKET_SIZE)
+        CODEC.check_bytes(self.signature, "signature", 1, 1024)
+        CODEC.check_bytes(self.ticket, "ticket", 1, MAX_TICKET_SIZE)
 
     def _fields(self) -> dict[str, Any]:
         return {
             "session_id": self.session_id,
-            "signature": _b64encode(self.signature),
-            "ticket": _b64encode(self.ticket),
+            "signature": _b64(self.signature),
+            "ticket": _b64(self.ticket),
         }
 
     @classmethod
-    def _from_fields(cls, fields: _Fields) -> Self:
+    def _from_fields(cls, fields: Fields) -> Self:
         return cls(
             session_id=fields.text("session_id"),
             signature=fields.blob("signature"),
@@ -456,23 +300,23 @@ class KeyDelivery(_Message):
     def __post_init__(self) -> None:
         _check_session_id(self.session_id)
         _check_tmk_algorithm(self.algorithm)
-        _check_bytes(self.wrapped_tmk, "wrapped_tmk", 1, 4096)
+        CODEC.check_bytes(self.wrapped_tmk, "wrapped_tmk", 1, 4096)
         length = KCV_LENGTHS[self.algorithm]
-        _check_bytes(self.kcv, "kcv", length, length)
+        CODEC.check_bytes(self.kcv, "kcv", length, length)
 
     def _fields(self) -> dict[str, Any]:
         return {
             "session_id": self.session_id,
             "algorithm": self.algorithm.value,
-            "wrapped_tmk": _b64encode(self.wrapped_tmk),
-            "kcv": _b64encode(self.kcv),
+            "wrapped_tmk": _b64(self.wrapped_tmk),
+            "kcv": _b64(self.kcv),
         }
 
     @classmethod
-    def _from_fields(cls, fields: _Fields) -> Self:
+    def _from_fields(cls, fields: Fields) -> Self:
         return cls(
             session_id=fields.text("session_id"),
-            algorithm=fields.tmk_algorithm("algorithm"),
+            algorithm=KeyAlgorithm(fields.choice("algorithm", _TMK_ALGORITHM_NAMES)),
             wrapped_tmk=fields.blob("wrapped_tmk"),
             kcv=fields.blob("kcv"),
         )
@@ -488,13 +332,13 @@ class Confirmation(_Message):
 
     def __post_init__(self) -> None:
         _check_session_id(self.session_id)
-        _check_bytes(self.mac, "mac", 8, 16)
+        CODEC.check_bytes(self.mac, "mac", 8, 16)
 
     def _fields(self) -> dict[str, Any]:
-        return {"session_id": self.session_id, "mac": _b64encode(self.mac)}
+        return {"session_id": self.session_id, "mac": _b64(self.mac)}
 
     @classmethod
-    def _from_fields(cls, fields: _Fields) -> Self:
+    def _from_fields(cls, fields: Fields) -> Self:
         return cls(session_id=fields.text("session_id"), mac=fields.blob("mac"))
 
 
@@ -507,9 +351,9 @@ _MESSAGE_TYPES: dict[str, type[Message]] = {
 
 def parse_message(data: bytes | str) -> Message:
     """Parse any TMK download message by its ``type`` field."""
-    message_type = _load_object(data).get("type")
+    message_type = CODEC.load(data).get("type")
     if not isinstance(message_type, str) or message_type not in _MESSAGE_TYPES:
-        raise _malformed("unknown message type")
+        CODEC.fail("unknown message type")
     return _MESSAGE_TYPES[message_type].from_json(data)
 
 
@@ -518,30 +362,25 @@ def parse_message(data: bytes | str) -> Message:
 # =====================================================================================
 
 
-def _encode(*fields: bytes) -> bytes:
-    """Unambiguous concatenation: every field is prefixed with its 4-byte length."""
-    return b"".join(len(item).to_bytes(4, "big") + item for item in fields)
-
-
 def server_auth_tbs(
     *, sn: str, suite: str, session_id: str, rnd1: bytes, rnd2: bytes, expires_at: datetime
 ) -> bytes:
     """TBS1, signed by the key server's work key."""
-    return _encode(
+    return transcript(
         _SERVER_AUTH,
         rnd1,
         rnd2,
         sn.encode(),
         session_id.encode(),
         suite.encode(),
-        _format_time(expires_at).encode(),
+        format_time(expires_at).encode(),
     )
 
 
 def terminal_auth_tbs(*, sn: str, suite: str, session_id: str, rnd1: bytes, rnd2: bytes) -> bytes:
     """TBS2, signed by the terminal's TKP. Randoms in the other order and another label
     than TBS1, so neither signature can stand in for the other."""
-    return _encode(_TERMINAL_AUTH, rnd2, rnd1, sn.encode(), session_id.encode(), suite.encode())
+    return transcript(_TERMINAL_AUTH, rnd2, rnd1, sn.encode(), session_id.encode(), suite.encode())
 
 
 def transport_info(
@@ -554,7 +393,7 @@ def transport_info(
     algorithm: KeyAlgorithm,
 ) -> bytes:
     """The transcript hash the TMK's key transport is bound to (KEM ``info``/OAEP label)."""
-    transcript = _encode(
+    encoded = transcript(
         _TMK_TRANSPORT,
         sn.encode(),
         suite.name.encode(),
@@ -563,12 +402,12 @@ def transport_info(
         rnd2,
         algorithm.value.encode(),
     )
-    return suite.hash(transcript)
+    return suite.hash(encoded)
 
 
 def confirmation_data(*, session_id: str, kcv: bytes) -> bytes:
     """What the terminal CMACs under the new TMK to prove it holds it."""
-    return _encode(_CONFIRM, session_id.encode(), kcv)
+    return transcript(_CONFIRM, session_id.encode(), kcv)
 
 
 def suite_for_terminal_key(public_key: PublicKey) -> Suite:
@@ -656,71 +495,71 @@ class ServerSessionState:
     kcv: bytes | None = None
 
     def to_json(self) -> bytes:
-        return _canonical(
+        return canonical_json(
             {
                 "session_id": self.session_id,
                 "sn": self.sn,
                 "suite": self.suite,
-                "rnd1": _b64encode(self.rnd1),
-                "rnd2": _b64encode(self.rnd2),
+                "rnd1": _b64(self.rnd1),
+                "rnd2": _b64(self.rnd2),
                 "stage": self.stage.value,
-                "created_at": _format_time(self.created_at),
-                "expires_at": _format_time(self.expires_at),
+                "created_at": format_time(self.created_at),
+                "expires_at": format_time(self.expires_at),
                 "tmk_handle": self.tmk_handle,
                 "tmk_algorithm": self.tmk_algorithm.value if self.tmk_algorithm else None,
-                "kcv": _b64encode(self.kcv) if self.kcv is not None else None,
+                "kcv": _b64(self.kcv) if self.kcv is not None else None,
             }
         )
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Self:
-        obj = _load_object(data)
+        obj = CODEC.load(data)
         expected = {
             "session_id", "sn", "suite", "rnd1", "rnd2", "stage", "created_at",
             "expires_at", "tmk_handle", "tmk_algorithm", "kcv",
         }  # fmt: skip
         if set(obj) != expected:
-            raise _malformed("not a TMK server session state")
+            CODEC.fail("not a TMK server session state")
         try:
             state = cls(
                 session_id=obj["session_id"],
                 sn=obj["sn"],
                 suite=obj["suite"],
-                rnd1=_b64decode(obj["rnd1"], "rnd1"),
-                rnd2=_b64decode(obj["rnd2"], "rnd2"),
+                rnd1=CODEC.decode_bytes(obj["rnd1"], "rnd1"),
+                rnd2=CODEC.decode_bytes(obj["rnd2"], "rnd2"),
                 stage=ServerStage(obj["stage"]),
-                created_at=_parse_time(obj["created_at"], "created_at"),
-                expires_at=_parse_time(obj["expires_at"], "expires_at"),
+                created_at=CODEC.parse_time(obj["created_at"], "created_at"),
+                expires_at=CODEC.parse_time(obj["expires_at"], "expires_at"),
                 tmk_handle=obj["tmk_handle"],
                 tmk_algorithm=(
                     KeyAlgorithm(obj["tmk_algorithm"]) if obj["tmk_algorithm"] else None
                 ),
-                kcv=_b64decode(obj["kcv"], "kcv") if obj["kcv"] is not None else None,
+                kcv=CODEC.decode_bytes(obj["kcv"], "kcv") if obj["kcv"] is not None else None,
             )
         except (TypeError, ValueError):
-            raise _malformed("not a TMK server session state") from None
+            CODEC.fail("not a TMK server session state")
         return state
 
     def __post_init__(self) -> None:
         _check_session_id(self.session_id)
-        _check_sn(self.sn)
+        validate_sn(self.sn)
         _check_suite_name(self.suite)
         _check_random(self.rnd1, "rnd1")
         _check_random(self.rnd2, "rnd2")
         if not isinstance(self.stage, ServerStage):
-            raise _malformed("stage must be a ServerStage")
-        _check_time(self.created_at, "created_at")
-        _check_time(self.expires_at, "expires_at")
+            CODEC.fail("stage must be a ServerStage")
+        CODEC.check_time(self.created_at, "created_at")
+        CODEC.check_time(self.expires_at, "expires_at")
         if self.tmk_handle is not None and not isinstance(self.tmk_handle, str):
-            raise _malformed("tmk_handle must be a string")
+            CODEC.fail("tmk_handle must be a string")
         if self.stage in (ServerStage.DELIVERED, ServerStage.ACTIVE):
             self._check_tmk()
 
     def _check_tmk(self) -> None:
         if not self.tmk_handle or self.tmk_algorithm not in TMK_ALGORITHMS:
-            raise _malformed(f"a {self.stage.value} session needs its TMK handle and algorithm")
+            CODEC.fail(f"a {self.stage.value} session needs its TMK handle and algorithm")
         length = KCV_LENGTHS[self.tmk_algorithm]
-        _check_bytes(self.kcv, "kcv", length, length)
+        CODEC.check_bytes(self.kcv, "kcv", length, length)
 
     @property
     def tmk(self) -> tuple[str, KeyAlgorithm, bytes]:

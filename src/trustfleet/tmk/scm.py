@@ -69,6 +69,7 @@ from trustfleet.tmk.protocol import (
     transport_info,
     validate_sn,
 )
+from trustfleet.wire import canonical_json
 
 FORMAT = "trustfleet-scm-v1"
 DEVICE_KEY_SIZE = 32
@@ -311,7 +312,7 @@ class SecureControlModule:
         envelope = _read_envelope(Path(path))
         kdf = envelope["kdf"]
         file_key = device_key._file_key(kdf)
-        aad = _canonical({"format": FORMAT, "kdf": kdf})
+        aad = canonical_json({"format": FORMAT, "kdf": kdf})
         try:
             plain = AESGCM(file_key).decrypt(envelope["nonce"], envelope["ciphertext"], aad)
         except InvalidTag:
@@ -456,7 +457,7 @@ class SecureControlModule:
 
     def _payload(self) -> bytes:
         tmk = self._tmk
-        return _canonical(
+        return canonical_json(
             {
                 "sn": self._sn,
                 "model": self._model,
@@ -513,7 +514,7 @@ class SecureControlModule:
 
     def _save(self) -> None:
         nonce = secrets.token_bytes(_NONCE_SIZE)  # fresh for every write
-        aad = _canonical({"format": FORMAT, "kdf": self._kdf})
+        aad = canonical_json({"format": FORMAT, "kdf": self._kdf})
         file_key = self._device_key._file_key(self._kdf)
         ciphertext = AESGCM(file_key).encrypt(nonce, self._payload(), aad)
         envelope = {
@@ -523,7 +524,7 @@ class SecureControlModule:
             "ciphertext": _b64(ciphertext),
         }
         try:
-            _atomic_write(self._path, _canonical(envelope))
+            _atomic_write(self._path, canonical_json(envelope))
         except OSError:
             raise ScmError("the secure control module file cannot be written") from None
 
@@ -548,10 +549,6 @@ def _unb64(text: object) -> bytes:
     if not isinstance(text, str):
         raise TypeError("expected base64 text")
     return base64.b64decode(text.encode("ascii"), validate=True)
-
-
-def _canonical(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _load_private(algorithm: KeyAlgorithm, data: bytes) -> PrivateKey:
