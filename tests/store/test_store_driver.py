@@ -11,9 +11,8 @@ from sqlalchemy import Engine, bindparam, event, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.server.models import ApiToken
-from trustfleet.store.audit import as_utc
 from trustfleet.store.driver import (
-    RawIntegrityError,
+    IntegrityViolation,
     RawTransactionDoomed,
     on_commit,
     raw_reading,
@@ -21,6 +20,7 @@ from trustfleet.store.driver import (
     read,
     read_engine,
 )
+from trustfleet.wire import as_utc
 
 _INSERT = insert(ApiToken).values(
     name=bindparam("name"),
@@ -77,7 +77,7 @@ def test_a_constraint_violation_is_a_raw_integrity_error_and_nothing_is_written(
     engine: Engine,
 ) -> None:
     _add(engine, "e" * 64)
-    with pytest.raises(RawIntegrityError), raw_transaction(engine) as connection:
+    with pytest.raises(IntegrityViolation), raw_transaction(engine) as connection:
         connection.run(_REVOKE, {"digest": "e" * 64, "at": AT})
         connection.run(_INSERT, {"name": "duplicate", "digest": "e" * 64, "at": AT})
     row = read(read_engine(engine), lambda c: c.one(select(ApiToken.revoked_at)))

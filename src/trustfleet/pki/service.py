@@ -48,6 +48,7 @@ from trustfleet.pki.models import CertificateAuthority, IssuedCertificate
 from trustfleet.pki.x509 import CertificateKind, Purpose, RevocationReason, ValidatedChain
 from trustfleet.store import audit
 from trustfleet.store.engine import transaction
+from trustfleet.wire import as_utc
 
 ROOT_VALIDITY = timedelta(days=3650)
 INTERMEDIATE_VALIDITY = timedelta(days=1825)
@@ -110,11 +111,6 @@ class CertificateInfo:
         return px.to_pem(self.certificate)
 
 
-def _utc(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything stored is UTC
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 def _ca_info(row: CertificateAuthority) -> CaInfo:
     return CaInfo(
         name=row.name,
@@ -124,7 +120,7 @@ def _ca_info(row: CertificateAuthority) -> CaInfo:
         path_length=row.path_length,
         serial_hex=row.serial_hex,
         certificate_der=row.certificate_der,
-        created_at=_utc(row.created_at),
+        created_at=as_utc(row.created_at),
     )
 
 
@@ -134,11 +130,11 @@ def _certificate_info(row: IssuedCertificate) -> CertificateInfo:
         issuer=row.issuer_name,
         subject=row.subject,
         kind=CertificateKind(row.kind),
-        not_before=_utc(row.not_before),
-        not_after=_utc(row.not_after),
+        not_before=as_utc(row.not_before),
+        not_after=as_utc(row.not_after),
         der=row.der,
         status=row.status,
-        revoked_at=_utc(row.revoked_at) if row.revoked_at else None,
+        revoked_at=as_utc(row.revoked_at) if row.revoked_at else None,
         revocation_reason=RevocationReason(row.revocation_reason)
         if row.revocation_reason
         else None,
@@ -424,7 +420,7 @@ class PkiService:
         return [
             px.RevokedEntry(
                 int(r.serial_hex, 16),
-                _utc(r.revoked_at or r.created_at),
+                as_utc(r.revoked_at or r.created_at),
                 RevocationReason(r.revocation_reason or RevocationReason.UNSPECIFIED),
             )
             for r in rows
@@ -433,7 +429,7 @@ class PkiService:
     def _fresh_crl(self, ca: CertificateAuthority, now: datetime) -> bytes | None:
         if ca.crl_der is None or ca.crl_this_update is None:
             return None
-        return ca.crl_der if now - _utc(ca.crl_this_update) < self._crl_refresh else None
+        return ca.crl_der if now - as_utc(ca.crl_this_update) < self._crl_refresh else None
 
     # -- certificates ------------------------------------------------------------------
 
@@ -519,7 +515,7 @@ class PkiService:
     # -- helpers -----------------------------------------------------------------------
 
     def _now(self) -> datetime:
-        return _utc(self._clock()).replace(microsecond=0)
+        return as_utc(self._clock()).replace(microsecond=0)
 
     def _transaction(self) -> AbstractContextManager[Session]:
         return transaction(self._sessions)
@@ -679,7 +675,7 @@ class PkiService:
             "ca": row.issuer_name,
             "kind": row.kind,
             "subject": row.subject,
-            "not_after": _utc(row.not_after).isoformat(),
+            "not_after": as_utc(row.not_after).isoformat(),
             "key_algorithm": _key_algorithm_name(cert),
             "sha256": hashlib.sha256(row.der).hexdigest(),
         }

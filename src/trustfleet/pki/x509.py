@@ -17,7 +17,7 @@ import itertools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from functools import cache
 from typing import TypeAlias
@@ -48,6 +48,7 @@ from trustfleet.pki.errors import (
     InvalidRevocationReason,
     InvalidSubject,
 )
+from trustfleet.wire import as_utc
 
 SubjectPublicKey: TypeAlias = (
     ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
@@ -639,7 +640,7 @@ def _current_crl(
         raise CrlInvalid(f"no correctly signed CRL from {who!r}")
     newest = max(signed, key=_crl_number)
     next_update = newest.next_update_utc
-    if next_update is None or _utc(at) > next_update:
+    if next_update is None or as_utc(at) > next_update:
         raise CrlInvalid(f"the newest CRL from {who!r} is out of date")
     return newest
 
@@ -668,7 +669,3 @@ def parse_serial(value: str) -> int:
 
 def to_pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
-def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -30,6 +30,7 @@ from trustfleet.server.deps import Principal, get_context, public, require_role
 from trustfleet.server.metrics import Metrics
 from trustfleet.server.models import Role
 from trustfleet.store import audit
+from trustfleet.wire import as_utc
 
 log = logging.getLogger("trustfleet.server")
 
@@ -95,7 +96,7 @@ class AuditRecordOut(BaseModel):
     def of(cls, rec: audit.AuditRecord) -> AuditRecordOut:
         return cls(
             seq=rec.seq,
-            at=audit.as_utc(rec.at),
+            at=as_utc(rec.at),
             actor=rec.actor,
             action=rec.action,
             subject=rec.subject,

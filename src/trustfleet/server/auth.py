@@ -23,6 +23,7 @@ from trustfleet.server.models import ROLES, ApiToken, Role
 from trustfleet.store import audit
 from trustfleet.store.driver import read, read_engine
 from trustfleet.store.engine import transaction
+from trustfleet.wire import as_utc
 
 TOKEN_PREFIX = "tf_"  # noqa: S105 (a prefix, not a secret)
 TOKEN_BYTES = 32
@@ -101,9 +102,9 @@ def _info(row: ApiToken) -> TokenInfo:
         id=row.id,
         name=row.name,
         role=row.role,
-        created_at=audit.as_utc(row.created_at),
-        revoked_at=audit.as_utc(row.revoked_at) if row.revoked_at else None,
-        last_used_at=audit.as_utc(row.last_used_at) if row.last_used_at else None,
+        created_at=as_utc(row.created_at),
+        revoked_at=as_utc(row.revoked_at) if row.revoked_at else None,
+        last_used_at=as_utc(row.last_used_at) if row.last_used_at else None,
     )
 
 
@@ -218,7 +219,7 @@ def check_token(engine: Engine, presented: str | None) -> TokenCheck:
     if row.role not in ROLES:
         raise AuthenticationFailed("unknown-role", row.id)
     now = _now()
-    due = row.last_used_at is None or now - audit.as_utc(row.last_used_at) >= LAST_USED_RESOLUTION
+    due = row.last_used_at is None or now - as_utc(row.last_used_at) >= LAST_USED_RESOLUTION
     principal = Principal(name=row.name, role=row.role, token_id=row.id)
     return TokenCheck(principal, now if due else None)
 

@@ -4,3 +4,7 @@ hash-chained audit log every use case appends to.
 Below the key store (the soft key store keeps its wrapped keys here) and the PKI (whose
 use cases audit too).
 """
+
+from trustfleet.store.work import ConnectionLost, Database, IntegrityViolation, Reads, UnitOfWork
+
+__all__ = ["ConnectionLost", "Database", "IntegrityViolation", "Reads", "UnitOfWork"]

@@ -22,13 +22,13 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from trustfleet.errors import Conflict
 from trustfleet.store.driver import (
+    IntegrityViolation,
     RawConnection,
-    RawIntegrityError,
     insert_columns,
     session_connection,
 )
 from trustfleet.store.engine import Base
-from trustfleet.wire import canonical_json
+from trustfleet.wire import as_utc, canonical_json
 
 GENESIS_HASH = "0" * 64
 #: ``session.info`` key listing (action, outcome) of the records appended in the open
@@ -54,12 +54,6 @@ class AuditRecord(Base):
     details: Mapped[str] = mapped_column(Text)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
-
-
-def as_utc(at: datetime) -> datetime:
-    # SQLite hands back naive datetimes (stored as UTC); PostgreSQL hands back aware ones in
-    # the connection's time zone, which need not be UTC.
-    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
 def _timestamp(at: datetime) -> str:
@@ -168,7 +162,7 @@ def _append(
     columns = _record(connection.one(_HEAD), action, actor, subject, outcome, details, at)
     try:  # a plain insert: the record is never updated, so it needs no ORM bookkeeping
         connection.run(_INSERT, columns)
-    except RawIntegrityError as exc:  # another node appended the same seq first
+    except IntegrityViolation as exc:  # another node appended the same seq first
         raise AuditConflict() from exc
     return columns
 

@@ -40,9 +40,9 @@ from sqlalchemy.sql.expression import ClauseElement, ColumnElement
 
 __all__ = [
     "ConnectionLost",
+    "IntegrityViolation",
     "Prepared",
     "RawConnection",
-    "RawIntegrityError",
     "RawTransactionDoomed",
     "insert_columns",
     "on_commit",
@@ -65,7 +65,7 @@ def insert_columns(*columns: ColumnElement[Any] | QueryableAttribute[Any]) -> In
     return insert(table).values({column: bindparam(column.key) for column in columns})
 
 
-class RawIntegrityError(Exception):
+class IntegrityViolation(Exception):
     """A constraint refused a raw statement (the driver's IntegrityError, any driver)."""
 
 
@@ -82,19 +82,19 @@ class Prepared:
     def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
         compiled = statement.compile(dialect=dialect)
         assert isinstance(compiled, SQLCompiler), "a DML or SELECT statement"
+        expanding = {compiled.bind_names[bind]: bind for bind in compiled.post_compile_params}
+        if expanding:  # an IN list of literal values: one placeholder per value
+            rendered = {"render_postcompile": True}
+            compiled = statement.compile(dialect=dialect, compile_kwargs=rendered)
+            assert isinstance(compiled, SQLCompiler)
         self.sql = str(compiled)
         defaults = compiled.params
         by_name = {name: bind for bind, name in compiled.bind_names.items()}
         self._positional = bool(compiled.positional)
-        order = compiled.positiontup or () if self._positional else list(by_name)
+        order = compiled.positiontup or () if self._positional else list(defaults)
         # (name, literal value, required, the type's bind processor) in the SQL's order
         self._slots = tuple(
-            (
-                name,
-                defaults.get(name),
-                by_name[name].required,
-                by_name[name].type.dialect_impl(dialect).bind_processor(dialect),
-            )
+            (name, defaults.get(name), *_bind_facts(by_name, expanding, name, dialect))
             for name in order
         )
         columns = list(getattr(statement, "exported_columns", ()))
@@ -129,6 +129,18 @@ class Prepared:
         )
 
 
+def _bind_facts(
+    by_name: Mapping[str, Any], expanding: Mapping[str, Any], name: str, dialect: Dialect
+) -> tuple[bool, Processor | None]:
+    """Whether a parameter is required, and its type's bind processor; a value of an
+    expanded IN list (``<name>_<n>``) takes its list's type."""
+    bind = by_name.get(name)
+    if bind is None:
+        bind = expanding[name.rsplit("_", 1)[0]]
+        return False, bind.type.dialect_impl(dialect).bind_processor(dialect)
+    return bool(bind.required), bind.type.dialect_impl(dialect).bind_processor(dialect)
+
+
 class RawConnection:
     """A DBAPI connection checked out for one use case. Statements are compiled once and
     cached by identity: build them once, at module level, never per call."""
@@ -147,15 +159,17 @@ class RawConnection:
         return str(self._dialect.name)
 
     def _run(self, statement: ClauseElement, values: Mapping[str, Any]) -> tuple[Any, Prepared]:
-        prepared = self._prepared.get(id(statement))
-        if prepared is None:
+        cached = self._prepared.get(id(statement))
+        if cached is not None and cached[0] is statement:
+            prepared = cached[1]
+        else:
             prepared = self._prepare(statement)
         cursor = self._dbapi.cursor()
         try:
             cursor.execute(prepared.sql, prepared.parameters(values))
         except self._dialect.loaded_dbapi.IntegrityError as exc:
             cursor.close()
-            raise RawIntegrityError(str(exc)) from exc
+            raise IntegrityViolation(str(exc)) from exc
         except self._dialect.loaded_dbapi.Error as exc:
             if self._dialect.is_disconnect(exc, self._dbapi, cursor):
                 raise ConnectionLost(str(exc)) from exc
@@ -169,8 +183,11 @@ class RawConnection:
     def _prepare(self, statement: ClauseElement) -> Prepared:
         prepared = Prepared(statement, self._dialect)
         with _cache_lock:
-            self._prepared[id(statement)] = prepared
-            _keep_alive.append(statement)  # ids stay unique while the statement lives
+            # the entry keeps its statement alive, so no other statement takes its id while
+            # it is cached; the oldest entries go first once the cache is full
+            self._prepared[id(statement)] = (statement, prepared)
+            while len(self._prepared) > _PREPARED_PER_DIALECT:
+                del self._prepared[next(iter(self._prepared))]
         return prepared
 
     def one(self, statement: ClauseElement, values: Mapping[str, Any] | None = None) -> Any:
@@ -209,12 +226,15 @@ def session_connection(session: Session) -> RawConnection:
     return RawConnection(connection.connection.driver_connection, connection.dialect)
 
 
-_caches: weakref.WeakKeyDictionary[Dialect, dict[int, Prepared]] = weakref.WeakKeyDictionary()
+_PreparedCache = dict[int, tuple[ClauseElement, Prepared]]
+_caches: weakref.WeakKeyDictionary[Dialect, _PreparedCache] = weakref.WeakKeyDictionary()
 _cache_lock = threading.Lock()
-_keep_alive: list[ClauseElement] = []
+#: statements kept compiled per dialect: module-level ones are compiled once; statements
+#: built per call (an IN list of values, a filter) pass through
+_PREPARED_PER_DIALECT = 2048
 
 
-def _prepared_cache(dialect: Dialect) -> dict[int, Prepared]:
+def _prepared_cache(dialect: Dialect) -> _PreparedCache:
     cache = _caches.get(dialect)
     if cache is None:
         with _cache_lock:

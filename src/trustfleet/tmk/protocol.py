@@ -38,7 +38,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol, Self, TypeVar
 
@@ -51,11 +51,22 @@ from trustfleet.crypto.base import KeyAlgorithm, PublicKey, Suite
 from trustfleet.errors import (
     CryptoError,
     InvalidSignature,
-    KeyNotFound,
     TrustfleetError,
     UnsupportedAlgorithm,
 )
 from trustfleet.keystore.base import KeyStore, KeyUsage
+from trustfleet.kit import tickets
+from trustfleet.kit.sessions import (
+    SESSION_ID_PATTERN,
+    SESSION_ID_RULE,
+    RandomSource,
+    SessionErrors,
+    SingleUseRole,
+    expect,
+    expired,
+    new_session_id,
+)
+from trustfleet.kit.tickets import TicketKey
 from trustfleet.tmk.errors import (
     TmkBadConfirmation,
     TmkBadServerSignature,
@@ -76,6 +87,8 @@ from trustfleet.wire import (
     canonical_json,
     format_time,
     transcript,
+    utc_seconds,
+    utcnow,
 )
 
 PROTOCOL_VERSION = 1
@@ -108,13 +121,11 @@ _SELF_TRANSPORT_ALGORITHMS = frozenset(
 )
 _KEM_ALGORITHMS = _SELF_TRANSPORT_ALGORITHMS | {KeyAlgorithm.X25519}
 
-RandomSource = Callable[[int], bytes]
 Clock = Callable[[], datetime]
 _R = TypeVar("_R")
 
 _SN_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SUITE_PATTERN = re.compile(r"[a-z0-9-]{1,32}")
-_SESSION_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 
 _LABEL = "TF-TMK-v1"
 _SERVER_AUTH = f"{_LABEL} server-auth".encode()
@@ -122,9 +133,6 @@ _TERMINAL_AUTH = f"{_LABEL} terminal-auth".encode()
 _TMK_TRANSPORT = f"{_LABEL} tmk-transport".encode()
 _CONFIRM = f"{_LABEL} confirm".encode()
 _TICKET = f"{_LABEL} session-ticket".encode()
-_TICKET_VERSION = b"\x01"
-_TICKET_KEY_ID_SIZE = 4
-_TICKET_TAG_SIZE = 32  # HMAC-SHA256
 
 
 # =====================================================================================
@@ -149,7 +157,7 @@ def _check_suite_name(suite: object) -> None:
 
 
 def _check_session_id(session_id: object) -> None:
-    CODEC.check_text(session_id, "session_id", _SESSION_ID_PATTERN, "32 lowercase hex digits")
+    CODEC.check_text(session_id, "session_id", SESSION_ID_PATTERN, SESSION_ID_RULE)
 
 
 def _check_random(value: object, name: str) -> None:
@@ -421,10 +429,10 @@ def suite_for_terminal_key(public_key: PublicKey) -> Suite:
     return suite
 
 
-def _expired(expires_at: datetime, now: datetime) -> bool:
-    if now.tzinfo is None:  # a caller's bug, not a peer's: naive times are ambiguous
-        raise ValueError("now must be timezone-aware")
-    return now >= expires_at
+#: this protocol's errors for the kit's session guards
+SESSION_ERRORS = SessionErrors(
+    out_of_order=TmkOutOfOrder, expired=TmkSessionExpired, replay=TmkReplay
+)
 
 
 # =====================================================================================
@@ -609,9 +617,9 @@ def server_start(
             f"the terminal asked for suite {request.suite!r} but is registered for {suite.name!r}"
         )
     _ = terminal.transport_key  # fail now, not after the proof, if it cannot receive a TMK
-    now = _utc_seconds(now)
+    now = utc_seconds(now)
     state = ServerSessionState(
-        session_id=random(16).hex(),
+        session_id=new_session_id(random),
         sn=request.sn,
         suite=suite.name,
         rnd1=request.rnd1,
@@ -641,23 +649,12 @@ def server_start(
     return challenge, state
 
 
-@dataclass(frozen=True, slots=True)
-class TicketKey:
-    """The key store MAC key (HMAC-SHA256) that seals session tickets, and the number that
-    names it inside them."""
-
-    key_id: int
-    handle: str
-
-
 def seal_ticket(state: ServerSessionState, *, keystore: KeyStore, key: TicketKey) -> bytes:
-    """A challenged session's state, for the terminal to carry until its proof:
-    ``version || key id || state JSON || HMAC(label || everything before)``. The state
-    holds no secret (randoms, SN, times), so it is authenticated, not encrypted."""
+    """A challenged session's state, sealed for the terminal to carry until its proof
+    (:mod:`trustfleet.kit.tickets`: ``version || key id || state JSON || HMAC``)."""
     if state.stage is not ServerStage.CHALLENGED:
         raise ValueError("only a challenged session travels in a ticket")
-    body = _TICKET_VERSION + key.key_id.to_bytes(_TICKET_KEY_ID_SIZE, "big") + state.to_json()
-    return body + keystore.mac(key.handle, _TICKET + body)
+    return tickets.seal_ticket(state.to_json(), keystore=keystore, key=key, label=_TICKET)
 
 
 def open_ticket(
@@ -667,18 +664,10 @@ def open_ticket(
     not seal it (or it was altered). ``key_for`` maps a ticket key id to its key store
     handle, None for a key that no longer seals tickets. Expiry is the caller's check
     (:func:`server_accept_proof` makes it)."""
-    header = len(_TICKET_VERSION) + _TICKET_KEY_ID_SIZE
-    if len(ticket) <= header + _TICKET_TAG_SIZE or not ticket.startswith(_TICKET_VERSION):
-        raise TmkInvalidTicket()
-    body, tag = ticket[:-_TICKET_TAG_SIZE], ticket[-_TICKET_TAG_SIZE:]
-    handle = key_for(int.from_bytes(body[len(_TICKET_VERSION) : header], "big"))
-    if handle is None:
-        raise TmkInvalidTicket()
-    try:
-        keystore.mac_verify(handle, _TICKET + body, tag)
-    except (InvalidSignature, KeyNotFound):
-        raise TmkInvalidTicket() from None
-    state = ServerSessionState.from_json(body[header:])
+    payload = tickets.open_ticket(
+        ticket, keystore=keystore, key_for=key_for, label=_TICKET, invalid=TmkInvalidTicket
+    )
+    state = ServerSessionState.from_json(payload)
     if state.stage is not ServerStage.CHALLENGED:
         raise TmkInvalidTicket()
     return state
@@ -786,18 +775,15 @@ def server_abort(state: ServerSessionState, *, keystore: KeyStore) -> ServerSess
 
 
 def _expect(state: ServerSessionState, stage: ServerStage, session_id: str, now: datetime) -> None:
-    if state.stage is not stage:
-        raise TmkOutOfOrder(f"the session is {state.stage.value}, not {stage.value}")
-    if session_id != state.session_id:
-        raise TmkReplay()
-    if _expired(state.expires_at, now):
-        raise TmkSessionExpired()
-
-
-def _utc_seconds(now: datetime) -> datetime:
-    if now.tzinfo is None:
-        raise ValueError("now must be timezone-aware")
-    return now.astimezone(UTC).replace(microsecond=0)
+    expect(
+        SESSION_ERRORS,
+        stage=state.stage,
+        expected=stage,
+        session_id=state.session_id,
+        message_session_id=session_id,
+        expires_at=state.expires_at,
+        now=now,
+    )
 
 
 def keystore_kcv(keystore: KeyStore, handle: str, algorithm: KeyAlgorithm) -> bytes:
@@ -957,11 +943,7 @@ class TerminalStage(StrEnum):
     FAILED = "failed"
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-class TerminalSession:
+class TerminalSession(SingleUseRole[TerminalStage]):
     """The terminal's side of one download. Single-use: after an error or the final step,
     every further call raises :class:`TmkOutOfOrder`."""
 
@@ -970,25 +952,21 @@ class TerminalSession:
         module: TerminalKeyModule,
         trust: ServerTrust,
         *,
-        clock: Clock = _utcnow,
+        clock: Clock = utcnow,
         random: RandomSource = os.urandom,
         random_size: int = DEFAULT_RANDOM_SIZE,
     ) -> None:
         if not MIN_RANDOM_SIZE <= random_size <= MAX_RANDOM_SIZE:
             raise ValueError(f"random_size must be {MIN_RANDOM_SIZE}..{MAX_RANDOM_SIZE}")
+        super().__init__(TerminalStage.IDLE, TerminalStage.FAILED, TmkOutOfOrder)
         self._module = module
         self._trust = trust
         self._clock = clock
         self._random = random
         self._random_size = random_size
-        self._stage = TerminalStage.IDLE
         self._rnd1 = b""
         self._challenge: ServerChallenge | None = None  # once it was verified
         self._received: ServerChallenge | None = None
-
-    @property
-    def stage(self) -> TerminalStage:
-        return self._stage
 
     @property
     def session_id(self) -> str | None:
@@ -1000,29 +978,30 @@ class TerminalSession:
         return self._received.ticket if self._received else None
 
     def start(self) -> DownloadRequest:
-        self._advance(TerminalStage.IDLE)
-        self._rnd1 = self._random(self._random_size)
-        return self._guarded(
-            TerminalStage.REQUESTED,
-            lambda: DownloadRequest(sn=self._module.sn, rnd1=self._rnd1, suite=self._module.suite),
-        )
+        return self._step(TerminalStage.IDLE, TerminalStage.REQUESTED, self._request)
 
     def receive_challenge(self, challenge: ServerChallenge) -> TerminalProof:
-        self._advance(TerminalStage.REQUESTED)
-        return self._guarded(TerminalStage.PROVED, lambda: self._answer(challenge))
+        return self._step(
+            TerminalStage.REQUESTED, TerminalStage.PROVED, lambda: self._answer(challenge)
+        )
 
     def receive_delivery(self, delivery: KeyDelivery) -> Confirmation:
-        self._advance(TerminalStage.PROVED)
-        return self._guarded(TerminalStage.CONFIRMED, lambda: self._install(delivery))
+        return self._step(
+            TerminalStage.PROVED, TerminalStage.CONFIRMED, lambda: self._install(delivery)
+        )
 
     # -- steps ---------------------------------------------------------------------------
+
+    def _request(self) -> DownloadRequest:
+        self._rnd1 = self._random(self._random_size)
+        return DownloadRequest(sn=self._module.sn, rnd1=self._rnd1, suite=self._module.suite)
 
     def _answer(self, challenge: ServerChallenge) -> TerminalProof:
         self._received = challenge
         if challenge.rnd1 != self._rnd1:
             raise TmkReplay("the challenge answers another terminal's request")
         now = self._clock()
-        if _expired(challenge.expires_at, now):
+        if expired(challenge.expires_at, now):
             raise TmkSessionExpired()
         server_key = self._trust.verify(challenge.kswcrt_der, challenge.chain_der, now)
         tbs = server_auth_tbs(
@@ -1052,7 +1031,7 @@ class TerminalSession:
         assert challenge is not None
         if delivery.session_id != challenge.session_id:
             raise TmkReplay()
-        if _expired(challenge.expires_at, self._clock()):
+        if expired(challenge.expires_at, self._clock()):
             raise TmkSessionExpired()
         self._module.install_tmk(
             session_id=challenge.session_id,
@@ -1064,21 +1043,6 @@ class TerminalSession:
         )
         mac = self._module.confirmation_mac(session_id=challenge.session_id, kcv=delivery.kcv)
         return Confirmation(session_id=challenge.session_id, mac=mac)
-
-    # -- state machine -------------------------------------------------------------------
-
-    def _advance(self, expected: TerminalStage) -> None:
-        if self._stage is not expected:
-            raise TmkOutOfOrder(f"the session is {self._stage.value}, not {expected.value}")
-
-    def _guarded(self, next_stage: TerminalStage, step: Callable[[], _R]) -> _R:
-        try:
-            result = step()
-        except BaseException:
-            self._stage = TerminalStage.FAILED
-            raise
-        self._stage = next_stage
-        return result
 
 
 __all__ = [

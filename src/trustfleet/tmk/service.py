@@ -47,8 +47,8 @@ from trustfleet.errors import InvalidInput, KeyNotFound
 from trustfleet.keystore.base import KeyStore, KeyUsage
 from trustfleet.store import audit
 from trustfleet.store.driver import (
+    IntegrityViolation,
     RawConnection,
-    RawIntegrityError,
     insert_columns,
     raw_reading,
     raw_transaction,
@@ -85,6 +85,7 @@ from trustfleet.tmk.protocol import (
     server_confirm,
     server_start,
 )
+from trustfleet.wire import as_utc
 
 DEFAULT_TMK_ALGORITHM = KeyAlgorithm.AES_128
 SERVICE_ACTOR = "tmk-service"
@@ -263,10 +264,6 @@ class SweepReport:
 # =====================================================================================
 
 
-def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 def _check_status(sn: str, status: str | None) -> None:
     """Only an active registered terminal may download and get keys."""
     if status is None:
@@ -309,9 +306,9 @@ def _tmk_info(row: TerminalMasterKey) -> TmkInfo:
         kcv=row.kcv_hex,
         status=row.status,
         session_id=row.session_id,
-        created_at=_utc(row.created_at),
-        activated_at=_utc(row.activated_at) if row.activated_at else None,
-        retired_at=_utc(row.retired_at) if row.retired_at else None,
+        created_at=as_utc(row.created_at),
+        activated_at=as_utc(row.activated_at) if row.activated_at else None,
+        retired_at=as_utc(row.retired_at) if row.retired_at else None,
     )
 
 
@@ -481,7 +478,7 @@ class TmkService:
         self.identity = IdentityService(sessions, keystore, clock=clock)
 
     def _now(self) -> datetime:
-        return _utc(self._clock())
+        return as_utc(self._clock())
 
     # -- step 1-2: start --------------------------------------------------------------
 
@@ -593,7 +590,7 @@ class TmkService:
         handle, algorithm, kcv = delivered.tmk
         try:
             self._insert_session(connection, delivered, algorithm, now)
-        except RawIntegrityError:
+        except IntegrityViolation:
             raise TmkOutOfOrder("the session was answered already") from None
         connection.run(
             _INSERT_TMK,
@@ -1148,13 +1145,13 @@ class TmkService:
             key_algorithm=terminal.key_algorithm,
             status=terminal.status,
             registered_by=terminal.registered_by,
-            created_at=_utc(terminal.created_at),
-            updated_at=_utc(terminal.updated_at),
+            created_at=as_utc(terminal.created_at),
+            updated_at=as_utc(terminal.updated_at),
             tmk_algorithm=policy.tmk_algorithm if policy else self._default_algorithm.value,
             rotation_requested=bool(policy and policy.rotation_requested_at),
             active_tmk=_tmk_info(tmk) if tmk else None,
             working_keys=[
-                WorkingKeyInfo(k.usage, k.algorithm, k.key_version, k.kcv_hex, _utc(k.created_at))
+                WorkingKeyInfo(k.usage, k.algorithm, k.key_version, k.kcv_hex, as_utc(k.created_at))
                 for k in keys
             ],
             tmk_history=int(history or 0),

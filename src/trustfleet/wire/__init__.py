@@ -14,6 +14,7 @@ from trustfleet.wire.canonical import (
     format_time,
 )
 from trustfleet.wire.errors import MalformedMessage
+from trustfleet.wire.times import as_utc, utc_seconds, utcnow
 from trustfleet.wire.transcript import transcript
 
 __all__ = [
@@ -22,7 +23,10 @@ __all__ = [
     "Fields",
     "MalformedMessage",
     "Message",
+    "as_utc",
     "canonical_json",
     "format_time",
     "transcript",
+    "utc_seconds",
+    "utcnow",
 ]

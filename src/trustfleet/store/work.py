@@ -1,0 +1,236 @@
+"""The unit of work: all of one use case's database work, and the one way to do it.
+
+A use case reads what it needs (:meth:`Database.reading`), calls the key store and the
+crypto, then opens one :meth:`Database.work`: it locks the rows it depends on (``SELECT ...
+FOR UPDATE``), checks again what it read, writes, records its audit record with
+:meth:`UnitOfWork.audit`, and asks for the keys it retired to be destroyed with
+:meth:`UnitOfWork.destroy_after_commit`. When the block ends the audit records are
+appended (last, so the chain's lock is held for the shortest time), the transaction
+commits, and only then are the keys destroyed and their rows marked. Any error rolls
+everything back: nothing is half-written, no audit record claims what did not happen.
+
+Statements are SQLAlchemy Core statements against the models. Build the ones a busy path
+runs once, at module level, with ``bindparam`` placeholders, and pass the values as keyword
+arguments; they are compiled once and run on the database driver (see
+:mod:`trustfleet.store.driver` for why and how). A statement built per call (an ``IN``
+list of values, a filter chosen at run time) works too, compiled when it is used.
+
+A unit of work opened while another is open on the same database, in the same thread or
+task, joins it: its statements, audit records and after-commit actions belong to the
+outer one, and an error that leaves it dooms the outer one even if caught. That is how the
+soft key store makes a key inside the use case's transaction: the key exists only if the
+use case commits.
+
+On SQLite a unit of work holds the database's write lock from its first statement to its
+commit (``BEGIN IMMEDIATE``); keep it short, and never wait for anything else inside it.
+Reads run in autocommit, each statement its own snapshot, and never wait for a writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from sqlalchemy import Engine, Insert, Table, bindparam, insert
+from sqlalchemy.sql.expression import ClauseElement
+
+from trustfleet.errors import KeyNotFound
+from trustfleet.store import audit, driver
+from trustfleet.store.driver import ConnectionLost, IntegrityViolation
+
+__all__ = [
+    "ConnectionLost",
+    "Database",
+    "IntegrityViolation",
+    "Reads",
+    "UnitOfWork",
+]
+
+T = TypeVar("T")
+log = logging.getLogger("trustfleet.store")
+
+_PENDING = "trustfleet.store.work.pending"
+
+
+class Destroys(Protocol):
+    """What destroys a key by its handle (a key store)."""
+
+    def destroy(self, handle: str) -> None: ...
+
+
+@dataclass
+class _Pending:
+    """What the outermost unit of work does at its end: audit records before the commit,
+    key destruction and other actions after it."""
+
+    audit: list[dict[str, Any]] = field(default_factory=list)
+    destroy: list[tuple[Destroys, str]] = field(default_factory=list)
+    marks: list[tuple[ClauseElement, dict[str, Any]]] = field(default_factory=list)
+    actions: list[Callable[[], None]] = field(default_factory=list)
+
+
+class Reads:
+    """Statements that read: :meth:`one`, :meth:`all`, :meth:`scalar`. Rows are named
+    tuples of the selected columns (``row.sn``, ``row.status``)."""
+
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: driver.RawConnection) -> None:
+        self._connection = connection
+
+    @property
+    def dialect_name(self) -> str:
+        return self._connection.dialect_name
+
+    def one(self, statement: ClauseElement, /, **params: Any) -> Any:
+        """The first row, or None."""
+        return self._connection.one(statement, params)
+
+    def all(self, statement: ClauseElement, /, **params: Any) -> list[Any]:
+        return self._connection.all(statement, params)
+
+    def scalar(self, statement: ClauseElement, /, **params: Any) -> Any:
+        """The first column of the first row, or None."""
+        return self._connection.scalar(statement, params)
+
+
+class UnitOfWork(Reads):
+    """One write transaction (see the module docstring)."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self, connection: driver.RawConnection, pending: _Pending) -> None:
+        super().__init__(connection)
+        self._pending = pending
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Scratch space of this transaction, shared with the units of work that join it
+        (the soft key store keeps there the keys it made, so they are not read back)."""
+        return self._connection.info
+
+    def run(self, statement: ClauseElement, /, **params: Any) -> int:
+        """An insert, update or delete; the number of rows it touched. A constraint that
+        refuses it raises :class:`IntegrityViolation` (the transaction is then doomed)."""
+        return self._connection.run(statement, params)
+
+    def insert(self, table: Table | type[Any], /, **values: Any) -> None:
+        """Insert one row of ``table`` (a table or a model class) with these columns."""
+        self._connection.run(_insert_statement(table, tuple(values)), values)
+
+    def audit(
+        self,
+        action: str,
+        *,
+        actor: str,
+        subject: str = "",
+        outcome: str = "success",
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        """The audit record of what this unit of work does; appended to the chain when the
+        block ends, so it commits with the work or not at all. Never put key material,
+        PINs or secrets in ``details``."""
+        record = {"action": action, "actor": actor, "subject": subject, "outcome": outcome}
+        self._pending.audit.append({**record, "details": dict(details or {})})
+
+    def destroy_after_commit(
+        self,
+        keys: Destroys,
+        handle: str,
+        *,
+        mark: ClauseElement | None = None,
+        **params: Any,
+    ) -> None:
+        """Destroy the key ``handle`` once this work has committed (its rows already say it
+        is retired), then run ``mark`` (with ``params``) to record it, e.g. set the row's
+        ``destroyed_at``. A key that is already gone is fine. Should the process stop in
+        between, the rows still show a retired key not marked destroyed: the domain's
+        sweep finds and destroys it."""
+        self._pending.destroy.append((keys, handle))
+        if mark is not None:
+            self._pending.marks.append((mark, params))
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once this work has committed (never if it rolls back)."""
+        self._pending.actions.append(action)
+
+
+class Database:
+    """One database, shared by every use case of a process."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._reads = driver.read_engine(engine)
+
+    @property
+    def dialect_name(self) -> str:
+        return str(self.engine.dialect.name)
+
+    @contextmanager
+    def reading(self) -> Iterator[Reads]:
+        """Reads outside any transaction, each statement its own snapshot (a use case that
+        needs several reads to agree makes them under lock in its unit of work). Inside a
+        unit of work of this thread or task, the reads run in it and see its writes."""
+        with driver.raw_reading(self._reads) as connection:
+            yield Reads(connection)
+
+    def read(self, use: Callable[[Reads], T]) -> T:
+        """``use`` in :meth:`reading`, once more on a fresh connection if the server had
+        dropped the kept one (reads are safe to repeat)."""
+        return driver.read(self._reads, lambda connection: use(Reads(connection)))
+
+    @contextmanager
+    def work(self) -> Iterator[UnitOfWork]:
+        """One use case's write transaction (see the module docstring)."""
+        outermost = driver.transaction_info(self.engine) is None
+        with driver.raw_transaction(self.engine) as connection:
+            pending = connection.info.setdefault(_PENDING, _Pending())
+            yield UnitOfWork(connection, pending)
+            if outermost:
+                for record in pending.audit:
+                    audit.append_raw(connection, **record)
+        if outermost:
+            self._after_commit(pending)
+
+    def open_work_info(self) -> dict[str, Any] | None:
+        """The :attr:`UnitOfWork.info` of the unit of work open in this thread or task on
+        this database, or None."""
+        return driver.transaction_info(self.engine)
+
+    def on_commit(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener`` with a committed unit of work's ``info`` (its audit records
+        are listed under :data:`trustfleet.store.audit.PENDING_INFO_KEY`)."""
+        driver.on_commit(self.engine, listener)
+
+    def _after_commit(self, pending: _Pending) -> None:
+        for keys, handle in pending.destroy:
+            try:
+                with contextlib.suppress(KeyNotFound):
+                    keys.destroy(handle)
+            except Exception:  # committed already: the domain's sweep destroys it later
+                log.exception("could not destroy a retired key after commit")
+        if pending.marks:
+            with self.work() as marking:
+                for statement, params in pending.marks:
+                    marking.run(statement, **params)
+        for action in pending.actions:
+            action()
+
+
+_inserts: dict[tuple[Any, tuple[str, ...]], Insert] = {}
+
+
+def _insert_statement(table: Table | type[Any], columns: tuple[str, ...]) -> Insert:
+    """An insert of these columns into ``table``, made once per table and column list
+    (there are as many as there are call sites)."""
+    key = (table, columns)
+    statement = _inserts.get(key)
+    if statement is None:
+        target = table if isinstance(table, Table) else table.__table__
+        statement = insert(target).values({name: bindparam(name) for name in columns})
+        _inserts[key] = statement
+    return statement
