@@ -6,13 +6,14 @@ the database, so any node can serve any request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.keystore.base import KeyStore
 from trustfleet.settings import Settings
+from trustfleet.store import Database
 
 
 @dataclass(frozen=True)
@@ -21,3 +22,8 @@ class AppContext:
     engine: Engine
     sessions: sessionmaker[Session]
     keystore: KeyStore
+    #: the unit-of-work entry point every use case runs its database work through
+    db: Database = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "db", Database(self.engine))
