@@ -128,7 +128,7 @@ def build_fleet(workdir: Path, suite: str, count: int, database_url: str) -> Fle
         registry.RawRecord(n, rec["sn"], rec["model"], rec["public_key"])
         for n, (_, rec) in enumerate(made, start=1)
     )
-    report = registry.import_terminals(context.sessions, rows, actor="bench")
+    report = registry.import_terminals(context.db, rows, actor="bench")
     assert report.accepted == count, report.to_dict()["rejected"][:3]
     token, _ = create_token(context.sessions, "bench gateway", "device-gateway", actor="bench")
     context.engine.dispose()

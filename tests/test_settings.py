@@ -24,7 +24,7 @@ def test_layers_override_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     settings = load_settings(tmp_path)
     assert (settings.port, settings.host) == (9100, "127.0.0.2")
     assert load_settings(tmp_path, port=9200).port == 9200
-    assert settings.resolved_database_url == f"sqlite:///{tmp_path / 'trustfleet.store.engine'}"
+    assert settings.resolved_database_url == f"sqlite:///{tmp_path / 'trustfleet.db'}"
     assert settings.resolved_master_key_file == tmp_path / "master.key"
 
 

@@ -36,6 +36,12 @@ class NotFound(TrustfleetError):
     title = "Not found"
 
 
+class UnsupportedMediaType(InvalidInput):
+    code = "unsupported-media-type"
+    status = 415
+    title = "The content type is not supported"
+
+
 class Conflict(TrustfleetError):
     code = "conflict"
     status = 409

@@ -41,7 +41,7 @@ class Settings:
 
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'trustfleet.store.engine'}"
+        return self.database_url or f"sqlite:///{self.data_dir / 'trustfleet.db'}"
 
     @property
     def resolved_master_key_file(self) -> Path:

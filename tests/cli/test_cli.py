@@ -101,7 +101,7 @@ def test_audit_verify_detects_an_edited_record(data_dir: Path, tmp_path: Path) -
     assert "chain intact" in run(data_dir, "audit", "verify").stdout
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(data_dir), str(copy)], check=True)
-    with sqlite3.connect(copy / "trustfleet.store.engine") as db:
+    with sqlite3.connect(copy / "trustfleet.db") as db:
         db.execute("UPDATE audit_log SET actor = 'someone else' WHERE seq = 2")
     tampered = run(copy, "audit", "verify", check=False)
     assert tampered.returncode == 1

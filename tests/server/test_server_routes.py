@@ -183,7 +183,7 @@ def test_readyz_checks_database_and_keystore(client: TestClient, context: AppCon
 
 
 def test_readyz_fails_when_the_database_is_gone(context: AppContext, tmp_path: object) -> None:
-    broken = make_engine("sqlite:////nonexistent-dir/trustfleet.store.engine")
+    broken = make_engine("sqlite:////nonexistent-dir/trustfleet.db")
     app = create_app(
         AppContext(
             settings=context.settings,

@@ -14,9 +14,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.crypto import generate_private_key, public_key_to_der
 from trustfleet.crypto.base import KeyAlgorithm
+from trustfleet.keystore.base import KeyStore
+from trustfleet.store import Database
 from trustfleet.store.audit import AuditRecord, iter_records, verify_chain
 from trustfleet.tmk import registry
+from trustfleet.tmk.errors import (
+    TmkInvalidTerminalRecord,
+    TmkTerminalAlreadyRegistered,
+    TmkTerminalStateConflict,
+    TmkUnknownTerminal,
+)
 from trustfleet.tmk.models import Terminal
+from trustfleet.tmk.terminals import Terminals
 
 
 def _b64(der: bytes) -> str:
@@ -55,29 +64,29 @@ def _count(sessions: sessionmaker[Session]) -> int:
 
 
 def test_import_registers_supported_keys_and_reimport_changes_nothing(
-    sessions: sessionmaker[Session], keys: dict[str, str]
+    db: Database, sessions: sessionmaker[Session], keys: dict[str, str]
 ) -> None:
     rows = [
         ("SN-P256", "A920", keys["p256"]),
         ("SN-RSA", "A920", keys["rsa2048"]),
         ("SN-SM2", "N910", keys["sm2"]),
     ]
-    first = registry.import_terminals(sessions, registry.read_csv(_csv(rows)), actor="maker")
+    first = registry.import_terminals(db, registry.read_csv(_csv(rows)), actor="maker")
     assert (first.accepted, first.unchanged, first.rejected) == (3, 0, [])
     with sessions() as s:
         algs = {sn: alg for sn, alg in s.execute(select(Terminal.sn, Terminal.key_algorithm))}
     assert algs == {"SN-P256": "ec-p256", "SN-RSA": "rsa-2048", "SN-SM2": "sm2"}
 
-    again = registry.import_terminals(sessions, registry.read_csv(_csv(rows)), actor="maker")
+    again = registry.import_terminals(db, registry.read_csv(_csv(rows)), actor="maker")
     assert (again.accepted, again.unchanged, again.rejected) == (0, 3, [])
     assert _count(sessions) == 3
 
 
 def test_every_rejection_is_reported_per_row(
-    sessions: sessionmaker[Session], keys: dict[str, str]
+    db: Database, sessions: sessionmaker[Session], keys: dict[str, str]
 ) -> None:
     registry.import_terminals(
-        sessions, registry.read_csv(_csv([("SN-TAKEN", "m", keys["p256"])])), actor="maker"
+        db, registry.read_csv(_csv([("SN-TAKEN", "m", keys["p256"])])), actor="maker"
     )
     rows = [
         ("SN-OK", "m", keys["p256"]),  # row 1 accepted
@@ -91,7 +100,7 @@ def test_every_rejection_is_reported_per_row(
         ("bad sn!", "m", keys["p256"]),  # row 9 invalid SN
         ("", "m", keys["p256"]),  # row 10 missing SN
     ]
-    report = registry.import_terminals(sessions, registry.read_csv(_csv(rows)), actor="maker")
+    report = registry.import_terminals(db, registry.read_csv(_csv(rows)), actor="maker")
     codes = {(r.row, r.code) for r in report.rejected}
     assert codes == {
         (2, "duplicate-sn"),
@@ -112,7 +121,7 @@ def test_every_rejection_is_reported_per_row(
 
 
 def test_ndjson_and_json_array_inputs(
-    sessions: sessionmaker[Session], keys: dict[str, str]
+    db: Database, sessions: sessionmaker[Session], keys: dict[str, str]
 ) -> None:
     lines = [
         json.dumps({"sn": "N1", "model": "x", "public_key": keys["p256"]}),
@@ -120,52 +129,51 @@ def test_ndjson_and_json_array_inputs(
         json.dumps(["not", "an", "object"]),
         json.dumps({"sn": 5, "public_key": keys["p256"]}),
     ]
-    report = registry.import_terminals(sessions, registry.read_ndjson(lines), actor="maker")
+    report = registry.import_terminals(db, registry.read_ndjson(lines), actor="maker")
     assert report.accepted == 1
     assert [r.code for r in report.rejected] == ["malformed-row"] * 3
     body = json.dumps([{"sn": "J1", "public_key": keys["sm2"]}])
-    assert (
-        registry.import_terminals(sessions, registry.read_json_array(body), actor="m").accepted == 1
-    )
-    with pytest.raises(registry.InvalidTerminalRecord):
+    assert registry.import_terminals(db, registry.read_json_array(body), actor="m").accepted == 1
+    with pytest.raises(TmkInvalidTerminalRecord):
         list(registry.read_json_array('{"sn": "x"}'))
 
 
 def test_csv_without_required_columns_is_refused() -> None:
-    with pytest.raises(registry.InvalidTerminalRecord):
+    with pytest.raises(TmkInvalidTerminalRecord):
         list(registry.read_csv(["serial,key\n", "a,b\n"]))
 
 
-def test_pem_keys_are_accepted(sessions: sessionmaker[Session]) -> None:
+def test_pem_keys_are_accepted(db: Database, keystore: KeyStore) -> None:
     pem = (
         ec.generate_private_key(ec.SECP256R1())
         .public_key()
         .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
     )
-    t = registry.register_terminal(
-        sessions, sn="PEM1", model="m", public_key=pem.decode(), actor="maker"
+    sn = registry.register_terminal(
+        db, sn="PEM1", model="m", public_key=pem.decode(), actor="maker"
     )
-    assert t.key_algorithm == "ec-p256"
+    assert Terminals(db, keystore).overview(sn).key_algorithm == "ec-p256"
     other = rsa.generate_private_key(65537, 2048).public_key()
-    with pytest.raises(registry.TerminalAlreadyRegistered):
+    with pytest.raises(TmkTerminalAlreadyRegistered):
         registry.register_terminal(
-            sessions, sn="PEM1", model="m", public_key=_b64(_spki(other)), actor="m"
+            db, sn="PEM1", model="m", public_key=_b64(_spki(other)), actor="m"
         )
 
 
 def test_status_changes_are_enforced_and_audited(
-    sessions: sessionmaker[Session], keys: dict[str, str]
+    db: Database, sessions: sessionmaker[Session], keystore: KeyStore, keys: dict[str, str]
 ) -> None:
-    registry.register_terminal(sessions, sn="T1", model="m", public_key=keys["p256"], actor="maker")
-    assert registry.change_status(sessions, "T1", "suspend", actor="ops").status == "suspended"
-    with pytest.raises(registry.TerminalStateConflict):
-        registry.change_status(sessions, "T1", "suspend", actor="ops")
-    assert registry.change_status(sessions, "T1", "reactivate", actor="ops").status == "active"
-    assert registry.change_status(sessions, "T1", "revoke", actor="ops").status == "revoked"
-    with pytest.raises(registry.TerminalStateConflict):
-        registry.change_status(sessions, "T1", "reactivate", actor="ops")
-    with pytest.raises(registry.TerminalNotFound):
-        registry.change_status(sessions, "NOPE", "suspend", actor="ops")
+    registry.register_terminal(db, sn="T1", model="m", public_key=keys["p256"], actor="maker")
+    terminals = Terminals(db, keystore)
+    assert terminals.change_status("T1", "suspend", actor="ops").status == "suspended"
+    with pytest.raises(TmkTerminalStateConflict):
+        terminals.change_status("T1", "suspend", actor="ops")
+    assert terminals.change_status("T1", "reactivate", actor="ops").status == "active"
+    assert terminals.change_status("T1", "revoke", actor="ops").status == "revoked"
+    with pytest.raises(TmkTerminalStateConflict):
+        terminals.change_status("T1", "reactivate", actor="ops")
+    with pytest.raises(TmkUnknownTerminal):
+        terminals.change_status("NOPE", "suspend", actor="ops")
     with sessions() as s:
         actions = list(s.scalars(select(AuditRecord.action).order_by(AuditRecord.seq)))
         assert actions == [

@@ -620,14 +620,14 @@ def test_import_body_errors_are_problems(
 ) -> None:
     maker = tokens["manufacturer"]
     problem(
-        _import(client, maker, b"serial,key\nA,B\n", "text/csv"), 400, "invalid-terminal-record"
+        _import(client, maker, b"serial,key\nA,B\n", "text/csv"), 400, "tmk-invalid-terminal-record"
     )
     problem(
         _import(client, maker, b"sn,public_key\n\xff\xfe\n", "text/csv"),
         400,
-        "invalid-terminal-record",
+        "tmk-invalid-terminal-record",
     )
-    problem(_import(client, maker, b"{}", "application/json"), 400, "invalid-terminal-record")
+    problem(_import(client, maker, b"{}", "application/json"), 400, "tmk-invalid-terminal-record")
     problem(_import(client, maker, b"sn,public_key\n", "text/plain"), 415, "unsupported-media-type")
     problem(_import(client, tokens["operator"], b"", "text/csv"), 403, "forbidden")
     single = client.post(
@@ -635,7 +635,7 @@ def test_import_body_errors_are_problems(
         json={"sn": "SN-X", "public_key": keys["p384"]},
         headers=auth(maker),
     )
-    problem(single, 400, "invalid-terminal-record")
+    problem(single, 400, "tmk-invalid-terminal-record")
     conflict = client.post(
         "/v1/tmk/terminals", json={"sn": "SN-X", "public_key": keys["p256"]}, headers=auth(maker)
     )
@@ -645,7 +645,7 @@ def test_import_body_errors_are_problems(
             "/v1/tmk/terminals", json={"sn": "SN-X", "public_key": keys["rsa"]}, headers=auth(maker)
         ),
         409,
-        "terminal-already-registered",
+        "tmk-terminal-already-registered",
     )
 
 

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import Engine
 
 from trustfleet.store.driver import Prepared
-from trustfleet.tmk.service import _OPEN_SESSIONS
+from trustfleet.tmk.lifecycle import OPEN_SESSIONS
 
 
 def test_a_terminals_open_sessions_are_found_by_sn_and_stage(engine: Engine) -> None:
@@ -15,7 +15,7 @@ def test_a_terminals_open_sessions_are_found_by_sn_and_stage(engine: Engine) -> 
     open sessions must not read them all."""
     if engine.dialect.name != "sqlite":
         pytest.skip("the query plan is read from SQLite")
-    prepared = Prepared(_OPEN_SESSIONS, engine.dialect)
+    prepared = Prepared(OPEN_SESSIONS, engine.dialect)
     values = prepared.parameters({"b_sn": "T1"})
     with engine.connect() as connection:
         plan = connection.exec_driver_sql("EXPLAIN QUERY PLAN " + prepared.sql, values).all()

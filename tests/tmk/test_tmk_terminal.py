@@ -4,7 +4,6 @@ and the ``trustfleet emulate pos`` / ``trustfleet tmk`` command lines."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import stat
@@ -21,60 +20,34 @@ from harness import run_cli
 from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.crypto.payment import pinblock, tr31
 from trustfleet.crypto.payment.kcv import kcv
-from trustfleet.errors import InvalidInput, TrustfleetError
+from trustfleet.errors import InvalidInput
 from trustfleet.keystore.master import MasterKey, MasterKeyring
 from trustfleet.keystore.soft import SoftKeyStore
+from trustfleet.store import Database
 from trustfleet.store.engine import make_engine, make_session_factory, migrate
 from trustfleet.tmk import registry
-from trustfleet.tmk.errors import ScmExists, ScmNoTmk, TmkUntrustedServerCertificate
+from trustfleet.tmk.errors import (
+    ScmExists,
+    ScmNoTmk,
+    TmkUntrustedServerCertificate,
+    TmkWorkingKeyRefused,
+)
 from trustfleet.tmk.models import DownloadSession
-from trustfleet.tmk.service import TmkService
 from trustfleet.tmk.terminal import (
     PosTerminal,
-    TmkServerRefused,
     Transport,
-    WorkingKeyRefused,
 )
 
-PAN = "4111111111111111"
-
+from .conftest import PAN, ServiceTransport, Tmk
 
 # =====================================================================================
 # A terminal with a TMK, from a real (SQLite) key server in process
 # =====================================================================================
 
 
-class ServiceTransport:
-    """The HTTP routes' calls to the service, without HTTP."""
-
-    def __init__(self, service: TmkService) -> None:
-        self.service = service
-
-    def post(self, path: str, body: bytes) -> bytes:
-        parts = path.strip("/").split("/")
-        try:
-            if parts == ["v1", "tmk", "downloads"]:
-                return self.service.start_download(body, actor="gw").to_json()
-            session_id, step = parts[3], parts[4]
-            if step == "proof":
-                return self.service.accept_proof(session_id, body, actor="gw").to_json()
-            if step == "confirm":
-                self.service.confirm(session_id, body, actor="gw")
-                return b"{}"
-            report = json.loads(body)
-            ticket = base64.b64decode(report["ticket"]) if "ticket" in report else None
-            self.service.abort_download(session_id, report["code"], actor="gw", ticket=ticket)
-            return b"{}"
-        except TrustfleetError as exc:  # what the API would answer as problem+json
-            raise TmkServerRefused(exc.code, exc.message, exc.status) from exc
-
-    def get(self, path: str) -> bytes:
-        return self.service.identity.crl()
-
-
 @dataclass
 class Server:
-    service: TmkService
+    tmk: Tmk
     sessions: sessionmaker[Session]
     transport: Transport
     root_pem: bytes
@@ -85,9 +58,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('ks') / 'tf.db'}")
     migrate(engine)
     sessions = make_session_factory(engine)
-    service = TmkService(sessions, SoftKeyStore(sessions, MasterKeyring([MasterKey.new()])))
-    service.identity.ensure(actor="test")
-    yield Server(service, sessions, ServiceTransport(service), service.identity.root().pem.encode())
+    keystore = SoftKeyStore(sessions, MasterKeyring([MasterKey.new()]))
+    tmk = Tmk.build(Database(engine), sessions, keystore)
+    tmk.identity.ensure(actor="test")
+    yield Server(tmk, sessions, ServiceTransport(tmk), tmk.identity.root().pem.encode())
     engine.dispose()
 
 
@@ -97,9 +71,7 @@ _counter = iter(range(10_000))
 def new_terminal(server: Server, tmp_path: Path, *, download: bool = True) -> PosTerminal:
     sn = f"POS-T{next(_counter)}"
     record = PosTerminal.factory(tmp_path / sn, sn, root_pem=server.root_pem)
-    registry.register_terminal(
-        server.sessions, sn=sn, model="m", public_key=record.public_key_pem, actor="maker"
-    )
+    server.tmk.register(record.public_key_pem, sn, model="m")
     terminal = PosTerminal.open(tmp_path / sn)
     if download:
         terminal.download(server.transport)
@@ -151,9 +123,7 @@ def test_factory_writes_a_private_scm_and_an_importable_public_record(
 def test_a_terminal_without_a_root_trusts_no_server(server: Server, tmp_path: Path) -> None:
     sn = "POS-NOROOT"
     record = PosTerminal.factory(tmp_path / sn, sn)
-    registry.register_terminal(
-        server.sessions, sn=sn, model="m", public_key=record.public_key_pem, actor="maker"
-    )
+    server.tmk.register(record.public_key_pem, sn, model="m")
     with pytest.raises(TmkUntrustedServerCertificate):
         PosTerminal.open(tmp_path / sn).download(server.transport)
 
@@ -188,8 +158,8 @@ def test_a_genuine_pin_key_block_is_accepted_and_checked_on_every_use(
         (lambda tmk: block(tmk, usage="K0", mode="E"), tr31.Tr31UsageMismatch),
         (lambda tmk: block(os.urandom(16)), tr31.Tr31MacMismatch),  # under another TMK
         (lambda tmk: block(tmk).replace("P0AE", "P0AB", 1), tr31.Tr31MacMismatch),  # edited
-        (lambda tmk: block(tmk, optional=[("KP", "01" + "00" * 5)]), WorkingKeyRefused),
-        (lambda tmk: block(tmk, optional=[("KC", "01" + "00" * 5)]), WorkingKeyRefused),
+        (lambda tmk: block(tmk, optional=[("KP", "01" + "00" * 5)]), TmkWorkingKeyRefused),
+        (lambda tmk: block(tmk, optional=[("KC", "01" + "00" * 5)]), TmkWorkingKeyRefused),
     ],
     ids=[
         "pin-key-mode-both",
@@ -209,13 +179,13 @@ def test_the_terminal_refuses_working_keys_it_must_not_use(
     forged = forge(tmk_of(terminal))  # type: ignore[operator]
     with pytest.raises(error):
         terminal.install_working_key(forged, "P0")
-    with pytest.raises(WorkingKeyRefused):  # nothing was stored
+    with pytest.raises(TmkWorkingKeyRefused):  # nothing was stored
         terminal.encrypt_pin("1234", PAN)
 
 
 def test_usages_the_terminal_has_no_use_for_are_refused(server: Server, tmp_path: Path) -> None:
     terminal = new_terminal(server, tmp_path)
-    with pytest.raises(WorkingKeyRefused):
+    with pytest.raises(TmkWorkingKeyRefused):
         terminal.install_working_key(block(tmk_of(terminal), usage="K0"), "K0")
 
 
@@ -227,9 +197,9 @@ def test_no_working_key_without_a_tmk(server: Server, tmp_path: Path) -> None:
 
 def test_a_new_tmk_voids_the_working_keys_of_the_old_one(server: Server, tmp_path: Path) -> None:
     terminal = new_terminal(server, tmp_path)
-    issued = server.service.issue_working_key(terminal.sn, "P0", actor="tms")
+    issued = server.tmk.working_keys.issue(terminal.sn, "P0", actor="tms")
     terminal.install_working_key(issued.key_block, "P0")
-    server.service.request_rotation(terminal.sn, actor="ops")
+    server.tmk.terminals.request_rotation(terminal.sn, actor="ops")
     terminal.download(server.transport)
     assert terminal.working_keys() == {}
     with pytest.raises(tr31.Tr31MacMismatch):  # the old block no longer opens
@@ -244,7 +214,7 @@ def test_a_refused_download_is_reported_to_the_server(server: Server, tmp_path: 
     with server.sessions() as session:
         (row,) = session.scalars(select(DownloadSession).where(DownloadSession.sn == terminal.sn))
     assert (row.stage, row.error_code) == ("aborted", "tmk-terminal-aborted")
-    assert server.service.overview(terminal.sn).active_tmk is None
+    assert server.tmk.terminals.overview(terminal.sn).active_tmk is None
 
 
 def _foreign_root() -> bytes:

@@ -25,7 +25,7 @@ import contextlib
 import threading
 import weakref
 from collections import namedtuple
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -158,7 +158,12 @@ class RawConnection:
     def dialect_name(self) -> str:
         return str(self._dialect.name)
 
-    def _run(self, statement: ClauseElement, values: Mapping[str, Any]) -> tuple[Any, Prepared]:
+    def _run(
+        self,
+        statement: ClauseElement,
+        values: Mapping[str, Any],
+        many: Sequence[Mapping[str, Any]] = (),
+    ) -> tuple[Any, Prepared]:
         cached = self._prepared.get(id(statement))
         if cached is not None and cached[0] is statement:
             prepared = cached[1]
@@ -166,7 +171,10 @@ class RawConnection:
             prepared = self._prepare(statement)
         cursor = self._dbapi.cursor()
         try:
-            cursor.execute(prepared.sql, prepared.parameters(values))
+            if many:
+                cursor.executemany(prepared.sql, [prepared.parameters(row) for row in many])
+            else:
+                cursor.execute(prepared.sql, prepared.parameters(values))
         except self._dialect.loaded_dbapi.IntegrityError as exc:
             cursor.close()
             raise IntegrityViolation(str(exc)) from exc
@@ -216,6 +224,12 @@ class RawConnection:
         try:
             return int(cursor.rowcount)
         finally:
+            cursor.close()
+
+    def run_many(self, statement: ClauseElement, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Execute a statement that returns no rows once per parameter set (executemany)."""
+        if rows:
+            cursor, _ = self._run(statement, {}, rows)
             cursor.close()
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -121,6 +121,11 @@ class UnitOfWork(Reads):
     def insert(self, table: Table | type[Any], /, **values: Any) -> None:
         """Insert one row of ``table`` (a table or a model class) with these columns."""
         self._connection.run(_insert_statement(table, tuple(values)), values)
+
+    def insert_many(self, table: Table | type[Any], rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert rows that all name the same columns, in one round trip per batch."""
+        if rows:
+            self._connection.run_many(_insert_statement(table, tuple(rows[0])), rows)
 
     def audit(
         self,

@@ -2,8 +2,10 @@
 gateway), working keys and PIN-block checks (operator, i.e. the TMS), and the key server's
 identity (admin; its certificates are public).
 
-Routes parse, authorise, call :mod:`trustfleet.tmk.service` or :mod:`trustfleet.tmk.registry`
-and serialise; nothing else. The download steps take and return the protocol's canonical
+Routes parse, authorise, call the use cases (:mod:`~trustfleet.tmk.downloads`,
+:mod:`~trustfleet.tmk.registry`, :mod:`~trustfleet.tmk.terminals`,
+:mod:`~trustfleet.tmk.working_keys`, :mod:`~trustfleet.tmk.identity`) and serialise;
+nothing else. The download steps take and return the protocol's canonical
 JSON messages (``docs/tmk-protocol.md``) byte for byte.
 """
 
@@ -19,36 +21,24 @@ from functools import partial
 from typing import IO, Annotated, Literal
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Path, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from trustfleet.crypto.base import KeyAlgorithm
-from trustfleet.errors import InvalidInput
+from trustfleet.errors import InvalidInput, UnsupportedMediaType
+from trustfleet.kit.routes import DeviceRoutes
+from trustfleet.kit.sessions import SESSION_ID_PATTERN
 from trustfleet.pki.x509 import RevocationReason
 from trustfleet.server.context import AppContext
-from trustfleet.server.deps import (
-    Principal,
-    get_context,
-    public,
-    require_role,
-)
-from trustfleet.server.devicelane import (
-    DeviceAnswer,
-    DeviceHandler,
-    DeviceRoute,
-    answer_in_fastapi,
-)
+from trustfleet.server.deps import Principal, get_context, public, require_role
+from trustfleet.server.devicelane import DeviceAnswer
 from trustfleet.server.limits import streamed_import
 from trustfleet.server.models import Role
-from trustfleet.tmk import registry
+from trustfleet.tmk import registry, services
+from trustfleet.tmk.errors import TmkInvalidTerminalRecord
 from trustfleet.tmk.identity import KSRCRT_CA, KeyServerIdentity
-from trustfleet.tmk.models import Terminal
-from trustfleet.tmk.service import (
-    WORKING_KEY_USAGES,
-    IssuedWorkingKey,
-    TerminalOverview,
-    TmkService,
-)
+from trustfleet.tmk.terminals import TerminalOverview
+from trustfleet.tmk.working_keys import WORKING_KEY_USAGES, IssuedWorkingKey
 
 router = APIRouter(prefix="/v1/tmk", tags=["tmk"])
 
@@ -59,9 +49,8 @@ Operator = Annotated[Principal, Depends(require_role(Role.OPERATOR))]
 Reader = Annotated[Principal, Depends(require_role(Role.OPERATOR, Role.MANUFACTURER))]
 Gateway = Annotated[Principal, Depends(require_role(Role.DEVICE_GATEWAY))]
 Sn = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-SessionId = Annotated[str, Path(min_length=32, max_length=32, pattern=r"^[0-9a-f]{32}$")]
+SessionId = Annotated[str, Path(pattern=f"^{SESSION_ID_PATTERN.pattern}$")]
 
-MESSAGE_MEDIA_TYPE = "application/json"
 MAX_KEY_CHARS = 16_384
 MAX_LINE_CHARS = 1_048_576
 SPOOL_MEMORY_BYTES = 8 * 1024 * 1024  # larger import bodies spill to a temporary file
@@ -73,17 +62,6 @@ IMPORT_MEDIA_TYPES = {
     "application/json": "json",
 }
 CRL_PATH = f"/v1/ca/{KSRCRT_CA}/crl"
-_MESSAGE_DOC = {"description": "A protocol message (canonical JSON, docs/tmk-protocol.md)"}
-
-
-class UnsupportedImportType(InvalidInput):
-    code = "unsupported-media-type"
-    status = 415
-    title = "Import bodies are text/csv, application/x-ndjson or application/json"
-
-
-def _service(context: AppContext) -> TmkService:
-    return TmkService(context.sessions, context.keystore)
 
 
 # =====================================================================================
@@ -309,28 +287,39 @@ class RevokedOut(BaseModel):
 # same handlers and document them.
 # =====================================================================================
 
-GATEWAY_ROLES = frozenset({Role.DEVICE_GATEWAY.value})
-SESSION_ID_PATTERN = "[0-9a-f]{32}"
+device = DeviceRoutes(router, roles={Role.DEVICE_GATEWAY.value})
+_SESSION_PARAMS = {"session_id": SESSION_ID_PATTERN.pattern}
 
 
-def _start_step(
+@device.post("/downloads")
+def start_download(
     context: AppContext, principal: Principal, params: Mapping[str, str], body: bytes
 ) -> DeviceAnswer:
-    challenge = _service(context).start_download(body, actor=principal.actor)
+    """Step 1-2: a ``tmk-download-request`` in, a ``tmk-server-challenge`` out
+    (docs/tmk-protocol.md)."""
+    challenge = services.downloads(context).start(body, actor=principal.actor)
     return DeviceAnswer(challenge.to_json())
 
 
-def _proof_step(
+@device.post("/downloads/{session_id}/proof", params=_SESSION_PARAMS)
+def download_proof(
     context: AppContext, principal: Principal, params: Mapping[str, str], body: bytes
 ) -> DeviceAnswer:
-    delivery = _service(context).accept_proof(params["session_id"], body, actor=principal.actor)
+    """Step 4-6: a ``tmk-terminal-proof`` in, a ``tmk-key-delivery`` out."""
+    delivery = services.downloads(context).accept_proof(
+        params["session_id"], body, actor=principal.actor
+    )
     return DeviceAnswer(delivery.to_json())
 
 
-def _confirm_step(
+@device.post("/downloads/{session_id}/confirm", params=_SESSION_PARAMS, response_model=ActivatedOut)
+def download_confirm(
     context: AppContext, principal: Principal, params: Mapping[str, str], body: bytes
 ) -> DeviceAnswer:
-    activation = _service(context).confirm(params["session_id"], body, actor=principal.actor)
+    """Step 7: a ``tmk-confirmation`` in; the TMK is active once this answers 200."""
+    activation = services.downloads(context).confirm(
+        params["session_id"], body, actor=principal.actor
+    )
     out = ActivatedOut(
         session_id=activation.session_id,
         sn=activation.sn,
@@ -341,59 +330,16 @@ def _confirm_step(
     return DeviceAnswer(out.model_dump_json().encode())
 
 
-def _download_route(path: str, handler: DeviceHandler) -> DeviceRoute:
-    return DeviceRoute(
-        "POST",
-        router.prefix + path,
-        GATEWAY_ROLES,
-        handler,
-        params={"session_id": SESSION_ID_PATTERN},
-    )
-
-
-device_routes = (
-    _download_route("/downloads", _start_step),
-    _download_route("/downloads/{session_id}/proof", _proof_step),
-    _download_route("/downloads/{session_id}/confirm", _confirm_step),
-)
-
-
-@router.post(
-    "/downloads",
-    response_class=Response,
-    responses={200: {"content": {MESSAGE_MEDIA_TYPE: {}}, **_MESSAGE_DOC}},
-)
-async def start_download(principal: Gateway, request: Request) -> Response:
-    """Step 1-2: a ``tmk-download-request`` in, a ``tmk-server-challenge`` out."""
-    return await answer_in_fastapi(request, principal, _start_step)
-
-
-@router.post(
-    "/downloads/{session_id}/proof",
-    response_class=Response,
-    responses={200: {"content": {MESSAGE_MEDIA_TYPE: {}}, **_MESSAGE_DOC}},
-)
-async def download_proof(session_id: SessionId, principal: Gateway, request: Request) -> Response:
-    """Step 4-6: a ``tmk-terminal-proof`` in, a ``tmk-key-delivery`` out."""
-    return await answer_in_fastapi(request, principal, _proof_step)
-
-
-@router.post(
-    "/downloads/{session_id}/confirm",
-    response_class=Response,
-    responses={200: {"model": ActivatedOut}},
-)
-async def download_confirm(session_id: SessionId, principal: Gateway, request: Request) -> Response:
-    """Step 7: a ``tmk-confirmation`` in; the TMK is active once this answers 200."""
-    return await answer_in_fastapi(request, principal, _confirm_step)
+device_routes = device.routes
 
 
 @router.post("/downloads/{session_id}/abort")
 def download_abort(
     session_id: SessionId, body: AbortIn, context: Context, principal: Gateway
 ) -> dict[str, str]:
-    """The terminal gave up (and says why): the session ends and its TMK is destroyed."""
-    _service(context).abort_download(
+    """The terminal gave up (and says why): the session ends and its TMK is destroyed. A
+    session that has already ended answers 409 ``tmk-out-of-order``."""
+    services.downloads(context).abort(
         session_id, body.code, actor=principal.actor, ticket=body.ticket_bytes()
     )
     return {"status": "aborted"}
@@ -404,30 +350,27 @@ def download_abort(
 # =====================================================================================
 
 
-def _terminal_out(row: Terminal) -> TerminalOut:
+def _terminal_out(view: TerminalOverview) -> TerminalOut:
     return TerminalOut(
-        sn=row.sn,
-        model=row.model,
-        key_algorithm=row.key_algorithm,
-        status=row.status,
-        registered_by=row.registered_by,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
+        sn=view.sn,
+        model=view.model,
+        key_algorithm=view.key_algorithm,
+        status=view.status,
+        registered_by=view.registered_by,
+        created_at=view.created_at,
+        updated_at=view.updated_at,
     )
 
 
 @router.post("/terminals", status_code=201)
 def register_terminal(body: TerminalIn, context: Context, principal: Manufacturer) -> TerminalOut:
     """Register one terminal (SN, model, TKP_Pu). Registering it again with the same key
-    changes nothing; another key for a registered SN is ``terminal-already-registered``."""
-    row = registry.register_terminal(
-        context.sessions,
-        sn=body.sn,
-        model=body.model,
-        public_key=body.public_key,
-        actor=principal.actor,
+    changes nothing; another key for a registered SN is
+    ``tmk-terminal-already-registered``."""
+    sn = registry.register_terminal(
+        context.db, sn=body.sn, model=body.model, public_key=body.public_key, actor=principal.actor
     )
-    return _terminal_out(row)
+    return _terminal_out(services.terminals(context).overview(sn))
 
 
 @router.post(
@@ -449,7 +392,10 @@ async def import_terminals(
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     kind = IMPORT_MEDIA_TYPES.get(media)
     if kind is None:
-        raise UnsupportedImportType(f"unsupported content type {media[:60]!r}")
+        raise UnsupportedMediaType(
+            f"unsupported content type {media[:60]!r}: use text/csv, application/x-ndjson"
+            " or application/json"
+        )
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES) as body:
         async for chunk in request.stream():
             body.write(chunk)
@@ -471,7 +417,7 @@ def _import(context: AppContext, kind: str, body: IO[bytes], actor: str) -> regi
         rows = registry.read_ndjson(lines)
     else:
         rows = registry.read_json_array("".join(lines))
-    return registry.import_terminals(context.sessions, rows, actor=actor)
+    return registry.import_terminals(context.db, rows, actor=actor)
 
 
 def _lines(chunks: Iterator[bytes], *, max_line: int | None) -> Iterator[str]:
@@ -482,12 +428,12 @@ def _lines(chunks: Iterator[bytes], *, max_line: int | None) -> Iterator[str]:
         try:
             text = pending + decoder.decode(chunk or b"", final=chunk is None)
         except UnicodeDecodeError:
-            raise registry.InvalidTerminalRecord("the body is not UTF-8 text") from None
+            raise TmkInvalidTerminalRecord("the body is not UTF-8 text") from None
         *complete, pending = text.split("\n")
         for line in complete:
             yield line + "\n"
         if max_line is not None and len(pending) > max_line:
-            raise registry.InvalidTerminalRecord(f"a line is longer than {max_line} characters")
+            raise TmkInvalidTerminalRecord(f"a line is longer than {max_line} characters")
         if chunk is None:
             if pending:
                 yield pending
@@ -497,14 +443,14 @@ def _lines(chunks: Iterator[bytes], *, max_line: int | None) -> Iterator[str]:
 @router.get("/terminals/{sn}")
 def get_terminal(sn: Sn, context: Context, principal: Reader) -> TerminalStatusOut:
     """The terminal's registration, status, active TMK and working keys (KCVs only)."""
-    return TerminalStatusOut.of(_service(context).overview(sn))
+    return TerminalStatusOut.of(services.terminals(context).overview(sn))
 
 
 def _change(
     context: AppContext, sn: str, action: str, body: StatusChangeIn | None, actor: str
 ) -> TerminalStatusOut:
     reason = body.reason if body else ""
-    view = _service(context).change_terminal_status(sn, action, actor=actor, reason=reason)
+    view = services.terminals(context).change_status(sn, action, actor=actor, reason=reason)
     return TerminalStatusOut.of(view)
 
 
@@ -539,7 +485,9 @@ def rotate_tmk(
     """Allow the terminal's next download; when it completes, the current TMK and its
     working keys are retired and destroyed."""
     algorithm = KeyAlgorithm(body.algorithm) if body and body.algorithm else None
-    view = _service(context).request_rotation(sn, actor=principal.actor, algorithm=algorithm)
+    view = services.terminals(context).request_rotation(
+        sn, actor=principal.actor, algorithm=algorithm
+    )
     return TerminalStatusOut.of(view)
 
 
@@ -555,7 +503,7 @@ def issue_working_key(
     """A new working key as a TR-31 block under the terminal's TMK (version D for AES
     TMKs, B for TDES); it replaces the terminal's previous key of that usage."""
     assert body.usage in WORKING_KEY_USAGES
-    issued = _service(context).issue_working_key(sn, body.usage, actor=principal.actor)
+    issued = services.working_keys(context).issue(sn, body.usage, actor=principal.actor)
     return WorkingKeyOut.of(issued)
 
 
@@ -565,7 +513,7 @@ def verify_pin_block(
 ) -> PinCheckOut:
     """Demo: does this PIN block (under the terminal's P0 key) carry this PIN? Answers
     only the verdict; every call is audited. See docs/tmk.md for why this is a demo."""
-    match = _service(context).verify_pin_block(
+    match = services.working_keys(context).verify_pin_block(
         sn, bytes.fromhex(body.pin_block), pan=body.pan, pin=body.pin, actor=principal.actor
     )
     return PinCheckOut(match=match)
@@ -577,7 +525,7 @@ def verify_pin_block(
 
 
 def _identity_out(context: AppContext, identity: KeyServerIdentity) -> IdentityOut:
-    root = _service(context).identity.root()
+    root = services.identity(context).root()
     return IdentityOut.of(root.pem, identity)
 
 
@@ -585,21 +533,20 @@ def _identity_out(context: AppContext, identity: KeyServerIdentity) -> IdentityO
 def get_identity(context: Context) -> IdentityOut:
     """KSRCRT (what terminals preload) and the current KSWCRT; public, as certificates
     are. KSRCRT's CRL is at ``crl_path`` (public too)."""
-    service = _service(context)
-    return _identity_out(context, service.identity.require_current())
+    return _identity_out(context, services.identity(context).require_current())
 
 
 @router.post("/identity")
 def init_identity(context: Context, principal: Admin) -> IdentityOut:
     """Make KSRCRT and the first work certificate if they do not exist yet."""
-    identity = _service(context).identity.ensure(actor=principal.actor)
+    identity = services.identity(context).ensure(actor=principal.actor)
     return _identity_out(context, identity)
 
 
 @router.post("/identity/rotate-work-cert")
 def rotate_work_certificate(context: Context, principal: Admin) -> IdentityOut:
     """A new work key and KSWCRT under the same KSRCRT; terminals need no change."""
-    identity = _service(context).identity.rotate(actor=principal.actor)
+    identity = services.identity(context).rotate(actor=principal.actor)
     return _identity_out(context, identity)
 
 
@@ -609,5 +556,5 @@ def revoke_work_certificate(
 ) -> RevokedOut:
     """Revoke the current KSWCRT (KSRCRT's CRL lists it at once) and issue a new one."""
     reason = body.reason if body else RevocationReason.KEY_COMPROMISE
-    revoked, new = _service(context).identity.revoke(actor=principal.actor, reason=reason)
+    revoked, new = services.identity(context).revoke(actor=principal.actor, reason=reason)
     return RevokedOut(revoked_serial=revoked.serial_hex, identity=_identity_out(context, new))

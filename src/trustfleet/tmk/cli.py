@@ -20,10 +20,11 @@ from rich.table import Table
 from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.errors import InvalidInput
 from trustfleet.kit.cli import console, state
-from trustfleet.tmk import registry
+from trustfleet.tmk import registry, services
 from trustfleet.tmk.identity import KeyServerIdentity
-from trustfleet.tmk.service import WORKING_KEY_USAGES, TerminalOverview, TmkService
 from trustfleet.tmk.terminal import IDENTITY_PATH, HttpTransport, PosTerminal
+from trustfleet.tmk.terminals import TerminalOverview
+from trustfleet.tmk.working_keys import WORKING_KEY_USAGES
 
 if TYPE_CHECKING:
     from trustfleet.kit.demo import DemoEnv
@@ -39,11 +40,6 @@ ACTOR = "cli"
 DEFAULT_POS_DIR = Path("pos-terminal")
 TKP_ALGORITHMS = {"p256": "ec-p256", "rsa-2048": "rsa-2048", "rsa-3072": "rsa-3072", "sm2": "sm2"}
 DEMO_PAN = "4111111111111111"
-
-
-def _service() -> TmkService:
-    context = state.context()
-    return TmkService(context.sessions, context.keystore)
 
 
 # =====================================================================================
@@ -93,7 +89,7 @@ def import_terminals(
         task = progress.add_task("importing terminals", total=total)
         rows = registry.read_csv(handle) if kind == "csv" else registry.read_ndjson(handle)
         report = registry.import_terminals(
-            context.sessions,
+            context.db,
             rows,
             actor=ACTOR,
             progress=lambda n: progress.advance(task, n),
@@ -124,14 +120,12 @@ def register(
     model: Annotated[str, typer.Option(help="Terminal model.")] = "",
 ) -> None:
     """Register one terminal."""
-    row = registry.register_terminal(
-        state.context().sessions,
-        sn=sn,
-        model=model,
-        public_key=public_key.read_text(),
-        actor=ACTOR,
+    context = state.context()
+    registered = registry.register_terminal(
+        context.db, sn=sn, model=model, public_key=public_key.read_text(), actor=ACTOR
     )
-    console.print(f"terminal {escape(row.sn)} registered ({row.key_algorithm})")
+    view = services.terminals(context).overview(registered)
+    console.print(f"terminal {escape(view.sn)} registered ({view.key_algorithm})")
 
 
 def _print_overview(view: TerminalOverview) -> None:
@@ -156,7 +150,7 @@ def _print_overview(view: TerminalOverview) -> None:
 @app.command("show")
 def show(sn: Annotated[str, typer.Argument(help="Serial number.")]) -> None:
     """A terminal's status, TMK and working keys (KCVs only)."""
-    _print_overview(_service().overview(sn))
+    _print_overview(services.terminals(state.context()).overview(sn))
 
 
 def _status_command(action: str) -> None:
@@ -164,7 +158,11 @@ def _status_command(action: str) -> None:
         sn: Annotated[str, typer.Argument(help="Serial number.")],
         reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")] = "",
     ) -> None:
-        _print_overview(_service().change_terminal_status(sn, action, actor=ACTOR, reason=reason))
+        _print_overview(
+            services.terminals(state.context()).change_status(
+                sn, action, actor=ACTOR, reason=reason
+            )
+        )
 
     command.__doc__ = {
         "suspend": "Suspend a terminal: no downloads or working keys until re-activated.",
@@ -187,7 +185,9 @@ def rotate_tmk(
 ) -> None:
     """Allow the terminal's next download; it retires the current TMK and working keys."""
     chosen = KeyAlgorithm(algorithm) if algorithm else None
-    _print_overview(_service().request_rotation(sn, actor=ACTOR, algorithm=chosen))
+    _print_overview(
+        services.terminals(state.context()).request_rotation(sn, actor=ACTOR, algorithm=chosen)
+    )
 
 
 @app.command("working-key")
@@ -197,7 +197,7 @@ def working_key(
     out: Annotated[Path | None, typer.Option(help="Write the TR-31 block here.")] = None,
 ) -> None:
     """Issue a working key as a TR-31 block under the terminal's TMK."""
-    issued = _service().issue_working_key(sn, usage, actor=ACTOR)
+    issued = services.working_keys(state.context()).issue(sn, usage, actor=ACTOR)
     console.print(
         f"{usage} {issued.algorithm.value} v{issued.key_version}, KCV {issued.kcv.hex().upper()}"
     )
@@ -211,7 +211,7 @@ def working_key(
 @app.command("sweep")
 def sweep() -> None:
     """End expired downloads and destroy any key left retired or aborted."""
-    report = _service().sweep(actor=ACTOR)
+    report = services.downloads(state.context()).sweep(actor=ACTOR)
     console.print(
         f"{report.sessions_aborted} expired session(s) ended,"
         f" {report.keys_destroyed} key(s) destroyed"
@@ -234,7 +234,7 @@ def _print_identity(identity: KeyServerIdentity) -> None:
 @identity_app.command("init")
 def identity_init() -> None:
     """Make KSRCRT and a first work certificate (if missing)."""
-    _print_identity(_service().identity.ensure(actor=ACTOR))
+    _print_identity(services.identity(state.context()).ensure(actor=ACTOR))
 
 
 @identity_app.command("show")
@@ -244,7 +244,7 @@ def identity_show(
     ] = None,
 ) -> None:
     """The current work certificate and every earlier one."""
-    service = _service().identity
+    service = services.identity(state.context())
     for identity in service.history():
         _print_identity(identity)
     if root_out:
@@ -255,7 +255,7 @@ def identity_show(
 @identity_app.command("rotate-work-cert")
 def identity_rotate() -> None:
     """New work key and certificate under the same KSRCRT (terminals unchanged)."""
-    _print_identity(_service().identity.rotate(actor=ACTOR))
+    _print_identity(services.identity(state.context()).rotate(actor=ACTOR))
 
 
 @identity_app.command("revoke-work-cert")
@@ -263,7 +263,7 @@ def identity_revoke(
     reason: Annotated[str, typer.Option(help="RFC 5280 reason.")] = "key_compromise",
 ) -> None:
     """Revoke the current work certificate (KSRCRT's CRL lists it) and issue a new one."""
-    revoked, new = _service().identity.revoke(actor=ACTOR, reason=reason)
+    revoked, new = services.identity(state.context()).revoke(actor=ACTOR, reason=reason)
     console.print(f"revoked {revoked.serial_hex} ({reason})")
     _print_identity(new)
 
@@ -271,7 +271,7 @@ def identity_revoke(
 @identity_app.command("crl")
 def identity_crl(out: Annotated[Path, typer.Option(help="Where to write the CRL (PEM).")]) -> None:
     """KSRCRT's current CRL, for terminals that are loaded offline."""
-    der = _service().identity.crl(actor=ACTOR)
+    der = services.identity(state.context()).crl(actor=ACTOR)
     out.write_bytes(load_der_x509_crl(der).public_bytes(Encoding.PEM))
     console.print(f"KSRCRT CRL -> {escape(str(out))}")
 

@@ -1,13 +1,14 @@
-"""Errors of the TMK download (both roles) and of the terminal's secure control module.
-
-Every failure a peer or an attacker can cause has its own class and stable ``code``, so the
-server's audit log, the API's problem+json and the terminal's display all say *which*
-check failed. Messages never carry key material, randoms or MACs.
+"""Every error of the TMK capability: the download (both roles), the terminal registry and
+its states, working keys, the key server's identity, and the terminal's secure control
+module. All derive from :class:`TmkError`; each condition has one class and one stable
+``code`` (the list is in docs/tmk.md), so the server's audit log, the API's problem+json
+and the terminal's display all say *which* check failed. Messages never carry key
+material, randoms or MACs.
 """
 
 from __future__ import annotations
 
-from trustfleet.errors import TrustfleetError
+from trustfleet.errors import Conflict, InvalidInput, NotFound, TrustfleetError
 from trustfleet.wire import MalformedMessage
 
 
@@ -97,6 +98,101 @@ class TmkBadConfirmation(TmkError):
     code = "tmk-bad-confirmation"
     status = 403
     title = "The terminal's confirmation MAC does not verify under the delivered TMK"
+
+
+# -- the terminal and its state on the server -----------------------------------------
+
+
+class TmkUnknownTerminal(TmkError, NotFound):
+    code = "tmk-unknown-terminal"
+    status = 404
+    title = "No terminal is registered with that SN"
+
+
+class TmkInvalidTerminalRecord(TmkError, InvalidInput):
+    code = "tmk-invalid-terminal-record"
+    title = "The terminal record is not valid"
+
+
+class TmkTerminalAlreadyRegistered(TmkError, Conflict):
+    code = "tmk-terminal-already-registered"
+    status = 409
+    title = "A terminal with that SN is registered with another key"
+
+
+class TmkTerminalStateConflict(TmkError, Conflict):
+    code = "tmk-terminal-state-conflict"
+    status = 409
+    title = "The terminal's status does not allow this change"
+
+
+class TmkTerminalSuspended(TmkError):
+    code = "tmk-terminal-suspended"
+    status = 403
+    title = "The terminal is suspended"
+
+
+class TmkTerminalRevoked(TmkError):
+    code = "tmk-terminal-revoked"
+    status = 403
+    title = "The terminal is revoked"
+
+
+class TmkSessionNotFound(TmkError):
+    code = "tmk-session-not-found"
+    status = 404
+    title = "No TMK download session has that id"
+
+
+class TmkDownloadNotAllowed(TmkError):
+    code = "tmk-download-not-allowed"
+    status = 409
+    title = "The terminal has an active TMK; a new download needs an operator's rotate-tmk"
+
+
+class TmkTerminalAborted(TmkError):
+    code = "tmk-terminal-aborted"
+    status = 409
+    title = "The terminal reported that the download failed on its side"
+
+
+class TmkNoActiveTmk(TmkError):
+    code = "tmk-no-active-tmk"
+    status = 409
+    title = "The terminal has no active TMK"
+
+
+class TmkNoWorkingKey(TmkError):
+    code = "tmk-no-working-key"
+    status = 409
+    title = "The terminal has no active working key of that usage"
+
+
+class TmkIdentityNotInitialised(TmkError, NotFound):
+    code = "tmk-identity-not-initialised"
+    status = 404
+    title = "The key server has no work certificate yet"
+
+
+# -- the terminal's view of the server ------------------------------------------------
+
+
+class TmkServerRefused(TmkError):
+    """The key server answered a step with an error (its problem code is ``remote_code``)."""
+
+    code = "tmk-server-refused"
+    status = 502
+    title = "The key server refused the request"
+
+    def __init__(self, remote_code: str, detail: str, http_status: int) -> None:
+        super().__init__(f"the key server refused: [{remote_code}] {detail}")
+        self.remote_code = remote_code
+        self.http_status = http_status
+
+
+class TmkWorkingKeyRefused(TmkError):
+    code = "tmk-working-key-refused"
+    title = "The working key block does not check out against the terminal's TMK"
 
 
 # -- secure control module ----------------------------------------------------------

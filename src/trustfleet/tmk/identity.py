@@ -16,23 +16,23 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from cryptography import x509
-from sqlalchemy import Select, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import bindparam, insert, select, update
 
 from trustfleet.crypto.base import KeyAlgorithm
-from trustfleet.errors import KeyNotFound, NotFound, UnsupportedAlgorithm
+from trustfleet.errors import KeyNotFound, UnsupportedAlgorithm
 from trustfleet.keystore.base import KeyStore, KeyUsage
 from trustfleet.pki import x509 as px
 from trustfleet.pki.errors import CaExists
 from trustfleet.pki.service import SERVER_VALIDITY, CaInfo, PkiService
 from trustfleet.pki.x509 import RevocationReason
-from trustfleet.store import audit
-from trustfleet.store.engine import transaction
+from trustfleet.store import Database, IntegrityViolation
+from trustfleet.tmk.errors import TmkIdentityNotInitialised
 from trustfleet.tmk.models import ServerIdentity
+from trustfleet.wire import as_utc, utcnow
 
 KSRCRT_CA = "tmk-ksrcrt"
 WORK_CERT_NAME = "tmk-key-server.trustfleet"
@@ -41,11 +41,6 @@ WORK_KEY_ALGORITHMS = frozenset(
 )
 DEFAULT_WORK_KEY_ALGORITHM = KeyAlgorithm.EC_P256
 _ACTIVE = 1
-
-
-class IdentityNotInitialised(NotFound):
-    code = "tmk-identity-not-initialised"
-    title = "The key server has no work certificate yet"
 
 
 @dataclass(frozen=True)
@@ -71,8 +66,7 @@ class KeyServerIdentity:
         return px.to_pem(self.certificate)
 
 
-def _identity(row: ServerIdentity) -> KeyServerIdentity:
-    created = row.created_at
+def _identity(row: Any) -> KeyServerIdentity:
     return KeyServerIdentity(
         id=row.id,
         work_key_handle=row.work_key_handle,
@@ -80,14 +74,34 @@ def _identity(row: ServerIdentity) -> KeyServerIdentity:
         kswcrt_der=row.kswcrt_der,
         serial_hex=row.serial_hex,
         status=row.status,
-        created_at=created.replace(tzinfo=UTC) if created.tzinfo is None else created,
+        created_at=as_utc(row.created_at),
         ticket_key_handle=row.ticket_key_handle,
     )
 
 
-def _active_query(*, for_update: bool = False) -> Select[ServerIdentity]:
-    query = select(ServerIdentity).where(ServerIdentity.active_slot == _ACTIVE)
-    return query.with_for_update() if for_update else query
+_COLUMNS = (
+    ServerIdentity.id,
+    ServerIdentity.work_key_handle,
+    ServerIdentity.algorithm,
+    ServerIdentity.kswcrt_der,
+    ServerIdentity.serial_hex,
+    ServerIdentity.status,
+    ServerIdentity.created_at,
+    ServerIdentity.ticket_key_handle,
+)
+_ACTIVE_IDENTITY = select(*_COLUMNS).where(ServerIdentity.active_slot == _ACTIVE)
+_ACTIVE_IDENTITY_LOCKED = _ACTIVE_IDENTITY.with_for_update()
+_HISTORY = select(*_COLUMNS).order_by(ServerIdentity.id)
+_ADD_TICKET_KEY = (
+    update(ServerIdentity)
+    .where(ServerIdentity.id == bindparam("b_id"), ServerIdentity.ticket_key_handle.is_(None))
+    .values(ticket_key_handle=bindparam("handle"))
+)
+_END_IDENTITY = (
+    update(ServerIdentity)
+    .where(ServerIdentity.id == bindparam("b_id"))
+    .values(active_slot=None, status=bindparam("status"), retired_at=bindparam("b_now"))
+)
 
 
 class IdentityService:
@@ -95,38 +109,38 @@ class IdentityService:
 
     def __init__(
         self,
-        sessions: sessionmaker[Session],
+        db: Database,
         keystore: KeyStore,
+        pki: PkiService,
         *,
-        clock: Callable[[], datetime] | None = None,
+        clock: Callable[[], datetime] = utcnow,
         work_cert_validity: timedelta = SERVER_VALIDITY,
     ) -> None:
-        self._sessions = sessions
+        self._db = db
         self._keystore = keystore
-        self._clock = clock or (lambda: datetime.now(UTC))
+        self._clock = clock
         self._validity = work_cert_validity
-        self._pki = PkiService(sessions, keystore, clock=clock)
+        self._pki = pki
 
     # -- reading ---------------------------------------------------------------------------
 
     def current(self) -> KeyServerIdentity | None:
         """The active identity, or None before the first one is made."""
-        with self._sessions() as session:
-            row = session.scalars(_active_query()).one_or_none()
-            return _identity(row) if row else None
+        with self._db.reading() as reads:
+            row = reads.one(_ACTIVE_IDENTITY)
+        return _identity(row) if row else None
 
     def require_current(self) -> KeyServerIdentity:
         found = self.current()
         if found is None:
-            raise IdentityNotInitialised(
+            raise TmkIdentityNotInitialised(
                 "no work certificate yet: run `trustfleet tmk identity init` or start a download"
             )
         return found
 
     def history(self) -> list[KeyServerIdentity]:
-        with self._sessions() as session:
-            rows = session.scalars(select(ServerIdentity).order_by(ServerIdentity.id))
-            return [_identity(row) for row in rows]
+        with self._db.reading() as reads:
+            return [_identity(row) for row in reads.all(_HISTORY)]
 
     def root(self) -> CaInfo:
         """KSRCRT, created on first use."""
@@ -163,13 +177,9 @@ class IdentityService:
 
     def _add_ticket_key(self, identity: KeyServerIdentity) -> KeyServerIdentity:
         handle = self._new_ticket_key()
-        with transaction(self._sessions) as session:
-            result = session.execute(
-                update(ServerIdentity)
-                .where(ServerIdentity.id == identity.id, ServerIdentity.ticket_key_handle.is_(None))
-                .values(ticket_key_handle=handle)
-            )
-        if not getattr(result, "rowcount", 0):  # another node added one first
+        with self._db.work() as uow:
+            added = uow.run(_ADD_TICKET_KEY, b_id=identity.id, handle=handle)
+        if not added:  # another node added one first
             self._destroy_quietly(handle)
         return self.require_current()
 
@@ -249,46 +259,57 @@ class IdentityService:
         """Install the new identity (work key and ticket key ``handles``); the keys of the
         one it replaces that are to be destroyed: the work key, and the ticket key too if
         it is revoked (a retired one's tickets live out their minute)."""
-        now = self._clock()
+        now = as_utc(self._clock())
         try:
-            with transaction(self._sessions) as session:
-                current = session.scalars(_active_query(for_update=True)).one_or_none()
+            with self._db.work() as uow:
+                current = uow.one(_ACTIVE_IDENTITY_LOCKED)
                 if current is not None and not replace:
                     return _identity(current), []
                 old_handles = []
+                ended_status = None
                 if current is not None:
-                    current.active_slot = None
-                    current.status = "revoked" if current.id == revoked else "retired"
-                    current.retired_at = now
+                    ended_status = "revoked" if current.id == revoked else "retired"
+                    # frees the active slot before the new row takes it
+                    uow.run(_END_IDENTITY, b_id=current.id, status=ended_status, b_now=now)
                     old_handles.append(current.work_key_handle)
-                    if current.status == "revoked" and current.ticket_key_handle:
+                    if ended_status == "revoked" and current.ticket_key_handle:
                         old_handles.append(current.ticket_key_handle)
-                    session.flush()  # free the active slot before the new row takes it
-                row = ServerIdentity(
-                    work_key_handle=handles[0],
-                    ticket_key_handle=handles[1],
-                    algorithm=algorithm.value,
-                    kswcrt_der=der,
-                    serial_hex=serial_hex,
-                    status="active",
-                    active_slot=_ACTIVE,
-                    created_at=now,
+                new_id = uow.scalar(
+                    insert(ServerIdentity)
+                    .values(
+                        work_key_handle=handles[0],
+                        ticket_key_handle=handles[1],
+                        algorithm=algorithm.value,
+                        kswcrt_der=der,
+                        serial_hex=serial_hex,
+                        status="active",
+                        active_slot=_ACTIVE,
+                        created_at=now,
+                    )
+                    .returning(ServerIdentity.id)
                 )
-                session.add(row)
-                session.flush()
-                audit.append(
-                    session,
-                    action="tmk.work_certificate_installed",
+                uow.audit(
+                    "tmk.work_certificate_installed",
                     actor=actor,
                     subject=serial_hex,
                     details={
                         "algorithm": algorithm.value,
                         "replaced": current.serial_hex if current is not None else None,
-                        "replaced_status": current.status if current is not None else None,
+                        "replaced_status": ended_status,
                     },
                 )
-                return _identity(row), old_handles
-        except IntegrityError:  # another node took the active slot between our read and write
+            installed = KeyServerIdentity(
+                id=new_id,
+                work_key_handle=handles[0],
+                algorithm=algorithm,
+                kswcrt_der=der,
+                serial_hex=serial_hex,
+                status="active",
+                created_at=now,
+                ticket_key_handle=handles[1],
+            )
+            return installed, old_handles
+        except IntegrityViolation:  # another node took the active slot between read and write
             return self.require_current(), []
 
     def _discard(self, handles: tuple[str, str], serial_hex: str, actor: str) -> None:

@@ -1,5 +1,5 @@
 """Terminal registry: manufacturers register terminals (SN + TKP public key), singly or in
-streamed bulk; operators suspend, revoke and re-activate them.
+streamed bulk. (Operators change a terminal's status in :mod:`trustfleet.tmk.terminals`.)
 
 A bulk import is one transaction: every row is either registered, recognised as already
 registered with the same key (``unchanged``: re-importing a file changes nothing), or
@@ -21,14 +21,13 @@ from typing import Any
 
 from cryptography.exceptions import UnsupportedAlgorithm as UnsupportedAlgorithmError
 from cryptography.hazmat.primitives.serialization import load_der_public_key, load_pem_public_key
-from sqlalchemy import insert, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import bindparam, select
 
 from trustfleet.crypto import algorithm_of, load_public_key, public_key_to_der
 from trustfleet.crypto.base import KeyAlgorithm, PublicKey
-from trustfleet.errors import Conflict, CryptoError, InvalidInput, NotFound, UnsupportedAlgorithm
-from trustfleet.store.audit import append as audit
-from trustfleet.store.engine import transaction
+from trustfleet.errors import CryptoError, UnsupportedAlgorithm
+from trustfleet.store import Database, UnitOfWork
+from trustfleet.tmk.errors import TmkInvalidTerminalRecord, TmkTerminalAlreadyRegistered
 from trustfleet.tmk.models import Terminal
 
 SN_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -37,27 +36,6 @@ TKP_ALGORITHMS = frozenset(
     {KeyAlgorithm.RSA_2048, KeyAlgorithm.RSA_3072, KeyAlgorithm.EC_P256, KeyAlgorithm.SM2}
 )
 CHUNK_ROWS = 1000
-STATUSES = ("active", "suspended", "revoked")
-
-
-class TerminalNotFound(NotFound):
-    code = "terminal-not-found"
-    title = "No terminal is registered with that SN"
-
-
-class TerminalStateConflict(Conflict):
-    code = "terminal-state-conflict"
-    title = "The terminal's status does not allow this change"
-
-
-class TerminalAlreadyRegistered(Conflict):
-    code = "terminal-already-registered"
-    title = "A terminal with that SN is registered with another key"
-
-
-class InvalidTerminalRecord(InvalidInput):
-    code = "invalid-terminal-record"
-    title = "The terminal record is not valid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +99,7 @@ def _key_bytes(text: str) -> bytes:
     try:
         return base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidTerminalRecord("public_key is neither PEM nor base64 DER") from exc
+        raise TmkInvalidTerminalRecord("public_key is neither PEM nor base64 DER") from exc
 
 
 def _is_other_wellformed_key(data: bytes) -> bool:
@@ -160,7 +138,7 @@ def validate_record(raw: RawRecord) -> _ValidRecord | RowRejection:
         )
     try:
         key = _decode_key(raw.public_key)
-    except (CryptoError, InvalidTerminalRecord) as exc:
+    except (CryptoError, TmkInvalidTerminalRecord) as exc:
         code = "unsupported-algorithm" if exc.code == "unsupported-algorithm" else "malformed-key"
         return RowRejection(raw.row, raw.sn, code, exc.message)
     try:
@@ -181,7 +159,7 @@ def read_csv(lines: Iterable[str]) -> Iterator[RawRecord | RowRejection]:
     reader = csv.DictReader(iter(lines))
     fields = set(reader.fieldnames or [])
     if not {"sn", "public_key"} <= fields:
-        raise InvalidTerminalRecord("the CSV header must name the columns sn and public_key")
+        raise TmkInvalidTerminalRecord("the CSV header must name the columns sn and public_key")
     for number, row in enumerate(reader, start=1):
         if None in row:  # more cells than header columns
             yield RowRejection(
@@ -225,9 +203,9 @@ def read_json_array(text: str) -> Iterator[RawRecord | RowRejection]:
     try:
         items = json.loads(text)
     except (ValueError, RecursionError):  # bad JSON, or nested too deep to parse
-        raise InvalidTerminalRecord("the body is not valid JSON") from None
+        raise TmkInvalidTerminalRecord("the body is not valid JSON") from None
     if not isinstance(items, list):
-        raise InvalidTerminalRecord("a JSON import must be an array of objects")
+        raise TmkInvalidTerminalRecord("a JSON import must be an array of objects")
     for number, obj in enumerate(items, start=1):
         yield _record_from_object(number, obj)
 
@@ -249,7 +227,7 @@ def _chunks(
 
 
 def _import_chunk(
-    session: Session,
+    uow: UnitOfWork,
     chunk: list[RawRecord | RowRejection],
     seen: dict[str, str],
     report: ImportReport,
@@ -272,7 +250,7 @@ def _import_chunk(
             valid.append(checked)
     wanted = [v.sn for v in valid]
     query = select(Terminal.sn, Terminal.key_fingerprint).where(Terminal.sn.in_(wanted))
-    existing = {sn: fingerprint for sn, fingerprint in session.execute(query)}
+    existing = {row.sn: row.key_fingerprint for row in uow.all(query)} if wanted else {}
     new_rows: list[dict[str, Any]] = []
     for record in valid:
         registered = existing.get(record.sn)
@@ -286,9 +264,8 @@ def _import_chunk(
             )
         else:
             new_rows.append(_terminal_row(record, actor, now))
-    if new_rows:
-        session.execute(insert(Terminal), new_rows)
-        report.accepted += len(new_rows)
+    uow.insert_many(Terminal, new_rows)
+    report.accepted += len(new_rows)
     return [r["sn"] for r in new_rows]
 
 
@@ -307,7 +284,7 @@ def _terminal_row(record: _ValidRecord, actor: str, now: datetime) -> dict[str, 
 
 
 def import_terminals(
-    sessions: sessionmaker[Session],
+    db: Database,
     rows: Iterable[RawRecord | RowRejection],
     *,
     actor: str,
@@ -318,15 +295,14 @@ def import_terminals(
     seen: dict[str, str] = {}
     registered = hashlib.sha256()
     now = datetime.now(UTC)
-    with transaction(sessions) as session:
+    with db.work() as uow:
         for chunk in _chunks(rows, CHUNK_ROWS):
-            for sn in _import_chunk(session, chunk, seen, report, actor, now):
+            for sn in _import_chunk(uow, chunk, seen, report, actor, now):
                 registered.update(sn.encode() + b"\n")
             if progress:
                 progress(len(chunk))
-        audit(
-            session,
-            action="tmk.terminals_imported",
+        uow.audit(
+            "tmk.terminals_imported",
             actor=actor,
             subject="terminals",
             details={
@@ -339,69 +315,28 @@ def import_terminals(
     return report
 
 
-def register_terminal(
-    sessions: sessionmaker[Session], *, sn: str, model: str, public_key: str, actor: str
-) -> Terminal:
-    """Register one terminal; an identical re-registration returns the existing record."""
+_TERMINAL_FINGERPRINT = select(Terminal.key_fingerprint).where(Terminal.sn == bindparam("b_sn"))
+
+
+def register_terminal(db: Database, *, sn: str, model: str, public_key: str, actor: str) -> str:
+    """Register one terminal; registering it again with the same key changes nothing. Its
+    SN (as validated)."""
     checked = validate_record(RawRecord(1, sn.strip(), model.strip(), public_key))
     if isinstance(checked, RowRejection):
-        raise InvalidTerminalRecord(checked.message, reason=checked.code)
-    with transaction(sessions) as session:
-        existing = session.get(Terminal, checked.sn)
-        if existing is not None:
-            if existing.key_fingerprint != checked.fingerprint:
-                raise TerminalAlreadyRegistered(
+        raise TmkInvalidTerminalRecord(checked.message, reason=checked.code)
+    with db.work() as uow:
+        registered = uow.scalar(_TERMINAL_FINGERPRINT, b_sn=checked.sn)
+        if registered is not None:
+            if registered != checked.fingerprint:
+                raise TmkTerminalAlreadyRegistered(
                     f"terminal {checked.sn} is registered with another key"
                 )
-            return existing
-        now = datetime.now(UTC)
-        terminal = Terminal(**_terminal_row(checked, actor, now))
-        session.add(terminal)
-        audit(
-            session,
-            action="tmk.terminal_registered",
+            return checked.sn
+        uow.insert(Terminal, **_terminal_row(checked, actor, datetime.now(UTC)))
+        uow.audit(
+            "tmk.terminal_registered",
             actor=actor,
             subject=checked.sn,
             details={"algorithm": checked.algorithm.value, "key_sha256": checked.fingerprint},
         )
-    return terminal
-
-
-_TRANSITIONS = {
-    "suspend": ({"active"}, "suspended"),
-    "revoke": ({"active", "suspended"}, "revoked"),
-    "reactivate": ({"suspended"}, "active"),
-}
-
-
-def change_status(
-    sessions: sessionmaker[Session], sn: str, action: str, *, actor: str, reason: str = ""
-) -> Terminal:
-    """``suspend`` (active→suspended), ``revoke`` (final) or ``reactivate`` (suspended→active)."""
-    if action not in _TRANSITIONS:
-        raise InvalidInput(f"unknown status change {action!r}")
-    allowed_from, target = _TRANSITIONS[action]
-    with transaction(sessions) as session:
-        terminal = session.get(Terminal, sn, with_for_update=True)
-        if terminal is None:
-            raise TerminalNotFound(f"no terminal {sn!r}")
-        if terminal.status not in allowed_from:
-            raise TerminalStateConflict(f"cannot {action} a terminal that is {terminal.status}")
-        previous, terminal.status = terminal.status, target
-        terminal.updated_at = datetime.now(UTC)
-        audit(
-            session,
-            action=f"tmk.terminal_{target}",
-            actor=actor,
-            subject=sn,
-            details={"from": previous, "reason": reason[:200]},
-        )
-    return terminal
-
-
-def get_terminal(sessions: sessionmaker[Session], sn: str) -> Terminal:
-    with sessions() as session:
-        terminal = session.get(Terminal, sn)
-    if terminal is None:
-        raise TerminalNotFound(f"no terminal {sn!r}")
-    return terminal
+    return checked.sn

@@ -37,7 +37,7 @@ from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.crypto.payment import kcv as kcvs
 from trustfleet.crypto.payment import pinblock, tr31
 from trustfleet.errors import InvalidInput
-from trustfleet.tmk.errors import ScmError, TmkError
+from trustfleet.tmk.errors import ScmError, TmkError, TmkServerRefused, TmkWorkingKeyRefused
 from trustfleet.tmk.protocol import (
     KeyDelivery,
     ServerChallenge,
@@ -64,24 +64,6 @@ TERMINAL_MODES: dict[str, frozenset[str]] = {
 }
 
 
-class TmkServerRefused(TmkError):
-    """The key server answered a step with an error (its problem code is ``remote_code``)."""
-
-    code = "tmk-server-refused"
-    status = 502
-    title = "The key server refused the request"
-
-    def __init__(self, remote_code: str, detail: str, http_status: int) -> None:
-        super().__init__(f"the key server refused: [{remote_code}] {detail}")
-        self.remote_code = remote_code
-        self.http_status = http_status
-
-
-class WorkingKeyRefused(TmkError):
-    code = "tmk-working-key-refused"
-    title = "The working key block does not check out against the terminal's TMK"
-
-
 # =====================================================================================
 # The secure module, with working-key use
 # =====================================================================================
@@ -103,7 +85,7 @@ def _block_algorithm(header: tr31.KeyBlockHeader, key: bytes) -> KeyAlgorithm:
         return KeyAlgorithm.TDES
     if header.algorithm == "A" and len(key) in (16, 32):
         return KeyAlgorithm.AES_128 if len(key) == 16 else KeyAlgorithm.AES_256
-    raise WorkingKeyRefused(f"a working key of algorithm {header.algorithm!r} is not supported")
+    raise TmkWorkingKeyRefused(f"a working key of algorithm {header.algorithm!r} is not supported")
 
 
 class PosSecureModule(SecureControlModule):
@@ -116,7 +98,7 @@ class PosSecureModule(SecureControlModule):
         self, block: str, usage: str
     ) -> tuple[tr31.KeyBlockHeader, KeyAlgorithm, bytes]:
         if usage not in TERMINAL_MODES:
-            raise WorkingKeyRefused(f"this terminal has no use for key usage {usage[:4]!r}")
+            raise TmkWorkingKeyRefused(f"this terminal has no use for key usage {usage[:4]!r}")
         tmk = self._installed()
         header, key = tr31.unwrap_for(
             tmk.key, block, expected_usage=usage, expected_modes=TERMINAL_MODES[usage]
@@ -124,10 +106,10 @@ class PosSecureModule(SecureControlModule):
         algorithm = _block_algorithm(header, key)
         blocks = dict(header.optional_blocks)
         if "KP" in blocks and not hmac.compare_digest(blocks["KP"][2:], tmk.kcv.hex().upper()):
-            raise WorkingKeyRefused("the block names another TMK as its protection key")
+            raise TmkWorkingKeyRefused("the block names another TMK as its protection key")
         kcv = kcvs.kcv(algorithm, key)
         if "KC" in blocks and not hmac.compare_digest(blocks["KC"][2:], kcv.hex().upper()):
-            raise WorkingKeyRefused("the key does not match the check value in its block")
+            raise TmkWorkingKeyRefused("the key does not match the check value in its block")
         return header, algorithm, key
 
     def check_working_key(self, block: str, usage: str) -> ReceivedWorkingKey:
@@ -363,7 +345,7 @@ class PosTerminal:
         """A PIN block under the terminal's P0 key."""
         block = self._load_working_keys().get("P0")
         if block is None:
-            raise WorkingKeyRefused("no PIN key (P0) has been installed")
+            raise TmkWorkingKeyRefused("no PIN key (P0) has been installed")
         return self.scm.encrypt_pin_block(block, pin=pin, pan=pan)
 
     def _load_working_keys(self) -> dict[str, str]:

@@ -1,0 +1,121 @@
+"""Device routes, declared once.
+
+The few routes a fleet's devices call (a TMK download's steps, and each later capability's
+device steps) are the busiest of the server. A capability declares each once, as a plain
+handler, with :class:`DeviceRoutes`::
+
+    device = DeviceRoutes(router, roles={Role.DEVICE_GATEWAY})
+
+    @device.post("/downloads/{session_id}/proof", params={"session_id": SESSION_ID})
+    def proof(context: AppContext, principal: Principal, params: Mapping[str, str],
+              body: bytes) -> DeviceAnswer:
+        \"\"\"Step 4-6: a ``tmk-terminal-proof`` in, a ``tmk-key-delivery`` out.\"\"\"
+        ...
+
+    device_routes = device.routes   # the module attribute the app factory reads
+
+That one declaration gives both ways the route is served, which answer alike: the device
+lane in front of FastAPI (:mod:`trustfleet.server.devicelane`, the fast path) and an
+ordinary FastAPI route of the same path, roles and parameter patterns, which documents it
+in OpenAPI (its docstring, its request and response media types) and answers when the app
+is built without the lane. The handler is database work: it runs right after the token
+check, in the same hop (see :func:`trustfleet.server.deps.run_database_work`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Request, Response
+
+from trustfleet.server.deps import Principal, require_role
+from trustfleet.server.devicelane import DeviceHandler, DeviceRoute, answer_in_fastapi
+
+MESSAGE_MEDIA_TYPE = "application/json"
+
+
+class DeviceRoutes:
+    """A capability's device routes on its ``router`` (whose prefix they share)."""
+
+    def __init__(self, router: APIRouter, *, roles: Iterable[str]) -> None:
+        self._router = router
+        self._roles = frozenset(str(role) for role in roles)
+        self._routes: list[DeviceRoute] = []
+
+    @property
+    def routes(self) -> tuple[DeviceRoute, ...]:
+        """What the device lane serves (the module's ``device_routes``)."""
+        return tuple(self._routes)
+
+    def post(
+        self,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        request_media_type: str = MESSAGE_MEDIA_TYPE,
+        response_media_type: str = MESSAGE_MEDIA_TYPE,
+        response_model: Any = None,
+    ) -> Callable[[DeviceHandler], DeviceHandler]:
+        """Declare ``handler`` as ``POST <prefix><path>``; ``params`` is the full-match
+        pattern of each ``{parameter}`` of the path. The handler's docstring documents the
+        route."""
+        patterns = dict(params or {})
+
+        def declare(handler: DeviceHandler) -> DeviceHandler:
+            full_path = self._router.prefix + path
+            self._routes.append(DeviceRoute("POST", full_path, self._roles, handler, patterns))
+            response: dict[str, Any] = (
+                {"model": response_model}
+                if response_model is not None
+                else {"content": {response_media_type: {}}}
+            )
+            self._router.add_api_route(
+                path,
+                _endpoint(handler, self._roles, patterns),
+                methods=["POST"],
+                response_class=Response,
+                name=handler.__name__.strip("_"),
+                description=inspect.getdoc(handler) or "",
+                responses={200: {"description": "The device's next message", **response}},
+                openapi_extra={
+                    "requestBody": {
+                        "required": True,
+                        "content": {request_media_type: {"schema": {"type": "object"}}},
+                    }
+                },
+            )
+            return handler
+
+        return declare
+
+
+def _endpoint(
+    handler: DeviceHandler, roles: frozenset[str], params: Mapping[str, str]
+) -> Callable[..., Any]:
+    """A FastAPI endpoint that checks the roles and the path parameters' patterns, then
+    answers with ``handler`` (FastAPI reads its parameters from ``__signature__``)."""
+
+    async def endpoint(request: Request, principal: Principal, **_path: str) -> Response:
+        return await answer_in_fastapi(request, principal, handler)
+
+    parameters = [
+        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request),
+        inspect.Parameter(
+            "principal",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Annotated[Principal, Depends(require_role(*sorted(roles)))],
+        ),
+        *(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=Annotated[str, Path(pattern=f"^{pattern}$")],
+            )
+            for name, pattern in params.items()
+        ),
+    ]
+    endpoint.__signature__ = inspect.Signature(parameters, return_annotation=Response)  # type: ignore[attr-defined]
+    endpoint.__name__ = handler.__name__.strip("_")
+    return endpoint

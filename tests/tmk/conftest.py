@@ -1,0 +1,203 @@
+"""What the TMK tests share: a movable clock, the capability's use cases over a real
+database and soft key store, terminals made at the factory and registered, the service
+behind the terminal's transport without HTTP, and checks of what the database holds."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from trustfleet.crypto.base import KeyAlgorithm
+from trustfleet.errors import KeyNotFound, TrustfleetError
+from trustfleet.keystore.base import KeyStore
+from trustfleet.keystore.master import MasterKey, MasterKeyring
+from trustfleet.keystore.soft import SoftKeyStore
+from trustfleet.pki.service import PkiService
+from trustfleet.store import Database
+from trustfleet.store.audit import AuditRecord, iter_records
+from trustfleet.tmk import registry
+from trustfleet.tmk.downloads import Downloads
+from trustfleet.tmk.errors import TmkServerRefused
+from trustfleet.tmk.identity import IdentityService
+from trustfleet.tmk.models import DownloadSession, TerminalMasterKey
+from trustfleet.tmk.terminal import PosTerminal
+from trustfleet.tmk.terminals import Terminals
+from trustfleet.tmk.working_keys import WorkingKeys
+
+PAN = "4111111111111111"
+
+
+class Clock:
+    """A clock the test moves; starts at the current second."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC).replace(microsecond=0)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@dataclass
+class Tmk:
+    """The TMK capability's use cases over one database and one key store."""
+
+    db: Database
+    sessions: sessionmaker[Session]
+    keystore: KeyStore
+    identity: IdentityService
+    downloads: Downloads
+    terminals: Terminals
+    working_keys: WorkingKeys
+
+    @classmethod
+    def build(
+        cls,
+        db: Database,
+        sessions: sessionmaker[Session],
+        keystore: KeyStore,
+        clock: Callable[[], datetime] | None = None,
+    ) -> Tmk:
+        timed: dict[str, Any] = {"clock": clock} if clock else {}
+        identity = IdentityService(db, keystore, PkiService(sessions, keystore, **timed), **timed)
+        return cls(
+            db,
+            sessions,
+            keystore,
+            identity,
+            Downloads(db, keystore, identity, **timed),
+            Terminals(db, keystore, **timed),
+            WorkingKeys(db, keystore, **timed),
+        )
+
+    def register(self, record_pem: str, sn: str, model: str = "A920") -> None:
+        registry.register_terminal(
+            self.db, sn=sn, model=model, public_key=record_pem, actor="maker"
+        )
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def keystore(sessions: sessionmaker[Session]) -> SoftKeyStore:
+    return SoftKeyStore(sessions, MasterKeyring([MasterKey.new()]))
+
+
+@pytest.fixture
+def tmk(db: Database, sessions: sessionmaker[Session], keystore: KeyStore, clock: Clock) -> Tmk:
+    capability = Tmk.build(db, sessions, keystore, clock)
+    capability.identity.ensure(actor="test")
+    return capability
+
+
+@pytest.fixture
+def root_pem(tmk: Tmk) -> bytes:
+    return tmk.identity.root().pem.encode()
+
+
+@pytest.fixture
+def make_terminal(tmp_path: Path, tmk: Tmk, root_pem: bytes) -> Callable[..., PosTerminal]:
+    """A terminal made at the factory (and registered, unless told not to)."""
+    counter = iter(range(1000))
+
+    def make(
+        sn: str = "POS-1", algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256, *, register: bool = True
+    ) -> PosTerminal:
+        directory = tmp_path / f"pos-{next(counter)}"
+        record = PosTerminal.factory(directory, sn, algorithm, root_pem=root_pem)
+        if register:
+            tmk.register(record.public_key_pem, sn)
+        return PosTerminal.open(directory)
+
+    return make
+
+
+@pytest.fixture
+def terminal(make_terminal: Callable[..., PosTerminal]) -> PosTerminal:
+    return make_terminal()
+
+
+class ServiceTransport:
+    """The HTTP routes' calls to the use cases, without HTTP (same error translation)."""
+
+    def __init__(self, tmk: Tmk) -> None:
+        self.tmk = tmk
+
+    def post(self, path: str, body: bytes) -> bytes:
+        parts = path.strip("/").split("/")
+        downloads = self.tmk.downloads
+        try:
+            if parts == ["v1", "tmk", "downloads"]:
+                return downloads.start(body, actor="gw").to_json()
+            session_id, step = parts[3], parts[4]
+            if step == "proof":
+                return downloads.accept_proof(session_id, body, actor="gw").to_json()
+            if step == "confirm":
+                downloads.confirm(session_id, body, actor="gw")
+                return b"{}"
+            report = json.loads(body)
+            ticket = base64.b64decode(report["ticket"]) if "ticket" in report else None
+            downloads.abort(session_id, report["code"], actor="gw", ticket=ticket)
+            return b"{}"
+        except TrustfleetError as exc:  # what the API would answer as problem+json
+            raise TmkServerRefused(exc.code, exc.message, exc.status) from exc
+
+    def get(self, path: str) -> bytes:
+        return self.tmk.identity.crl()
+
+
+# -- what the database holds ------------------------------------------------------------
+
+
+def audit_records(sessions: sessionmaker[Session]) -> list[AuditRecord]:
+    with sessions() as session:
+        return list(iter_records(session))
+
+
+def failures(sessions: sessionmaker[Session]) -> list[dict[str, object]]:
+    """The details (and subject) of every ``tmk.download_failed`` record."""
+    return [
+        json.loads(r.details) | {"subject": r.subject}
+        for r in audit_records(sessions)
+        if r.action == "tmk.download_failed"
+    ]
+
+
+def tmks_of(sessions: sessionmaker[Session], sn: str) -> list[TerminalMasterKey]:
+    with sessions() as session:
+        query = select(TerminalMasterKey).where(TerminalMasterKey.sn == sn)
+        return list(session.scalars(query.order_by(TerminalMasterKey.id)))
+
+
+def session_row(sessions: sessionmaker[Session], session_id: str) -> DownloadSession:
+    with sessions() as session:
+        row = session.get(DownloadSession, session_id)
+    assert row is not None
+    return row
+
+
+def assert_destroyed(keystore: KeyStore, handle: str) -> None:
+    with pytest.raises(KeyNotFound):
+        keystore.info(handle)
+
+
+def assert_no_tmk_left(sessions: sessionmaker[Session], keystore: KeyStore, sn: str) -> None:
+    """No TMK of ``sn`` is active, and every one ever made is destroyed in the key store."""
+    for row in tmks_of(sessions, sn):
+        assert row.status in ("aborted", "retired")
+        assert row.destroyed_at is not None
+        assert_destroyed(keystore, row.key_handle)
