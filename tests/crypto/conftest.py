@@ -1,4 +1,4 @@
-"""Fixtures for the crypto tests: keys are costly (RSA-3072, pure-Python SM2), so each
+"""Fixtures for the crypto tests: keys are costly (RSA-3072 above all), so each
 suite's keys are made once per session."""
 
 from __future__ import annotations
