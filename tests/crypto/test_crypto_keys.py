@@ -220,6 +220,25 @@ def test_sm2_private_scalar_out_of_range_is_invalid(d: int) -> None:
         SM2PrivateKey(d)
 
 
+#: an SM2 scalar whose big-endian bytes start with 0x00 (1 key in 256)
+SM2_D_WITH_LEADING_ZERO = 0xB32CCBB0_AEEB8DDD_0FFF6C02_77EDC98F_82D08887_22303EC8_9ABEBE83_4B6E4E
+
+
+def test_sm2_private_scalar_is_exported_at_full_width() -> None:
+    key = SM2PrivateKey(SM2_D_WITH_LEADING_ZERO)
+    assert key.private_bytes()[0] == 0
+    der = private_key_to_der(key)
+    assert b"\x04\x20" + key.private_bytes() in der  # OCTET STRING of 32 bytes (RFC 5915)
+    assert load_private_key(der).private_bytes() == key.private_bytes()  # type: ignore[union-attr]
+
+
+def test_openssl_reencodes_a_short_sm2_scalar_as_we_do(openssl_sm2: OpenSSL) -> None:
+    key = SM2PrivateKey(SM2_D_WITH_LEADING_ZERO)
+    private = openssl_sm2.write("key.pem", private_key_to_pem(key))
+    der = openssl_sm2.run("pkcs8", "-topk8", "-nocrypt", "-in", private, "-outform", "DER")
+    assert der.stdout == private_key_to_der(key)
+
+
 def test_sm2_private_key_with_a_mismatched_embedded_public_key_is_invalid() -> None:
     der = private_key_to_der(key_of(KeyAlgorithm.SM2))
     other_point = generate_private_key(KeyAlgorithm.SM2).public_key().public_bytes()  # type: ignore[union-attr]

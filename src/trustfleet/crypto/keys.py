@@ -296,6 +296,9 @@ def _sm2_pkcs8(key: SM2PrivateKey) -> bytes:
             "public_key": key.public_key().public_bytes(),
         }
     )
+    # RFC 5915: the scalar at the curve's full width, also when it starts with zero bytes
+    # (asn1crypto would infer the width from this one value)
+    sec1.set_key_size(len(key.private_bytes()))
     algorithm = asn1_keys.PrivateKeyAlgorithm(
         {"algorithm": "ec", "parameters": _sm2_algorithm_parameters()}
     )
