@@ -118,7 +118,7 @@ def _is_valid_public_point(point: Point) -> bool:
     return _in_field(point) and bool(_GmalglibSM2.is_pk_valid(_encode_point(point)))
 
 
-def _fixed_random(rnd_fn: RandomBits) -> Callable[[int], bytes]:
+def _gmalglib_random(rnd_fn: RandomBits) -> Callable[[int], bytes]:
     """gmalglib's ``rnd_fn`` returns bytes, which it reads as a little-endian integer
     (its native limb order on x86-64 and arm64); ours returns the integer."""
 
@@ -210,7 +210,7 @@ class SM2PublicKey:
         engine = self._sm2()
         if _rnd_fn is not None:
             engine = _GmalglibSM2(
-                pk=self.public_bytes(), uid=self._uid, rnd_fn=_fixed_random(_rnd_fn)
+                pk=self.public_bytes(), uid=self._uid, rnd_fn=_gmalglib_random(_rnd_fn)
             )
         for _ in range(_ENCRYPT_ATTEMPTS):
             ciphertext: bytes = engine.encrypt(plaintext)
@@ -285,7 +285,7 @@ class SM2PrivateKey:
 
     def _sm2(self, rnd_fn: RandomBits | None = None) -> Any:
         if rnd_fn is not None:
-            return _GmalglibSM2(self.private_bytes(), uid=self.uid, rnd_fn=_fixed_random(rnd_fn))
+            return _GmalglibSM2(self.private_bytes(), uid=self.uid, rnd_fn=_gmalglib_random(rnd_fn))
         engine = self._engine
         if engine is None:
             engine = self._engine = _GmalglibSM2(self.private_bytes(), uid=self.uid)
