@@ -1,7 +1,7 @@
 """Throughput of each crypto suite through trustfleet, against the same primitive called
-directly (pyca/cryptography; gmalg for SM2) in the same run.
+directly (pyca/cryptography; gmalglib for SM2) in the same run.
 
-    python bench/bench_crypto.py [--seconds N] [--suite NAME ...]
+    python bench/bench_crypto.py [--seconds N] [--suite NAME ...] [--floor-rounds N]
 
 ``--seconds`` is the time budget of each (suite, operation) pair, split evenly between
 the two sides. The sides run in alternating short batches (trustfleet first in even
@@ -13,6 +13,12 @@ every public-key operation.
 The direct side gets the same inputs as the suite API: raw key bytes for the symmetric
 operations (so both sides build the cipher object per call) and key objects for the
 public-key ones (the direct side prebuilds its padding/algorithm objects once).
+
+With the gm suite, SM2 signing and verification are also measured against OpenSSL's own
+SM2 (``openssl speed -mr -seconds S sm2``, S = ``--seconds`` rounded, at least 1) as the
+floor: ``--floor-rounds`` rounds, each one openssl speed run and S seconds of each gm
+operation (in alternating order), on the same 20-byte message openssl speed signs; the
+ratio is the median of the per-round ratios. The target is >= 0.3 (issue 18).
 """
 
 from __future__ import annotations
@@ -20,18 +26,22 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 
 import cryptography
-import gmalg
 from cryptography.hazmat.primitives import cmac, hashes, hmac, hpke
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, x25519
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from gmalglib.sm2 import SM2 as GmalglibSM2
 
 from trustfleet.crypto import SM2PrivateKey, get_suite
 from trustfleet.crypto.base import Suite
@@ -43,6 +53,9 @@ SMALL = os.urandom(64)
 LARGE = os.urandom(1 << 20)
 AAD = b"header"
 PUBLIC_KEY_OPS = ("sign", "verify", "kem wrap", "kem unwrap")
+FLOOR_TARGET = 0.3
+#: the message openssl speed signs and verifies for SM2 (a 20-byte buffer)
+FLOOR_MESSAGE = os.urandom(20)
 
 
 @dataclass(frozen=True)
@@ -257,26 +270,30 @@ def gm_cases() -> list[Case]:
     key = SM2PrivateKey.generate()
     public = key.public_key()
     uid = key.uid
-    raw = gmalg.SM2(key.private_bytes(), uid, public.public_bytes())
+    raw = GmalglibSM2(key.private_bytes(), uid=uid)
+    raw_public = GmalglibSM2(pk=public.public_bytes(), uid=uid)
     signature = suite.sign(key, SMALL)
-    r, s = raw.sign(SMALL)
+    raw_signature = raw.sign(SMALL)  # r || s, 64 bytes
     wrapped = suite.kem_wrap(public, SMALL[:32], INFO)
     nonce = bytes(12)
 
-    def gmalg_kem_wrap() -> bytes:
+    def gmalglib_kem_wrap() -> bytes:
         content_key = os.urandom(16)
-        return raw.encrypt(content_key) + _sm4_gcm_seal(content_key, nonce, SMALL[:32], INFO)
+        wrapped_key = raw_public.encrypt(content_key)
+        return wrapped_key + _sm4_gcm_seal(content_key, nonce, SMALL[:32], INFO)
 
-    def gmalg_kem_unwrap() -> bytes:
+    def gmalglib_kem_unwrap() -> bytes:
         content_key = raw.decrypt(wrapped[:113])
         return _sm4_gcm_open(content_key, nonce, wrapped[113:], INFO)
 
     return [
         Case("gm", "sign", lambda: suite.sign(key, SMALL), lambda: raw.sign(SMALL)),
         Case("gm", "verify", lambda: suite.verify(public, SMALL, signature),
-             lambda: raw.verify(SMALL, r, s)),
-        Case("gm", "kem wrap", lambda: suite.kem_wrap(public, SMALL[:32], INFO), gmalg_kem_wrap),
-        Case("gm", "kem unwrap", lambda: suite.kem_unwrap(key, wrapped, INFO), gmalg_kem_unwrap),
+             lambda: raw_public.verify(SMALL, raw_signature)),
+        Case("gm", "kem wrap", lambda: suite.kem_wrap(public, SMALL[:32], INFO),
+             gmalglib_kem_wrap),
+        Case("gm", "kem unwrap", lambda: suite.kem_unwrap(key, wrapped, INFO),
+             gmalglib_kem_unwrap),
         *_symmetric_cases(suite, _sm4_gcm_seal, _sm4_gcm_open, _hmac(hashes.SM3()),
                           _cmac(algorithms.SM4)),
     ]  # fmt: skip
@@ -288,6 +305,79 @@ CASES: dict[str, Callable[[], list[Case]]] = {
     "rsa": rsa_cases,
     "gm": gm_cases,
 }
+
+
+# -- the floor: OpenSSL's own SM2 ------------------------------------------------------
+
+#: ``+F7:<index>:<bits>:<curve>:<sign/s>:<verify/s>`` in openssl speed's -mr output
+_SPEED_SM2 = re.compile(rb"^\+F7:\d+:256:CurveSM2:([0-9.]+):([0-9.]+)\s*$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class FloorResult:
+    op: str
+    ours: float
+    openssl: float
+    #: median over rounds of trustfleet ÷ openssl within the round
+    ratio: float
+
+
+def openssl_speed_sm2(binary: str, seconds: int) -> tuple[float, float]:
+    """Signatures and verifications per second of OpenSSL's SM2, in one openssl run."""
+    result = subprocess.run([binary, "speed", "-mr", "-seconds", str(seconds), "sm2"],
+                            capture_output=True, check=True, timeout=60 + 4 * seconds)  # fmt: skip
+    match = _SPEED_SM2.search(result.stdout)
+    if match is None:
+        raise RuntimeError("openssl speed printed no SM2 result")
+    return float(match.group(1)), float(match.group(2))
+
+
+def measure_sm2_floor(binary: str, seconds: int, rounds: int) -> list[FloorResult]:
+    suite = get_suite("gm")
+    key = SM2PrivateKey.generate()
+    public = key.public_key()
+    signature = suite.sign(key, FLOOR_MESSAGE)
+    ops: dict[str, Op] = {
+        "sign": lambda: suite.sign(key, FLOOR_MESSAGE),
+        "verify": lambda: suite.verify(public, FLOOR_MESSAGE, signature),
+    }
+    counts = {op: _batch_size(fn, seconds) for op, fn in ops.items()}
+    ours: dict[str, list[float]] = {op: [] for op in ops}
+    theirs: dict[str, list[float]] = {op: [] for op in ops}
+
+    def run_ours() -> None:
+        for op, fn in ops.items():
+            ours[op].append(_batch_rate(fn, counts[op])[0])
+
+    def run_openssl() -> None:
+        sign, verify = openssl_speed_sm2(binary, seconds)
+        theirs["sign"].append(sign)
+        theirs["verify"].append(verify)
+
+    for round_number in range(rounds):
+        first, second = (run_ours, run_openssl) if round_number % 2 == 0 else (
+            run_openssl, run_ours)  # fmt: skip
+        first()
+        second()
+    return [
+        FloorResult(
+            f"gm {op}",
+            statistics.median(ours[op]),
+            statistics.median(theirs[op]),
+            statistics.median(o / t for o, t in zip(ours[op], theirs[op], strict=True)),
+        )
+        for op in ops
+    ]
+
+
+def openssl_with_sm2() -> str | None:
+    """The openssl tool if it is there and has SM2 signatures."""
+    binary = shutil.which("openssl")
+    if binary is None:
+        return None
+    listed = subprocess.run([binary, "list", "-signature-algorithms"], capture_output=True,
+                            timeout=30)  # fmt: skip
+    return binary if listed.returncode == 0 and b"SM2" in listed.stdout else None
 
 
 # -- report ----------------------------------------------------------------------------
@@ -311,6 +401,20 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def floor_table(results: list[FloorResult]) -> str:
+    lines = [
+        "| operation | trustfleet ops/s | openssl speed ops/s | ratio | target |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        mark = " ⚠" if r.ratio < FLOOR_TARGET else ""
+        lines.append(
+            f"| {r.op} | {_rate(r.ours)} | {_rate(r.openssl)} | {r.ratio:.2f}{mark} "
+            f"| >= {FLOOR_TARGET} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -321,27 +425,61 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--suite", action="append", choices=sorted(CASES),
                         help="only these suites (repeatable)")  # fmt: skip
+    parser.add_argument("--floor-rounds", type=int, default=5,
+                        help="rounds against openssl speed sm2 with the gm suite "
+                             "(default 5; 0 skips the floor)")  # fmt: skip
     args = parser.parse_args(argv)
+    suites = args.suite or list(CASES)
 
     started = time.perf_counter()
     results: list[Result] = []
-    for name in args.suite or list(CASES):
+    for name in suites:
         for case in CASES[name]():
             results.append(measure(case, args.seconds))
             print(f"  {case.suite:8} {case.op:16} done", file=sys.stderr, flush=True)
 
+    floor: list[FloorResult] = []
+    floor_note = ""
+    if "gm" in suites and args.floor_rounds > 0:
+        binary = openssl_with_sm2()
+        if binary is None:
+            floor_note = "no openssl tool with SM2 here: the OpenSSL floor was not measured"
+        else:
+            speed_seconds = max(1, round(args.seconds))
+            floor = measure_sm2_floor(binary, speed_seconds, args.floor_rounds)
+            version = subprocess.run([binary, "version"], capture_output=True, text=True)
+            floor_note = (f"`openssl speed -mr -seconds {speed_seconds} sm2` "
+                          f"({version.stdout.split(' (Library')[0].strip()}), "
+                          f"{args.floor_rounds} rounds")  # fmt: skip
+            print("  gm       openssl floor    done", file=sys.stderr, flush=True)
+
     print(f"python {platform.python_version()}, cryptography {cryptography.__version__}, "
-          f"{platform.machine()}, {os.cpu_count()} CPUs; "
-          f"{time.perf_counter() - started:.0f} s total\n")  # fmt: skip
+          f"gmalglib {metadata.version('gmalglib')}, {platform.machine()}, "
+          f"{os.cpu_count()} CPUs; {time.perf_counter() - started:.0f} s total\n")  # fmt: skip
     print(table(results))
+    status = 0
     slow = [r for r in results if r.public_key and r.ratio < 0.9]
     print()
     if slow:
         print("public-key operations under the 0.9 target: "
               + ", ".join(f"{r.case.suite} {r.case.op} ({r.ratio:.2f})" for r in slow))  # fmt: skip
-        return 1
-    print("every public-key operation is within the 0.9 target")
-    return 0
+        status = 1
+    else:
+        print("every public-key operation is within the 0.9 target")
+
+    if floor_note:
+        print(f"\nSM2 against OpenSSL's own: {floor_note}\n")
+    if floor:
+        print(floor_table(floor))
+        under = [r for r in floor if r.ratio < FLOOR_TARGET]
+        print()
+        if under:
+            print(f"under the {FLOOR_TARGET} floor target: "
+                  + ", ".join(f"{r.op} ({r.ratio:.2f})" for r in under))  # fmt: skip
+            status = 1
+        else:
+            print(f"SM2 sign and verify are within the {FLOOR_TARGET} floor target")
+    return status
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Fixtures for the crypto tests: keys are costly (RSA-3072, pure-Python SM2), so each
+"""Fixtures for the crypto tests: keys are costly (RSA-3072 above all), so each
 suite's keys are made once per session."""
 
 from __future__ import annotations
@@ -68,6 +68,29 @@ def openssl(tmp_path: Path) -> OpenSSL:
     if binary is None:
         pytest.skip("the openssl command-line tool is not installed")
     return OpenSSL(binary, tmp_path)
+
+
+_HAS_SM2: dict[str, bool] = {}
+
+
+def _has_sm2(binary: str) -> bool:
+    """OpenSSL 3 with SM2 signatures and SM2 encryption (some builds leave SM2 out)."""
+    if binary not in _HAS_SM2:
+
+        def listed(kind: str) -> bool:
+            result = subprocess.run([binary, "list", kind], capture_output=True, timeout=30)
+            return result.returncode == 0 and b"SM2" in result.stdout
+
+        _HAS_SM2[binary] = listed("-signature-algorithms") and listed("-asymcipher-algorithms")
+    return _HAS_SM2[binary]
+
+
+@pytest.fixture
+def openssl_sm2(openssl: OpenSSL) -> OpenSSL:
+    """The openssl tool, if it signs and encrypts with SM2; the test is skipped if not."""
+    if not _has_sm2(openssl.binary):
+        pytest.skip("this openssl has no SM2 signatures or encryption (needs OpenSSL 3 with SM2)")
+    return openssl
 
 
 _KEYS: dict[KeyAlgorithm, PrivateKey] = {}

@@ -6,11 +6,14 @@ import hashlib
 import hmac
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from trustfleet.crypto import get_suite, sm4_cbc_decrypt, sm4_cbc_encrypt
-from trustfleet.crypto.sm2 import SM2Curve, SM2PrivateKey, SM2PublicKey
+from trustfleet.crypto.sm2 import SM2P256V1, SM2Curve, SM2PrivateKey, SM2PublicKey
 from trustfleet.errors import DecryptionFailed, InvalidInput, InvalidKey, InvalidSignature
 
 GM = get_suite("gm")
@@ -83,9 +86,68 @@ def test_sm4_gcm_rfc8998() -> None:
         GM.aead_open(_SM4_KEY, nonce, expected, aad[:-1])
 
 
-# -- SM2 on the GB/T 32918 Fp-256 *test* curve ------------------------------------------
-# GB/T 32918.2-2016 annex A.2 (signature) and GB/T 32918.4-2016 annex A.2 (encryption)
-# use this curve, not the recommended one; it is defined here only for these examples.
+# -- SM2 on the recommended curve sm2p256v1 ---------------------------------------------
+# GM/T 0003.5-2012 and GB/T 32918.5-2016, annex A (signature) and annex C (encryption):
+# the standards' examples on the recommended curve, with the default user ID
+# 1234567812345678 (GM/T 0009). The ephemeral k is fixed through ``_rnd_fn``.
+
+KAT_D = 0x3945208F_7B2144B1_3F36E38A_C6D39F95_88939369_2860B51A_42FB81EF_4DF7C5B8
+KAT_K = 0x59276E27_D506861A_16680F3A_D9C02DCC_EF3CC1FA_3CDBE4CE_6D54B80D_EAC1BC21
+KAT_PUBLIC = h(
+    "04"
+    "09F9DF311E5421A150DD7D161E4BC5C672179FAD1833FC076BB08FF356F35020"
+    "CCEA490CE26775A52DC6EA718CC1AA600AED05FBF35E084A6632F6072DA9AD13"
+)
+SIGN_R = 0xF5A03B06_48D2C463_0EEAC513_E1BB81A1_5944DA38_27D5B741_43AC7EAC_EEE720B3
+SIGN_S = 0xB1B6AA29_DF212FD8_763182BC_0D421CA1_BB9038FD_1F7F42D4_840B69C4_85BBC1AA
+ENC_C1 = h(
+    "04"
+    "04EBFC718E8D1798620432268E77FEB6415E2EDE0E073C0F4F640ECD2E149A73"
+    "E858F9D81E5430A57B36DAAB8F950A3C64E6EE6A63094D99283AFF767E124DF0"
+)
+ENC_C3 = h("59983C18F809E262923C53AEC295D30383B54E39D609D160AFCB1908D0BD8766")
+ENC_C2 = h("21886CA989CA9C7D58087307CA93092D651EFA")
+
+
+def test_sm2_signature_example_gmt0003_5_annex_a() -> None:
+    key = SM2PrivateKey(KAT_D)
+    assert key.uid == b"1234567812345678"
+    assert key.public_key().public_bytes() == KAT_PUBLIC
+    signature = key.sign(b"message digest", _rnd_fn=fixed(KAT_K))
+    assert decode_dss_signature(signature) == (SIGN_R, SIGN_S)
+
+    public = SM2PublicKey.from_bytes(KAT_PUBLIC)
+    published = encode_dss_signature(SIGN_R, SIGN_S)
+    public.verify(published, b"message digest")
+    with pytest.raises(InvalidSignature):  # Z binds the user ID
+        public.with_uid(b"ALICE123@YAHOO.COM").verify(published, b"message digest")
+    with pytest.raises(InvalidSignature):
+        public.verify(published, b"message digesT")
+
+
+def test_sm2_encryption_example_gmt0003_5_annex_c() -> None:
+    key = SM2PrivateKey(KAT_D)
+    ciphertext = key.public_key().encrypt(b"encryption standard", _rnd_fn=fixed(KAT_K))
+    assert ciphertext == ENC_C1 + ENC_C3 + ENC_C2  # the 2016 order: C1 || C3 || C2
+    assert key.decrypt(ENC_C1 + ENC_C3 + ENC_C2) == b"encryption standard"
+
+
+def test_sm2_decrypt_rejects_the_old_c1_c2_c3_order_and_tampering() -> None:
+    key = SM2PrivateKey(KAT_D)
+    with pytest.raises(DecryptionFailed):
+        key.decrypt(ENC_C1 + ENC_C2 + ENC_C3)
+    for index in (1, 65, 96, -1):  # C1's x, first and last byte of C3, last byte of C2
+        tampered = bytearray(ENC_C1 + ENC_C3 + ENC_C2)
+        tampered[index] ^= 1
+        with pytest.raises(DecryptionFailed):
+            key.decrypt(bytes(tampered))
+
+
+# -- the GB/T 32918 Fp-256 *test* curve: refused ------------------------------------------
+# GB/T 32918.2-2016 and .4-2016, annex A, give their examples on this curve, not on the
+# recommended one. The C implementation behind trustfleet.crypto.sm2 (gmalglib) is built
+# for sm2p256v1 only, so those examples cannot run; the annex A/C examples above cover
+# signature and encryption on the curve that trustfleet uses.
 
 TEST_CURVE = SM2Curve(
     name="gbt32918-fp256-example",
@@ -96,64 +158,18 @@ TEST_CURVE = SM2Curve(
     gy=0x0680512B_CBB42C07_D47349D2_153B70C4_E5D7FDFC_BFA36EA1_A85841B9_E46E09A2,
     n=0x8542D69E_4C044F18_E8B92435_BF6FF7DD_29772063_0485628D_5AE74EE7_C32E79B7,
 )
-ALICE_ID = b"ALICE123@YAHOO.COM"
-SIGN_D = 0x128B2FA8_BD433C6C_068C8D80_3DFF7979_2A519A55_171B1B65_0C23661D_15897263
-SIGN_K = 0x6CB28D99_385C175C_94F94E93_4817663F_C176D925_DD72B727_260DBAAE_1FB2F96F
-SIGN_R = 0x40F1EC59_F793D9F4_9E09DCEF_49130D41_94F79FB1_EED2CAA5_5BACDB49_C4E755D1
-SIGN_S = 0x6FC6DAC3_2C5D5CF1_0C77DFB2_0F7C2EB6_67A45787_2FB09EC5_6327A67E_C7DEEBE7
-SIGN_PUBLIC = h(
-    "04"
-    "0AE4C7798AA0F119471BEE11825BE46202BB79E2A5844495E97C04FF4DF2548A"
-    "7C0240F88F1CD4E16352A73C17B7F16F07353E53A176D684A9FE0C6BB798E857"
-)
+#: GB/T 32918.2-2016 annex A.2's private key (also in range on sm2p256v1)
+TEST_CURVE_D = 0x128B2FA8_BD433C6C_068C8D80_3DFF7979_2A519A55_171B1B65_0C23661D_15897263
 
 
-def test_sm2_signature_example_gbt32918_2() -> None:
-    key = SM2PrivateKey(SIGN_D, uid=ALICE_ID, curve=TEST_CURVE)
-    assert key.public_key().public_bytes() == SIGN_PUBLIC
-    signature = key.sign(b"message digest", _rnd_fn=fixed(SIGN_K))
-    assert decode_dss_signature(signature) == (SIGN_R, SIGN_S)
-
-    public = SM2PublicKey.from_bytes(SIGN_PUBLIC, uid=ALICE_ID, curve=TEST_CURVE)
-    public.verify(signature, b"message digest")
-    with pytest.raises(InvalidSignature):  # Z binds the user ID
-        public.with_uid(b"BOB@YAHOO.COM").verify(signature, b"message digest")
-    with pytest.raises(InvalidSignature):
-        public.verify(signature, b"message digesT")
-
-
-ENC_D = 0x1649AB77_A00637BD_5E2EFE28_3FBF3535_34AA7F7C_B89463F2_08DDBC29_20BB0DA0
-ENC_K = 0x4C62EEFD_6ECFC2B9_5B92FD6C_3D957514_8AFA1742_5546D490_18E5388D_49DD7B4F
-ENC_PUBLIC = h(
-    "04"
-    "435B39CCA8F3B508C1488AFC67BE491A0F7BA07E581A0E4849A5CF70628A7E0A"
-    "75DDBA78F15FEECB4C7895E2C1CDF5FE01DEBB2CDBADF45399CCF77BBA076A42"
-)
-ENC_C1 = h(
-    "04"
-    "245C26FB68B1DDDDB12C4B6BF9F2B6D5FE60A383B0D18D1C4144ABF17F6252E7"
-    "76CB9264C2A7E88E52B19903FDC47378F605E36811F5C07423A24B84400F01B8"
-)
-ENC_C2 = h("650053A89B41C418B0C3AAD00D886C00286467")
-ENC_C3 = h("9C3D7360C30156FAB7C80A0276712DA9D8094A634B766D3A285E07480653426D")
-
-
-def test_sm2_encryption_example_gbt32918_4() -> None:
-    key = SM2PrivateKey(ENC_D, curve=TEST_CURVE)
-    assert key.public_key().public_bytes() == ENC_PUBLIC
-    ciphertext = key.public_key().encrypt(b"encryption standard", _rnd_fn=fixed(ENC_K))
-    assert ciphertext == ENC_C1 + ENC_C3 + ENC_C2  # the 2016 order: C1 || C3 || C2
-    assert key.decrypt(ciphertext) == b"encryption standard"
-
-
-def test_sm2_decrypt_rejects_the_old_c1_c2_c3_order_and_tampering() -> None:
-    key = SM2PrivateKey(ENC_D, curve=TEST_CURVE)
-    with pytest.raises(DecryptionFailed):
-        key.decrypt(ENC_C1 + ENC_C2 + ENC_C3)
-    tampered = bytearray(ENC_C1 + ENC_C3 + ENC_C2)
-    tampered[-1] ^= 1
-    with pytest.raises(DecryptionFailed):
-        key.decrypt(bytes(tampered))
+def test_sm2_keys_on_another_curve_are_refused() -> None:
+    with pytest.raises(InvalidKey, match="sm2p256v1 only"):
+        SM2PrivateKey(TEST_CURVE_D, curve=TEST_CURVE)
+    with pytest.raises(InvalidKey, match="sm2p256v1 only"):
+        SM2PrivateKey.from_bytes(TEST_CURVE_D.to_bytes(32, "big"), curve=TEST_CURVE)
+    with pytest.raises(InvalidKey, match="sm2p256v1 only"):  # a valid sm2p256v1 point
+        SM2PublicKey.from_bytes(KAT_PUBLIC, curve=TEST_CURVE)
+    assert SM2PrivateKey(TEST_CURVE_D).curve is SM2P256V1
 
 
 # -- SM4-CBC helpers (PKCS#7), cross-checked with the openssl CLI ------------------------

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from asn1crypto import core as asn1_core
 from asn1crypto import keys as asn1_keys
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, rsa
@@ -22,8 +25,8 @@ from trustfleet.crypto import (
     suite_for_algorithm,
 )
 from trustfleet.crypto.base import KeyAlgorithm
-from trustfleet.crypto.sm2 import SM2P256V1
-from trustfleet.errors import InvalidKey, InvalidSignature, UnsupportedAlgorithm
+from trustfleet.crypto.sm2 import DEFAULT_UID, SM2P256V1
+from trustfleet.errors import DecryptionFailed, InvalidKey, InvalidSignature, UnsupportedAlgorithm
 
 from .conftest import ASYMMETRIC, OpenSSL, key_of
 
@@ -220,6 +223,25 @@ def test_sm2_private_scalar_out_of_range_is_invalid(d: int) -> None:
         SM2PrivateKey(d)
 
 
+#: an SM2 scalar whose big-endian bytes start with 0x00 (1 key in 256)
+SM2_D_WITH_LEADING_ZERO = 0xB32CCBB0_AEEB8DDD_0FFF6C02_77EDC98F_82D08887_22303EC8_9ABEBE83_4B6E4E
+
+
+def test_sm2_private_scalar_is_exported_at_full_width() -> None:
+    key = SM2PrivateKey(SM2_D_WITH_LEADING_ZERO)
+    assert key.private_bytes()[0] == 0
+    der = private_key_to_der(key)
+    assert b"\x04\x20" + key.private_bytes() in der  # OCTET STRING of 32 bytes (RFC 5915)
+    assert load_private_key(der).private_bytes() == key.private_bytes()  # type: ignore[union-attr]
+
+
+def test_openssl_reencodes_a_short_sm2_scalar_as_we_do(openssl_sm2: OpenSSL) -> None:
+    key = SM2PrivateKey(SM2_D_WITH_LEADING_ZERO)
+    private = openssl_sm2.write("key.pem", private_key_to_pem(key))
+    der = openssl_sm2.run("pkcs8", "-topk8", "-nocrypt", "-in", private, "-outform", "DER")
+    assert der.stdout == private_key_to_der(key)
+
+
 def test_sm2_private_key_with_a_mismatched_embedded_public_key_is_invalid() -> None:
     der = private_key_to_der(key_of(KeyAlgorithm.SM2))
     other_point = generate_private_key(KeyAlgorithm.SM2).public_key().public_bytes()  # type: ignore[union-attr]
@@ -292,7 +314,10 @@ def test_export_checks_public_versus_private() -> None:
 
 
 @pytest.mark.parametrize("alg", ASYMMETRIC, ids=str)
-def test_openssl_reads_our_keys(openssl: OpenSSL, alg: KeyAlgorithm) -> None:
+def test_openssl_reads_our_keys(request: pytest.FixtureRequest, alg: KeyAlgorithm) -> None:
+    openssl: OpenSSL = request.getfixturevalue(
+        "openssl_sm2" if alg is KeyAlgorithm.SM2 else "openssl"
+    )
     key = key_of(alg)
     private = openssl.write("key.pem", private_key_to_pem(key))
     public = openssl.write("pub.pem", public_key_to_pem(key.public_key()))
@@ -306,13 +331,15 @@ def test_openssl_reads_our_keys(openssl: OpenSSL, alg: KeyAlgorithm) -> None:
     )
 
 
-def test_openssl_reads_our_sm2_public_key_as_sm2(openssl: OpenSSL) -> None:
+def test_openssl_reads_our_sm2_public_key_as_sm2(openssl_sm2: OpenSSL) -> None:
+    openssl = openssl_sm2
     public = openssl.write("pub.pem", public_key_to_pem(key_of(KeyAlgorithm.SM2).public_key()))
     text = openssl.run("pkey", "-pubin", "-in", public, "-noout", "-text").stdout
     assert b"ASN1 OID: SM2" in text
 
 
-def test_we_read_openssl_sm2_keys_in_every_container(openssl: OpenSSL) -> None:
+def test_we_read_openssl_sm2_keys_in_every_container(openssl_sm2: OpenSSL) -> None:
+    openssl = openssl_sm2
     openssl.run("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:SM2",
                 "-out", openssl.workdir / "pkcs8.pem")  # fmt: skip
     pkcs8 = (openssl.workdir / "pkcs8.pem").read_bytes()
@@ -336,7 +363,8 @@ def test_we_read_openssl_sm2_keys_in_every_container(openssl: OpenSSL) -> None:
         load_private_key(encrypted)
 
 
-def test_openssl_ecparam_genkey_output_with_parameters_block_loads(openssl: OpenSSL) -> None:
+def test_openssl_ecparam_genkey_output_with_parameters_block_loads(openssl_sm2: OpenSSL) -> None:
+    openssl = openssl_sm2
     pem = openssl.run("ecparam", "-name", "SM2", "-genkey").stdout
     assert pem.index(b"PARAMETERS") < pem.index(b"PRIVATE KEY")
     assert isinstance(load_private_key(pem), SM2PrivateKey)
@@ -344,25 +372,112 @@ def test_openssl_ecparam_genkey_output_with_parameters_block_loads(openssl: Open
     assert algorithm_of(load_private_key(p256)) is KeyAlgorithm.EC_P256
 
 
-def test_sm2_signatures_interoperate_with_openssl(openssl: OpenSSL) -> None:
+@pytest.mark.parametrize("uid", [DEFAULT_UID, b"alice@example.com"])
+def test_sm2_signatures_interoperate_with_openssl(openssl_sm2: OpenSSL, uid: bytes) -> None:
+    openssl = openssl_sm2
     suite = get_suite("gm")
-    key = key_of(KeyAlgorithm.SM2)
+    key = key_of(KeyAlgorithm.SM2).with_uid(uid)  # type: ignore[union-attr]
     private = openssl.write("key.pem", private_key_to_pem(key))
     public = openssl.write("pub.pem", public_key_to_pem(key.public_key()))
     message = openssl.write("msg", b"meter firmware")
-    distid = "distid:1234567812345678"  # OpenSSL 3.0's pkeyutl default ID is empty
+    distid = "distid:" + uid.decode()  # OpenSSL 3.0's pkeyutl default ID is empty
 
     ours = openssl.write("ours.sig", suite.sign(key, b"meter firmware"))
     verified = openssl.run("pkeyutl", "-verify", "-pubin", "-inkey", public, "-rawin",
                            "-digest", "sm3", "-pkeyopt", distid, "-in", message,
                            "-sigfile", ours, check=False)  # fmt: skip
     assert verified.returncode == 0, verified.stdout + verified.stderr
+    other_id = openssl.run("pkeyutl", "-verify", "-pubin", "-inkey", public, "-rawin",
+                           "-digest", "sm3", "-pkeyopt", "distid:someone else", "-in", message,
+                           "-sigfile", ours, check=False)  # fmt: skip
+    assert other_id.returncode != 0  # the user ID is part of what was signed
 
     theirs = openssl.run("pkeyutl", "-sign", "-inkey", private, "-rawin", "-digest", "sm3",
                          "-pkeyopt", distid, "-in", message).stdout  # fmt: skip
     suite.verify(key.public_key(), b"meter firmware", theirs)
     with pytest.raises(InvalidSignature):
         suite.verify(key.public_key(), b"meter firmwarE", theirs)
+    with pytest.raises(InvalidSignature):
+        suite.verify(key.public_key().with_uid(b"someone else"), b"meter firmware", theirs)
+
+
+class _GMT0009Ciphertext(asn1_core.Sequence):  # type: ignore[misc]
+    """GM/T 0009 SM2 ciphertext, what OpenSSL's SM2 encryption writes:
+    SEQUENCE { x INTEGER, y INTEGER, hash OCTET STRING (C3), ciphertext OCTET STRING (C2) }.
+    """
+
+    _fields = [
+        ("x", asn1_core.Integer),
+        ("y", asn1_core.Integer),
+        ("hash", asn1_core.OctetString),
+        ("ciphertext", asn1_core.OctetString),
+    ]
+
+
+def _from_gmt0009(der: bytes) -> bytes:
+    """OpenSSL's DER ciphertext as our C1 || C3 || C2."""
+    value = _GMT0009Ciphertext.load(der, strict=True)
+    x, y = value["x"].native, value["y"].native
+    c1 = b"\x04" + x.to_bytes(32, "big") + y.to_bytes(32, "big")
+    return c1 + value["hash"].native + value["ciphertext"].native
+
+
+def _to_gmt0009(ciphertext: bytes) -> bytes:
+    """Our C1 || C3 || C2 as OpenSSL's DER ciphertext."""
+    return _GMT0009Ciphertext(
+        {
+            "x": int.from_bytes(ciphertext[1:33], "big"),
+            "y": int.from_bytes(ciphertext[33:65], "big"),
+            "hash": ciphertext[65:97],
+            "ciphertext": ciphertext[97:],
+        }
+    ).dump()
+
+
+@pytest.mark.parametrize("length", [1, 16, 100])
+def test_sm2_encryption_interoperates_with_openssl(openssl_sm2: OpenSSL, length: int) -> None:
+    openssl = openssl_sm2
+    key = key_of(KeyAlgorithm.SM2)
+    assert isinstance(key, SM2PrivateKey)
+    private = openssl.write("key.pem", private_key_to_pem(key))
+    public = openssl.write("pub.pem", public_key_to_pem(key.public_key()))
+    message = bytes(range(1, length + 1))
+
+    ours = openssl.write("ours.der", _to_gmt0009(key.public_key().encrypt(message)))
+    decrypted = openssl.run("pkeyutl", "-decrypt", "-inkey", private, "-in", ours, check=False)
+    assert decrypted.returncode == 0, decrypted.stderr
+    assert decrypted.stdout == message
+
+    plain = openssl.write("plain", message)
+    theirs = openssl.run("pkeyutl", "-encrypt", "-pubin", "-inkey", public, "-in", plain).stdout
+    converted = _from_gmt0009(theirs)
+    assert len(converted) == 65 + 32 + length
+    assert key.decrypt(converted) == message
+    tampered = bytearray(converted)
+    tampered[70] ^= 1  # in C3
+    with pytest.raises(DecryptionFailed):
+        key.decrypt(bytes(tampered))
+
+
+def test_gm_kem_wrapped_key_interoperates_with_openssl(openssl_sm2: OpenSSL) -> None:
+    """The gm KEM's first 113 bytes are a plain SM2 ciphertext of its SM4 key."""
+    openssl = openssl_sm2
+    suite = get_suite("gm")
+    key = key_of(KeyAlgorithm.SM2)
+    private = openssl.write("key.pem", private_key_to_pem(key))
+    public = openssl.write("pub.pem", public_key_to_pem(key.public_key()))
+    zero_nonce = bytes(12)
+
+    blob = suite.kem_wrap(key.public_key(), b"tmk bytes", b"ctx")
+    wrapped_key = openssl.write("wrapped.der", _to_gmt0009(blob[:113]))
+    content_key = openssl.run("pkeyutl", "-decrypt", "-inkey", private, "-in", wrapped_key).stdout
+    assert suite.aead_open(content_key, zero_nonce, blob[113:], b"ctx") == b"tmk bytes"
+
+    content_key = os.urandom(16)
+    plain = openssl.write("content_key", content_key)
+    theirs = openssl.run("pkeyutl", "-encrypt", "-pubin", "-inkey", public, "-in", plain).stdout
+    blob = _from_gmt0009(theirs) + suite.aead_seal(content_key, zero_nonce, b"tmk", b"ctx")
+    assert suite.kem_unwrap(key, blob, b"ctx") == b"tmk"
 
 
 def test_rsa_oaep_label_and_pss_salt_interoperate_with_openssl(openssl: OpenSSL) -> None:

@@ -417,19 +417,6 @@ def test_gm_signs_under_the_key_uid() -> None:
         suite.verify(key.public_key(), MESSAGE, signature)
 
 
-def test_gm_refuses_sm2_keys_on_another_curve() -> None:
-    from trustfleet.crypto.sm2 import SM2PrivateKey
-
-    from .test_crypto_gm_kats import SIGN_D, TEST_CURVE
-
-    suite = get_suite("gm")
-    test_curve_key = SM2PrivateKey(SIGN_D, curve=TEST_CURVE)
-    with pytest.raises(InvalidKey):
-        suite.sign(test_curve_key, MESSAGE)
-    with pytest.raises(InvalidKey):
-        suite.kem_wrap(test_curve_key.public_key(), b"k", INFO)
-
-
 @pytest.mark.parametrize(
     ("name", "bad_enc"),
     [

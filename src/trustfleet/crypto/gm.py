@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from trustfleet.crypto import _common
 from trustfleet.crypto.base import KeyAlgorithm, PrivateKey, PublicKey, Suite
-from trustfleet.crypto.sm2 import POINT_SIZE, SM2P256V1, SM3_SIZE, SM2PrivateKey, SM2PublicKey
+from trustfleet.crypto.sm2 import POINT_SIZE, SM3_SIZE, SM2PrivateKey, SM2PublicKey
 from trustfleet.errors import DecryptionFailed, InvalidInput, InvalidKey
 
 SM4_KEY_SIZE = 16
@@ -31,13 +31,13 @@ _SM3 = hashes.SM3()
 
 
 def _private(key: PrivateKey) -> SM2PrivateKey:
-    if isinstance(key, SM2PrivateKey) and key.curve is SM2P256V1:
+    if isinstance(key, SM2PrivateKey):
         return key
     raise InvalidKey(f"the gm suite needs an SM2 private key, not {type(key).__name__}")
 
 
 def _public(key: PublicKey) -> SM2PublicKey:
-    if isinstance(key, SM2PublicKey) and key.curve is SM2P256V1:
+    if isinstance(key, SM2PublicKey):
         return key
     raise InvalidKey(f"the gm suite needs an SM2 public key, not {type(key).__name__}")
 

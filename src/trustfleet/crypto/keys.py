@@ -23,7 +23,7 @@ from trustfleet.crypto.ed25519 import ED25519
 from trustfleet.crypto.gm import GM
 from trustfleet.crypto.p256 import P256
 from trustfleet.crypto.rsa import RSA, generate_rsa_key
-from trustfleet.crypto.sm2 import SM2P256V1, SM2PrivateKey, SM2PublicKey
+from trustfleet.crypto.sm2 import SM2PrivateKey, SM2PublicKey
 from trustfleet.errors import InvalidKey, UnsupportedAlgorithm
 
 SM2_CURVE_OID = "1.2.156.10197.1.301"
@@ -90,10 +90,8 @@ def algorithm_of(key: PrivateKey | PublicKey) -> KeyAlgorithm:
         if key.key_size in _RSA_SIZES:
             return _RSA_SIZES[key.key_size]
         raise InvalidKey(f"RSA keys must be 2048 or 3072 bits, not {key.key_size}")
-    if isinstance(key, SM2PrivateKey | SM2PublicKey):
-        if key.curve is SM2P256V1:
-            return KeyAlgorithm.SM2
-        raise InvalidKey(f"SM2 keys must be on sm2p256v1, not {key.curve.name}")
+    if isinstance(key, SM2PrivateKey | SM2PublicKey):  # sm2p256v1 only (see crypto.sm2)
+        return KeyAlgorithm.SM2
     raise InvalidKey(f"unsupported kind of key: {type(key).__name__}")
 
 
@@ -298,6 +296,9 @@ def _sm2_pkcs8(key: SM2PrivateKey) -> bytes:
             "public_key": key.public_key().public_bytes(),
         }
     )
+    # RFC 5915: the scalar at the curve's full width, also when it starts with zero bytes
+    # (asn1crypto would infer the width from this one value)
+    sec1.set_key_size(len(key.private_bytes()))
     algorithm = asn1_keys.PrivateKeyAlgorithm(
         {"algorithm": "ec", "parameters": _sm2_algorithm_parameters()}
     )
