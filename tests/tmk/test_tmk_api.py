@@ -173,6 +173,28 @@ def test_terminal_downloads_its_tmk_over_http(
     assert refused.value.remote_code == "tmk-download-not-allowed"
 
 
+def test_aborting_a_completed_download_is_409_and_writes_nothing(
+    client: TestClient,
+    tokens: dict[str, str],
+    sessions: sessionmaker[Session],
+    make_terminal: Callable[..., PosTerminal],
+    gateway: HttpTransport,
+) -> None:
+    terminal = make_terminal("POS-DONE")
+    result = terminal.download(gateway)
+    records = len(_audit(sessions))
+    for _ in range(3):
+        refused = client.post(
+            f"/v1/tmk/downloads/{result.session_id}/abort",
+            json={"code": "tmk-kcv-mismatch"},
+            headers=auth(tokens["device-gateway"]),
+        )
+        problem(refused, 409, "tmk-out-of-order")
+    assert len(_audit(sessions)) == records
+    status = client.get("/v1/tmk/terminals/POS-DONE", headers=auth(tokens["operator"])).json()
+    assert status["active_tmk"]["kcv"] == result.kcv.hex().upper()
+
+
 def test_the_tmk_never_appears_in_clear_in_responses_logs_or_the_database(
     client: TestClient,
     tokens: dict[str, str],

@@ -17,7 +17,7 @@ from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.keystore.base import KeyStore
 from trustfleet.pki.service import PkiService
 from trustfleet.store.audit import iter_records, verify_chain
-from trustfleet.tmk import errors
+from trustfleet.tmk import errors, lifecycle
 from trustfleet.tmk.downloads import Activation
 from trustfleet.tmk.errors import (
     TmkDownloadNotAllowed,
@@ -351,6 +351,42 @@ def test_replaying_a_finished_session_changes_nothing(
     assert tmks_of(sessions, "POS-1")[0].status == "active"  # an active TMK is not aborted
 
 
+def test_a_terminal_cannot_abort_a_session_that_has_ended(
+    tmk: Tmk,
+    terminal: PosTerminal,
+    sessions: sessionmaker[Session],
+    clock: Clock,
+) -> None:
+    """Anyone with the gateway token could otherwise fill the audit log with false
+    failures of completed downloads: an abort of an ended session is refused, and writes
+    nothing."""
+    run = steps(tmk, terminal, clock)
+    run.start()
+    run.proof()
+    run.confirm()
+    records = len(audit_records(sessions))
+    for _ in range(2):
+        with pytest.raises(errors.TmkOutOfOrder):
+            tmk.downloads.abort(run.session_id, "tmk-kcv-mismatch", actor="gw")
+    assert len(audit_records(sessions)) == records
+    assert tmks_of(sessions, "POS-1")[0].status == "active"
+    assert session_row(sessions, run.session_id).stage == "active"
+
+
+def test_an_aborted_session_is_aborted_once(
+    tmk: Tmk, terminal: PosTerminal, sessions: sessionmaker[Session], clock: Clock
+) -> None:
+    run = steps(tmk, terminal, clock)
+    run.start()
+    run.proof()
+    tmk.downloads.abort(run.session_id, "tmk-kcv-mismatch", actor="gw")
+    records = len(audit_records(sessions))
+    with pytest.raises(errors.TmkOutOfOrder):
+        tmk.downloads.abort(run.session_id, "tmk-kcv-mismatch", actor="gw")
+    assert len(audit_records(sessions)) == records
+    assert session_row(sessions, run.session_id).error_code == "tmk-terminal-aborted"
+
+
 def test_a_terminal_signing_with_another_sns_key_is_refused(
     tmk: Tmk,
     make_terminal: Callable[..., PosTerminal],
@@ -485,6 +521,39 @@ def test_revoking_a_terminal_destroys_its_tmk_and_working_keys(
         tmk.working_keys.issue("POS-1", "P0", actor="tms")
     with pytest.raises(errors.TmkTerminalStateConflict):
         tmk.terminals.change_status("POS-1", "reactivate", actor="ops")
+
+
+class Crash(Exception):
+    """The process dies here (injected)."""
+
+
+def test_a_crash_while_revoking_leaves_the_terminal_and_its_tmk_as_they_were(
+    tmk: Tmk,
+    terminal: PosTerminal,
+    sessions: sessionmaker[Session],
+    keystore: KeyStore,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The status and the TMK's retirement are one unit of work: a crash between the two
+    must not leave a revoked terminal whose TMK stays active (sweep would never destroy it,
+    and a second revoke would be refused as a state conflict)."""
+    download(tmk, terminal, clock)
+
+    def crash(*_args: object, **_kwargs: object) -> None:
+        raise Crash()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lifecycle, "retire_active_tmk", crash)
+        with pytest.raises(Crash):
+            tmk.terminals.change_status("POS-1", "revoke", actor="ops")
+    view = tmk.terminals.overview("POS-1")
+    assert view.status == "active" and view.active_tmk is not None
+    assert "tmk.terminal_revoked" not in [r.action for r in audit_records(sessions)]
+
+    tmk.terminals.change_status("POS-1", "revoke", actor="ops")  # the operator tries again
+    assert tmk.terminals.overview("POS-1").status == "revoked"
+    assert_no_tmk_left(sessions, keystore, "POS-1")
 
 
 # =====================================================================================
