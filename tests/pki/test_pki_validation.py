@@ -247,3 +247,75 @@ def test_database_revocation_check_refuses_certificates_it_has_no_record_of(
     assert _validate(pki, hierarchy, der, crl_ders=_crls(pki)).purpose is Purpose.DEVICE
     with pytest.raises(CertificateInvalid, match="not issued here"):
         _validate(pki, hierarchy, der)
+
+
+# -- a capability's own chain policy ----------------------------------------------------
+
+
+def _with_policy(
+    h: Hierarchy, leaf: bytes, policy: px.ChainPolicy, **options: object
+) -> px.ValidatedChain:
+    return px.validate_chain(
+        leaf,
+        [h.issuing.certificate_der],
+        [h.root.certificate_der],
+        at=datetime.now(UTC),
+        policy=policy,
+        crls=px.CrlCheck.WHEN_GIVEN,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def test_a_policy_checks_what_the_leaf_asserts_instead_of_a_webpki_purpose(
+    pki: PkiService, hierarchy: Hierarchy
+) -> None:
+    leaf = _server(pki)  # keyUsage digitalSignature + keyAgreement, EKU serverAuth
+    signing = px.ChainPolicy(key_usage=("digital_signature", "key_agreement"))
+    assert _with_policy(hierarchy, leaf.der, signing).purpose is None
+    server_eku = px.ChainPolicy(extended_key_usage=(x509.ExtendedKeyUsageOID.SERVER_AUTH,))
+    assert _with_policy(hierarchy, leaf.der, server_eku).leaf == leaf.certificate
+
+    refused = [
+        px.ChainPolicy(key_usage=("key_encipherment",)),
+        px.ChainPolicy(extended_key_usage=(x509.ExtendedKeyUsageOID.CLIENT_AUTH,)),
+        px.ChainPolicy(policy_oid=x509.ObjectIdentifier("1.3.6.1.4.1.99999.1")),
+        px.ChainPolicy(max_intermediates=0),  # the issuing CA stands between
+    ]
+    for policy in refused:
+        with pytest.raises(CertificateInvalid):
+            _with_policy(hierarchy, leaf.der, policy)
+
+
+def test_a_policy_refuses_a_ca_as_the_leaf_unless_it_allows_one(
+    pki: PkiService, hierarchy: Hierarchy
+) -> None:
+    issuing = hierarchy.issuing.certificate_der
+    root = [hierarchy.root.certificate_der]
+    at = datetime.now(UTC)
+    with pytest.raises(CertificateInvalid):
+        px.validate_chain(
+            issuing, [], root, at=at, policy=px.ChainPolicy(), crls=px.CrlCheck.WHEN_GIVEN
+        )
+    allowed = px.ChainPolicy(leaf_may_be_ca=True)
+    px.validate_chain(issuing, [], root, at=at, policy=allowed, crls=px.CrlCheck.WHEN_GIVEN)
+
+
+def test_crls_when_given_check_only_the_issuers_that_have_one(
+    pki: PkiService, hierarchy: Hierarchy
+) -> None:
+    leaf = _device(pki)
+    policy = px.ChainPolicy(key_usage=("digital_signature",))
+    _with_policy(hierarchy, leaf.der, policy)  # no CRL at all: nothing to check
+    pki.revoke(leaf.serial_hex, RevocationReason.KEY_COMPROMISE)
+    only_issuing = [pki.crl("issuing")]
+    with pytest.raises(CertificateRevoked):
+        _with_policy(hierarchy, leaf.der, policy, crl_ders=only_issuing)
+    other = _device(pki, "dev-2")
+    with pytest.raises(CrlInvalid):  # REQUIRED: the root's CRL is missing
+        px.validate_chain(
+            other.der,
+            [hierarchy.issuing.certificate_der],
+            hierarchy.root.certificate_der,
+            at=datetime.now(UTC),
+            crl_ders=only_issuing,
+        )

@@ -30,7 +30,14 @@ from cryptography.exceptions import UnsupportedAlgorithm as PycaUnsupportedAlgor
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from cryptography.x509.verification import PolicyBuilder, Store, Subject, VerificationError
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    Subject,
+    VerificationError,
+)
 
 from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.errors import (
@@ -503,12 +510,41 @@ def verify_signature(key: CaPublicKey, signature: bytes, data: bytes) -> None:
 # --- validation -----------------------------------------------------------------------
 
 
+#: intermediate CAs a chain may have between its leaf and its root, unless a policy says
+MAX_INTERMEDIATES = 4
+
+
+class CrlCheck(StrEnum):
+    """How revocation is checked: every issuer of the chain needs a current CRL among
+    those given (``required``), or only issuers that have a CRL among them are checked
+    (``when-given``: a device that holds CRLs for some CAs only)."""
+
+    REQUIRED = "required"
+    WHEN_GIVEN = "when-given"
+
+
+@dataclass(frozen=True)
+class ChainPolicy:
+    """A capability's own profile of the chains it accepts, in place of the WebPKI server or
+    device purpose: what the leaf must assert (keyUsage bits by their pyca names, such as
+    ``digital_signature``; extended key usages; a certificate policy OID), whether the leaf
+    may be a CA, and how many intermediate CAs may stand between the leaf and the root.
+    Every issuer must be a CA, and may sign certificates if it says what it may do."""
+
+    key_usage: tuple[str, ...] = ()
+    extended_key_usage: tuple[x509.ObjectIdentifier, ...] = ()
+    policy_oid: x509.ObjectIdentifier | None = None
+    leaf_may_be_ca: bool = False
+    max_intermediates: int = MAX_INTERMEDIATES
+
+
 @dataclass(frozen=True)
 class ValidatedChain:
-    """A chain that pyca's verifier accepted: leaf first, trust anchor last."""
+    """A chain that pyca's verifier accepted: leaf first, trust anchor last. ``purpose`` is
+    the WebPKI purpose it was validated for, None under a :class:`ChainPolicy`."""
 
     chain: list[x509.Certificate]
-    purpose: Purpose
+    purpose: Purpose | None
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -525,29 +561,45 @@ def load_certificate(der: bytes) -> x509.Certificate:
 def validate_chain(
     leaf_der: bytes,
     intermediates: Sequence[bytes],
-    root_der: bytes,
+    roots: bytes | Sequence[bytes],
     *,
     at: datetime,
-    crl_ders: Sequence[bytes],
+    crl_ders: Sequence[bytes] = (),
+    crls: CrlCheck = CrlCheck.REQUIRED,
     purpose: Purpose | None = None,
     server_name: str | None = None,
+    policy: ChainPolicy | None = None,
 ) -> ValidatedChain:
     """Path validation by pyca plus a check of every chain certificate against the CRLs.
 
-    Each CA that issued a certificate of the chain needs a current, correctly signed CRL in
-    ``crl_ders``; a missing or stale one is :class:`CrlInvalid`.
+    The path is validated for the WebPKI ``purpose`` (default: what the leaf's
+    extendedKeyUsage says), or, given a ``policy``, for that profile instead. With
+    ``crls=REQUIRED`` each CA that issued a certificate of the chain needs a current,
+    correctly signed CRL in ``crl_ders`` (a missing or stale one is :class:`CrlInvalid`);
+    with ``WHEN_GIVEN`` only the CAs that have one there are checked. A listed certificate
+    is :class:`CertificateRevoked`.
     """
-    validated = verify_path(
-        leaf_der, intermediates, root_der, at=at, purpose=purpose, server_name=server_name
-    )
-    check_crls(validated.chain, crl_ders, at=at)
+    if policy is None:
+        validated = verify_path(
+            leaf_der, intermediates, roots, at=at, purpose=purpose, server_name=server_name
+        )
+    else:
+        validated = _verify_for_policy(leaf_der, intermediates, roots, at, policy)
+    check_crls(validated.chain, crl_ders, at=at, mode=crls)
     return validated
+
+
+def _store(roots: bytes | Sequence[bytes]) -> Store:
+    ders = [roots] if isinstance(roots, bytes) else list(roots)
+    if not ders:
+        raise CertificateInvalid("no trust anchor was given")
+    return Store([load_certificate(der) for der in ders])
 
 
 def verify_path(
     leaf_der: bytes,
     intermediates: Sequence[bytes],
-    root_der: bytes,
+    roots: bytes | Sequence[bytes],
     *,
     at: datetime,
     purpose: Purpose | None = None,
@@ -560,7 +612,7 @@ def verify_path(
     """
     leaf = load_certificate(leaf_der)
     untrusted = [load_certificate(d) for d in intermediates]
-    builder = PolicyBuilder().store(Store([load_certificate(root_der)])).time(at)
+    builder = PolicyBuilder().store(_store(roots)).time(at)
     purpose = purpose or _purpose_of(leaf)
     try:
         if purpose is Purpose.SERVER:
@@ -571,6 +623,80 @@ def verify_path(
     except VerificationError as exc:
         raise CertificateInvalid(f"the chain does not validate: {exc}") from None
     return ValidatedChain(chain, purpose)
+
+
+def _verify_for_policy(
+    leaf_der: bytes,
+    intermediates: Sequence[bytes],
+    roots: bytes | Sequence[bytes],
+    at: datetime,
+    policy: ChainPolicy,
+) -> ValidatedChain:
+    leaf = load_certificate(leaf_der)
+    untrusted = [load_certificate(d) for d in intermediates]
+    verifier = (
+        PolicyBuilder()
+        .store(_store(roots))
+        .time(at)
+        .max_chain_depth(policy.max_intermediates)
+        .extension_policies(ca_policy=_CA_EXTENSIONS, ee_policy=_leaf_extensions(policy))
+        .build_client_verifier()
+    )
+    try:
+        chain = verifier.verify(leaf, untrusted).chain
+    except VerificationError as exc:
+        raise CertificateInvalid(f"the chain does not validate: {exc}") from None
+    return ValidatedChain(chain, None)
+
+
+def _require_ca(_policy: object, _cert: object, value: x509.BasicConstraints) -> None:
+    if not value.ca:
+        raise ValueError("an issuer must be a CA")
+
+
+def _check_ca_key_usage(_policy: object, _cert: object, value: x509.KeyUsage | None) -> None:
+    if value is not None and not value.key_cert_sign:
+        raise ValueError("an issuer's keyUsage must allow keyCertSign")
+
+
+_AGNOSTIC = Criticality.AGNOSTIC
+_CA_EXTENSIONS = (
+    ExtensionPolicy.permit_all()
+    .require_present(x509.BasicConstraints, _AGNOSTIC, _require_ca)
+    .may_be_present(x509.KeyUsage, _AGNOSTIC, _check_ca_key_usage)
+)
+
+
+def _leaf_extensions(policy: ChainPolicy) -> ExtensionPolicy:
+    """pyca's extension policy for a leaf under ``policy`` (the validators raise ValueError,
+    which pyca turns into a VerificationError)."""
+
+    def key_usage(_policy: object, _cert: object, value: x509.KeyUsage | None) -> None:
+        missing = [bit for bit in policy.key_usage if value is None or not getattr(value, bit)]
+        if missing:
+            raise ValueError(f"the leaf's keyUsage must allow {', '.join(missing)}")
+
+    def extended(_policy: object, _cert: object, value: x509.ExtendedKeyUsage | None) -> None:
+        missing = [oid for oid in policy.extended_key_usage if value is None or oid not in value]
+        if missing:
+            raise ValueError(f"the leaf's extendedKeyUsage lacks {missing[0].dotted_string}")
+
+    def policies(_policy: object, _cert: object, value: x509.CertificatePolicies | None) -> None:
+        oids = {info.policy_identifier for info in value or ()}
+        if policy.policy_oid is not None and policy.policy_oid not in oids:
+            raise ValueError(f"the leaf does not assert policy {policy.policy_oid.dotted_string}")
+
+    def basic(_policy: object, _cert: object, value: x509.BasicConstraints | None) -> None:
+        if value is not None and value.ca and not policy.leaf_may_be_ca:
+            raise ValueError("the leaf must not be a CA")
+
+    return (
+        ExtensionPolicy.permit_all()
+        .may_be_present(x509.KeyUsage, _AGNOSTIC, key_usage)
+        .may_be_present(x509.ExtendedKeyUsage, _AGNOSTIC, extended)
+        .may_be_present(x509.CertificatePolicies, _AGNOSTIC, policies)
+        .may_be_present(x509.BasicConstraints, _AGNOSTIC, basic)
+    )
 
 
 def _purpose_of(leaf: x509.Certificate) -> Purpose:
@@ -615,11 +741,18 @@ def load_crl(der: bytes) -> x509.CertificateRevocationList:
 
 
 def check_crls(
-    chain: Sequence[x509.Certificate], crl_ders: Sequence[bytes], *, at: datetime
+    chain: Sequence[x509.Certificate],
+    crl_ders: Sequence[bytes],
+    *,
+    at: datetime,
+    mode: CrlCheck = CrlCheck.REQUIRED,
 ) -> None:
-    """Raise CertificateRevoked if a CRL lists a certificate of the (validated) chain."""
+    """Raise CertificateRevoked if a CRL lists a certificate of the (validated) chain; see
+    :class:`CrlCheck` for which issuers need a CRL."""
     crls = [load_crl(d) for d in crl_ders]
     for cert, issuer in itertools.pairwise(chain):
+        if mode is CrlCheck.WHEN_GIVEN and not any(c.issuer == issuer.subject for c in crls):
+            continue
         crl = _current_crl(issuer, crls, at)
         if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
             raise CertificateRevoked(
@@ -638,18 +771,24 @@ def _current_crl(
     who = common_name(issuer.subject) or issuer.subject.rfc4514_string()
     if not signed:
         raise CrlInvalid(f"no correctly signed CRL from {who!r}")
-    newest = max(signed, key=_crl_number)
-    next_update = newest.next_update_utc
-    if next_update is None or as_utc(at) > next_update:
-        raise CrlInvalid(f"the newest CRL from {who!r} is out of date")
-    return newest
+    current = [c for c in signed if _in_force(c, as_utc(at))]
+    if not current:
+        raise CrlInvalid(f"no CRL from {who!r} is current")
+    return max(current, key=_crl_order)
 
 
-def _crl_number(crl: x509.CertificateRevocationList) -> int:
+def _in_force(crl: x509.CertificateRevocationList, at: datetime) -> bool:
+    next_update = crl.next_update_utc
+    return crl.last_update_utc <= at and next_update is not None and at <= next_update
+
+
+def _crl_order(crl: x509.CertificateRevocationList) -> tuple[int, datetime]:
+    """Newest first by CRL number, then by issue time."""
     try:
-        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     except x509.ExtensionNotFound:
-        return -1
+        number = -1
+    return number, crl.last_update_utc
 
 
 # --- small helpers --------------------------------------------------------------------

@@ -33,7 +33,6 @@ strict parser: anything malformed raises :class:`TmkMalformedMessage`.
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 from collections.abc import Callable
@@ -43,14 +42,16 @@ from enum import StrEnum
 from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 from cryptography import x509
-from cryptography.x509 import verification
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from trustfleet import wire
 from trustfleet.crypto import algorithm_of, suite_for_algorithm
 from trustfleet.crypto.base import KeyAlgorithm, PublicKey, Suite
 from trustfleet.errors import (
+    CertificateRevoked,
     CryptoError,
     InvalidSignature,
+    PkiError,
     TrustfleetError,
     UnsupportedAlgorithm,
 )
@@ -67,6 +68,7 @@ from trustfleet.kit.sessions import (
     new_session_id,
 )
 from trustfleet.kit.tickets import TicketKey
+from trustfleet.pki.x509 import ChainPolicy, CrlCheck, validate_chain
 from trustfleet.tmk.errors import (
     TmkBadConfirmation,
     TmkBadServerSignature,
@@ -803,16 +805,20 @@ def keystore_kcv(keystore: KeyStore, handle: str, algorithm: KeyAlgorithm) -> by
 # =====================================================================================
 
 
+#: what a terminal requires of the key server's work certificate (KSWCRT): it may sign,
+#: and it is not a CA
+KSWCRT_POLICY = ChainPolicy(key_usage=("digital_signature",), max_intermediates=MAX_CHAIN_LENGTH)
+
+
 @dataclass(frozen=True, slots=True)
 class ServerTrust:
     """What the terminal trusts: its preloaded root(s) KSRCRT and, optionally, CRLs.
 
-    A work certificate is accepted if it chains (directly or via intermediates sent in
-    the challenge) to a root, every certificate is valid at ``now``, the work certificate
-    has keyUsage digitalSignature and is not a CA, and no given CRL revokes any
-    certificate of the chain. Chain building and signature checks are pyca's
-    (``cryptography.x509.verification``), which accepts RSA (PKCS#1 v1.5, PSS) and ECDSA
-    P-256/384/521 signatures on certificates.
+    A work certificate is accepted if it chains (directly or via intermediates sent in the
+    challenge) to a root, every certificate is valid at ``now``, it meets
+    :data:`KSWCRT_POLICY`, and no CRL given for an issuer of the chain revokes a certificate
+    of it (an issuer with CRLs here needs a current, correctly signed one). The validation
+    is the PKI's (:func:`trustfleet.pki.x509.validate_chain`, pyca's path building).
     """
 
     roots: tuple[x509.Certificate, ...]
@@ -823,86 +829,20 @@ class ServerTrust:
         if not self.roots:
             raise TmkUntrustedServerCertificate("the terminal holds no root certificate")
         try:
-            leaf = x509.load_der_x509_certificate(kswcrt_der)
-            intermediates = [x509.load_der_x509_certificate(der) for der in chain_der]
-        except ValueError:
-            raise TmkUntrustedServerCertificate("a server certificate is not valid DER") from None
-        verifier = (
-            verification.PolicyBuilder()
-            .store(verification.Store(list(self.roots)))
-            .time(now)
-            .max_chain_depth(MAX_CHAIN_LENGTH)
-            .extension_policies(ca_policy=_CA_POLICY, ee_policy=_WORK_CERT_POLICY)
-            .build_client_verifier()
-        )
-        try:
-            chain = verifier.verify(leaf, intermediates).chain
-        except verification.VerificationError:
-            raise TmkUntrustedServerCertificate() from None
-        self._check_revocation(chain, now)
-        public_key = leaf.public_key()
-        return public_key  # type: ignore[return-value]  # pyca key types are PublicKey's
-
-    def _check_revocation(self, chain: list[x509.Certificate], now: datetime) -> None:
-        """Each issuer of the chain that has CRLs here needs one that verifies and is
-        current (else fail closed); a certificate listed in any such CRL is revoked."""
-        for cert, issuer in itertools.pairwise(chain):
-            named = [crl for crl in self.crls if crl.issuer == issuer.subject]
-            if not named:
-                continue
-            current = [crl for crl in named if _crl_is_current(crl, issuer, now)]
-            if not current:
-                raise TmkUntrustedServerCertificate(
-                    "no CRL given to the terminal for an issuer is correctly signed and current"
-                )
-            if any(
-                crl.get_revoked_certificate_by_serial_number(cert.serial_number) for crl in current
-            ):
-                raise TmkRevokedServerCertificate()
-
-
-def _crl_is_current(
-    crl: x509.CertificateRevocationList, issuer: x509.Certificate, now: datetime
-) -> bool:
-    try:
-        signed = crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
-    except (TypeError, ValueError, UnsupportedAlgorithm):
-        return False
-    next_update = crl.next_update_utc
-    return signed and crl.last_update_utc <= now and (next_update is None or now < next_update)
-
-
-def _require_ca(_policy: object, _cert: object, value: x509.BasicConstraints) -> None:
-    if not value.ca:
-        raise ValueError("an issuer must be a CA")
-
-
-def _check_ca_key_usage(_policy: object, _cert: object, value: x509.KeyUsage | None) -> None:
-    if value is not None and not value.key_cert_sign:
-        raise ValueError("an issuer's keyUsage must allow keyCertSign")
-
-
-def _require_signing(_policy: object, _cert: object, value: x509.KeyUsage) -> None:
-    if not value.digital_signature:
-        raise ValueError("the work certificate's keyUsage must allow digitalSignature")
-
-
-def _forbid_ca(_policy: object, _cert: object, value: x509.BasicConstraints | None) -> None:
-    if value is not None and value.ca:
-        raise ValueError("the work certificate must not be a CA")
-
-
-_AGNOSTIC = verification.Criticality.AGNOSTIC
-_CA_POLICY = (
-    verification.ExtensionPolicy.permit_all()
-    .require_present(x509.BasicConstraints, _AGNOSTIC, _require_ca)
-    .may_be_present(x509.KeyUsage, _AGNOSTIC, _check_ca_key_usage)
-)
-_WORK_CERT_POLICY = (
-    verification.ExtensionPolicy.permit_all()
-    .require_present(x509.KeyUsage, _AGNOSTIC, _require_signing)
-    .may_be_present(x509.BasicConstraints, _AGNOSTIC, _forbid_ca)
-)
+            validated = validate_chain(
+                kswcrt_der,
+                chain_der,
+                [root.public_bytes(Encoding.DER) for root in self.roots],
+                at=now,
+                crl_ders=[crl.public_bytes(Encoding.DER) for crl in self.crls],
+                crls=CrlCheck.WHEN_GIVEN,
+                policy=KSWCRT_POLICY,
+            )
+        except CertificateRevoked:
+            raise TmkRevokedServerCertificate() from None
+        except PkiError as exc:
+            raise TmkUntrustedServerCertificate(exc.message) from None
+        return validated.leaf.public_key()  # type: ignore[return-value]  # pyca keys are PublicKey's
 
 
 class TerminalKeyModule(Protocol):
