@@ -2,10 +2,11 @@
 thin ASGI layer in front of FastAPI.
 
 A TMK download is three requests whose own work is a fraction of a millisecond, while
-FastAPI's routing, dependency injection and middleware stack cost about 0.25 ms of CPU per
-request here (bench/RESULTS.md). So a device route is declared once, as a
-:data:`DeviceHandler` ``(context, principal, params, body) -> DeviceAnswer``, and is served
-two ways that answer alike (the tests check it):
+FastAPI's routing, dependency injection and middleware stack cost more CPU per request than
+a download step's own work (bench/RESULTS.md has the figures). So a device route is
+declared once (:class:`trustfleet.kit.routes.DeviceRoutes`), as a :data:`DeviceHandler`
+``(context, principal, params, body) -> DeviceAnswer``, and is served two ways that answer
+alike (the tests check it):
 
 - :class:`DeviceLane`, an ASGI layer outside trustfleet's middleware, answers a request
   that matches a device route exactly (method, path, parameter patterns) by itself;

@@ -55,7 +55,7 @@ def build_context(settings: Settings) -> AppContext:
 def _freeze_startup_objects() -> None:
     """Move everything made at startup (modules, models, routes) out of the garbage
     collector's reach: a full collection would otherwise walk ~150,000 long-lived objects
-    every few hundred requests (about 60 ms each time, 0.2 ms per TMK download)."""
+    every few hundred requests (bench/RESULTS.md has what that costs a TMK download)."""
     gc.collect()
     gc.freeze()
 

@@ -1,17 +1,16 @@
-"""Hot-path statements: SQLAlchemy Core statements compiled once, run on the DBAPI connection.
+"""The unit of work's engine room (:mod:`trustfleet.store.work` is the API; nothing else
+imports this module): SQLAlchemy Core statements compiled once, run on the DBAPI connection.
 
-A Core ``connection.execute`` costs about 20 µs on SQLite and a pooled ``reading()`` or
-``transaction()`` about 100 µs, against 3 µs and 20 µs for the same work on the driver
-(``bench/RESULTS.md``). Request paths that run several statements per request (the token
-check, the key store's row read, the TMK download) use this module instead; everything else
-keeps the ORM.
+A Core ``connection.execute`` and a pooled ORM transaction cost several times what the
+same work costs on the driver, and more than a one-row statement itself (the figures are in
+``bench/RESULTS.md``), and a device step runs several statements.
 
 The statements are still written in Core against the models, compiled once per dialect
 (:class:`Prepared`); values pass through the dialect's own bind and result processors, so
 what is written here reads back through the ORM unchanged (SQLite's datetimes as text, say).
 
-Transactions follow :mod:`trustfleet.store.engine`'s SQLite rule: :func:`raw_transaction` takes the
-write lock at ``BEGIN IMMEDIATE``; :func:`raw_reading` runs statements in autocommit, each
+Transactions follow :mod:`trustfleet.store.engine`'s SQLite rule: :func:`raw_transaction`
+takes the write lock at ``BEGIN IMMEDIATE``; :func:`raw_reading` runs statements in autocommit, each
 its own snapshot, which in WAL mode never waits for a writer. Reads go through
 :func:`read_engine`: on PostgreSQL the shared engine pings each connection at checkout and
 wraps each statement in BEGIN/ROLLBACK, three round trips around a one-row select, so reads
