@@ -475,10 +475,10 @@ def test_a_failed_write_keeps_the_previous_tmk(
 ) -> None:
     scm.install_tmk(**deliver(scm))
 
-    def disk_full(path: Path, data: bytes) -> None:
+    def disk_full(*_args: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("trustfleet.tmk.scm._atomic_write", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(errors.ScmError) as caught:
         scm.install_tmk(**deliver(scm, bytes(range(16)), session_id="c" * 32))
     assert caught.value.code == "tmk-scm-error"

@@ -28,7 +28,6 @@ import hmac
 import json
 import os
 import secrets
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -52,6 +51,7 @@ from trustfleet.crypto import (
 from trustfleet.crypto.base import KeyAlgorithm, PrivateKey, PublicKey, Suite
 from trustfleet.crypto.payment import kcv as kcv_module
 from trustfleet.errors import CryptoError, TrustfleetError
+from trustfleet.store.files import atomic_write
 from trustfleet.tmk.errors import (
     ScmError,
     ScmExists,
@@ -524,7 +524,7 @@ class SecureControlModule:
             "ciphertext": _b64(ciphertext),
         }
         try:
-            _atomic_write(self._path, canonical_json(envelope))
+            atomic_write(self._path, canonical_json(envelope))
         except OSError:
             raise ScmError("the secure control module file cannot be written") from None
 
@@ -573,24 +573,3 @@ def _read_envelope(path: Path) -> dict[str, Any]:
         raise ScmUnreadable("no SCM file at that path") from None
     except (OSError, KeyError, TypeError, ValueError):
         raise ScmUnreadable("the SCM file is corrupt") from None
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``:
-    a crash leaves either the old file or the new one, never half of one."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o600)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -23,10 +23,9 @@ import contextlib
 import hmac
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,6 +36,7 @@ from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.crypto.payment import kcv as kcvs
 from trustfleet.crypto.payment import pinblock, tr31
 from trustfleet.errors import InvalidInput
+from trustfleet.store.files import atomic_write
 from trustfleet.tmk.errors import ScmError, TmkError, TmkServerRefused, TmkWorkingKeyRefused
 from trustfleet.tmk.protocol import (
     KeyDelivery,
@@ -45,6 +45,7 @@ from trustfleet.tmk.protocol import (
     TerminalSession,
 )
 from trustfleet.tmk.scm import DEFAULT_MODEL, DeviceKey, SecureControlModule, TerminalRecord
+from trustfleet.wire import utcnow
 
 DEVICE_KEY_FILE = "device.key"
 SCM_FILE = "scm.json"
@@ -193,22 +194,6 @@ class DownloadResult:
     activated_at: str
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp_name, 0o600)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 class PosTerminal:
     """A reference POS terminal in a directory (see the module docstring)."""
 
@@ -237,7 +222,7 @@ class PosTerminal:
             path / SCM_FILE, sn, algorithm, device_key=device_key, model=model
         )
         row = {k: v for k, v in record.to_dict().items() if v is not None}
-        _atomic_write(path / RECORD_FILE, (json.dumps(row) + "\n").encode())
+        atomic_write(path / RECORD_FILE, (json.dumps(row) + "\n").encode())
         terminal = cls.open(path)
         if root_pem is not None:
             terminal.install_root(root_pem)
@@ -257,7 +242,7 @@ class PosTerminal:
             root = x509.load_pem_x509_certificate(pem)
         except ValueError:
             raise InvalidInput("the key server root is not a PEM certificate") from None
-        _atomic_write(self.directory / ROOT_FILE, pem)
+        atomic_write(self.directory / ROOT_FILE, pem)
         return root
 
     @property
@@ -278,7 +263,7 @@ class PosTerminal:
         transport: Transport,
         *,
         crls: Sequence[x509.CertificateRevocationList] = (),
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Callable[[], datetime] = utcnow,
     ) -> DownloadResult:
         """Run the TMK download against the key server. A failure on the terminal's side
         is reported to the server (which then ends the session at once) and re-raised."""
@@ -363,4 +348,4 @@ class PosTerminal:
         return loaded
 
     def _save_working_keys(self, keys: dict[str, str]) -> None:
-        _atomic_write(self.directory / WORKING_KEYS_FILE, json.dumps(keys, indent=1).encode())
+        atomic_write(self.directory / WORKING_KEYS_FILE, json.dumps(keys, indent=1).encode())
