@@ -312,12 +312,22 @@ class SecureElement:
         self.power_off()
         return self.power_on()
 
+    def _peek_state(self) -> NvState:
+        """The NV state, read from the store when unpowered (like a label on the card)."""
+        if self._state is not None:
+            return self._state
+        record = self._nv.load()
+        if record is None:
+            raise SeNvUnreadable("the SE has no NV record (not manufactured)")
+        return NvState.decode(record)
+
     @property
     def se_id(self) -> bytes:
-        return self._nv_state().personal.se_id
+        return self._peek_state().personal.se_id
 
     def status(self) -> SeStatus:
-        state = self._nv_state()
+        """What SELECT reports (also readable unpowered, for tests and tools)."""
+        state = self._peek_state()
         binding = state.binding
         return SeStatus(
             se_id=state.personal.se_id,
