@@ -48,6 +48,8 @@ from trustfleet.errors import CryptoError
 from trustfleet.wire import tlv
 from trustfleet.wire.apdu import SW, CommandApdu, MalformedApdu, ResponseApdu, tries_left_of
 
+__all__ = ["CommandApdu", "ResponseApdu"]  # re-exported for callers building APDUs
+
 Random = Callable[[int], bytes]
 
 #: the applet's AID: proprietary RID F0 + "tfSEB" + version 01
