@@ -88,7 +88,11 @@ def test_rebinding_works_before_lock_and_answers_6985_after(
     first = send(se, registration.start())
     assert first.sw == SW.OK  # registered, not locked
     again = p.HostRegistration(
-        se_id=se.se_id, device_id="factory", mode=Mode.CIPHER, suite="gm", random=lambda n: b"\x01" * n
+        se_id=se.se_id,
+        device_id="factory",
+        mode=Mode.CIPHER,
+        suite="gm",
+        random=lambda n: b"\x01" * n,
     )
     assert send(se, again.start()).sw == SW.OK  # factory retry: allowed before lock
     assert se.status().mode is Mode.CIPHER

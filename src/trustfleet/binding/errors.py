@@ -76,6 +76,12 @@ class SeBoundElsewhere(SeError):
     title = "The secure element is locked to another host (this host holds no credential for it)"
 
 
+class SeNotBound(SeError):
+    code = "se-not-bound"
+    status = 409
+    title = "This host has not bound the secure element yet (run `trustfleet se bind`)"
+
+
 class SeCardCryptogramInvalid(SeError):
     code = "se-card-cryptogram-invalid"
     status = 403

@@ -43,6 +43,7 @@ from trustfleet.binding.errors import (
     SeError,
     SeHostStoreExists,
     SeHostStoreUnreadable,
+    SeNotBound,
     SeVerificationFailed,
 )
 from trustfleet.binding.protocol import (
@@ -257,6 +258,7 @@ class Host:
         mode: Mode = Mode.MUTUAL,
         suite: str = "p256",
         r1_from_host: bool = False,
+        bind_if_needed: bool = True,
         reporter: Reporter = no_report,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         random: Random = os.urandom,
@@ -267,6 +269,7 @@ class Host:
         self.mode = mode
         self.suite = suite
         self.r1_from_host = r1_from_host
+        self.bind_if_needed = bind_if_needed
         self._reporter = reporter
         self._clock = clock
         self._random = random
@@ -313,6 +316,8 @@ class Host:
         return credential, False
 
     def _bind(self, status: SeStatus) -> Credential:
+        if not self.bind_if_needed:
+            raise SeNotBound(f"SE {status.se_id.hex()} is {status.lifecycle.name.lower()} here")
         registration = HostRegistration(
             se_id=status.se_id,
             device_id=self.device_id,
