@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import ISSUER_KEY, MODES, SUITES, HostFactory, bus, make_se
 from trustfleet.binding import protocol as p
 from trustfleet.binding.errors import (
     SeAlreadyLocked,
@@ -15,11 +14,12 @@ from trustfleet.binding.errors import (
     SeSecureMessagingFailed,
     SeVerificationFailed,
 )
-from trustfleet.binding.host import Host
 from trustfleet.binding.protocol import Lifecycle, Mode
 from trustfleet.binding.secure_element import MAX_ADMIN_TRIES, MAX_VERIFY_TRIES, SecureElement
 from trustfleet.binding.storage import FileNvStore, MemoryNvStore, PowerCut
 from trustfleet.wire.apdu import SW, CommandApdu, ResponseApdu
+
+from .conftest import ISSUER_KEY, MODES, SUITES, HostFactory, bus, make_se
 
 
 def send(se: SecureElement, cmd: CommandApdu) -> ResponseApdu:
@@ -327,7 +327,3 @@ def test_a_corrupt_nv_record_is_refused(tmp_path: object) -> None:
 
     with pytest.raises(SeNvUnreadable):
         se.power_on()
-
-
-def _unused(host: Host) -> None:  # keeps the import honest for type checkers
-    del host
