@@ -193,11 +193,15 @@ class NvState:
         ):
             raise SeNvUnreadable("the SE's NV record is corrupt")
         split = _HEADER_SIZE + int.from_bytes(body[7:9], "big")
+        personal_json, binding_json = body[_HEADER_SIZE:split], body[split:]
         try:
-            personal = Personalisation.parse(json.loads(body[_HEADER_SIZE:split]))
-            binding = Binding.parse(json.loads(body[split:]))
+            personal = Personalisation.parse(json.loads(personal_json))
+            binding = Binding.parse(json.loads(binding_json))
         except (KeyError, TypeError, ValueError):
             raise SeNvUnreadable("the SE's NV record does not parse") from None
+        # what was read is what would be written: seed the encodings' caches with it
+        personal.__dict__["encoded"] = personal_json
+        binding.__dict__["encoded"] = binding_json
         return cls(personal, binding, body[5], body[6])
 
 
@@ -247,6 +251,7 @@ class SecureElement:
         self._nv = nv
         self._random = random
         self._state: NvState | None = None
+        self._last_record: tuple[bytes, NvState] | None = None
         self._ram = _Ram()
         self._handlers = {
             (p.CLA_ISO, p.INS_SELECT): self._select,
@@ -300,9 +305,19 @@ class SecureElement:
         record = self._nv.load()
         if record is None:
             raise SeNvUnreadable("the SE has no NV record (not manufactured)")
-        self._state = NvState.decode(record)
+        self._state = self._decoded(record)
         self._ram = _Ram()
         return ATR
+
+    def _decoded(self, record: bytes) -> NvState:
+        # NV is read at every power-up; the state is immutable, so when the record is the
+        # one this object last wrote or read, its parse is reused (a chip reads NV in place).
+        last = self._last_record
+        if last is not None and last[0] == record:
+            return last[1]
+        state = NvState.decode(record)
+        self._last_record = (record, state)
+        return state
 
     def power_off(self) -> None:
         self._state = None
@@ -396,8 +411,10 @@ class SecureElement:
 
     def _persist(self, state: NvState) -> None:
         """One atomic NV write; RAM follows NV only once the write is done."""
+        record = state.encode()
         try:
-            self._nv.store(state.encode())
+            self._nv.store(record)
+            self._last_record = (record, state)
         except OSError:
             self._state = NvState.decode(self._nv.load() or b"")
             raise _Answer(SW.MEMORY_FAILURE) from None

@@ -1,0 +1,202 @@
+"""SE binding: power-up verifications per second, next to the crypto they cannot avoid.
+
+A power-up verification is on a device's boot path. For every mode and suite this measures,
+in one run:
+
+- in process: ``Host.power_up()`` against the applet in this process (power cycle, SELECT,
+  challenge, response; both roles' Python and crypto), with the applet's NV in memory and,
+  separately, in a file written atomically (fsync) as the emulator keeps it;
+- over vpcd: the same power-up with the applet in another process behind the vpcd wire
+  (loopback TCP, the host playing the reader), NV in memory;
+- crypto-only: the same randoms, MACs, KDFs, signatures or encryptions both roles compute
+  in one verification, called directly on the suite;
+- the APDU exchanges one power-up takes (SELECT included).
+
+ratio = crypto-only seconds / in-process seconds per verification (1.0 = no overhead).
+
+Usage: python bench/bench_binding.py [--seconds 1.0] [--modes digest,mutual] [--suites p256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from trustfleet.binding import protocol as p
+from trustfleet.binding.host import Host, HostKey, HostStore
+from trustfleet.binding.protocol import Mode
+from trustfleet.binding.secure_element import SecureElement
+from trustfleet.binding.storage import FileNvStore, MemoryNvStore, NvStore
+from trustfleet.binding.transport import InProcessTransport, Transport, VpcdReader, serve_card
+
+ISSUER_KEY = bytes(32)
+SE_ID = bytes(range(16))
+
+
+@dataclass
+class Row:
+    suite: str
+    mode: Mode
+    apdus: int
+    in_process: float  # seconds per verification
+    in_process_file: float
+    vpcd: float
+    crypto: float
+
+    @property
+    def ratio(self) -> float:
+        return self.crypto / self.in_process
+
+
+def per_call(fn: Callable[[], object], seconds: float, rounds: int = 5) -> float:
+    """Median over ``rounds`` of the mean seconds per call in a ~seconds/rounds window."""
+    fn()
+    results = []
+    for _ in range(rounds):
+        n, start = 0, time.perf_counter()
+        deadline = start + seconds / rounds
+        while True:
+            fn()
+            n += 1
+            now = time.perf_counter()
+            if now >= deadline:
+                break
+        results.append((now - start) / n)
+    return statistics.median(results)
+
+
+def _host(transport: Transport, directory: Path, mode: Mode, suite: str) -> Host:
+    key = HostKey(bytes(32))
+    store = HostStore(directory / f"{suite}-{mode}-{time.monotonic_ns()}.store", key)
+    return Host(transport, store, device_id="bench-host", mode=mode, suite=suite)
+
+
+def _se(nv: NvStore, suite: str) -> SecureElement:
+    return SecureElement.manufacture(nv, issuer_key=ISSUER_KEY, issuer_suite=suite, se_id=SE_ID)
+
+
+def in_process(mode: Mode, suite: str, nv: NvStore, directory: Path, seconds: float) -> tuple[float, int]:
+    host = _host(InProcessTransport(_se(nv, suite)), directory, mode, suite)
+    host.power_up()  # binds
+    apdus = host.power_up().apdus
+    return per_call(host.power_up, seconds), apdus
+
+
+def _card_process(port: int, suite: str, ready: multiprocessing.synchronize.Event) -> None:  # type: ignore[name-defined]
+    se = _se(MemoryNvStore(), suite)
+    ready.set()
+    serve_card(se, "127.0.0.1", port, stop=threading.Event())
+
+
+def over_vpcd(mode: Mode, suite: str, directory: Path, seconds: float) -> float:
+    reader = VpcdReader("127.0.0.1", 0, accept_timeout=30)
+    ready = multiprocessing.Event()
+    card = multiprocessing.Process(target=_card_process, args=(reader.port, suite, ready), daemon=True)
+    card.start()
+    try:
+        ready.wait(30)
+        host = _host(reader, directory, mode, suite)
+        host.power_up()
+        return per_call(host.power_up, seconds)
+    finally:
+        reader.close()
+        card.terminate()
+        card.join(10)
+
+
+def crypto_only(mode: Mode, suite: str, seconds: float) -> float:
+    """Both roles' cryptography for one verification, straight on the suite."""
+    s = p.binding_suite(suite)
+    rnd = os.urandom
+    se_id = SE_ID
+    if mode is Mode.DIGEST:
+        r1 = rnd(32)
+
+        def work() -> None:
+            r2 = rnd(32)
+            s.mac(r1, p.labelled("digest", se_id, r2))
+            s.mac(r1, p.labelled("digest", se_id, r2))
+    elif mode is Mode.CIPHER:
+        r1 = rnd(16)
+
+        def work() -> None:
+            r2 = rnd(16)
+            s.cmac(r1, p.labelled("cipher", se_id, r2))
+            s.cmac(r1, p.labelled("cipher", se_id, r2))
+    elif mode is Mode.ASYMMETRIC:
+        key = p.generate_key(suite)
+        public = key.public_key()
+        info = p.labelled("asymmetric", se_id)
+
+        def work() -> None:
+            r = rnd(32)
+            s.kem_unwrap(key, s.kem_wrap(public, r, info), info)
+    elif mode is Mode.SIGNATURE:
+        key = p.generate_key(suite)
+        public = key.public_key()
+
+        def work() -> None:
+            message = p.labelled("signature", se_id, rnd(32))
+            s.verify(public, message, s.sign(key, message))
+    else:
+        k_bind = rnd(32)
+
+        def work() -> None:
+            host_ch, se_ch = rnd(16), rnd(16)
+            for _role in ("host", "se"):
+                keys = p.session_keys(suite, k_bind, se_id, host_ch, se_ch)
+                p.cryptogram(suite, keys, "card", se_id, host_ch, se_ch)
+                p.cryptogram(suite, keys, "host", se_id, host_ch, se_ch)
+
+    return per_call(work, seconds)
+
+
+def measure(mode: Mode, suite: str, seconds: float) -> Row:
+    slow = suite == "gm" and mode in (Mode.ASYMMETRIC, Mode.SIGNATURE)
+    budget = seconds * (3 if slow else 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        crypto = crypto_only(mode, suite, budget)
+        memory, apdus = in_process(mode, suite, MemoryNvStore(), directory, budget)
+        on_file, _ = in_process(mode, suite, FileNvStore(directory / "se.nv"), directory, budget)
+        vpcd = over_vpcd(mode, suite, directory, budget)
+    return Row(suite, mode, apdus, memory, on_file, vpcd, crypto)
+
+
+def _rate(seconds: float) -> str:
+    rate = 1 / seconds
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:,.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=1.0, help="per measurement")
+    parser.add_argument("--modes", default=",".join(m.value for m in Mode))
+    parser.add_argument("--suites", default="p256,gm")
+    args = parser.parse_args()
+    print(
+        "| suite | mode | APDUs/power-up | in process /s (NV in RAM) | in process /s (NV file)"
+        " | over vpcd /s | crypto-only /s | crypto µs | ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for suite in args.suites.split(","):
+        for mode in (Mode(m) for m in args.modes.split(",")):
+            row = measure(mode, suite, args.seconds)
+            print(
+                f"| {suite} | {mode.value} | {row.apdus} | {_rate(row.in_process)}"
+                f" | {_rate(row.in_process_file)} | {_rate(row.vpcd)} | {_rate(row.crypto)}"
+                f" | {row.crypto * 1e6:,.1f} | {row.ratio:.2f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
