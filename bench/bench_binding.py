@@ -10,9 +10,13 @@ in one run:
   (loopback TCP, the host playing the reader), NV in memory;
 - crypto-only: the same randoms, MACs, KDFs, signatures or encryptions both roles compute
   in one verification, called directly on the suite;
+- codec floor: encoding and parsing the very C-APDUs and R-APDUs of one power-up (captured
+  from a real one), both sides, with no logic: what any APDU-level Python host + applet
+  pays before doing anything;
 - the APDU exchanges one power-up takes (SELECT included).
 
-ratio = crypto-only seconds / in-process seconds per verification (1.0 = no overhead).
+ratio = crypto-only seconds / in-process seconds per verification (1.0 = no overhead);
+ceiling = crypto / (crypto + codec floor), the best ratio an APDU-level design allows.
 
 Usage: python bench/bench_binding.py [--seconds 1.0] [--modes digest,mutual] [--suites p256]
 """
@@ -36,6 +40,7 @@ from trustfleet.binding.protocol import Mode
 from trustfleet.binding.secure_element import SecureElement
 from trustfleet.binding.storage import FileNvStore, MemoryNvStore, NvStore
 from trustfleet.binding.transport import InProcessTransport, Transport, VpcdReader, serve_card
+from trustfleet.wire.apdu import CommandApdu, ResponseApdu
 
 ISSUER_KEY = bytes(32)
 SE_ID = bytes(range(16))
@@ -50,10 +55,15 @@ class Row:
     in_process_file: float
     vpcd: float
     crypto: float
+    codec: float
 
     @property
     def ratio(self) -> float:
         return self.crypto / self.in_process
+
+    @property
+    def ceiling(self) -> float:
+        return self.crypto / (self.crypto + self.codec)
 
 
 def per_call(fn: Callable[[], object], seconds: float, rounds: int = 5) -> float:
@@ -83,11 +93,41 @@ def _se(nv: NvStore, suite: str) -> SecureElement:
     return SecureElement.manufacture(nv, issuer_key=ISSUER_KEY, issuer_suite=suite, se_id=SE_ID)
 
 
-def in_process(mode: Mode, suite: str, nv: NvStore, directory: Path, seconds: float) -> tuple[float, int]:
-    host = _host(InProcessTransport(_se(nv, suite)), directory, mode, suite)
+class _Recording(InProcessTransport):
+    def __init__(self, se: SecureElement) -> None:
+        super().__init__(se)
+        self.exchanges: list[tuple[bytes, bytes]] = []
+
+    def transmit(self, command: bytes) -> bytes:
+        response = super().transmit(command)
+        self.exchanges.append((command, response))
+        return response
+
+
+def in_process(
+    mode: Mode, suite: str, nv: NvStore, directory: Path, seconds: float
+) -> tuple[float, int, list[tuple[bytes, bytes]]]:
+    transport = _Recording(_se(nv, suite))
+    host = _host(transport, directory, mode, suite)
     host.power_up()  # binds
+    transport.exchanges.clear()
     apdus = host.power_up().apdus
-    return per_call(host.power_up, seconds), apdus
+    exchanges = list(transport.exchanges)
+    transport.exchanges = []
+    transport.transmit = super(_Recording, transport).transmit  # type: ignore[method-assign]
+    return per_call(host.power_up, seconds), apdus, exchanges
+
+
+def codec_floor(exchanges: list[tuple[bytes, bytes]], seconds: float) -> float:
+    """Both sides' encode + parse of one power-up's APDUs, nothing else."""
+    parsed = [(CommandApdu.parse(c), ResponseApdu.parse(r)) for c, r in exchanges]
+
+    def work() -> None:
+        for command, response in parsed:
+            CommandApdu.parse(command.encode())  # host encodes, SE parses
+            ResponseApdu.parse(ResponseApdu(response.data, response.sw).encode())
+
+    return per_call(work, seconds)
 
 
 def _card_process(port: int, suite: str, ready: multiprocessing.synchronize.Event) -> None:  # type: ignore[name-defined]
@@ -99,7 +139,9 @@ def _card_process(port: int, suite: str, ready: multiprocessing.synchronize.Even
 def over_vpcd(mode: Mode, suite: str, directory: Path, seconds: float) -> float:
     reader = VpcdReader("127.0.0.1", 0, accept_timeout=30)
     ready = multiprocessing.Event()
-    card = multiprocessing.Process(target=_card_process, args=(reader.port, suite, ready), daemon=True)
+    card = multiprocessing.Process(
+        target=_card_process, args=(reader.port, suite, ready), daemon=True
+    )
     card.start()
     try:
         ready.wait(30)
@@ -165,10 +207,12 @@ def measure(mode: Mode, suite: str, seconds: float) -> Row:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         crypto = crypto_only(mode, suite, budget)
-        memory, apdus = in_process(mode, suite, MemoryNvStore(), directory, budget)
-        on_file, _ = in_process(mode, suite, FileNvStore(directory / "se.nv"), directory, budget)
+        memory, apdus, exchanges = in_process(mode, suite, MemoryNvStore(), directory, budget)
+        nv = FileNvStore(directory / "se.nv")
+        on_file, _, _ = in_process(mode, suite, nv, directory, budget)
         vpcd = over_vpcd(mode, suite, directory, budget)
-    return Row(suite, mode, apdus, memory, on_file, vpcd, crypto)
+        codec = codec_floor(exchanges, seconds)
+    return Row(suite, mode, apdus, memory, on_file, vpcd, crypto, codec)
 
 
 def _rate(seconds: float) -> str:
@@ -184,16 +228,17 @@ def main() -> None:
     args = parser.parse_args()
     print(
         "| suite | mode | APDUs/power-up | in process /s (NV in RAM) | in process /s (NV file)"
-        " | over vpcd /s | crypto-only /s | crypto µs | ratio |"
+        " | over vpcd /s | crypto-only /s | crypto µs | codec floor µs | ratio | ceiling |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for suite in args.suites.split(","):
         for mode in (Mode(m) for m in args.modes.split(",")):
             row = measure(mode, suite, args.seconds)
             print(
                 f"| {suite} | {mode.value} | {row.apdus} | {_rate(row.in_process)}"
                 f" | {_rate(row.in_process_file)} | {_rate(row.vpcd)} | {_rate(row.crypto)}"
-                f" | {row.crypto * 1e6:,.1f} | {row.ratio:.2f} |",
+                f" | {row.crypto * 1e6:,.1f} | {row.codec * 1e6:,.1f} | {row.ratio:.2f}"
+                f" | {row.ceiling:.2f} |",
                 flush=True,
             )
 

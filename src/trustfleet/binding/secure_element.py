@@ -86,6 +86,10 @@ class Personalisation:
     holder_data: bytes
 
     @cached_property
+    def service_private_key(self) -> PrivateKey:
+        return p.load_private_key_bytes(self.service_key)
+
+    @cached_property
     def encoded(self) -> bytes:
         return _canonical(
             {
@@ -165,9 +169,12 @@ class NvState:
     tries_left: int = MAX_VERIFY_TRIES
     admin_tries_left: int = MAX_ADMIN_TRIES
 
-    @cached_property
+    @property
     def service_key(self) -> PrivateKey:
-        return p.load_private_key_bytes(self.personal.service_key)
+        return self.personal.service_private_key
+
+    def with_tries(self, tries_left: int) -> NvState:
+        return NvState(self.personal, self.binding, tries_left, self.admin_tries_left)
 
     def encode(self) -> bytes:
         personal = self.personal.encoded
@@ -608,7 +615,7 @@ class SecureElement:
             SW.CONDITIONS_NOT_SATISFIED,
         )
         state = self._nv_state()
-        self._persist(replace(state, tries_left=state.tries_left - 1))  # before comparing
+        self._persist(state.with_tries(state.tries_left - 1))  # before comparing
         if mode is Mode.MUTUAL:
             assert pending_mutual is not None
             ok = self._check_mutual(pending_mutual, cmd.data)
@@ -617,7 +624,7 @@ class SecureElement:
             ok = self._check_response(mode, pending_challenge, cmd.data)
         if not ok:
             raise _Answer(sw_tries_left(self._nv_state().tries_left))
-        self._persist(replace(self._nv_state(), tries_left=MAX_VERIFY_TRIES))
+        self._persist(self._nv_state().with_tries(MAX_VERIFY_TRIES))
         self._ram.verified = True
         return ResponseApdu(b"", SW.OK)
 

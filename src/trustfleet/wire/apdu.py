@@ -69,9 +69,13 @@ class CommandApdu:
     le: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("cla", "ins", "p1", "p2"):
-            if not 0 <= getattr(self, name) <= 0xFF:
-                raise MalformedApdu(f"{name.upper()} must be one byte")
+        if not (
+            0 <= self.cla <= 0xFF
+            and 0 <= self.ins <= 0xFF
+            and 0 <= self.p1 <= 0xFF
+            and 0 <= self.p2 <= 0xFF
+        ):
+            raise MalformedApdu("CLA, INS, P1 and P2 are one byte each")
         if len(self.data) > EXTENDED_MAX_DATA:
             raise MalformedApdu(f"command data is limited to {EXTENDED_MAX_DATA} bytes")
         if self.le is not None and not 1 <= self.le <= EXTENDED_MAX_LE:
