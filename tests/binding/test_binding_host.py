@@ -247,3 +247,18 @@ def test_public_keys_off_the_curve_are_refused() -> None:
         with pytest.raises(SeMalformedMessage):
             p.load_public_key_bytes(suite, b"\x04" + b"\x01" * 64)
     assert load_public_key  # the crypto package's loader stays available
+
+
+def test_a_host_whose_se_was_reset_and_bound_elsewhere_refuses_it(make_host: HostFactory) -> None:
+    from .conftest import ISSUER_KEY
+
+    se = make_se()
+    first = make_host(se, mode=Mode.CIPHER)
+    first.power_up()
+    second = make_host(se, mode=Mode.MUTUAL)
+    second.transport.power_cycle()
+    second.admin_reset(issuer_key=ISSUER_KEY, issuer_suite="p256")
+    second.power_up()
+    with pytest.raises(SeBoundElsewhere):  # its stale cipher credential is not even tried
+        first.power_up()
+    assert se.status().tries_left == MAX_VERIFY_TRIES

@@ -286,6 +286,11 @@ class Host:
         start = self.apdu_count
         status = self.select()
         credential = self.store.credential(status.se_id)
+        if credential is not None and (credential.mode, credential.suite) != (
+            status.mode,
+            status.suite,
+        ):
+            credential = None  # the SE was reset and bound again since: ours is stale
         bound_now = False
         if status.lifecycle is Lifecycle.BLANK or (
             credential is None and status.lifecycle is Lifecycle.REGISTERED
