@@ -16,6 +16,7 @@ so no two constructions (or two SEs) can ever share an input.
 
 from __future__ import annotations
 
+import functools
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -407,11 +408,11 @@ class SecureChannel:
     # -- host role ---------------------------------------------------------------------
 
     def wrap_command(self, cmd: CommandApdu) -> CommandApdu:
-        secured = CommandApdu(CLA_SECURE, cmd.ins, cmd.p1, cmd.p2, b"", None)
+        secured = CommandApdu(CLA_SECURE, cmd.ins, cmd.p1, cmd.p2)
         mac = self._command_mac(secured, cmd.data)
         self._chain = mac
-        le = cmd.le if cmd.le is not None else None
-        return CommandApdu(CLA_SECURE, cmd.ins, cmd.p1, cmd.p2, cmd.data + mac[:SM_MAC_SIZE], le)
+        data = cmd.data + mac[:SM_MAC_SIZE]
+        return CommandApdu(CLA_SECURE, cmd.ins, cmd.p1, cmd.p2, data, cmd.le)
 
     def unwrap_response(self, resp: ResponseApdu) -> ResponseApdu:
         if resp.sw != SW.OK:
@@ -608,6 +609,18 @@ class Verified:
     channel: SecureChannel | None
 
 
+# A host verifies with the same credential at every power-up; parsing (and validating) its
+# key costs more than using it, so the parse is kept for the few credentials a host holds.
+@functools.lru_cache(maxsize=16)
+def _parsed_public_key(suite: str, data: bytes) -> PublicKey:
+    return load_public_key_bytes(suite, data)
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed_private_key(data: bytes) -> PrivateKey:
+    return load_private_key_bytes(data)
+
+
 class HostVerification:
     """One power-up verification with a stored credential. Single use."""
 
@@ -653,9 +666,9 @@ class HostVerification:
         if cred.mode is Mode.CIPHER:
             return cipher_response(cred.suite, cred.secret, se_id, challenge)
         if cred.mode is Mode.ASYMMETRIC:
-            public = load_public_key_bytes(cred.suite, cred.secret)
+            public = _parsed_public_key(cred.suite, cred.secret)
             return asymmetric_response(cred.suite, public, se_id, challenge)
-        private = load_private_key_bytes(cred.secret)
+        private = _parsed_private_key(cred.secret)
         return signature_response(cred.suite, private, se_id, challenge)
 
     def _mutual_answer(self, data: bytes) -> bytes:
