@@ -15,7 +15,9 @@ in one run:
   pays before doing anything;
 - the APDU exchanges one power-up takes (SELECT included).
 
-ratio = crypto-only seconds / in-process seconds per verification (1.0 = no overhead);
+ratio = crypto-only seconds / in-process seconds per verification (1.0 = no overhead), the
+median of seven paired rounds (crypto and in process alternate, so load from elsewhere on the
+machine hits both alike);
 ceiling = crypto / (crypto + codec floor), the best ratio an APDU-level design allows.
 
 Usage: python bench/bench_binding.py [--seconds 1.0] [--modes digest,mutual] [--suites p256]
@@ -56,10 +58,8 @@ class Row:
     vpcd: float
     crypto: float
     codec: float
-
-    @property
-    def ratio(self) -> float:
-        return self.crypto / self.in_process
+    #: median over paired rounds of crypto-only / in-process seconds
+    ratio: float
 
     @property
     def ceiling(self) -> float:
@@ -105,17 +105,17 @@ class _Recording(InProcessTransport):
 
 
 def in_process(
-    mode: Mode, suite: str, nv: NvStore, directory: Path, seconds: float
-) -> tuple[float, int, list[tuple[bytes, bytes]]]:
+    mode: Mode, suite: str, nv: NvStore, directory: Path
+) -> tuple[Callable[[], object], int, list[tuple[bytes, bytes]]]:
+    """A bound host's ``power_up`` (to time), its APDU count and one power-up's APDUs."""
     transport = _Recording(_se(nv, suite))
     host = _host(transport, directory, mode, suite)
     host.power_up()  # binds
     transport.exchanges.clear()
     apdus = host.power_up().apdus
     exchanges = list(transport.exchanges)
-    transport.exchanges = []
     transport.transmit = super(_Recording, transport).transmit  # type: ignore[method-assign]
-    return per_call(host.power_up, seconds), apdus, exchanges
+    return host.power_up, apdus, exchanges
 
 
 def codec_floor(exchanges: list[tuple[bytes, bytes]], seconds: float) -> float:
@@ -154,7 +154,7 @@ def over_vpcd(mode: Mode, suite: str, directory: Path, seconds: float) -> float:
         card.join(10)
 
 
-def crypto_only(mode: Mode, suite: str, seconds: float) -> float:
+def crypto_only(mode: Mode, suite: str) -> Callable[[], None]:
     """Both roles' cryptography for one verification, straight on the suite."""
     s = p.binding_suite(suite)
     rnd = os.urandom
@@ -198,21 +198,36 @@ def crypto_only(mode: Mode, suite: str, seconds: float) -> float:
                 p.cryptogram(suite, keys, "card", se_id, host_ch, se_ch)
                 p.cryptogram(suite, keys, "host", se_id, host_ch, se_ch)
 
-    return per_call(work, seconds)
+    return work
+
+
+def paired(
+    a: Callable[[], object], b: Callable[[], object], seconds: float
+) -> tuple[float, float, float]:
+    """Alternate short windows of a and b; medians of each and of the per-round a/b."""
+    rounds = 7
+    ta, tb = [], []
+    for _ in range(rounds):
+        ta.append(per_call(a, seconds / rounds / 2, rounds=1))
+        tb.append(per_call(b, seconds / rounds / 2, rounds=1))
+    ratio = statistics.median(x / y for x, y in zip(ta, tb, strict=True))
+    return statistics.median(ta), statistics.median(tb), ratio
 
 
 def measure(mode: Mode, suite: str, seconds: float) -> Row:
     slow = suite == "gm" and mode in (Mode.ASYMMETRIC, Mode.SIGNATURE)
-    budget = seconds * (3 if slow else 1)
+    budget = seconds * (4 if slow else 2)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        crypto = crypto_only(mode, suite, budget)
-        memory, apdus, exchanges = in_process(mode, suite, MemoryNvStore(), directory, budget)
-        nv = FileNvStore(directory / "se.nv")
-        on_file, _, _ = in_process(mode, suite, nv, directory, budget)
-        vpcd = over_vpcd(mode, suite, directory, budget)
-        codec = codec_floor(exchanges, seconds)
-    return Row(suite, mode, apdus, memory, on_file, vpcd, crypto, codec)
+        power_up, apdus, exchanges = in_process(mode, suite, MemoryNvStore(), directory)
+        crypto, memory, ratio = paired(crypto_only(mode, suite), power_up, budget)
+        on_file_power_up, _, _ = in_process(
+            mode, suite, FileNvStore(directory / "se.nv"), directory
+        )
+        on_file = per_call(on_file_power_up, budget / 2)
+        vpcd = over_vpcd(mode, suite, directory, budget / 2)
+        codec = codec_floor(exchanges, seconds / 2)
+    return Row(suite, mode, apdus, memory, on_file, vpcd, crypto, codec, ratio)
 
 
 def _rate(seconds: float) -> str:
