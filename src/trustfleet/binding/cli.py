@@ -16,9 +16,10 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated, Protocol
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -35,11 +36,16 @@ from trustfleet.binding.transport import (
     VpcdReader,
     serve_card,
 )
-from trustfleet.cli.common import console
 from trustfleet.errors import InvalidInput
 
-if TYPE_CHECKING:
-    from trustfleet.cli.demo import DemoEnv
+# The domain sits below the CLI layer: its own console, and the demo's environment as the
+# one attribute the step uses.
+console = Console()
+
+
+class DemoEnv(Protocol):
+    workdir: Path
+
 
 app = typer.Typer(no_args_is_help=True, help="Secure elements bound to their host (spec §1).")
 
