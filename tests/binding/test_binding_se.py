@@ -318,7 +318,7 @@ def test_cutting_power_during_a_verification_still_costs_a_try(make_host: HostFa
     assert se.status().tries_left == MAX_VERIFY_TRIES - 1
 
 
-def test_a_corrupt_nv_record_is_refused(tmp_path: object) -> None:
+def test_a_corrupt_nv_record_is_refused() -> None:
     nv = MemoryNvStore()
     se = make_se(nv=nv)
     assert nv.record is not None
