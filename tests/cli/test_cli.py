@@ -118,3 +118,5 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     result = run(tmp_path, "demo")
     assert "demo complete" in result.stdout
     assert "certificate revoked" in result.stdout
+    assert "gateway-2 power-up refused: [se-bound-elsewhere]" in result.stdout
+    assert "gateway-2 asks for a signature: SE answers 6982" in result.stdout

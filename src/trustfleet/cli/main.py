@@ -123,6 +123,7 @@ def audit_verify() -> None:
 
 
 def _register_domain_commands() -> None:
+    from trustfleet.binding import cli as binding_cli
     from trustfleet.cli import ca as pki_cli
     from trustfleet.cli import demo
     from trustfleet.cli import keystore as keystore_cli
@@ -131,9 +132,11 @@ def _register_domain_commands() -> None:
     app.add_typer(pki_cli.app, name="ca")
     app.add_typer(keystore_cli.app, name="keystore")
     app.add_typer(tmk_cli.app, name="tmk")
+    app.add_typer(binding_cli.app, name="se")
     emulate_app.add_typer(tmk_cli.pos_app, name="pos")
-    if tmk_cli.demo_step not in demo.DEMO_STEPS:
-        demo.DEMO_STEPS.append(tmk_cli.demo_step)
+    for step in (tmk_cli.demo_step, binding_cli.demo_step):
+        if step not in demo.DEMO_STEPS:
+            demo.DEMO_STEPS.append(step)
     app.command("demo")(demo.demo)
 
 
