@@ -29,8 +29,10 @@ with warnings.catch_warnings():  # starlette's notice about its httpx-based clie
 WARMUP = 5
 
 
-def run_downloads(count: int, workdir: Path) -> None:
-    """``WARMUP`` + ``count`` full downloads of P-256 terminals on a fresh SQLite server."""
+def run_downloads(count: int, made: int, workdir: Path) -> None:
+    """``WARMUP`` + ``made`` P-256 terminals made and imported, then ``WARMUP`` + ``count``
+    full downloads, on a fresh SQLite server. Both runs of a measurement make as many
+    terminals, so only the downloads differ."""
     from trustfleet.bootstrap import initialise
     from trustfleet.server.app import create_app
     from trustfleet.server.runner import build_context
@@ -53,7 +55,7 @@ def run_downloads(count: int, workdir: Path) -> None:
         root = call("POST", "/v1/tmk/identity", admin)["ksrcrt_pem"].encode()
         maker, gateway = token("manufacturer"), token("device-gateway")
         terminals = []
-        for n in range(WARMUP + count):
+        for n in range(WARMUP + made):
             directory = workdir / f"t{n}"
             PosTerminal.factory(directory, f"CG{n:06d}", root_pem=root)
             call(
@@ -65,11 +67,11 @@ def run_downloads(count: int, workdir: Path) -> None:
             )
             terminals.append(PosTerminal.open(directory))
         transport = HttpTransport(client, gateway)
-        for terminal in terminals:
+        for terminal in terminals[: WARMUP + count]:
             terminal.download(transport)
 
 
-def instructions(count: int) -> int:
+def instructions(count: int, made: int) -> int:
     """Total instructions of a process that runs ``count`` downloads (under callgrind)."""
     with tempfile.TemporaryDirectory(prefix="tf-callgrind-") as tmp:
         out = Path(tmp) / "callgrind.out"
@@ -81,6 +83,8 @@ def instructions(count: int) -> int:
             __file__,
             "--run",
             str(count),
+            "--make",
+            str(made),
         ]
         subprocess.run(command, check=True, capture_output=True)
         summary = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
@@ -93,17 +97,18 @@ def main() -> None:
     parser.add_argument("--short", type=int, default=20)
     parser.add_argument("--long", type=int, default=60)
     parser.add_argument("--run", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--make", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run is not None:
         workdir = Path(tempfile.mkdtemp(prefix="tf-cg-"))
         try:
-            run_downloads(args.run, workdir)
+            run_downloads(args.run, args.make or args.run, workdir)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (Debian package valgrind)")
-    short, long = instructions(args.short), instructions(args.long)
+    short, long = instructions(args.short, args.long), instructions(args.long, args.long)
     per_download = (long - short) / (args.long - args.short)
     print(f"p256, SQLite, in process: {per_download / 1e6:.2f} M instructions per download")
     print(f"(runs of {args.short} and {args.long} downloads: {short:,} and {long:,})")

@@ -16,10 +16,9 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Protocol
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -27,7 +26,7 @@ from trustfleet.binding.errors import SeBoundElsewhere, SeError, SeNotVerified
 from trustfleet.binding.host import BindingEvent, Host, HostKey, HostStore
 from trustfleet.binding.protocol import Lifecycle, Mode, SeStatus
 from trustfleet.binding.secure_element import SecureElement
-from trustfleet.binding.storage import FileNvStore, MemoryNvStore, read_small_file
+from trustfleet.binding.storage import FileNvStore, MemoryNvStore
 from trustfleet.binding.transport import (
     VPCD_PORT,
     InProcessTransport,
@@ -37,15 +36,9 @@ from trustfleet.binding.transport import (
     serve_card,
 )
 from trustfleet.errors import InvalidInput
-
-# The domain sits below the CLI layer: its own console, and the demo's environment as the
-# one attribute the step uses.
-console = Console()
-
-
-class DemoEnv(Protocol):
-    workdir: Path
-
+from trustfleet.kit.cli import console
+from trustfleet.kit.demo import DemoEnv
+from trustfleet.store.files import read_small_file
 
 app = typer.Typer(no_args_is_help=True, help="Secure elements bound to their host (spec §1).")
 

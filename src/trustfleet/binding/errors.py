@@ -8,6 +8,7 @@ a file or a link says something went wrong. Messages never carry credentials or 
 from __future__ import annotations
 
 from trustfleet.errors import TrustfleetError
+from trustfleet.wire import MalformedMessage
 
 
 class SeError(TrustfleetError):
@@ -16,7 +17,7 @@ class SeError(TrustfleetError):
     title = "Secure-element binding failed"
 
 
-class SeMalformedMessage(SeError):
+class SeMalformedMessage(SeError, MalformedMessage):
     code = "se-malformed-message"
     title = "A binding message (APDU data) is malformed"
 

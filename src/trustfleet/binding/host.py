@@ -65,8 +65,8 @@ from trustfleet.binding.protocol import (
     select_command,
     sign_command,
 )
-from trustfleet.binding.storage import atomic_write, read_small_file, remove_stale_temporaries
 from trustfleet.binding.transport import Transport
+from trustfleet.store.files import atomic_write, read_small_file, remove_stale_temporaries
 from trustfleet.wire.apdu import CommandApdu, ResponseApdu
 
 HOST_KEY_SIZE = 32

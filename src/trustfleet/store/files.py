@@ -1,31 +1,90 @@
 """Files written so that a crash or a power cut leaves the old content or the new, never a
-mix: device state (a terminal's secure module, an SE's non-volatile memory), the CA's PEMs.
+mix: device state (a terminal's secure module, a secure element's non-volatile memory, a
+host's binding store), the CA's PEMs.
+
+:func:`atomic_write` is the one way such a file changes: write a temporary file beside the
+target, fsync it, rename it over the target, fsync the directory. A power cut at any byte of
+that sequence leaves the previous file or the new one; at worst a stale temporary file,
+which :func:`remove_stale_temporaries` clears at the next start.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+#: called before each step of a write: ("write", byte index), ("fsync", 0), ("rename", 0),
+#: ("dir-fsync", 0); a test raises from it to cut the power there
+WriteHook = Callable[[str, int], None]
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Write to a temporary file in the same directory, fsync it, rename it over ``path``
-    and fsync the directory. The file gets ``mode`` (owner-only by default) before it
-    appears under its name."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+_TMP_SUFFIX = ".tmp"
+
+
+class PowerCut(Exception):
+    """Raised by a test's write hook: the power failed at this point."""
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def atomic_write(
+    path: Path, data: bytes, *, mode: int = 0o600, hook: WriteHook | None = None
+) -> None:
+    """Replace ``path`` with ``data`` (owner-only by default) so that a crash leaves old or
+    new; the file has ``mode`` before it appears under its name."""
+    fd, tmp_name = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=_TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+            _write(handle.fileno(), data, hook)
+            if hook:
+                hook("fsync", 0)
             os.fsync(handle.fileno())
         os.chmod(tmp_name, mode)
+        if hook:
+            hook("rename", 0)
         os.replace(tmp_name, path)
+    except PowerCut:
+        raise  # a real cut leaves the temporary file behind; so does a simulated one
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
+    if hook:
+        hook("dir-fsync", 0)
+    _fsync_directory(path.parent)
+
+
+def _write(fd: int, data: bytes, hook: WriteHook | None) -> None:
+    if hook is None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        return
+    for index in range(len(data)):  # byte by byte, so a test can cut after any byte
+        hook("write", index)
+        os.write(fd, data[index : index + 1])
+
+
+def _fsync_directory(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(directory)
+        os.fsync(dir_fd)
     finally:
-        os.close(directory)
+        os.close(dir_fd)
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete temporary files a power cut left beside ``path``."""
+    for stale in path.parent.glob(f"{_tmp_prefix(path)}*{_TMP_SUFFIX}"):
+        stale.unlink(missing_ok=True)
+
+
+def read_small_file(path: Path, limit: int) -> bytes:
+    """The file's bytes; ValueError if it is larger than ``limit``; OSError as raised."""
+    with path.open("rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path.name} is larger than {limit} bytes")
+    return data

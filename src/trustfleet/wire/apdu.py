@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
-from trustfleet.errors import InvalidInput
+from trustfleet.wire.errors import MalformedMessage
 
 SHORT_MAX_DATA = 255
 SHORT_MAX_LE = 256
@@ -20,7 +20,7 @@ EXTENDED_MAX_DATA = 65_535
 EXTENDED_MAX_LE = 65_536
 
 
-class MalformedApdu(InvalidInput):
+class MalformedApdu(MalformedMessage):
     code = "apdu-malformed"
     title = "The APDU is malformed"
 
