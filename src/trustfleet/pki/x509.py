@@ -510,6 +510,10 @@ def verify_signature(key: CaPublicKey, signature: bytes, data: bytes) -> None:
 # --- validation -----------------------------------------------------------------------
 
 
+#: trust anchors: DER, or certificates already parsed (a device keeps its roots parsed)
+Roots: TypeAlias = bytes | Sequence[bytes | x509.Certificate]
+
+
 #: intermediate CAs a chain may have between its leaf and its root, unless a policy says
 MAX_INTERMEDIATES = 4
 
@@ -561,10 +565,10 @@ def load_certificate(der: bytes) -> x509.Certificate:
 def validate_chain(
     leaf_der: bytes,
     intermediates: Sequence[bytes],
-    roots: bytes | Sequence[bytes],
+    roots: Roots,
     *,
     at: datetime,
-    crl_ders: Sequence[bytes] = (),
+    crl_ders: Sequence[bytes | x509.CertificateRevocationList] = (),
     crls: CrlCheck = CrlCheck.REQUIRED,
     purpose: Purpose | None = None,
     server_name: str | None = None,
@@ -589,17 +593,17 @@ def validate_chain(
     return validated
 
 
-def _store(roots: bytes | Sequence[bytes]) -> Store:
-    ders = [roots] if isinstance(roots, bytes) else list(roots)
-    if not ders:
+def _store(roots: Roots) -> Store:
+    given = [roots] if isinstance(roots, bytes) else list(roots)
+    if not given:
         raise CertificateInvalid("no trust anchor was given")
-    return Store([load_certificate(der) for der in ders])
+    return Store([r if isinstance(r, x509.Certificate) else load_certificate(r) for r in given])
 
 
 def verify_path(
     leaf_der: bytes,
     intermediates: Sequence[bytes],
-    roots: bytes | Sequence[bytes],
+    roots: Roots,
     *,
     at: datetime,
     purpose: Purpose | None = None,
@@ -628,7 +632,7 @@ def verify_path(
 def _verify_for_policy(
     leaf_der: bytes,
     intermediates: Sequence[bytes],
-    roots: bytes | Sequence[bytes],
+    roots: Roots,
     at: datetime,
     policy: ChainPolicy,
 ) -> ValidatedChain:
@@ -742,14 +746,14 @@ def load_crl(der: bytes) -> x509.CertificateRevocationList:
 
 def check_crls(
     chain: Sequence[x509.Certificate],
-    crl_ders: Sequence[bytes],
+    crl_ders: Sequence[bytes | x509.CertificateRevocationList],
     *,
     at: datetime,
     mode: CrlCheck = CrlCheck.REQUIRED,
 ) -> None:
     """Raise CertificateRevoked if a CRL lists a certificate of the (validated) chain; see
     :class:`CrlCheck` for which issuers need a CRL."""
-    crls = [load_crl(d) for d in crl_ders]
+    crls = [d if isinstance(d, x509.CertificateRevocationList) else load_crl(d) for d in crl_ders]
     for cert, issuer in itertools.pairwise(chain):
         if mode is CrlCheck.WHEN_GIVEN and not any(c.issuer == issuer.subject for c in crls):
             continue

@@ -42,7 +42,6 @@ from enum import StrEnum
 from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from trustfleet import wire
 from trustfleet.crypto import algorithm_of, suite_for_algorithm
@@ -832,9 +831,9 @@ class ServerTrust:
             validated = validate_chain(
                 kswcrt_der,
                 chain_der,
-                [root.public_bytes(Encoding.DER) for root in self.roots],
+                self.roots,
                 at=now,
-                crl_ders=[crl.public_bytes(Encoding.DER) for crl in self.crls],
+                crl_ders=self.crls,
                 crls=CrlCheck.WHEN_GIVEN,
                 policy=KSWCRT_POLICY,
             )
