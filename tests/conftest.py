@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from harness import POSTGRES_URL, postgres_schema
+from trustfleet.store import Database
 from trustfleet.store.engine import make_engine, make_session_factory, migrate
 
 DATABASES = ["sqlite"] + (["postgres"] if POSTGRES_URL else [])
@@ -37,3 +38,8 @@ def engine(database_url: str) -> Iterator[Engine]:
 @pytest.fixture
 def sessions(engine: Engine) -> sessionmaker[Session]:
     return make_session_factory(engine)
+
+
+@pytest.fixture
+def db(engine: Engine) -> Database:
+    return Database(engine)

@@ -9,13 +9,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from trustfleet.keystore.master import MasterKey, MasterKeyring
 from trustfleet.keystore.soft import SoftKeyStore
 from trustfleet.pki.service import PkiService
+from trustfleet.store import Database
 
 from .helpers import Hierarchy
 
 
 @pytest.fixture
-def keystore(sessions: sessionmaker[Session]) -> SoftKeyStore:
-    return SoftKeyStore(sessions, MasterKeyring([MasterKey.new()]))
+def keystore(db: Database) -> SoftKeyStore:
+    return SoftKeyStore(db, MasterKeyring([MasterKey.new()]))
 
 
 @pytest.fixture

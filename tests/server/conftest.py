@@ -22,6 +22,7 @@ from trustfleet.server.auth import create_token, revoke_token
 from trustfleet.server.context import AppContext
 from trustfleet.server.models import ROLES
 from trustfleet.settings import Settings
+from trustfleet.store import Database
 
 MAX_BODY_BYTES = 4096
 
@@ -52,8 +53,8 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def keystore(sessions: sessionmaker[Session]) -> KeyStore:
-    return SoftKeyStore(sessions, MasterKeyring([MasterKey.new()]))
+def keystore(db: Database) -> KeyStore:
+    return SoftKeyStore(db, MasterKeyring([MasterKey.new()]))
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from trustfleet.keystore.base import KeyStore
 from trustfleet.keystore.master import MasterKey, MasterKeyring
 from trustfleet.keystore.soft import SoftKeyStore
 from trustfleet.pki.service import PkiService
+from trustfleet.store import Database
 from trustfleet.store.audit import AuditRecord, iter_records, verify_chain
 from trustfleet.tmk import errors, registry
 from trustfleet.tmk.models import DownloadSession, ServerIdentity, TerminalMasterKey, WorkingKey
@@ -69,8 +70,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def keystore(sessions: sessionmaker[Session]) -> SoftKeyStore:
-    return SoftKeyStore(sessions, MasterKeyring([MasterKey.new()]))
+def keystore(db: Database) -> SoftKeyStore:
+    return SoftKeyStore(db, MasterKeyring([MasterKey.new()]))
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from trustfleet.crypto.payment.kcv import kcv
 from trustfleet.errors import InvalidInput, TrustfleetError
 from trustfleet.keystore.master import MasterKey, MasterKeyring
 from trustfleet.keystore.soft import SoftKeyStore
+from trustfleet.store import Database
 from trustfleet.store.engine import make_engine, make_session_factory, migrate
 from trustfleet.tmk import registry
 from trustfleet.tmk.errors import ScmExists, ScmNoTmk, TmkUntrustedServerCertificate
@@ -85,7 +86,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('ks') / 'tf.db'}")
     migrate(engine)
     sessions = make_session_factory(engine)
-    service = TmkService(sessions, SoftKeyStore(sessions, MasterKeyring([MasterKey.new()])))
+    service = TmkService(sessions, SoftKeyStore(Database(engine), MasterKeyring([MasterKey.new()])))
     service.identity.ensure(actor="test")
     yield Server(service, sessions, ServiceTransport(service), service.identity.root().pem.encode())
     engine.dispose()
