@@ -76,15 +76,15 @@ def client(app: FastAPI) -> Iterator[TestClient]:
 
 
 @pytest.fixture
-def tokens(sessions: sessionmaker[Session]) -> dict[str, str]:
+def tokens(db: Database) -> dict[str, str]:
     """One live token per role, by role."""
-    return {role: create_token(sessions, f"test {role}", role)[0] for role in sorted(ROLES)}
+    return {role: create_token(db, f"test {role}", role)[0] for role in sorted(ROLES)}
 
 
 @pytest.fixture
-def revoked_admin_token(sessions: sessionmaker[Session]) -> str:
-    plaintext, info = create_token(sessions, "revoked admin", "admin")
-    revoke_token(sessions, info.id)
+def revoked_admin_token(db: Database) -> str:
+    plaintext, info = create_token(db, "revoked admin", "admin")
+    revoke_token(db, info.id)
     return plaintext
 
 

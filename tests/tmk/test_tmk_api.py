@@ -73,8 +73,8 @@ def client(context: AppContext, device_lane: bool) -> Iterator[TestClient]:
 
 
 @pytest.fixture
-def tokens(sessions: sessionmaker[Session]) -> dict[str, str]:
-    return {role: create_token(sessions, f"test {role}", role)[0] for role in sorted(ROLES)}
+def tokens(db: Database) -> dict[str, str]:
+    return {role: create_token(db, f"test {role}", role)[0] for role in sorted(ROLES)}
 
 
 def auth(token: str) -> dict[str, str]:
