@@ -42,7 +42,7 @@ def initialise(settings: Settings) -> InitResult:
         return InitResult(settings.data_dir, settings.ca_dir / "root.pem", None)
     _ensure_master_key(settings)
     context = build_context(settings)
-    bootstrap_local_ca(context.sessions, context.keystore, context.settings.ca_dir)
+    bootstrap_local_ca(context.db, context.keystore, context.settings.ca_dir)
     token = bootstrap_admin_token(context.db)
     (settings.data_dir / INITIALISED_MARKER).write_text("1\n")
     return InitResult(settings.data_dir, settings.ca_dir / "root.pem", token)

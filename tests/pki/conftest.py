@@ -4,7 +4,6 @@ wrapped under a fresh master key), and a small CA hierarchy (root -> issuing).""
 from __future__ import annotations
 
 import pytest
-from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.keystore.master import MasterKey, MasterKeyring
 from trustfleet.keystore.soft import SoftKeyStore
@@ -20,8 +19,8 @@ def keystore(db: Database) -> SoftKeyStore:
 
 
 @pytest.fixture
-def pki(sessions: sessionmaker[Session], keystore: SoftKeyStore) -> PkiService:
-    return PkiService(sessions, keystore)
+def pki(db: Database, keystore: SoftKeyStore) -> PkiService:
+    return PkiService(db, keystore)
 
 
 @pytest.fixture

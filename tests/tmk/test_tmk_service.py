@@ -728,11 +728,11 @@ def test_a_revoked_work_certificate_is_refused_by_terminals_given_the_crl(
 def test_a_server_whose_work_certificate_is_not_under_the_terminals_root_is_refused(
     service: TmkService,
     terminal: PosTerminal,
-    sessions: sessionmaker[Session],
+    db: Database,
     keystore: KeyStore,
     clock: Clock,
 ) -> None:
-    other_root = PkiService(sessions, keystore).create_root_ca("another-root").certificate
+    other_root = PkiService(db, keystore).create_root_ca("another-root").certificate
     session = TerminalSession(terminal.scm, ServerTrust((other_root,)), clock=clock)
     challenge = service.start_download(session.start().to_json(), actor="gw")
     with pytest.raises(errors.TmkUntrustedServerCertificate):

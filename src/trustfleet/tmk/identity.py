@@ -30,7 +30,7 @@ from trustfleet.pki import x509 as px
 from trustfleet.pki.errors import CaExists
 from trustfleet.pki.service import SERVER_VALIDITY, CaInfo, PkiService
 from trustfleet.pki.x509 import RevocationReason
-from trustfleet.store import audit
+from trustfleet.store import Database, audit
 from trustfleet.store.engine import transaction
 from trustfleet.tmk.models import ServerIdentity
 
@@ -105,7 +105,7 @@ class IdentityService:
         self._keystore = keystore
         self._clock = clock or (lambda: datetime.now(UTC))
         self._validity = work_cert_validity
-        self._pki = PkiService(sessions, keystore, clock=clock)
+        self._pki = PkiService(Database(sessions.kw["bind"]), keystore, clock=clock)
 
     # -- reading ---------------------------------------------------------------------------
 
