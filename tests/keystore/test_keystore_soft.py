@@ -210,6 +210,19 @@ def test_a_key_made_in_a_unit_of_work_exists_only_if_it_commits(
     assert lost.handle not in {k.handle for k in soft_store.list()}
 
 
+def test_a_key_destroyed_in_a_unit_of_work_that_rolls_back_stays_usable(
+    soft_store: SoftKeyStore, db: Database
+) -> None:
+    key = soft_store.generate(A.AES_128, U.MAC)
+    tag = soft_store.mac(key.handle, b"before")
+    with pytest.raises(RuntimeError), db.work():
+        soft_store.destroy(key.handle)
+        with pytest.raises(KeyNotFound):
+            soft_store.mac(key.handle, b"destroyed inside the work")
+        raise RuntimeError("the use case failed after destroying the key")
+    assert soft_store.mac(key.handle, b"before") == tag
+
+
 def test_inside_a_unit_of_work_only_the_keys_it_made_skip_the_read(
     soft_store: SoftKeyStore, db: Database
 ) -> None:

@@ -116,6 +116,23 @@ def test_an_existing_ca_name_is_refused_without_leaving_a_key_behind(
     assert _rows(sessions) == (1, 1)
 
 
+def test_a_ca_name_taken_between_the_check_and_the_insert_is_refused_without_a_key_left(
+    pki: PkiService,
+    keystore: KeyStore,
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pki.create_root_ca("root")
+    keys_before = len(keystore.list())
+    # another node made "root" after both checks: the unique name refuses the insert
+    monkeypatch.setattr(pki, "find_ca", lambda name: None)
+    monkeypatch.setattr(pki, "_check_ca_absent", lambda work, name: None)
+    with pytest.raises(CaExists, match="just created"):
+        pki.create_root_ca("root")
+    assert len(keystore.list()) == keys_before
+    assert _rows(sessions) == (1, 1)
+
+
 @pytest.mark.parametrize("name", ["", "Root", "a b", "-x", "x" * 64, "ca/../x"])
 def test_bad_ca_names_are_refused(pki: PkiService, name: str) -> None:
     with pytest.raises(InvalidSubject):
