@@ -129,7 +129,7 @@ def build_fleet(workdir: Path, suite: str, count: int, database_url: str) -> Fle
     )
     report = registry.import_terminals(context.db, rows, actor="bench")
     assert report.accepted == count, report.to_dict()["rejected"][:3]
-    token, _ = create_token(context.sessions, "bench gateway", "device-gateway", actor="bench")
+    token, _ = create_token(context.db, "bench gateway", "device-gateway", actor="bench")
     context.engine.dispose()
     return Fleet(data_dir, [Path(d) for d, _ in made], token, env)
 

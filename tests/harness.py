@@ -20,7 +20,8 @@ from sqlalchemy import text
 
 from trustfleet.keystore.master import create_master_key_file
 from trustfleet.server.auth import bootstrap_admin_token
-from trustfleet.store.engine import make_engine, make_session_factory, migrate
+from trustfleet.store import Database
+from trustfleet.store.engine import make_engine, migrate
 
 POSTGRES_URL = os.environ.get("TRUSTFLEET_TEST_POSTGRES_URL", "")
 STARTUP_SECONDS = 60
@@ -53,7 +54,7 @@ def admin_token_for(database_url: str) -> str:
     engine = make_engine(database_url)
     try:
         migrate(engine)
-        return bootstrap_admin_token(make_session_factory(engine))
+        return bootstrap_admin_token(Database(engine))
     finally:
         engine.dispose()
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.keystore.base import KeyStore
 from trustfleet.keystore.master import MasterKey, MasterKeyring
 from trustfleet.keystore.soft import SoftKeyStore
+from trustfleet.store import Database
 
 MODULE_PATHS = (
     "/usr/lib/softhsm/libsofthsm2.so",
@@ -107,8 +107,8 @@ def master() -> MasterKeyring:
 
 
 @pytest.fixture
-def soft_store(sessions: sessionmaker[Session], master: MasterKeyring) -> SoftKeyStore:
-    return SoftKeyStore(sessions, master)
+def soft_store(db: Database, master: MasterKeyring) -> SoftKeyStore:
+    return SoftKeyStore(db, master)
 
 
 def backend_cases() -> list[object]:

@@ -30,6 +30,7 @@ from trustfleet.keystore.master import (
 from trustfleet.keystore.models import StoredKey
 from trustfleet.keystore.soft import SoftKeyStore
 from trustfleet.settings import Settings
+from trustfleet.store import Database
 
 A = KeyAlgorithm
 U = KeyUsage
@@ -120,11 +121,11 @@ def test_the_keyring_never_shows_its_keys() -> None:
 
 
 def test_open_keystore_soft_from_the_variable(
-    tmp_path: Path, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, sessions: sessionmaker[Session], db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     key = MasterKey.new()
     monkeypatch.setenv(MASTER_KEY_ENV, base64.b64encode(key.key).decode())
-    store = open_keystore(Settings(data_dir=tmp_path), sessions)
+    store = open_keystore(Settings(data_dir=tmp_path), db)
     assert isinstance(store, SoftKeyStore)
     handle = store.generate(A.EC_P256, U.SIGN).handle
     assert _kek_ids(sessions) == {key.kek_id}
@@ -132,22 +133,22 @@ def test_open_keystore_soft_from_the_variable(
     store.sign(handle, b"x")
 
 
-def test_open_keystore_soft_from_the_file(tmp_path: Path, sessions: sessionmaker[Session]) -> None:
+def test_open_keystore_soft_from_the_file(
+    tmp_path: Path, sessions: sessionmaker[Session], db: Database
+) -> None:
     with pytest.raises(MasterKeyError, match="trustfleet init"):
-        open_keystore(Settings(data_dir=tmp_path), sessions)
+        open_keystore(Settings(data_dir=tmp_path), db)
     ring = create_master_key_file(tmp_path / "master.key")
-    store = open_keystore(Settings(data_dir=tmp_path), sessions)
+    store = open_keystore(Settings(data_dir=tmp_path), db)
     store.generate(A.AES_128, U.ENCRYPT)
     assert _kek_ids(sessions) == {ring.active.kek_id}
 
 
-def test_open_keystore_refuses_unknown_backends(
-    tmp_path: Path, sessions: sessionmaker[Session]
-) -> None:
+def test_open_keystore_refuses_unknown_backends(tmp_path: Path, db: Database) -> None:
     with pytest.raises(ConfigurationError, match="keystore_backend"):
-        open_keystore(Settings(data_dir=tmp_path, keystore_backend="vault"), sessions)
+        open_keystore(Settings(data_dir=tmp_path, keystore_backend="vault"), db)
     with pytest.raises(ConfigurationError, match="pkcs11_module"):
-        open_keystore(Settings(data_dir=tmp_path, keystore_backend="pkcs11"), sessions)
+        open_keystore(Settings(data_dir=tmp_path, keystore_backend="pkcs11"), db)
 
 
 # -- rotation --------------------------------------------------------------------------
@@ -188,78 +189,76 @@ def _equal(a: bytes, b: bytes) -> None:
     assert a == b
 
 
-def _fresh_store(sessions: sessionmaker[Session], path: Path) -> SoftKeyStore:
-    return SoftKeyStore(sessions, read_master_key_file(path))
+def _fresh_store(db: Database, path: Path) -> SoftKeyStore:
+    return SoftKeyStore(db, read_master_key_file(path))
 
 
 def test_rotation_rewraps_every_key_under_a_new_master_key(
-    tmp_path: Path, sessions: sessionmaker[Session]
+    tmp_path: Path, sessions: sessionmaker[Session], db: Database
 ) -> None:
     path = tmp_path / "master.key"
     old = create_master_key_file(path)
-    checks = _populate(SoftKeyStore(sessions, old))
+    checks = _populate(SoftKeyStore(db, old))
 
-    report = rotate_master_key(sessions, path, batch_size=2)
+    report = rotate_master_key(db, path, batch_size=2)
 
     assert report.rewrapped == len(checks)
     assert report.kek_id != old.active.kek_id
     assert read_master_key_file(path).kek_ids == [report.kek_id]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert _kek_ids(sessions) == {report.kek_id}
-    fresh = _fresh_store(sessions, path)
+    fresh = _fresh_store(db, path)
     for check in checks:
         check(fresh)
     old_only = master_module.MasterKeyring(list(old.keys))  # not re-read from the file
     with pytest.raises(MasterKeyError):  # the old key alone opens nothing any more
-        checks[0](SoftKeyStore(sessions, old_only))
+        checks[0](SoftKeyStore(db, old_only))
 
 
-def test_a_running_node_follows_a_rotation_of_its_key_file(
-    tmp_path: Path, sessions: sessionmaker[Session]
-) -> None:
+def test_a_running_node_follows_a_rotation_of_its_key_file(tmp_path: Path, db: Database) -> None:
     path = tmp_path / "master.key"
     create_master_key_file(path)
-    node = SoftKeyStore(sessions, read_master_key_file(path))
+    node = SoftKeyStore(db, read_master_key_file(path))
     checks = _populate(node)
-    rotate_master_key(sessions, path)
+    rotate_master_key(db, path)
     for check in checks:
         check(node)  # re-reads the file when it meets the new kek_id
 
 
 @pytest.mark.parametrize("crash_after", [1, 2, 3, 5])
 def test_a_crash_in_the_middle_of_rotation_loses_no_key(
-    tmp_path: Path, sessions: sessionmaker[Session], crash_after: int
+    tmp_path: Path, sessions: sessionmaker[Session], db: Database, crash_after: int
 ) -> None:
     path = tmp_path / "master.key"
     old = create_master_key_file(path)
-    checks = _populate(SoftKeyStore(sessions, old))
+    checks = _populate(SoftKeyStore(db, old))
 
     def crash(rows_done: int) -> None:
         if rows_done == crash_after:
             raise RuntimeError("power cut")
 
     with pytest.raises(RuntimeError, match="power cut"):
-        rotate_master_key(sessions, path, batch_size=2, after_row=crash)
+        rotate_master_key(db, path, batch_size=2, after_row=crash)
 
     on_disk = read_master_key_file(path)
     assert len(on_disk.kek_ids) == 2 and on_disk.kek_ids[1] == old.active.kek_id
     assert _kek_ids(sessions) <= set(on_disk.kek_ids)
     for check in checks:
-        check(_fresh_store(sessions, path))
+        check(_fresh_store(db, path))
 
-    report = rotate_master_key(sessions, path, batch_size=2)
+    report = rotate_master_key(db, path, batch_size=2)
     assert report.rewrapped == len(checks)
     assert read_master_key_file(path).kek_ids == [report.kek_id]
     assert _kek_ids(sessions) == {report.kek_id}
     for check in checks:
-        check(_fresh_store(sessions, path))
+        check(_fresh_store(db, path))
 
 
 def test_a_crash_before_the_old_key_is_dropped_loses_no_key(
-    tmp_path: Path, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "master.key"
-    checks = _populate(SoftKeyStore(sessions, create_master_key_file(path)))
+    checks = _populate(SoftKeyStore(db, create_master_key_file(path)))
     real_write = master_module.write_master_key_file
     calls = []
 
@@ -271,92 +270,86 @@ def test_a_crash_before_the_old_key_is_dropped_loses_no_key(
 
     monkeypatch.setattr(master_module, "write_master_key_file", write_then_crash)
     with pytest.raises(OSError, match="disk full"):
-        rotate_master_key(sessions, path)
+        rotate_master_key(db, path)
     monkeypatch.setattr(master_module, "write_master_key_file", real_write)
 
     assert len(read_master_key_file(path).kek_ids) == 2
     for check in checks:
-        check(_fresh_store(sessions, path))
-    rotate_master_key(sessions, path)
+        check(_fresh_store(db, path))
+    rotate_master_key(db, path)
     for check in checks:
-        check(_fresh_store(sessions, path))
+        check(_fresh_store(db, path))
 
 
 def test_a_failed_file_replace_leaves_the_old_file_and_no_temp_file(
-    tmp_path: Path, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "keys" / "master.key"
     old = create_master_key_file(path)
-    checks = _populate(SoftKeyStore(sessions, old))
+    checks = _populate(SoftKeyStore(db, old))
 
     def no_replace(src: object, dst: object) -> None:
         raise OSError("crash during rename")
 
     monkeypatch.setattr(os, "replace", no_replace)
     with pytest.raises(OSError, match="rename"):
-        rotate_master_key(sessions, path)
+        rotate_master_key(db, path)
     monkeypatch.undo()
     assert read_master_key_file(path).kek_ids == old.kek_ids
     assert sorted(p.name for p in path.parent.iterdir()) == ["master.key"]
     for check in checks:
-        check(_fresh_store(sessions, path))
+        check(_fresh_store(db, path))
 
 
-def test_rotation_refuses_when_rows_use_a_key_the_file_lacks(
-    tmp_path: Path, sessions: sessionmaker[Session]
-) -> None:
+def test_rotation_refuses_when_rows_use_a_key_the_file_lacks(tmp_path: Path, db: Database) -> None:
     path = tmp_path / "master.key"
     create_master_key_file(path)
     stranger = master_module.MasterKeyring([MasterKey.new()])
-    handle = SoftKeyStore(sessions, stranger).generate(A.AES_128, U.ENCRYPT).handle
+    handle = SoftKeyStore(db, stranger).generate(A.AES_128, U.ENCRYPT).handle
     before = path.read_bytes()
     with pytest.raises(MasterKeyError, match="nothing was changed"):
-        rotate_master_key(sessions, path)
+        rotate_master_key(db, path)
     assert path.read_bytes() == before
-    SoftKeyStore(sessions, stranger).encrypt(handle, b"still works")
+    SoftKeyStore(db, stranger).encrypt(handle, b"still works")
 
 
 def test_rotation_refuses_a_master_key_from_the_environment(
-    tmp_path: Path, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(MASTER_KEY_ENV, base64.b64encode(bytes(range(32))).decode())
     with pytest.raises(MasterKeyError, match=MASTER_KEY_ENV):
-        rotate_master_key(sessions, tmp_path / "master.key")
+        rotate_master_key(db, tmp_path / "master.key")
 
 
-def test_destroyed_keys_stay_destroyed_through_rotation(
-    tmp_path: Path, sessions: sessionmaker[Session]
-) -> None:
+def test_destroyed_keys_stay_destroyed_through_rotation(tmp_path: Path, db: Database) -> None:
     path = tmp_path / "master.key"
-    store = SoftKeyStore(sessions, create_master_key_file(path))
+    store = SoftKeyStore(db, create_master_key_file(path))
     handle = store.generate(A.EC_P256, U.SIGN).handle
     store.destroy(handle)
-    assert rotate_master_key(sessions, path).rewrapped == 0
+    assert rotate_master_key(db, path).rewrapped == 0
     with pytest.raises(KeyNotFound):
-        _fresh_store(sessions, path).sign(handle, b"x")
+        _fresh_store(db, path).sign(handle, b"x")
 
 
 def test_open_keystore_refuses_a_master_key_that_opens_no_stored_key(
-    tmp_path: Path, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    SoftKeyStore(sessions, master_module.MasterKeyring([MasterKey.new()])).generate(
-        A.AES_128, U.ENCRYPT
-    )
+    SoftKeyStore(db, master_module.MasterKeyring([MasterKey.new()])).generate(A.AES_128, U.ENCRYPT)
     monkeypatch.setenv(MASTER_KEY_ENV, base64.b64encode(MasterKey.new().key).decode())
     with pytest.raises(MasterKeyError, match="not loaded"):
-        open_keystore(Settings(data_dir=tmp_path), sessions)
+        open_keystore(Settings(data_dir=tmp_path), db)
 
 
 def test_open_keystore_on_a_database_not_yet_migrated(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trustfleet.store.engine import make_engine, make_session_factory
+    from trustfleet.store.engine import make_engine
 
     monkeypatch.setenv(MASTER_KEY_ENV, base64.b64encode(MasterKey.new().key).decode())
     engine = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
     try:
         assert isinstance(
-            open_keystore(Settings(data_dir=tmp_path), make_session_factory(engine)), SoftKeyStore
+            open_keystore(Settings(data_dir=tmp_path), Database(engine)), SoftKeyStore
         )
     finally:
         engine.dispose()

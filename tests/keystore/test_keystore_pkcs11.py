@@ -11,7 +11,6 @@ from pathlib import Path
 import pkcs11
 import pytest
 from pkcs11 import Attribute
-from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.crypto import KeyAlgorithm, suite_for_algorithm
 from trustfleet.errors import ConfigurationError, KeyNotFound, UnsupportedAlgorithm
@@ -20,6 +19,7 @@ from trustfleet.keystore.base import KeyUsage
 from trustfleet.keystore.pkcs11 import Pkcs11KeyStore
 from trustfleet.keystore.soft import SoftKeyStore
 from trustfleet.settings import Settings
+from trustfleet.store import Database
 
 from .conftest import SoftHsmToken
 
@@ -138,12 +138,12 @@ def test_derive_and_in_token_less_algorithms_are_refused_clearly(
 
 
 def test_keys_wrapped_by_the_token_unwrap_in_the_soft_store(
-    pkcs11_store: Pkcs11KeyStore, sessions: sessionmaker[Session], tmp_path: Path
+    pkcs11_store: Pkcs11KeyStore, db: Database, tmp_path: Path
 ) -> None:
     """Same wrap formats: a key can move from an HSM to a soft store (and a KEK shared)."""
     from trustfleet.keystore.master import MasterKey, MasterKeyring
 
-    soft = SoftKeyStore(sessions, MasterKeyring([MasterKey.new()]))
+    soft = SoftKeyStore(db, MasterKeyring([MasterKey.new()]))
     kek_bytes = bytes(range(32))
     hsm_kek = pkcs11_store.import_key(A.AES_256, kek_bytes, U.WRAP)
     soft_kek = soft.import_key(A.AES_256, kek_bytes, U.UNWRAP)
@@ -189,7 +189,7 @@ def test_rsa_keys_unwrapped_in_the_token_keep_their_public_half(
 
 
 def test_open_keystore_picks_pkcs11(
-    softhsm_token: SoftHsmToken, sessions: sessionmaker[Session], tmp_path: Path
+    softhsm_token: SoftHsmToken, db: Database, tmp_path: Path
 ) -> None:
     settings = Settings(
         data_dir=tmp_path,
@@ -198,7 +198,7 @@ def test_open_keystore_picks_pkcs11(
         pkcs11_token_label=softhsm_token.label,
         pkcs11_user_pin=softhsm_token.user_pin,
     )
-    store = open_keystore(settings, sessions)
+    store = open_keystore(settings, db)
     assert isinstance(store, Pkcs11KeyStore)
     assert store.generate(A.AES_128, U.MAC).backend == "pkcs11"
     store.close()

@@ -15,7 +15,7 @@ from trustfleet.keystore.base import KeyUsage
 from trustfleet.keystore.master import KeyIntegrityError, MasterKey, MasterKeyring
 from trustfleet.keystore.models import StoredKey
 from trustfleet.keystore.soft import SoftKeyStore
-from trustfleet.store.driver import raw_transaction
+from trustfleet.store import Database
 
 A = KeyAlgorithm
 U = KeyUsage
@@ -114,9 +114,9 @@ def test_destroy_wipes_the_wrapped_material(
 
 
 def test_a_second_node_on_the_same_database_serves_the_same_keys(
-    soft_store: SoftKeyStore, sessions: sessionmaker[Session], master: MasterKeyring
+    soft_store: SoftKeyStore, db: Database, master: MasterKeyring
 ) -> None:
-    other_node = SoftKeyStore(sessions, MasterKeyring(list(master.keys)))
+    other_node = SoftKeyStore(db, MasterKeyring(list(master.keys)))
     key = soft_store.generate(A.ED25519, U.SIGN)
     signature = other_node.sign(key.handle, b"hello")
     suite_for_algorithm(A.ED25519).verify(soft_store.public_key(key.handle), b"hello", signature)
@@ -124,9 +124,9 @@ def test_a_second_node_on_the_same_database_serves_the_same_keys(
 
 
 def test_a_destroy_on_one_node_takes_effect_on_another_at_once(
-    soft_store: SoftKeyStore, sessions: sessionmaker[Session], master: MasterKeyring
+    soft_store: SoftKeyStore, db: Database, master: MasterKeyring
 ) -> None:
-    other_node = SoftKeyStore(sessions, master)
+    other_node = SoftKeyStore(db, master)
     key = soft_store.generate(A.EC_P256, U.SIGN)
     other_node.sign(key.handle, b"cache it on the other node")
     soft_store.destroy(key.handle)
@@ -135,10 +135,10 @@ def test_a_destroy_on_one_node_takes_effect_on_another_at_once(
 
 
 def test_a_store_with_another_master_key_refuses_the_keys(
-    soft_store: SoftKeyStore, sessions: sessionmaker[Session]
+    soft_store: SoftKeyStore, db: Database
 ) -> None:
     key = soft_store.generate(A.EC_P256, U.SIGN)
-    stranger = SoftKeyStore(sessions, MasterKeyring([MasterKey.new()]))
+    stranger = SoftKeyStore(db, MasterKeyring([MasterKey.new()]))
     with pytest.raises(MasterKeyError, match="not loaded"):
         stranger.sign(key.handle, b"x")
     with pytest.raises(MasterKeyError):
@@ -147,16 +147,16 @@ def test_a_store_with_another_master_key_refuses_the_keys(
 
 
 def test_a_master_key_with_a_forged_id_cannot_open_the_keys(
-    soft_store: SoftKeyStore, sessions: sessionmaker[Session], master: MasterKeyring
+    soft_store: SoftKeyStore, db: Database, master: MasterKeyring
 ) -> None:
     key = soft_store.generate(A.EC_P256, U.SIGN)
     impostor = MasterKey(master.active.kek_id, bytes(32))  # right id, wrong key
     with pytest.raises(KeyIntegrityError):
-        SoftKeyStore(sessions, MasterKeyring([impostor])).sign(key.handle, b"x")
+        SoftKeyStore(db, MasterKeyring([impostor])).sign(key.handle, b"x")
 
 
-def test_the_cache_is_bounded(sessions: sessionmaker[Session], master: MasterKeyring) -> None:
-    store = SoftKeyStore(sessions, master, cache_size=2)
+def test_the_cache_is_bounded(db: Database, master: MasterKeyring) -> None:
+    store = SoftKeyStore(db, master, cache_size=2)
     keys = [store.generate(A.HMAC_SHA256, U.MAC) for _ in range(3)]
     tags = [store.mac(k.handle, b"x") for k in keys]
     assert len(store._cache._items) == 2
@@ -194,14 +194,14 @@ def test_postgres_key_reads_survive_a_dropped_connection(
     assert reads.pool.checkedin() == 0  # disposed with the main engine
 
 
-def test_a_key_made_in_a_raw_transaction_exists_only_if_it_commits(
-    soft_store: SoftKeyStore, engine: Engine
+def test_a_key_made_in_a_unit_of_work_exists_only_if_it_commits(
+    soft_store: SoftKeyStore, db: Database
 ) -> None:
-    with raw_transaction(engine):
+    with db.work():
         kept = soft_store.generate(A.AES_128, U.MAC)
         soft_store.mac(kept.handle, b"usable inside the transaction")
     soft_store.mac(kept.handle, b"and after it")
-    with pytest.raises(RuntimeError), raw_transaction(engine):
+    with pytest.raises(RuntimeError), db.work():
         lost = soft_store.generate(A.AES_128, U.MAC)
         soft_store.mac(lost.handle, b"usable inside the transaction")
         raise RuntimeError("the use case failed after making the key")
@@ -210,17 +210,30 @@ def test_a_key_made_in_a_raw_transaction_exists_only_if_it_commits(
     assert lost.handle not in {k.handle for k in soft_store.list()}
 
 
-def test_inside_a_raw_transaction_only_the_keys_it_made_skip_the_read(
-    soft_store: SoftKeyStore, engine: Engine
+def test_a_key_destroyed_in_a_unit_of_work_that_rolls_back_stays_usable(
+    soft_store: SoftKeyStore, db: Database
+) -> None:
+    key = soft_store.generate(A.AES_128, U.MAC)
+    tag = soft_store.mac(key.handle, b"before")
+    with pytest.raises(RuntimeError), db.work():
+        soft_store.destroy(key.handle)
+        with pytest.raises(KeyNotFound):
+            soft_store.mac(key.handle, b"destroyed inside the work")
+        raise RuntimeError("the use case failed after destroying the key")
+    assert soft_store.mac(key.handle, b"before") == tag
+
+
+def test_inside_a_unit_of_work_only_the_keys_it_made_skip_the_read(
+    soft_store: SoftKeyStore, db: Database
 ) -> None:
     destroyed = soft_store.generate(A.AES_128, U.MAC)
     soft_store.mac(destroyed.handle, b"cached now")
     soft_store.destroy(destroyed.handle)
-    with raw_transaction(engine):
+    with db.work():
         made = soft_store.generate(A.AES_128, U.MAC)
         soft_store.mac(made.handle, b"made here: known without reading it back")
         with pytest.raises(KeyNotFound):
             soft_store.mac(destroyed.handle, b"made before: read, and found destroyed")
     soft_store.destroy(made.handle)
-    with raw_transaction(engine), pytest.raises(KeyNotFound):
+    with db.work(), pytest.raises(KeyNotFound):
         soft_store.mac(made.handle, b"another transaction reads it again")

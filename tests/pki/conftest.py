@@ -4,23 +4,23 @@ wrapped under a fresh master key), and a small CA hierarchy (root -> issuing).""
 from __future__ import annotations
 
 import pytest
-from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.keystore.master import MasterKey, MasterKeyring
 from trustfleet.keystore.soft import SoftKeyStore
 from trustfleet.pki.service import PkiService
+from trustfleet.store import Database
 
 from .helpers import Hierarchy
 
 
 @pytest.fixture
-def keystore(sessions: sessionmaker[Session]) -> SoftKeyStore:
-    return SoftKeyStore(sessions, MasterKeyring([MasterKey.new()]))
+def keystore(db: Database) -> SoftKeyStore:
+    return SoftKeyStore(db, MasterKeyring([MasterKey.new()]))
 
 
 @pytest.fixture
-def pki(sessions: sessionmaker[Session], keystore: SoftKeyStore) -> PkiService:
-    return PkiService(sessions, keystore)
+def pki(db: Database, keystore: SoftKeyStore) -> PkiService:
+    return PkiService(db, keystore)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from trustfleet.server.app import create_app
 from trustfleet.server.auth import create_token
 from trustfleet.server.context import AppContext
 from trustfleet.settings import Settings
+from trustfleet.store import Database
 
 from .helpers import Hierarchy, ec_public_key
 
@@ -36,10 +37,10 @@ def client(
 
 
 @pytest.fixture
-def auth(sessions: sessionmaker[Session]) -> dict[str, dict[str, str]]:
+def auth(db: Database) -> dict[str, dict[str, str]]:
     """An Authorization header per role."""
     return {
-        role: {"Authorization": f"Bearer {create_token(sessions, f'test {role}', role)[0]}"}
+        role: {"Authorization": f"Bearer {create_token(db, f'test {role}', role)[0]}"}
         for role in ("admin", "operator", "manufacturer")
     }
 

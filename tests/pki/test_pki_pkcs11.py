@@ -9,11 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.errors import CertificateRevoked
 from trustfleet.keystore.base import KeyStore
 from trustfleet.pki.service import PkiService
+from trustfleet.store import Database
 
 from .helpers import crl_pem, ec_public_key, openssl, write
 
@@ -54,9 +54,9 @@ def keystore(softhsm_conf: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ke
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_token_backed_hierarchy_issues_and_revokes(
-    sessions: sessionmaker[Session], keystore: KeyStore, tmp_path: Path
+    db: Database, keystore: KeyStore, tmp_path: Path
 ) -> None:
-    pki = PkiService(sessions, keystore)
+    pki = PkiService(db, keystore)
     root = pki.create_root_ca("hsm-root", "rsa-3072")
     issuing = pki.create_intermediate_ca("hsm-issuing", "hsm-root", "ec-p256")
     leaf = pki.issue_server_certificate(

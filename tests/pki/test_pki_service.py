@@ -37,6 +37,7 @@ from trustfleet.pki.errors import (
 )
 from trustfleet.pki.models import CertificateAuthority, IssuedCertificate
 from trustfleet.pki.service import PkiService, bootstrap
+from trustfleet.store import Database
 from trustfleet.store.audit import AuditRecord, iter_records, verify_chain
 
 from .helpers import Hierarchy, ec_public_key, openssl
@@ -111,6 +112,23 @@ def test_an_existing_ca_name_is_refused_without_leaving_a_key_behind(
         pki.create_root_ca("root")
     with pytest.raises(CaExists):
         pki.create_intermediate_ca("root", "root")
+    assert len(keystore.list()) == keys_before
+    assert _rows(sessions) == (1, 1)
+
+
+def test_a_ca_name_taken_between_the_check_and_the_insert_is_refused_without_a_key_left(
+    pki: PkiService,
+    keystore: KeyStore,
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pki.create_root_ca("root")
+    keys_before = len(keystore.list())
+    # another node made "root" after both checks: the unique name refuses the insert
+    monkeypatch.setattr(pki, "find_ca", lambda name: None)
+    monkeypatch.setattr(pki, "_check_ca_absent", lambda work, name: None)
+    with pytest.raises(CaExists, match="just created"):
+        pki.create_root_ca("root")
     assert len(keystore.list()) == keys_before
     assert _rows(sessions) == (1, 1)
 
@@ -490,10 +508,10 @@ def test_a_crl_lists_every_revoked_certificate_of_its_ca_only(
 
 
 def test_crl_numbers_grow_and_a_fresh_crl_is_served_again(
-    sessions: sessionmaker[Session], keystore: KeyStore
+    sessions: sessionmaker[Session], db: Database, keystore: KeyStore
 ) -> None:
     now = [datetime(2030, 1, 1, tzinfo=UTC)]
-    pki = PkiService(sessions, keystore, clock=lambda: now[0])
+    pki = PkiService(db, keystore, clock=lambda: now[0])
     pki.create_root_ca("root")
     pki.create_intermediate_ca("issuing", "root")
 
@@ -543,11 +561,11 @@ def test_certificates_can_be_listed_and_filtered(pki: PkiService, hierarchy: Hie
 
 
 def test_bootstrap_creates_the_local_ca_once_and_writes_its_pems(
-    sessions: sessionmaker[Session], keystore: KeyStore, tmp_path: Path
+    db: Database, keystore: KeyStore, tmp_path: Path
 ) -> None:
     ca_dir = tmp_path / "data" / "ca"
-    first = bootstrap(sessions, keystore, ca_dir)
-    second = bootstrap(sessions, keystore, ca_dir)
+    first = bootstrap(db, keystore, ca_dir)
+    second = bootstrap(db, keystore, ca_dir)
 
     assert first.root == second.root and first.issuing == second.issuing
     assert first.root.name == "trustfleet-root" and first.issuing.name == "trustfleet-issuing"
@@ -558,7 +576,7 @@ def test_bootstrap_creates_the_local_ca_once_and_writes_its_pems(
     result = openssl("verify", "-CAfile", ca_dir / "root.pem", ca_dir / "intermediate.pem")
     assert result.stdout.strip().endswith(": OK"), result.stdout + result.stderr
 
-    issued = PkiService(sessions, keystore).issue_server_certificate(
+    issued = PkiService(db, keystore).issue_server_certificate(
         "trustfleet-issuing", public_key=ec_public_key(), dns_names=["localhost"]
     )
     assert issued.certificate.issuer == first.issuing.certificate.subject
@@ -607,8 +625,8 @@ def test_a_revocation_while_a_crl_is_being_signed_is_not_lost(
 
 
 def test_bootstrap_writes_the_local_ca_pems_into_the_ca_directory(
-    sessions: sessionmaker[Session], keystore: KeyStore, tmp_path: Path
+    db: Database, keystore: KeyStore, tmp_path: Path
 ) -> None:
-    local = pki_service.bootstrap(sessions, keystore, tmp_path / "ca")
+    local = pki_service.bootstrap(db, keystore, tmp_path / "ca")
     assert local.root_pem_path == tmp_path / "ca" / "root.pem"
     assert local.intermediate_pem_path.read_text() == local.issuing.pem

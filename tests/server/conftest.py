@@ -22,6 +22,7 @@ from trustfleet.server.auth import create_token, revoke_token
 from trustfleet.server.context import AppContext
 from trustfleet.server.models import ROLES
 from trustfleet.settings import Settings
+from trustfleet.store import Database
 
 MAX_BODY_BYTES = 4096
 
@@ -52,8 +53,8 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def keystore(sessions: sessionmaker[Session]) -> KeyStore:
-    return SoftKeyStore(sessions, MasterKeyring([MasterKey.new()]))
+def keystore(db: Database) -> KeyStore:
+    return SoftKeyStore(db, MasterKeyring([MasterKey.new()]))
 
 
 @pytest.fixture
@@ -75,15 +76,15 @@ def client(app: FastAPI) -> Iterator[TestClient]:
 
 
 @pytest.fixture
-def tokens(sessions: sessionmaker[Session]) -> dict[str, str]:
+def tokens(db: Database) -> dict[str, str]:
     """One live token per role, by role."""
-    return {role: create_token(sessions, f"test {role}", role)[0] for role in sorted(ROLES)}
+    return {role: create_token(db, f"test {role}", role)[0] for role in sorted(ROLES)}
 
 
 @pytest.fixture
-def revoked_admin_token(sessions: sessionmaker[Session]) -> str:
-    plaintext, info = create_token(sessions, "revoked admin", "admin")
-    revoke_token(sessions, info.id)
+def revoked_admin_token(db: Database) -> str:
+    plaintext, info = create_token(db, "revoked admin", "admin")
+    revoke_token(db, info.id)
     return plaintext
 
 

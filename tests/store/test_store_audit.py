@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import Engine, insert, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from trustfleet.store import audit
+from trustfleet.store import Database, audit
 from trustfleet.store.engine import make_engine, make_session_factory, transaction
 
 
@@ -60,6 +60,20 @@ def test_seq_runs_without_gaps_and_links(sessions: sessionmaker[Session]) -> Non
     assert [r.seq for r in records] == [1, 2, 3, 4]
     assert records[0].prev_hash == audit.GENESIS_HASH
     assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(records))
+
+
+def test_records_read_through_a_database_come_in_seq_order_across_batches(
+    sessions: sessionmaker[Session], db: Database
+) -> None:
+    _append_records(sessions, 4)
+    with db.reading() as reads:
+        records = list(audit.all_records(reads, batch=3))  # crosses a batch boundary
+        page = audit.records_after(reads, after_seq=1, limit=2)
+    assert [r.seq for r in records] == [1, 2, 3, 4]
+    assert [r.seq for r in page] == [2, 3]
+    assert audit.verify_chain(records).ok
+    with sessions() as session:
+        assert [r.hash for r in audit.iter_records(session)] == [r.hash for r in records]
 
 
 @pytest.mark.parametrize(

@@ -70,7 +70,7 @@ class Tmk:
         clock: Callable[[], datetime] | None = None,
     ) -> Tmk:
         timed: dict[str, Any] = {"clock": clock} if clock else {}
-        identity = IdentityService(db, keystore, PkiService(sessions, keystore, **timed), **timed)
+        identity = IdentityService(db, keystore, PkiService(db, keystore, **timed), **timed)
         return cls(
             db,
             sessions,
@@ -93,8 +93,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def keystore(sessions: sessionmaker[Session]) -> SoftKeyStore:
-    return SoftKeyStore(sessions, MasterKeyring([MasterKey.new()]))
+def keystore(db: Database) -> SoftKeyStore:
+    return SoftKeyStore(db, MasterKeyring([MasterKey.new()]))
 
 
 @pytest.fixture

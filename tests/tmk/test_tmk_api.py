@@ -33,6 +33,7 @@ from trustfleet.server.auth import create_token
 from trustfleet.server.context import AppContext
 from trustfleet.server.models import ROLES
 from trustfleet.settings import Settings
+from trustfleet.store import Database
 from trustfleet.store.audit import AuditRecord, iter_records
 from trustfleet.store.engine import Base
 from trustfleet.tmk import errors
@@ -49,9 +50,11 @@ IMPORT_LIMIT = 32 * 1024 * 1024
 
 
 @pytest.fixture
-def context(tmp_path: Path, engine: Engine, sessions: sessionmaker[Session]) -> AppContext:
+def context(
+    tmp_path: Path, engine: Engine, sessions: sessionmaker[Session], db: Database
+) -> AppContext:
     settings = Settings(data_dir=tmp_path, max_import_bytes=IMPORT_LIMIT)
-    keystore = SoftKeyStore(sessions, MasterKeyring([MasterKey.new()]))
+    keystore = SoftKeyStore(db, MasterKeyring([MasterKey.new()]))
     return AppContext(settings=settings, engine=engine, sessions=sessions, keystore=keystore)
 
 
@@ -70,8 +73,8 @@ def client(context: AppContext, device_lane: bool) -> Iterator[TestClient]:
 
 
 @pytest.fixture
-def tokens(sessions: sessionmaker[Session]) -> dict[str, str]:
-    return {role: create_token(sessions, f"test {role}", role)[0] for role in sorted(ROLES)}
+def tokens(db: Database) -> dict[str, str]:
+    return {role: create_token(db, f"test {role}", role)[0] for role in sorted(ROLES)}
 
 
 def auth(token: str) -> dict[str, str]:

@@ -30,7 +30,8 @@ from trustfleet.keystore.base import KeyStore, KeyUsage
 from trustfleet.keystore.master import MasterKey, MasterKeyring
 from trustfleet.keystore.soft import SoftKeyStore
 from trustfleet.pki import x509 as pki
-from trustfleet.store.engine import make_engine, make_session_factory, migrate
+from trustfleet.store import Database
+from trustfleet.store.engine import make_engine, migrate
 from trustfleet.tmk import errors
 from trustfleet.tmk.protocol import (
     Confirmation,
@@ -72,7 +73,7 @@ def keystore(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftKeyStore]
     path = tmp_path_factory.mktemp("keystore") / "ks.db"
     engine = make_engine(f"sqlite:///{path}")
     migrate(engine)
-    yield SoftKeyStore(make_session_factory(engine), MasterKeyring([MasterKey.new()]))
+    yield SoftKeyStore(Database(engine), MasterKeyring([MasterKey.new()]))
     engine.dispose()
 
 
@@ -473,7 +474,7 @@ class _NoKcvKeyStore(SoftKeyStore):
     """A key store that, like the PKCS#11 backend, cannot compute KCVs."""
 
     def __init__(self, inner: SoftKeyStore) -> None:
-        super().__init__(inner._sessions, inner.master)
+        super().__init__(inner._db, inner.master)
 
     def kcv(self, handle: str) -> bytes:
         raise UnsupportedAlgorithm("this key store cannot compute KCVs")

@@ -698,7 +698,7 @@ def test_a_server_whose_work_certificate_is_not_under_the_terminals_root_is_refu
     keystore: KeyStore,
     clock: Clock,
 ) -> None:
-    other_root = PkiService(sessions, keystore).create_root_ca("another-root").certificate
+    other_root = PkiService(tmk.db, keystore).create_root_ca("another-root").certificate
     session = TerminalSession(terminal.scm, ServerTrust((other_root,)), clock=clock)
     challenge = tmk.downloads.start(session.start().to_json(), actor="gw")
     with pytest.raises(errors.TmkUntrustedServerCertificate):

@@ -20,7 +20,7 @@ app = typer.Typer(no_args_is_help=True, help="The local certificate authorities.
 
 def _service() -> PkiService:
     context = state.context()
-    return PkiService(context.sessions, context.keystore)
+    return PkiService(context.db, context.keystore)
 
 
 @app.command("show")

@@ -31,15 +31,12 @@ def list_keys() -> None:
 def rotate_master() -> None:
     """Re-wrap every soft-store key under a new master key; safe to re-run after a crash."""
     from trustfleet.keystore.master import rotate_master_key
-    from trustfleet.store.audit import append
-    from trustfleet.store.engine import transaction
 
     context = state.context()
-    report = rotate_master_key(context.sessions, context.settings.resolved_master_key_file)
-    with transaction(context.sessions) as session:
-        append(
-            session,
-            action="keystore.master_rotated",
+    report = rotate_master_key(context.db, context.settings.resolved_master_key_file)
+    with context.db.work() as work:
+        work.audit(
+            "keystore.master_rotated",
             actor="cli",
             subject=f"kek:{report.kek_id}",
             details={"rewrapped": report.rewrapped},

@@ -78,7 +78,7 @@ def token_create(
     """Create a token; its text is printed once."""
     from trustfleet.server.auth import create_token
 
-    plaintext, info = create_token(state.context().sessions, name=name, role=role, actor="cli")
+    plaintext, info = create_token(state.context().db, name=name, role=role, actor="cli")
     console.print(f"token {info.id} ({info.role}) for {info.name}:")
     console.print(plaintext, soft_wrap=True, highlight=False)
 
@@ -89,7 +89,7 @@ def token_list() -> None:
     from trustfleet.server.auth import list_tokens
 
     table = Table("id", "name", "role", "created", "revoked")
-    for t in list_tokens(state.context().sessions):
+    for t in list_tokens(state.context().db):
         revoked = t.revoked_at.isoformat() if t.revoked_at else ""
         table.add_row(str(t.id), t.name, t.role, t.created_at.isoformat(), revoked)
     console.print(table)
@@ -102,17 +102,17 @@ def token_revoke(
     """Revoke a token at once on every node."""
     from trustfleet.server.auth import revoke_token
 
-    revoke_token(state.context().sessions, token_id, actor="cli")
+    revoke_token(state.context().db, token_id, actor="cli")
     console.print(f"token {token_id} revoked")
 
 
 @audit_app.command("verify")
 def audit_verify() -> None:
     """Walk the audit chain; exit 1 if any record was edited, deleted or reordered."""
-    from trustfleet.store.audit import iter_records, verify_chain
+    from trustfleet.store.audit import all_records, verify_chain
 
-    with state.context().sessions() as session:
-        report = verify_chain(iter_records(session))
+    with state.context().db.reading() as reads:
+        report = verify_chain(all_records(reads))
     if report.ok:
         console.print(f"audit log OK: {report.records} records, chain intact")
         return

@@ -13,17 +13,16 @@ from trustfleet.errors import ConfigurationError
 from trustfleet.keystore.base import KeyInfo, KeyStore, KeyUsage
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session, sessionmaker
-
     from trustfleet.keystore.soft import SoftKeyStore
     from trustfleet.settings import Settings
+    from trustfleet.store import Database
 
 __all__ = ["KeyInfo", "KeyStore", "KeyUsage", "open_keystore"]
 
 BACKENDS = ("soft", "pkcs11")
 
 
-def open_keystore(settings: Settings, sessions: sessionmaker[Session]) -> KeyStore:
+def open_keystore(settings: Settings, db: Database) -> KeyStore:
     """The configured key store. The soft store loads the master keyring now
     (``TRUSTFLEET_MASTER_KEY`` first, else the master key file) and checks that it opens the
     stored keys, so a missing, unreadable or wrong master key fails at start-up with
@@ -33,8 +32,8 @@ def open_keystore(settings: Settings, sessions: sessionmaker[Session]) -> KeySto
         from trustfleet.keystore.master import load_master_keyring
         from trustfleet.keystore.soft import SoftKeyStore
 
-        store = SoftKeyStore(sessions, load_master_keyring(settings.resolved_master_key_file))
-        _check_master_key(store)
+        store = SoftKeyStore(db, load_master_keyring(settings.resolved_master_key_file))
+        _check_master_key(store, db)
         return store
     if backend == "pkcs11":
         from trustfleet.keystore.pkcs11 import Pkcs11KeyStore
@@ -49,9 +48,10 @@ def open_keystore(settings: Settings, sessions: sessionmaker[Session]) -> KeySto
     )
 
 
-def _check_master_key(store: SoftKeyStore) -> None:
+def _check_master_key(store: SoftKeyStore, db: Database) -> None:
     from sqlalchemy.exc import DBAPIError
 
-    # DBAPIError: no keystore table yet (database not migrated), so nothing to check
-    with suppress(DBAPIError):
+    # no keystore table yet (database not migrated), so nothing to check: the reads run on
+    # the driver, whose own error says so (connecting raises SQLAlchemy's)
+    with suppress(DBAPIError, db.engine.dialect.loaded_dbapi.Error):
         store.check_master_key()

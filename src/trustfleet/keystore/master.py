@@ -33,13 +33,16 @@ import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import func, select, true, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.sql.expression import ClauseElement
 
 from trustfleet.errors import KeyStoreError, MasterKeyError
+from trustfleet.keystore.models import StoredKey, row_binding
+from trustfleet.store import Database, UnitOfWork
 
 MASTER_KEY_ENV = "TRUSTFLEET_MASTER_KEY"
 MASTER_KEY_SIZE = 32
@@ -260,7 +263,7 @@ class RotationReport:
 
 
 def rotate_master_key(
-    sessions: sessionmaker[Session],
+    db: Database,
     master_key_path: Path,
     *,
     batch_size: int = 100,
@@ -268,8 +271,8 @@ def rotate_master_key(
 ) -> RotationReport:
     """Re-wrap every live key of the soft store under a fresh master key.
 
-    ``after_row(n)`` is called after the n-th re-wrapped row is flushed (tests inject crashes
-    there). Safe to interrupt anywhere and to run again.
+    ``after_row(n)`` is called after the n-th re-wrapped row is written, before its batch
+    commits (tests inject crashes there). Safe to interrupt anywhere and to run again.
     """
     if os.environ.get(MASTER_KEY_ENV, "").strip():
         raise MasterKeyError(
@@ -277,25 +280,53 @@ def rotate_master_key(
             " file, so unset the variable (or move its value into the file) first"
         )
     current = read_master_key_file(master_key_path)
-    _check_rows_readable(sessions, current)
+    _check_rows_readable(db, current)
     new = MasterKey.new()
     keyring = MasterKeyring([new, *current.keys], source=master_key_path)
     write_master_key_file(master_key_path, list(keyring.keys))
-    rewrapped = _rewrap_all(sessions, keyring, batch_size, after_row)
-    if _rows_not_under(sessions, new.kek_id):
+    rewrapped = _rewrap_all(db, keyring, batch_size, after_row)
+    if db.read(lambda reads: reads.scalar(_LIVE_NOT_UNDER, kek_id=new.kek_id)):
         raise MasterKeyError("keys were added under an old master key during rotation; run again")
     write_master_key_file(master_key_path, [new])
     return RotationReport(rewrapped=rewrapped, kek_id=new.kek_id)
 
 
-def _check_rows_readable(sessions: sessionmaker[Session], keyring: MasterKeyring) -> None:
-    from trustfleet.keystore.models import StoredKey
+_LIVE = StoredKey.destroyed_at.is_(None)
+_LIVE_KEK_IDS = select(StoredKey.kek_id).where(_LIVE).distinct()
+_LIVE_NOT_UNDER = (
+    select(func.count())
+    .select_from(StoredKey)
+    .where(_LIVE, StoredKey.kek_id != bindparam("kek_id"))
+)
+_NOT_UNDER_ACTIVE = (
+    select(
+        StoredKey.handle,
+        StoredKey.algorithm,
+        StoredKey.usage,
+        StoredKey.exportable,
+        StoredKey.public_key_der,
+        StoredKey.wrapped,
+        StoredKey.kek_id,
+    )
+    .where(_LIVE, StoredKey.kek_id != bindparam("active"))
+    .order_by(StoredKey.handle)
+)
+#: compare-and-set: a row destroyed or changed meanwhile by another node is left alone
+_REWRAP = (
+    update(StoredKey)
+    .where(
+        StoredKey.handle == bindparam("handle"),
+        StoredKey.kek_id == bindparam("old_kek_id"),
+        StoredKey.wrapped == bindparam("old_wrapped"),
+        _LIVE,
+    )
+    .values(kek_id=bindparam("new_kek_id"), wrapped=bindparam("new_wrapped"))
+)
 
-    with sessions() as session:
-        used = session.scalars(
-            select(StoredKey.kek_id).where(StoredKey.destroyed_at.is_(None)).distinct()
-        ).all()
-    missing = sorted(k for k in used if not keyring.has(k))
+
+def _check_rows_readable(db: Database, keyring: MasterKeyring) -> None:
+    used = db.read(lambda reads: reads.all(_LIVE_KEK_IDS))
+    missing = sorted(row.kek_id for row in used if not keyring.has(row.kek_id))
     if missing:
         raise MasterKeyError(
             f"stored keys use master keys {', '.join(missing)} that the file does not hold;"
@@ -303,45 +334,19 @@ def _check_rows_readable(sessions: sessionmaker[Session], keyring: MasterKeyring
         )
 
 
-def _rows_not_under(sessions: sessionmaker[Session], kek_id: str) -> int:
-    from trustfleet.keystore.models import StoredKey
-
-    with sessions() as session:
-        return (
-            session.scalar(
-                select(func.count())
-                .select_from(StoredKey)
-                .where(StoredKey.destroyed_at.is_(None), StoredKey.kek_id != kek_id)
-            )
-            or 0
-        )
-
-
 def _rewrap_all(
-    sessions: sessionmaker[Session],
+    db: Database,
     keyring: MasterKeyring,
     batch_size: int,
     after_row: Callable[[int], None] | None,
 ) -> int:
-    from trustfleet.keystore.models import StoredKey
-
     done = 0
     skipped: set[str] = set()
     while True:
-        with sessions() as session, session.begin():
-            rows = session.execute(
-                select(StoredKey)
-                .where(
-                    StoredKey.destroyed_at.is_(None),
-                    StoredKey.kek_id != keyring.active.kek_id,
-                    StoredKey.handle.not_in(skipped) if skipped else true(),
-                )
-                .order_by(StoredKey.handle)
-                .limit(batch_size)
-            ).scalars()
-            batch = list(rows)
+        with db.work() as work:
+            batch = work.all(_batch_query(skipped, batch_size), active=keyring.active.kek_id)
             for row in batch:
-                if _rewrap_row(session, keyring, row):
+                if _rewrap_row(work, keyring, row):
                     done += 1
                     if after_row is not None:
                         after_row(done)
@@ -351,12 +356,14 @@ def _rewrap_all(
             return done
 
 
-def _rewrap_row(session: Session, keyring: MasterKeyring, row: object) -> bool:
-    """Compare-and-set: a row destroyed or changed meanwhile by another node is left alone."""
-    from trustfleet.keystore.models import StoredKey
+def _batch_query(skipped: set[str], batch_size: int) -> ClauseElement:
+    query = _NOT_UNDER_ACTIVE.limit(batch_size)
+    return query.where(StoredKey.handle.not_in(skipped)) if skipped else query
 
-    assert isinstance(row, StoredKey)
-    aad = row.binding()
+
+def _rewrap_row(work: UnitOfWork, keyring: MasterKeyring, row: Any) -> bool:
+    """Re-wrap one row unless another node destroyed or changed it meanwhile."""
+    aad = row_binding(row.handle, row.algorithm, row.usage, row.exportable, row.public_key_der)
     try:
         material = keyring.open(row.kek_id, row.wrapped, aad)
     except KeyIntegrityError:
@@ -365,15 +372,12 @@ def _rewrap_row(session: Session, keyring: MasterKeyring, row: object) -> bool:
             " re-wrapped so far stay readable)"
         ) from None
     kek_id, wrapped = keyring.seal(material, aad)
-    result = session.execute(
-        update(StoredKey)
-        .where(
-            StoredKey.handle == row.handle,
-            StoredKey.kek_id == row.kek_id,
-            StoredKey.wrapped == row.wrapped,
-            StoredKey.destroyed_at.is_(None),
-        )
-        .values(kek_id=kek_id, wrapped=wrapped)
-        .execution_options(synchronize_session=False)
+    changed = work.run(
+        _REWRAP,
+        handle=row.handle,
+        old_kek_id=row.kek_id,
+        old_wrapped=row.wrapped,
+        new_kek_id=kek_id,
+        new_wrapped=wrapped,
     )
-    return bool(getattr(result, "rowcount", 0))
+    return changed > 0

@@ -22,8 +22,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TypeAlias, cast
 
-from sqlalchemy import Engine, Row, bindparam, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Row, bindparam, insert, select, update
 
 from trustfleet import crypto
 from trustfleet.crypto.base import KeyAlgorithm, PrivateKey, PublicKey
@@ -42,13 +41,7 @@ from trustfleet.keystore import payment_ops, policy, secret_ops
 from trustfleet.keystore.base import KeyInfo, KeyStore, KeyUsage
 from trustfleet.keystore.master import MasterKeyring
 from trustfleet.keystore.models import StoredKey, row_binding
-from trustfleet.store.driver import (
-    insert_columns,
-    raw_transaction,
-    read,
-    read_engine,
-    transaction_info,
-)
+from trustfleet.store import Database
 
 HANDLE_PREFIX = "soft:"
 DEFAULT_CACHE_SIZE = 1024
@@ -114,13 +107,26 @@ _COLUMNS = (
     StoredKey.kek_id,
 )
 
-# Run on the driver (trustfleet.store.driver): every key operation reads its row.
+# Built once: every key operation reads its row, and a TMK download makes several keys.
 _SELECT_LIVE = select(*_COLUMNS).where(
     StoredKey.handle == bindparam("handle"), StoredKey.destroyed_at.is_(None)
 )
-_INSERT_KEY = insert_columns(*_COLUMNS)  # destroyed_at stays NULL
-#: the rows of the keys a raw transaction made (rawdb.transaction_info): a key made and
-#: used in one transaction, a TMK and its wrap, is not read back
+_INSERT_KEY = insert(StoredKey).values(  # destroyed_at stays NULL
+    {column.key: bindparam(column.key) for column in _COLUMNS}
+)
+_LIST_LIVE = (
+    select(*_COLUMNS)
+    .where(StoredKey.destroyed_at.is_(None))
+    .order_by(StoredKey.created_at, StoredKey.handle)
+)
+_DESTROY = (
+    update(StoredKey)
+    .where(StoredKey.handle == bindparam("handle"), StoredKey.destroyed_at.is_(None))
+    .values(wrapped=b"", destroyed_at=bindparam("now"))
+)
+_LIVE_KEK_IDS = select(StoredKey.kek_id).where(StoredKey.destroyed_at.is_(None)).distinct()
+#: the rows of the keys the open unit of work made (Database.open_work_info): a key made
+#: and used in one transaction, a TMK and its wrap, is not read back
 _MADE_IN_TRANSACTION = "keystore.soft.made"
 
 
@@ -164,15 +170,13 @@ class SoftKeyStore(KeyStore):
 
     def __init__(
         self,
-        sessions: sessionmaker[Session],
+        db: Database,
         master: MasterKeyring,
         *,
         cache_size: int = DEFAULT_CACHE_SIZE,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
-        self._sessions = sessions
-        self._engine: Engine = sessions.kw["bind"]
-        self._reads = read_engine(self._engine)
+        self._db = db
         self._master = master
         self._cache = _LRU(cache_size)
         self._clock = clock or (lambda: datetime.now(UTC))
@@ -232,24 +236,22 @@ class SoftKeyStore(KeyStore):
         )
         kek_id, wrapped = self._master.seal(_material_bytes(material), row.binding())
         row = replace(row, wrapped=wrapped, kek_id=kek_id)
-        # Joins the caller's raw transaction if there is one (rawdb): the key then exists
-        # only if that transaction commits.
-        with raw_transaction(self._engine) as connection:
-            connection.run(
+        # Joins the caller's unit of work if there is one: the key then exists only if
+        # that work commits.
+        with self._db.work() as work:
+            work.run(
                 _INSERT_KEY,
-                {
-                    "handle": row.handle,
-                    "algorithm": algorithm.value,
-                    "usage": usage.value,
-                    "exportable": exportable,
-                    "label": label,
-                    "created_at": row.created_at,
-                    "public_key_der": public_der,
-                    "wrapped": wrapped,
-                    "kek_id": kek_id,
-                },
+                handle=row.handle,
+                algorithm=algorithm.value,
+                usage=usage.value,
+                exportable=exportable,
+                label=label,
+                created_at=row.created_at,
+                public_key_der=public_der,
+                wrapped=wrapped,
+                kek_id=kek_id,
             )
-            connection.info.setdefault(_MADE_IN_TRANSACTION, {})[row.handle] = row
+            work.info.setdefault(_MADE_IN_TRANSACTION, {})[row.handle] = row
         self._cache.put(row.cache_key(), row.handle, material)  # a new key is used at once
         return row.info()
 
@@ -259,12 +261,7 @@ class SoftKeyStore(KeyStore):
         return self._row(handle).info()
 
     def list(self) -> list[KeyInfo]:
-        with self._sessions() as session:
-            rows = session.execute(
-                select(*_COLUMNS)
-                .where(StoredKey.destroyed_at.is_(None))
-                .order_by(StoredKey.created_at, StoredKey.handle)
-            ).all()
+        rows = self._db.read(lambda reads: reads.all(_LIST_LIVE))
         return [_to_row(r).info() for r in rows]
 
     def public_key(self, handle: str) -> PublicKey:
@@ -277,10 +274,10 @@ class SoftKeyStore(KeyStore):
     def _row(self, handle: str) -> _Row:
         if not isinstance(handle, str) or not handle.startswith(HANDLE_PREFIX):
             raise KeyNotFound(f"no key has handle {handle!r}")
-        made = transaction_info(self._engine)
+        made = self._db.open_work_info()
         if made is not None and (new := made.get(_MADE_IN_TRANSACTION, {}).get(handle)):
             return cast(_Row, new)  # nobody else sees it before the transaction commits
-        found = read(self._reads, lambda c: c.one(_SELECT_LIVE, {"handle": handle}))
+        found = self._db.read(lambda reads: reads.one(_SELECT_LIVE, handle=handle))
         if found is None:
             raise KeyNotFound(f"no key has handle {handle!r}")
         return _to_row(found)
@@ -442,14 +439,9 @@ class SoftKeyStore(KeyStore):
         return _material_bytes(self._material(row))
 
     def destroy(self, handle: str) -> None:
-        with self._sessions() as session, session.begin():
-            result = session.execute(
-                update(StoredKey)
-                .where(StoredKey.handle == handle, StoredKey.destroyed_at.is_(None))
-                .values(wrapped=b"", destroyed_at=self._clock())
-                .execution_options(synchronize_session=False)
-            )
-        if not getattr(result, "rowcount", 0):
+        with self._db.work() as work:
+            destroyed = work.run(_DESTROY, handle=handle, now=self._clock())
+        if not destroyed:
             raise KeyNotFound(f"no key has handle {handle!r}")
         self._cache.forget(handle)
 
@@ -458,11 +450,8 @@ class SoftKeyStore(KeyStore):
 
     def check_master_key(self) -> None:
         """Raise MasterKeyError unless every live key's master key is loaded."""
-        with self._sessions() as session:
-            used = session.scalars(
-                select(StoredKey.kek_id).where(StoredKey.destroyed_at.is_(None)).distinct()
-            ).all()
-        missing = sorted(k for k in used if not self._master.has(k))
+        used = self._db.read(lambda reads: reads.all(_LIVE_KEK_IDS))
+        missing = sorted(row.kek_id for row in used if not self._master.has(row.kek_id))
         if missing:
             raise MasterKeyError(
                 f"stored keys are wrapped under master keys {', '.join(missing)}, which are"

@@ -1,6 +1,6 @@
 """PKI use cases: CA hierarchy, issuing, revocation, CRLs and chain validation.
 
-Each use case runs in one transaction and writes one audit record when it changes state.
+Each use case runs in one unit of work and writes one audit record when it changes state.
 CA private keys stay in the key store: rows hold handles, signing goes through
 ``KeyStore.sign`` (see :mod:`trustfleet.pki.x509`).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -20,9 +20,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import bindparam, select, update
 
 from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.errors import (
@@ -46,8 +44,7 @@ from trustfleet.pki.errors import (
 )
 from trustfleet.pki.models import CertificateAuthority, IssuedCertificate
 from trustfleet.pki.x509 import CertificateKind, Purpose, RevocationReason, ValidatedChain
-from trustfleet.store import audit
-from trustfleet.store.engine import transaction
+from trustfleet.store import Database, IntegrityViolation, Reads, UnitOfWork
 from trustfleet.wire import as_utc
 
 ROOT_VALIDITY = timedelta(days=3650)
@@ -111,7 +108,8 @@ class CertificateInfo:
         return px.to_pem(self.certificate)
 
 
-def _ca_info(row: CertificateAuthority) -> CaInfo:
+def _ca_info(row: Any) -> CaInfo:
+    """The info of a row of the CA table's columns."""
     return CaInfo(
         name=row.name,
         algorithm=KeyAlgorithm(row.algorithm),
@@ -124,7 +122,8 @@ def _ca_info(row: CertificateAuthority) -> CaInfo:
     )
 
 
-def _certificate_info(row: IssuedCertificate) -> CertificateInfo:
+def _certificate_info(row: Any) -> CertificateInfo:
+    """The info of a row of the certificate table's columns."""
     return CertificateInfo(
         serial_hex=row.serial_hex,
         issuer=row.issuer_name,
@@ -154,19 +153,66 @@ def _key_algorithm_name(cert: x509.Certificate) -> str:
     return type(key).__name__.removesuffix("PublicKey").lower()
 
 
+_CA_ROWS = select(*CertificateAuthority.__table__.columns)
+_CA_BY_NAME = _CA_ROWS.where(CertificateAuthority.name == bindparam("name"))
+_CA_BY_NAME_LOCKED = _CA_BY_NAME.with_for_update()
+_ALL_CAS = _CA_ROWS.order_by(CertificateAuthority.id)
+_CERTIFICATE_ROWS = select(*IssuedCertificate.__table__.columns)
+_CERTIFICATE_BY_SERIAL = _CERTIFICATE_ROWS.where(
+    IssuedCertificate.serial_hex == bindparam("serial")
+)
+_CERTIFICATE_BY_SERIAL_LOCKED = _CERTIFICATE_BY_SERIAL.with_for_update()
+_STATUS_BY_SERIAL = select(IssuedCertificate.status).where(
+    IssuedCertificate.serial_hex == bindparam("serial")
+)
+_STATUS_BY_SERIAL_LOCKED = _STATUS_BY_SERIAL.with_for_update()
+_RECORDED_BY_SERIAL = select(IssuedCertificate.der, IssuedCertificate.status).where(
+    IssuedCertificate.serial_hex == bindparam("serial")
+)
+_REVOKED_BY_ISSUER = (
+    select(
+        IssuedCertificate.serial_hex,
+        IssuedCertificate.revoked_at,
+        IssuedCertificate.created_at,
+        IssuedCertificate.revocation_reason,
+    )
+    .where(IssuedCertificate.issuer_name == bindparam("ca"))
+    .where(IssuedCertificate.status == "revoked")
+    .order_by(IssuedCertificate.id)
+)
+_MARK_REVOKED = (
+    update(IssuedCertificate)
+    .where(IssuedCertificate.serial_hex == bindparam("serial"))
+    .values(status="revoked", revoked_at=bindparam("at"), revocation_reason=bindparam("reason"))
+)
+#: a revocation makes the cached CRL incomplete
+_FORGET_CRL = (
+    update(CertificateAuthority)
+    .where(CertificateAuthority.name == bindparam("ca"))
+    .values(crl_der=None, crl_this_update=None)
+)
+_STORE_CRL = (
+    update(CertificateAuthority)
+    .where(CertificateAuthority.name == bindparam("ca"))
+    .values(
+        crl_number=bindparam("number"), crl_der=bindparam("der"), crl_this_update=bindparam("at")
+    )
+)
+
+
 class PkiService:
     """The PKI use cases over one database and one key store."""
 
     def __init__(
         self,
-        sessions: sessionmaker[Session],
+        db: Database,
         keystore: KeyStore,
         *,
         clock: Callable[[], datetime] | None = None,
         crl_validity: timedelta = CRL_VALIDITY,
         crl_refresh: timedelta = CRL_REFRESH,
     ) -> None:
-        self._sessions = sessions
+        self._db = db
         self._keystore = keystore
         self._clock = clock or (lambda: datetime.now(UTC))
         self._crl_validity = crl_validity
@@ -194,12 +240,12 @@ class PkiService:
             sign = partial(self._keystore.sign, handle)
             issuer = px.self_issuer(profile.subject, public_key, algorithm, sign)
             cert = px.issue_certificate(profile, issuer, px.random_serial())
-            with self._ca_transaction() as session:
-                self._check_ca_absent(session, name)
-                row = self._store_ca(session, name, algorithm, handle, cert, None, path_length)
-                cert_row = self._store_certificate(session, cert, name, CertificateKind.ROOT)
-                self._audit_ca_created(session, row, cert_row, cert, actor)
-                return _ca_info(row)
+            with self._ca_work() as work:
+                self._check_ca_absent(work, name)
+                ca = self._store_ca(work, name, algorithm, handle, cert, None, path_length)
+                issued = self._store_certificate(work, cert, name, CertificateKind.ROOT)
+                self._audit_ca_created(work, ca, issued, cert, actor)
+            return ca
 
     def create_intermediate_ca(
         self,
@@ -222,37 +268,31 @@ class PkiService:
                 CertificateKind.INTERMEDIATE, name, public_key, path_length=path_length, **times
             )
             cert = px.issue_certificate(profile, self._issuer(parent_ca), px.random_serial())
-            with self._ca_transaction() as session:
-                self._check_ca_absent(session, name)
-                self._recheck_usable(session, parent_ca)
-                row = self._store_ca(session, name, algorithm, handle, cert, parent, path_length)
-                cert_row = self._store_certificate(
-                    session, cert, parent, CertificateKind.INTERMEDIATE
-                )
-                self._audit_ca_created(session, row, cert_row, cert, actor)
-                return _ca_info(row)
+            with self._ca_work() as work:
+                self._check_ca_absent(work, name)
+                self._recheck_usable(work, parent_ca)
+                ca = self._store_ca(work, name, algorithm, handle, cert, parent, path_length)
+                issued = self._store_certificate(work, cert, parent, CertificateKind.INTERMEDIATE)
+                self._audit_ca_created(work, ca, issued, cert, actor)
+            return ca
 
     def get_ca(self, name: str) -> CaInfo:
-        with self._sessions() as session:
-            return _ca_info(self._load_ca(session, name))
+        return _ca_info(self._db.read(lambda reads: self._load_ca(reads, name)))
 
     def find_ca(self, name: str) -> CaInfo | None:
-        with self._sessions() as session:
-            row = self._ca_row(session, name)
-            return _ca_info(row) if row else None
+        row = self._db.read(lambda reads: self._ca_row(reads, name))
+        return _ca_info(row) if row else None
 
     def list_cas(self) -> list[CaInfo]:
-        with self._sessions() as session:
-            rows = session.scalars(select(CertificateAuthority).order_by(CertificateAuthority.id))
-            return [_ca_info(r) for r in rows]
+        return [_ca_info(r) for r in self._db.read(lambda reads: reads.all(_ALL_CAS))]
 
     def ca_chain(self, name: str) -> list[CaInfo]:
         """``name``'s CA and its parents, up to and including the root."""
         chain: list[CaInfo] = []
-        with self._sessions() as session:
+        with self._db.reading() as reads:
             current: str | None = name
             while current is not None and len(chain) <= MAX_PATH_LENGTH + 1:
-                row = self._load_ca(session, current)
+                row = self._load_ca(reads, current)
                 chain.append(_ca_info(row))
                 current = row.parent_name
         return chain
@@ -315,17 +355,16 @@ class PkiService:
         times = self._validity(validity, issuer=issuing)
         leaf = profile(times["not_before"], times["not_after"])
         cert = px.issue_certificate(leaf, self._issuer(issuing), px.random_serial())
-        with self._transaction() as session:
-            self._recheck_usable(session, issuing)
-            row = self._store_certificate(session, cert, issuing.name, leaf.kind)
-            audit.append(
-                session,
-                action="pki.certificate_issued",
+        with self._db.work() as work:
+            self._recheck_usable(work, issuing)
+            issued = self._store_certificate(work, cert, issuing.name, leaf.kind)
+            work.audit(
+                "pki.certificate_issued",
                 actor=actor,
-                subject=row.serial_hex,
-                details=self._issued_details(row, cert) | details,
+                subject=issued.serial_hex,
+                details=self._issued_details(issued, cert) | details,
             )
-            return _certificate_info(row)
+        return issued
 
     # -- revocation ----------------------------------------------------------------------
 
@@ -339,32 +378,29 @@ class PkiService:
         """Mark the certificate revoked; the issuing CA's next CRL lists it."""
         serial_hex = px.serial_hex(px.parse_serial(serial))
         parsed_reason = px.parse_reason(str(reason))
-        with self._transaction() as session:
-            row = session.scalars(
-                select(IssuedCertificate)
-                .where(IssuedCertificate.serial_hex == serial_hex)
-                .with_for_update()
-            ).one_or_none()
+        with self._db.work() as work:
+            row = work.one(_CERTIFICATE_BY_SERIAL_LOCKED, serial=serial_hex)
             if row is None:
                 raise CertificateNotFound(f"no certificate with serial {serial_hex}")
             if row.status == "revoked":
                 raise CertificateAlreadyRevoked(f"certificate {serial_hex} is already revoked")
             if row.kind == CertificateKind.ROOT:
                 raise RootNotRevocable()
-            row.status = "revoked"
-            row.revoked_at = self._now()
-            row.revocation_reason = parsed_reason.value
-            issuer = self._load_ca(session, row.issuer_name, for_update=True)
-            issuer.crl_der = None  # the cached CRL no longer lists everything
-            issuer.crl_this_update = None
-            audit.append(
-                session,
-                action="pki.certificate_revoked",
+            row = row._replace(
+                status="revoked", revoked_at=self._now(), revocation_reason=parsed_reason.value
+            )
+            work.run(
+                _MARK_REVOKED, serial=serial_hex, at=row.revoked_at, reason=parsed_reason.value
+            )
+            self._load_ca(work, row.issuer_name, for_update=True)
+            work.run(_FORGET_CRL, ca=row.issuer_name)
+            work.audit(
+                "pki.certificate_revoked",
                 actor=actor,
                 subject=serial_hex,
                 details={"ca": row.issuer_name, "kind": row.kind, "reason": parsed_reason.value},
             )
-            return _certificate_info(row)
+        return _certificate_info(row)
 
     def crl(self, ca_name: str, *, actor: str = DEFAULT_ACTOR) -> bytes:
         """The CA's current CRL (DER): every certificate it issued that is revoked.
@@ -376,13 +412,13 @@ class PkiService:
         """
         for _attempt in range(CRL_ATTEMPTS):
             now = self._now()
-            with self._sessions() as session:
-                row = self._load_ca(session, ca_name)
+            with self._db.reading() as reads:
+                row = self._load_ca(reads, ca_name)
                 cached = self._fresh_crl(row, now)
                 if cached is not None:
                     return cached
                 ca, number = _ca_info(row), row.crl_number + 1
-                entries = self._revoked_entries(session, ca.name)
+                entries = self._revoked_entries(reads, ca.name)
             crl = px.build_crl(
                 self._issuer(ca),
                 number=number,
@@ -391,32 +427,23 @@ class PkiService:
                 revoked=entries,
             )
             der = crl.public_bytes(serialization.Encoding.DER)
-            with self._transaction() as session:
-                row = self._load_ca(session, ca_name, for_update=True)
-                if (
-                    row.crl_number + 1 != number
-                    or self._revoked_entries(session, ca.name) != entries
-                ):
+            with self._db.work() as work:
+                row = self._load_ca(work, ca_name, for_update=True)
+                if row.crl_number + 1 != number or self._revoked_entries(work, ca.name) != entries:
                     continue
-                row.crl_number, row.crl_der, row.crl_this_update = number, der, now
-                audit.append(
-                    session,
-                    action="pki.crl_published",
+                work.run(_STORE_CRL, ca=ca_name, number=number, der=der, at=now)
+                work.audit(
+                    "pki.crl_published",
                     actor=actor,
                     subject=ca.name,
                     details={"crl_number": number, "revoked": len(entries)},
                 )
-                return der
+            return der
         raise CrlBusy(f"the CRL of {ca_name!r} kept changing while it was signed; retry")
 
     @staticmethod
-    def _revoked_entries(session: Session, ca_name: str) -> list[px.RevokedEntry]:
-        rows = session.scalars(
-            select(IssuedCertificate)
-            .where(IssuedCertificate.issuer_name == ca_name)
-            .where(IssuedCertificate.status == "revoked")
-            .order_by(IssuedCertificate.id)
-        ).all()
+    def _revoked_entries(reads: Reads, ca_name: str) -> list[px.RevokedEntry]:
+        rows = reads.all(_REVOKED_BY_ISSUER, ca=ca_name)
         return [
             px.RevokedEntry(
                 int(r.serial_hex, 16),
@@ -426,22 +453,20 @@ class PkiService:
             for r in rows
         ]
 
-    def _fresh_crl(self, ca: CertificateAuthority, now: datetime) -> bytes | None:
+    def _fresh_crl(self, ca: Any, now: datetime) -> bytes | None:
         if ca.crl_der is None or ca.crl_this_update is None:
             return None
-        return ca.crl_der if now - as_utc(ca.crl_this_update) < self._crl_refresh else None
+        fresh = now - as_utc(ca.crl_this_update) < self._crl_refresh
+        return bytes(ca.crl_der) if fresh else None
 
     # -- certificates ------------------------------------------------------------------
 
     def get_certificate(self, serial: str) -> CertificateInfo:
         serial_hex = px.serial_hex(px.parse_serial(serial))
-        with self._sessions() as session:
-            row = session.scalars(
-                select(IssuedCertificate).where(IssuedCertificate.serial_hex == serial_hex)
-            ).one_or_none()
-            if row is None:
-                raise CertificateNotFound(f"no certificate with serial {serial_hex}")
-            return _certificate_info(row)
+        row = self._db.read(lambda reads: reads.one(_CERTIFICATE_BY_SERIAL, serial=serial_hex))
+        if row is None:
+            raise CertificateNotFound(f"no certificate with serial {serial_hex}")
+        return _certificate_info(row)
 
     def list_certificates(
         self,
@@ -454,16 +479,15 @@ class PkiService:
     ) -> list[CertificateInfo]:
         if not 1 <= limit <= 1000 or offset < 0:
             raise InvalidInput("limit is 1-1000 and offset is not negative")
-        query = select(IssuedCertificate).order_by(IssuedCertificate.id)
+        query = _CERTIFICATE_ROWS.order_by(IssuedCertificate.id)
         if issuer is not None:
             query = query.where(IssuedCertificate.issuer_name == issuer)
         if kind is not None:
             query = query.where(IssuedCertificate.kind == CertificateKind(kind).value)
         if status is not None:
             query = query.where(IssuedCertificate.status == status)
-        with self._sessions() as session:
-            rows = session.scalars(query.limit(limit).offset(offset))
-            return [_certificate_info(r) for r in rows]
+        page = query.limit(limit).offset(offset)
+        return [_certificate_info(r) for r in self._db.read(lambda reads: reads.all(page))]
 
     # -- validation --------------------------------------------------------------------
 
@@ -495,16 +519,14 @@ class PkiService:
         validated = px.verify_path(
             leaf_der, intermediates, root_der, at=at, purpose=purpose, server_name=server_name
         )
-        with self._sessions() as session:
+        with self._db.reading() as reads:
             for cert in validated.chain[:-1]:
-                self._check_recorded_status(session, cert)
+                self._check_recorded_status(reads, cert)
         return validated
 
-    def _check_recorded_status(self, session: Session, cert: x509.Certificate) -> None:
+    def _check_recorded_status(self, reads: Reads, cert: x509.Certificate) -> None:
         serial_hex = px.serial_hex(cert.serial_number)
-        row = session.scalars(
-            select(IssuedCertificate).where(IssuedCertificate.serial_hex == serial_hex)
-        ).one_or_none()
+        row = reads.one(_RECORDED_BY_SERIAL, serial=serial_hex)
         if row is None or row.der != _der(cert):
             raise CertificateInvalid(
                 f"certificate {serial_hex} was not issued here: pass CRLs to check it"
@@ -517,15 +539,12 @@ class PkiService:
     def _now(self) -> datetime:
         return as_utc(self._clock()).replace(microsecond=0)
 
-    def _transaction(self) -> AbstractContextManager[Session]:
-        return transaction(self._sessions)
-
     @contextmanager
-    def _ca_transaction(self) -> Iterator[Session]:
+    def _ca_work(self) -> Iterator[UnitOfWork]:
         try:
-            with transaction(self._sessions) as session:
-                yield session
-        except IntegrityError as exc:  # another node created a CA of that name first
+            with self._db.work() as work:
+                yield work
+        except IntegrityViolation as exc:  # another node created a CA of that name first
             raise CaExists("a certificate authority with that name was just created") from exc
 
     def _validity(self, validity: timedelta, *, issuer: CaInfo | None) -> dict[str, datetime]:
@@ -583,43 +602,35 @@ class PkiService:
             raise
 
     @staticmethod
-    def _ca_row(
-        session: Session, name: str, *, for_update: bool = False
-    ) -> CertificateAuthority | None:
-        query = select(CertificateAuthority).where(CertificateAuthority.name == name)
-        if for_update:
-            query = query.with_for_update()
-        return session.scalars(query).one_or_none()
+    def _ca_row(reads: Reads, name: str, *, for_update: bool = False) -> Any:
+        """The CA's row (its columns), or None."""
+        return reads.one(_CA_BY_NAME_LOCKED if for_update else _CA_BY_NAME, name=name)
 
-    def _load_ca(
-        self, session: Session, name: str, *, for_update: bool = False
-    ) -> CertificateAuthority:
-        row = self._ca_row(session, name, for_update=for_update)
+    def _load_ca(self, reads: Reads, name: str, *, for_update: bool = False) -> Any:
+        row = self._ca_row(reads, name, for_update=for_update)
         if row is None:
             raise CaNotFound(f"no certificate authority named {name[:80]!r}")
         return row
 
     def _usable_ca(self, name: str) -> CaInfo:
         """The CA ``name`` if it may issue (its own certificate is not revoked)."""
-        with self._sessions() as session:
-            ca = _ca_info(self._load_ca(session, name))
-            self._recheck_usable(session, ca, lock=False)
+        with self._db.reading() as reads:
+            ca = _ca_info(self._load_ca(reads, name))
+            self._recheck_usable(reads, ca, lock=False)
             return ca
 
     @staticmethod
-    def _recheck_usable(session: Session, ca: CaInfo, *, lock: bool = True) -> None:
+    def _recheck_usable(reads: Reads, ca: CaInfo, *, lock: bool = True) -> None:
         # Locking the CA's certificate row serialises this with a revocation of the CA.
-        query = select(IssuedCertificate.status).where(
-            IssuedCertificate.serial_hex == ca.serial_hex
-        )
-        own = session.scalars(query.with_for_update() if lock else query).one_or_none()
+        query = _STATUS_BY_SERIAL_LOCKED if lock else _STATUS_BY_SERIAL
+        own = reads.scalar(query, serial=ca.serial_hex)
         if own is None:
             raise CaNotFound(f"certificate authority {ca.name!r} no longer exists")
         if own == "revoked":
             raise CaRevoked(f"certificate authority {ca.name!r} is revoked")
 
-    def _check_ca_absent(self, session: Session, name: str) -> None:
-        if self._ca_row(session, name) is not None:
+    def _check_ca_absent(self, work: UnitOfWork, name: str) -> None:
+        if self._ca_row(work, name) is not None:
             raise CaExists(f"certificate authority {name!r} already exists")
 
     def _issuer(self, ca: CaInfo) -> px.Issuer:
@@ -628,71 +639,89 @@ class PkiService:
 
     def _store_ca(
         self,
-        session: Session,
+        work: UnitOfWork,
         name: str,
         algorithm: KeyAlgorithm,
         handle: str,
         cert: x509.Certificate,
         parent: str | None,
         path_length: int,
-    ) -> CertificateAuthority:
-        row = CertificateAuthority(
+    ) -> CaInfo:
+        ca = CaInfo(
+            name=name,
+            algorithm=algorithm,
+            key_handle=handle,
+            parent=parent,
+            path_length=path_length,
+            serial_hex=px.serial_hex(cert.serial_number),
+            certificate_der=_der(cert),
+            created_at=self._now(),
+        )
+        work.insert(
+            CertificateAuthority,
             name=name,
             algorithm=algorithm.value,
             key_handle=handle,
-            certificate_der=_der(cert),
-            serial_hex=px.serial_hex(cert.serial_number),
+            certificate_der=ca.certificate_der,
+            serial_hex=ca.serial_hex,
             parent_name=parent,
             path_length=path_length,
             crl_number=0,
-            created_at=self._now(),
+            created_at=ca.created_at,
         )
-        session.add(row)
-        session.flush()
-        return row
+        return ca
 
     def _store_certificate(
-        self, session: Session, cert: x509.Certificate, issuer: str, kind: CertificateKind
-    ) -> IssuedCertificate:
-        row = IssuedCertificate(
+        self, work: UnitOfWork, cert: x509.Certificate, issuer: str, kind: CertificateKind
+    ) -> CertificateInfo:
+        issued = CertificateInfo(
             serial_hex=px.serial_hex(cert.serial_number),
-            issuer_name=issuer,
+            issuer=issuer,
             subject=px.subject_text(cert.subject)[:500],
-            kind=kind.value,
+            kind=kind,
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
             der=_der(cert),
             status="active",
+            revoked_at=None,
+            revocation_reason=None,
+        )
+        work.insert(
+            IssuedCertificate,
+            serial_hex=issued.serial_hex,
+            issuer_name=issuer,
+            subject=issued.subject,
+            kind=kind.value,
+            not_before=issued.not_before,
+            not_after=issued.not_after,
+            der=issued.der,
+            status=issued.status,
             created_at=self._now(),
         )
-        session.add(row)
-        session.flush()
-        return row
+        return issued
 
     @staticmethod
-    def _issued_details(row: IssuedCertificate, cert: x509.Certificate) -> dict[str, Any]:
+    def _issued_details(issued: CertificateInfo, cert: x509.Certificate) -> dict[str, Any]:
         return {
-            "ca": row.issuer_name,
-            "kind": row.kind,
-            "subject": row.subject,
-            "not_after": as_utc(row.not_after).isoformat(),
+            "ca": issued.issuer,
+            "kind": issued.kind.value,
+            "subject": issued.subject,
+            "not_after": issued.not_after.isoformat(),
             "key_algorithm": _key_algorithm_name(cert),
-            "sha256": hashlib.sha256(row.der).hexdigest(),
+            "sha256": hashlib.sha256(issued.der).hexdigest(),
         }
 
     def _audit_ca_created(
         self,
-        session: Session,
-        row: CertificateAuthority,
-        cert_row: IssuedCertificate,
+        work: UnitOfWork,
+        ca: CaInfo,
+        issued: CertificateInfo,
         cert: x509.Certificate,
         actor: str,
     ) -> None:
-        details = self._issued_details(cert_row, cert)
-        details |= {"name": row.name, "algorithm": row.algorithm, "path_length": row.path_length}
-        audit.append(
-            session, action="pki.ca_created", actor=actor, subject=row.serial_hex, details=details
-        )
+        details = self._issued_details(issued, cert)
+        details |= {"name": ca.name, "algorithm": ca.algorithm.value, "path_length": ca.path_length}
+        work.audit("pki.ca_created", actor=actor, subject=ca.serial_hex, details=details)
 
 
 def _subject_key(public_key: object | None, csr: bytes | None) -> px.SubjectPublicKey:
@@ -717,12 +746,10 @@ class LocalCa:
     intermediate_pem_path: Path
 
 
-def bootstrap(
-    sessions: sessionmaker[Session], keystore: KeyStore, ca_dir: Path, *, actor: str = "init"
-) -> LocalCa:
+def bootstrap(db: Database, keystore: KeyStore, ca_dir: Path, *, actor: str = "init") -> LocalCa:
     """Root CA ``trustfleet-root`` and issuing CA ``trustfleet-issuing`` (each made only if
     missing), with their PEMs written to ``ca_dir``/root.pem and intermediate.pem."""
-    service = PkiService(sessions, keystore)
+    service = PkiService(db, keystore)
     root = _ensure_ca(service, LOCAL_ROOT_CA, None, actor)
     issuing = _ensure_ca(service, LOCAL_ISSUING_CA, LOCAL_ROOT_CA, actor)
     ca_dir.mkdir(parents=True, exist_ok=True)

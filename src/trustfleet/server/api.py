@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select, text
+from sqlalchemy import literal, select
 
 from trustfleet.errors import TrustfleetError
 from trustfleet.server.auth import (
@@ -38,6 +38,7 @@ router = APIRouter()
 Context = Annotated[AppContext, Depends(get_context)]
 Admin = Annotated[Principal, Depends(require_role(Role.ADMIN))]
 MAX_SEQ = 2**63 - 1
+_SELECT_ONE = select(literal(1))
 
 
 class NotReady(TrustfleetError):
@@ -93,7 +94,7 @@ class AuditRecordOut(BaseModel):
     hash: str
 
     @classmethod
-    def of(cls, rec: audit.AuditRecord) -> AuditRecordOut:
+    def of(cls, rec: audit.ChainedRecord) -> AuditRecordOut:
         return cls(
             seq=rec.seq,
             at=as_utc(rec.at),
@@ -149,8 +150,7 @@ def healthz() -> Status:
 def readyz(context: Context) -> Status:
     """Readiness: the database answers a query and the key store answers."""
     try:
-        with context.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+        context.db.read(lambda reads: reads.scalar(_SELECT_ONE))
     except Exception as exc:
         log.warning("not ready: database check failed", exc_info=exc)
         raise NotReady("the database is not reachable") from exc
@@ -188,7 +188,7 @@ def create_api_token(
 ) -> TokenCreated:
     """Create a token. Its text is in this response only: store it now."""
     plaintext, info = create_token(
-        context.sessions, name=body.name, role=body.role, actor=principal.actor
+        context.db, name=body.name, role=body.role, actor=principal.actor
     )
     response.headers["Cache-Control"] = "no-store"
     return TokenCreated(token=plaintext, **TokenOut.of(info).model_dump())
@@ -197,7 +197,7 @@ def create_api_token(
 @router.get("/v1/tokens", tags=["tokens"])
 def list_api_tokens(context: Context, principal: Admin) -> list[TokenOut]:
     """Every token (never its text), revoked ones included."""
-    return [TokenOut.of(info) for info in list_tokens(context.sessions, actor=principal.actor)]
+    return [TokenOut.of(info) for info in list_tokens(context.db, actor=principal.actor)]
 
 
 @router.delete("/v1/tokens/{token_id}", tags=["tokens"])
@@ -205,7 +205,7 @@ def revoke_api_token(
     token_id: Annotated[int, Path(ge=1, le=MAX_TOKEN_ID)], context: Context, principal: Admin
 ) -> TokenOut:
     """Revoke a token: every node refuses it from the next request on."""
-    return TokenOut.of(revoke_token(context.sessions, token_id, actor=principal.actor))
+    return TokenOut.of(revoke_token(context.db, token_id, actor=principal.actor))
 
 
 # --- audit log ----------------------------------------------------------------------
@@ -219,14 +219,8 @@ def read_audit_log(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AuditPage:
     """Audit records with ``seq > after_seq``, oldest first, at most ``limit``."""
-    with context.sessions() as session:
-        rows = session.scalars(
-            select(audit.AuditRecord)
-            .where(audit.AuditRecord.seq > after_seq)
-            .order_by(audit.AuditRecord.seq)
-            .limit(limit)
-        ).all()
-        records = [AuditRecordOut.of(row) for row in rows]
+    rows = context.db.read(lambda reads: audit.records_after(reads, after_seq, limit))
+    records = [AuditRecordOut.of(row) for row in rows]
     next_after = records[-1].seq if len(records) == limit else None
     return AuditPage(records=records, next_after_seq=next_after)
 
@@ -234,8 +228,8 @@ def read_audit_log(
 @router.get("/v1/audit/verify", tags=["audit"])
 def verify_audit_log(context: Context, principal: Admin) -> ChainReportOut:
     """Walk the whole chain: ``ok`` is false if any record was edited, deleted or reordered."""
-    with context.sessions() as session:
-        report = audit.verify_chain(audit.iter_records(session))
+    with context.db.reading() as reads:
+        report = audit.verify_chain(audit.all_records(reads))
     return ChainReportOut(
         ok=report.ok,
         records=report.records,

@@ -116,7 +116,7 @@ def create_app(
     )
     app.state.context = context
     metrics = Metrics()
-    metrics.watch_audit(context.sessions)
+    metrics.watch_audit(context.db)
     app.state.metrics = metrics
     install_problem_handlers(app)
     # routes are matched in order, each costing a few µs: the domains' device-facing

@@ -14,15 +14,13 @@ import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Engine, bindparam, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import bindparam, insert, select, update
 
 from trustfleet.errors import AuthenticationRequired, InvalidInput, NotFound
 from trustfleet.server.models import ROLES, ApiToken, Role
-from trustfleet.store import audit
-from trustfleet.store.driver import read, read_engine
-from trustfleet.store.engine import transaction
+from trustfleet.store import Database
 from trustfleet.wire import as_utc
 
 TOKEN_PREFIX = "tf_"  # noqa: S105 (a prefix, not a secret)
@@ -97,7 +95,8 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _info(row: ApiToken) -> TokenInfo:
+def _info(row: Any) -> TokenInfo:
+    """The info of a row of :data:`_INFO_COLUMNS`."""
     return TokenInfo(
         id=row.id,
         name=row.name,
@@ -121,65 +120,28 @@ def valid_name(name: str) -> str:
     return name
 
 
-def create_token(
-    sessions: sessionmaker[Session], name: str, role: str, *, actor: str = "system"
-) -> tuple[str, TokenInfo]:
-    """A new token for ``name`` with ``role``; its text is returned here and nowhere else."""
-    name, checked_role = valid_name(name), valid_role(role)
-    plaintext = generate_token()
-    with transaction(sessions) as session:
-        row = ApiToken(
-            name=name, role=checked_role.value, token_hash=hash_token(plaintext), created_at=_now()
-        )
-        session.add(row)
-        session.flush()
-        audit.append(
-            session,
-            action="token.created",
-            actor=actor,
-            subject=f"token:{row.id}",
-            details={"name": name, "role": row.role},
-        )
-        return plaintext, _info(row)
-
-
-def list_tokens(sessions: sessionmaker[Session], *, actor: str = "system") -> list[TokenInfo]:
-    """Every token, revoked ones included, oldest first."""
-    with transaction(sessions) as session:
-        rows = session.scalars(select(ApiToken).order_by(ApiToken.id)).all()
-        audit.append(session, action="token.listed", actor=actor, details={"count": len(rows)})
-        return [_info(row) for row in rows]
-
-
-def revoke_token(
-    sessions: sessionmaker[Session], token_id: int, *, actor: str = "system"
-) -> TokenInfo:
-    """Revoke a token; every node refuses it from the next request on. Revoking a revoked
-    token changes nothing (and writes no second record)."""
-    if not 1 <= token_id <= MAX_TOKEN_ID:
-        raise TokenNotFound()
-    with transaction(sessions) as session:
-        row = session.get(ApiToken, token_id, with_for_update=True)
-        if row is None:
-            raise TokenNotFound()
-        if row.revoked_at is None:
-            row.revoked_at = _now()
-            audit.append(
-                session,
-                action="token.revoked",
-                actor=actor,
-                subject=f"token:{row.id}",
-                details={"name": row.name, "role": row.role},
-            )
-        return _info(row)
-
-
-def bootstrap_admin_token(sessions: sessionmaker[Session]) -> str:
-    """The first admin token, made by ``trustfleet init``; returns its text."""
-    plaintext, _ = create_token(sessions, name="bootstrap admin", role=Role.ADMIN, actor="init")
-    return plaintext
-
-
+_INFO_COLUMNS = (
+    ApiToken.id,
+    ApiToken.name,
+    ApiToken.role,
+    ApiToken.created_at,
+    ApiToken.revoked_at,
+    ApiToken.last_used_at,
+)
+_INSERT_RETURNING_ID = (
+    insert(ApiToken)
+    .values(
+        name=bindparam("name"),
+        role=bindparam("role"),
+        token_hash=bindparam("digest"),
+        created_at=bindparam("now"),
+    )
+    .returning(ApiToken.id)
+)
+_ALL = select(*_INFO_COLUMNS).order_by(ApiToken.id)
+_BY_ID_FOR_UPDATE = select(*_INFO_COLUMNS).where(ApiToken.id == bindparam("id")).with_for_update()
+_REVOKE = update(ApiToken).where(ApiToken.id == bindparam("id")).values(revoked_at=bindparam("now"))
+# the token check, on every request
 _TOKEN_BY_HASH = select(
     ApiToken.id,
     ApiToken.name,
@@ -188,12 +150,82 @@ _TOKEN_BY_HASH = select(
     ApiToken.revoked_at,
     ApiToken.last_used_at,
 ).where(ApiToken.token_hash == bindparam("digest"))
+_TOUCH = (
+    update(ApiToken).where(ApiToken.id == bindparam("id")).values(last_used_at=bindparam("now"))
+)
 
 
-def touch(sessions: sessionmaker[Session], token_id: int, now: datetime) -> None:
+def create_token(
+    db: Database, name: str, role: str, *, actor: str = "system"
+) -> tuple[str, TokenInfo]:
+    """A new token for ``name`` with ``role``; its text is returned here and nowhere else."""
+    name, checked_role = valid_name(name), valid_role(role)
+    plaintext = generate_token()
+    now = _now()
+    with db.work() as work:
+        token_id = work.scalar(
+            _INSERT_RETURNING_ID,
+            name=name,
+            role=checked_role.value,
+            digest=hash_token(plaintext),
+            now=now,
+        )
+        work.audit(
+            "token.created",
+            actor=actor,
+            subject=f"token:{token_id}",
+            details={"name": name, "role": checked_role.value},
+        )
+    info = TokenInfo(
+        id=token_id,
+        name=name,
+        role=checked_role.value,
+        created_at=now,
+        revoked_at=None,
+        last_used_at=None,
+    )
+    return plaintext, info
+
+
+def list_tokens(db: Database, *, actor: str = "system") -> list[TokenInfo]:
+    """Every token, revoked ones included, oldest first."""
+    with db.work() as work:
+        rows = work.all(_ALL)
+        work.audit("token.listed", actor=actor, details={"count": len(rows)})
+    return [_info(row) for row in rows]
+
+
+def revoke_token(db: Database, token_id: int, *, actor: str = "system") -> TokenInfo:
+    """Revoke a token; every node refuses it from the next request on. Revoking a revoked
+    token changes nothing (and writes no second record)."""
+    if not 1 <= token_id <= MAX_TOKEN_ID:
+        raise TokenNotFound()
+    with db.work() as work:
+        row = work.one(_BY_ID_FOR_UPDATE, id=token_id)
+        if row is None:
+            raise TokenNotFound()
+        if row.revoked_at is None:
+            row = row._replace(revoked_at=_now())
+            work.run(_REVOKE, id=token_id, now=row.revoked_at)
+            work.audit(
+                "token.revoked",
+                actor=actor,
+                subject=f"token:{token_id}",
+                details={"name": row.name, "role": row.role},
+            )
+    return _info(row)
+
+
+def bootstrap_admin_token(db: Database) -> str:
+    """The first admin token, made by ``trustfleet init``; returns its text."""
+    plaintext, _ = create_token(db, name="bootstrap admin", role=Role.ADMIN, actor="init")
+    return plaintext
+
+
+def touch(db: Database, token_id: int, now: datetime) -> None:
     """Record when a token was last used (at LAST_USED_RESOLUTION, to keep writes rare)."""
-    with transaction(sessions) as session:
-        session.execute(update(ApiToken).where(ApiToken.id == token_id).values(last_used_at=now))
+    with db.work() as work:
+        work.run(_TOUCH, id=token_id, now=now)
 
 
 @dataclass(frozen=True)
@@ -203,15 +235,15 @@ class TokenCheck:
     touch_at: datetime | None
 
 
-def check_token(engine: Engine, presented: str | None) -> TokenCheck:
+def check_token(db: Database, presented: str | None) -> TokenCheck:
     """The principal of a presented token, or :class:`AuthenticationFailed` with the reason
-    (missing, malformed, unknown, revoked). One indexed read on the driver, never a write."""
+    (missing, malformed, unknown, revoked). One indexed read, never a write."""
     if not presented:
         raise AuthenticationFailed("missing")
     if not presented.startswith(TOKEN_PREFIX) or len(presented) > MAX_TOKEN_CHARS:
         raise AuthenticationFailed("malformed")
     digest = hash_token(presented)
-    row = read(read_engine(engine), lambda c: c.one(_TOKEN_BY_HASH, {"digest": digest}))
+    row = db.read(lambda reads: reads.one(_TOKEN_BY_HASH, digest=digest))
     if row is None or not hmac.compare_digest(row.token_hash, digest):
         raise AuthenticationFailed("unknown")
     if row.revoked_at is not None:
@@ -224,9 +256,9 @@ def check_token(engine: Engine, presented: str | None) -> TokenCheck:
     return TokenCheck(principal, now if due else None)
 
 
-def authenticate(sessions: sessionmaker[Session], presented: str | None) -> Principal:
+def authenticate(db: Database, presented: str | None) -> Principal:
     """:func:`check_token`, then the last-used refresh if it is due."""
-    check = check_token(sessions.kw["bind"], presented)
+    check = check_token(db, presented)
     if check.touch_at is not None:
-        touch(sessions, check.principal.token_id, check.touch_at)
+        touch(db, check.principal.token_id, check.touch_at)
     return check.principal

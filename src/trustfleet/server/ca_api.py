@@ -124,7 +124,7 @@ class IssuedOut(CertificateOut):
 
 
 def _service(context: AppContext) -> PkiService:
-    return PkiService(context.sessions, context.keystore)
+    return PkiService(context.db, context.keystore)
 
 
 @router.get("")

@@ -27,8 +27,6 @@ from trustfleet.errors import Forbidden
 from trustfleet.server.auth import AuthenticationFailed, Principal, authenticate
 from trustfleet.server.context import AppContext
 from trustfleet.server.models import ROLES
-from trustfleet.store import audit
-from trustfleet.store.engine import transaction
 
 __all__ = [
     "Principal",
@@ -102,15 +100,8 @@ def audit_refusal(
 ) -> None:
     """The audit record of a refused request (``auth.failed``, ``auth.forbidden``)."""
     try:
-        with transaction(context.sessions) as session:
-            audit.append(
-                session,
-                action=action,
-                actor=actor,
-                subject=subject,
-                outcome="failure",
-                details=details,
-            )
+        with context.db.work() as work:
+            work.audit(action, actor=actor, subject=subject, outcome="failure", details=details)
     except Exception:
         # the request is refused either way; a failed audit write must not turn 401/403 into 500
         log.exception("could not write the %s audit record", action)
@@ -144,7 +135,7 @@ async def authenticate_bearer(
     """The principal of a presented token; a refused token is audited (``refuse``) and
     raises :class:`AuthenticationFailed`."""
     try:
-        return await run_database_work(context, partial(authenticate, context.sessions, presented))
+        return await run_database_work(context, partial(authenticate, context.db, presented))
     except AuthenticationFailed as exc:
         await refuse_authentication(exc, refuse)
         raise

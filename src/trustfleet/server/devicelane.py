@@ -134,7 +134,7 @@ def _authorized_answer(
 ) -> tuple[Principal, DeviceAnswer | None]:
     """The token check, then the handler if the token's role may use the route (None if
     not: the caller refuses it). One piece of database work: one thread hop on PostgreSQL."""
-    principal = authenticate(context.sessions, presented)
+    principal = authenticate(context.db, presented)
     if principal.role not in route.roles:
         return principal, None
     return principal, route.handler(context, principal, params, body)

@@ -13,11 +13,9 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
-from sqlalchemy import event
-from sqlalchemy.orm import Session, sessionmaker
 
+from trustfleet.store import Database
 from trustfleet.store.audit import PENDING_INFO_KEY
-from trustfleet.store.driver import on_commit
 
 UNMATCHED_ROUTE = "unmatched"
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -68,21 +66,13 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def watch_audit(self, sessions: sessionmaker[Session]) -> None:
-        """Count audit records written through ``sessions``, once their transaction commits."""
-        event.listen(sessions, "after_commit", self._count_audit)
-        event.listen(sessions, "after_rollback", self._forget_audit)
-        on_commit(sessions.kw["bind"], self._count_pending)
-
-    def _count_audit(self, session: Session) -> None:
-        self._count_pending(session.info)
+    def watch_audit(self, db: Database) -> None:
+        """Count the audit records of each unit of work on ``db`` once it commits."""
+        db.on_commit(self._count_pending)
 
     def _count_pending(self, info: dict[str, Any]) -> None:
         for action, outcome in info.pop(PENDING_INFO_KEY, []):
             self.audit_records.labels(action, outcome).inc()
-
-    def _forget_audit(self, session: Session) -> None:
-        session.info.pop(PENDING_INFO_KEY, None)
 
 
 def route_template(scope: MutableMapping[str, Any]) -> str:

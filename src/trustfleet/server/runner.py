@@ -18,6 +18,7 @@ from trustfleet.server.app import create_app
 from trustfleet.server.context import AppContext
 from trustfleet.server.logging import configure_logging
 from trustfleet.settings import Settings, load_settings
+from trustfleet.store import Database
 from trustfleet.store.engine import make_engine, make_session_factory, migrate
 
 _POSTGRES_MIGRATION_LOCK = 0x74666D6967  # advisory lock id: one node migrates at a time
@@ -47,8 +48,8 @@ def build_context(settings: Settings) -> AppContext:
     engine = make_engine(settings.resolved_database_url)
     with _migration_lock(engine):
         migrate(engine)
+    keystore = open_keystore(settings, Database(engine))
     sessions = make_session_factory(engine)
-    keystore = open_keystore(settings, sessions)
     return AppContext(settings=settings, engine=engine, sessions=sessions, keystore=keystore)
 
 

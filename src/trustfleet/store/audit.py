@@ -15,10 +15,11 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import DateTime, Integer, String, Text, bindparam, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.sql.expression import ClauseElement
 
 from trustfleet.errors import Conflict
 from trustfleet.store.driver import (
@@ -90,7 +91,31 @@ def record_hash(
     return hashlib.sha256(canonical_json(fields)).hexdigest()
 
 
-def _hash_of(rec: AuditRecord) -> str:
+class ChainedRecord(Protocol):
+    """What the chain's check reads of a record: an :class:`AuditRecord`, or a row of its
+    columns (:func:`records_after`)."""
+
+    @property
+    def seq(self) -> int: ...
+    @property
+    def at(self) -> datetime: ...
+    @property
+    def actor(self) -> str: ...
+    @property
+    def action(self) -> str: ...
+    @property
+    def subject(self) -> str: ...
+    @property
+    def outcome(self) -> str: ...
+    @property
+    def details(self) -> str: ...
+    @property
+    def prev_hash(self) -> str: ...
+    @property
+    def hash(self) -> str: ...
+
+
+def _hash_of(rec: ChainedRecord) -> str:
     return record_hash(
         seq=rec.seq,
         at=rec.at,
@@ -226,7 +251,37 @@ def iter_records(session: Session, batch: int = 1000) -> Iterator[AuditRecord]:
         last = rows[-1].seq
 
 
-def verify_chain(records: Iterable[AuditRecord]) -> ChainReport:
+class Reads(Protocol):
+    """The reads :func:`records_after` needs (:class:`trustfleet.store.work.Reads`, which
+    cannot be imported here: the unit of work appends through this module)."""
+
+    def all(self, statement: ClauseElement, /, **params: Any) -> list[Any]: ...
+
+
+_RECORDS_AFTER = (
+    select(*AuditRecord.__table__.columns)
+    .where(AuditRecord.seq > bindparam("after_seq"))
+    .order_by(AuditRecord.seq)
+    .limit(bindparam("limit"))
+)
+
+
+def records_after(reads: Reads, after_seq: int = 0, limit: int = 1000) -> list[ChainedRecord]:
+    """The records with ``seq > after_seq``, oldest first, at most ``limit``: rows of the
+    record's columns."""
+    rows: list[ChainedRecord] = reads.all(_RECORDS_AFTER, after_seq=after_seq, limit=limit)
+    return rows
+
+
+def all_records(reads: Reads, batch: int = 1000) -> Iterator[ChainedRecord]:
+    """Every record, oldest first, read ``batch`` at a time."""
+    last = 0
+    while rows := records_after(reads, last, batch):
+        yield from rows
+        last = rows[-1].seq
+
+
+def verify_chain(records: Iterable[ChainedRecord]) -> ChainReport:
     """Walk the records in ``seq`` order and report every break in the chain."""
     problems: list[ChainProblem] = []
     expected_seq, prev_hash, count = 1, GENESIS_HASH, 0

@@ -12,7 +12,7 @@ from trustfleet.tmk.working_keys import WorkingKeys
 
 
 def identity(context: AppContext) -> IdentityService:
-    pki = PkiService(context.sessions, context.keystore)
+    pki = PkiService(context.db, context.keystore)
     return IdentityService(context.db, context.keystore, pki)
 
 
