@@ -14,15 +14,15 @@ from sqlalchemy import Engine, insert, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.store import Database, audit
-from trustfleet.store.engine import make_engine, make_session_factory, transaction
+from trustfleet.store.engine import make_engine, make_session_factory
 
 
 def _append_records(sessions: sessionmaker[Session], count: int) -> None:
+    db = Database(sessions.kw["bind"])
     for i in range(count):
-        with transaction(sessions) as session:
-            audit.append(
-                session,
-                action="test.action",
+        with db.work() as work:
+            work.audit(
+                "test.action",
                 actor=f"actor-{i}",
                 subject=f"subject-{i}",
                 outcome="success" if i % 2 else "failure",
@@ -158,22 +158,22 @@ def test_swapped_records_are_detected(engine: Engine, sessions: sessionmaker[Ses
 
 
 def test_record_appended_in_rolled_back_transaction_is_gone(
-    sessions: sessionmaker[Session],
+    db: Database, sessions: sessionmaker[Session]
 ) -> None:
     _append_records(sessions, 2)
-    with pytest.raises(RuntimeError), transaction(sessions) as session:
-        audit.append(session, action="test.rollback", actor="t")
+    with pytest.raises(RuntimeError), db.work() as work:
+        work.audit("test.rollback", actor="t")
         raise RuntimeError("the use case failed")
     _append_records(sessions, 1)
     report = _verify(sessions)
     assert report.ok and report.records == 3
 
 
-def test_non_utc_timestamps_verify(sessions: sessionmaker[Session]) -> None:
+def test_non_utc_timestamps_verify(db: Database, sessions: sessionmaker[Session]) -> None:
     shanghai = timezone(timedelta(hours=8))
-    with transaction(sessions) as session:
-        audit.append(session, action="test.tz", actor="t", at=datetime.now(shanghai))
-        audit.append(session, action="test.tz", actor="t", at=datetime.now(UTC))
+    with db.work() as work:
+        work.audit("test.tz", actor="t", at=datetime.now(shanghai))
+        work.audit("test.tz", actor="t", at=datetime.now(UTC))
     assert _verify(sessions).ok
 
 
@@ -190,12 +190,12 @@ def test_chain_verifies_in_any_session_time_zone(
 
 
 def test_oversized_and_nul_values_are_clipped_not_refused(
-    sessions: sessionmaker[Session],
+    db: Database, sessions: sessionmaker[Session]
 ) -> None:
-    with transaction(sessions) as session:
-        rec = audit.append(
-            session, action="test.long", actor="a\x00b" * 100, subject="s" * 5000, details={}
-        )
+    with db.work() as work:
+        work.audit("test.long", actor="a\x00b" * 100, subject="s" * 5000, details={})
+    with db.reading() as reads:
+        (rec,) = audit.records_after(reads)
     assert len(rec.subject) == 500 and "\x00" not in rec.actor
     assert _verify(sessions).ok
 
@@ -211,14 +211,12 @@ def test_concurrent_appends_from_two_engines_make_one_chain(database_url: str) -
         barrier = threading.Barrier(2)
 
         def writer(engine: Engine, name: str) -> None:
-            sessions = make_session_factory(engine)
+            db = Database(engine)
             try:
                 barrier.wait()
                 for i in range(per_thread):
-                    with transaction(sessions) as session:
-                        audit.append(
-                            session, action="test.concurrent", actor=name, details={"i": i}
-                        )
+                    with db.work() as work:
+                        work.audit("test.concurrent", actor=name, details={"i": i})
             except BaseException as exc:
                 errors.append(exc)
 

@@ -26,7 +26,6 @@ from trustfleet.store.driver import (
     IntegrityViolation,
     RawConnection,
     insert_columns,
-    session_connection,
 )
 from trustfleet.store.engine import Base
 from trustfleet.wire import as_utc, canonical_json
@@ -142,22 +141,6 @@ _INSERT = insert_columns(*AuditRecord.__table__.columns)
 
 
 def append(
-    session: Session,
-    *,
-    action: str,
-    actor: str,
-    subject: str = "",
-    outcome: str = "success",
-    details: dict[str, Any] | None = None,
-    at: datetime | None = None,
-) -> AuditRecord:
-    """Append one record in ``session``'s transaction and return it."""
-    columns = _append(session_connection(session), action, actor, subject, outcome, details, at)
-    session.info.setdefault(PENDING_INFO_KEY, []).append((columns["action"], columns["outcome"]))
-    return AuditRecord(**columns)
-
-
-def append_raw(
     connection: RawConnection,
     *,
     action: str,
@@ -167,7 +150,8 @@ def append_raw(
     details: dict[str, Any] | None = None,
     at: datetime | None = None,
 ) -> None:
-    """:func:`append` inside a :func:`trustfleet.store.driver.raw_transaction`."""
+    """Append one record in the connection's transaction (the unit of work calls this at
+    its end: :meth:`trustfleet.store.work.UnitOfWork.audit`)."""
     columns = _append(connection, action, actor, subject, outcome, details, at)
     connection.info.setdefault(PENDING_INFO_KEY, []).append((columns["action"], columns["outcome"]))
 

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine, Insert, bindparam, create_engine, event, insert
 from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import QueryableAttribute, Session
+from sqlalchemy.orm import QueryableAttribute
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement, ColumnElement
 
@@ -49,7 +49,6 @@ __all__ = [
     "raw_transaction",
     "read",
     "read_engine",
-    "session_connection",
 ]
 
 Processor = Callable[[Any], Any]
@@ -230,13 +229,6 @@ class RawConnection:
         if rows:
             cursor, _ = self._run(statement, {}, rows)
             cursor.close()
-
-
-def session_connection(session: Session) -> RawConnection:
-    """The driver connection of an ORM session's transaction (begun if need be), for
-    statements that must commit or roll back with the session's own."""
-    connection = session.connection()
-    return RawConnection(connection.connection.driver_connection, connection.dialect)
 
 
 _PreparedCache = dict[int, tuple[ClauseElement, Prepared]]

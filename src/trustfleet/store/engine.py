@@ -1,4 +1,5 @@
-"""Database engine, declarative base and the one-transaction-per-use-case helper.
+"""Database engine, declarative base, session factory (tests inspect tables with it) and
+migrations. Use cases run their database work through :mod:`trustfleet.store.work`.
 
 SQLite (WAL) is the embedded default; PostgreSQL by URL for multi-node deployments. Every
 table is created by the Alembic migrations in ``trustfleet/store/migrations``; never by
@@ -7,8 +8,6 @@ table is created by the Alembic migrations in ``trustfleet/store/migrations``; n
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +37,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-#: execution option for connections that only read: on SQLite they begin a deferred
-#: transaction, which in WAL mode never waits for a writer (not even one in this process)
-READ_ONLY = "trustfleet_read_only"
-
-
 def _sqlite_begin(connection: Any) -> None:
-    if connection.get_execution_options().get(READ_ONLY):
-        connection.exec_driver_sql("BEGIN")
-        return
     # Take the write lock at BEGIN: two processes that both read then write would otherwise
     # deadlock on the lock upgrade, which busy_timeout cannot resolve. The price: a write
     # transaction must not wait for another write transaction of the same thread (a key
@@ -73,27 +64,6 @@ def sqlite_url(path: Path) -> str:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
-
-
-def read_only_sessions(engine: Engine) -> sessionmaker[Session]:
-    """Sessions for use cases that only read (see :data:`READ_ONLY`)."""
-    return sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
-
-
-@contextmanager
-def reading(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """A session for a use case that only reads: on SQLite its transaction is deferred, so
-    it never waits for a writer, not even one of this thread (see :data:`READ_ONLY`)."""
-    with factory() as session:
-        session.connection(execution_options={READ_ONLY: True})
-        yield session
-
-
-@contextmanager
-def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """One use case, one transaction: commit on success, roll back on any error."""
-    with factory() as session, session.begin():
-        yield session
 
 
 def migrate(engine: Engine) -> None:

@@ -33,6 +33,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Engine, Insert, Table, bindparam, insert
@@ -135,12 +136,14 @@ class UnitOfWork(Reads):
         subject: str = "",
         outcome: str = "success",
         details: Mapping[str, Any] | None = None,
+        at: datetime | None = None,
     ) -> None:
         """The audit record of what this unit of work does; appended to the chain when the
-        block ends, so it commits with the work or not at all. Never put key material,
-        PINs or secrets in ``details``."""
+        block ends, so it commits with the work or not at all. ``at`` defaults to the time
+        of the append (a use case with an injected clock passes its own). Never put key
+        material, PINs or secrets in ``details``."""
         record = {"action": action, "actor": actor, "subject": subject, "outcome": outcome}
-        self._pending.audit.append({**record, "details": dict(details or {})})
+        self._pending.audit.append({**record, "details": dict(details or {}), "at": at})
 
     def destroy_after_commit(
         self,
@@ -197,7 +200,7 @@ class Database:
             yield UnitOfWork(connection, pending)
             if outermost:
                 for record in pending.audit:
-                    audit.append_raw(connection, **record)
+                    audit.append(connection, **record)
         if outermost:
             self._after_commit(pending)
 
