@@ -13,8 +13,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.keystore.base import KeyStore
 from trustfleet.pki.service import PkiService
@@ -28,10 +26,8 @@ from .helpers import Hierarchy, ec_public_key
 
 
 @pytest.fixture
-def client(
-    tmp_path: Path, engine: Engine, sessions: sessionmaker[Session], keystore: KeyStore
-) -> Iterator[TestClient]:
-    context = AppContext(Settings(data_dir=tmp_path), engine, sessions, keystore)
+def client(tmp_path: Path, db: Database, keystore: KeyStore) -> Iterator[TestClient]:
+    context = AppContext(Settings(data_dir=tmp_path), db, keystore)
     with TestClient(create_app(context), raise_server_exceptions=False) as test_client:
         yield test_client
 

@@ -10,8 +10,6 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.errors import KeyStoreError
 from trustfleet.keystore.base import KeyInfo, KeyStore
@@ -58,10 +56,8 @@ def keystore(db: Database) -> KeyStore:
 
 
 @pytest.fixture
-def context(
-    settings: Settings, engine: Engine, sessions: sessionmaker[Session], keystore: KeyStore
-) -> AppContext:
-    return AppContext(settings=settings, engine=engine, sessions=sessions, keystore=keystore)
+def context(settings: Settings, db: Database, keystore: KeyStore) -> AppContext:
+    return AppContext(settings=settings, db=db, keystore=keystore)
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from trustfleet.server.app import create_app
 from trustfleet.server.context import AppContext
 from trustfleet.server.deps import Principal, require_role
-from trustfleet.store import audit
-from trustfleet.store.engine import make_engine, make_session_factory
+from trustfleet.store import Database, audit
+from trustfleet.store.engine import make_engine
 
 from .conftest import StubKeyStore, assert_problem, bearer
 from .helpers import api_routes, is_public, protected_calls, role_requirements
@@ -185,12 +185,7 @@ def test_readyz_checks_database_and_keystore(client: TestClient, context: AppCon
 def test_readyz_fails_when_the_database_is_gone(context: AppContext, tmp_path: object) -> None:
     broken = make_engine("sqlite:////nonexistent-dir/trustfleet.db")
     app = create_app(
-        AppContext(
-            settings=context.settings,
-            engine=broken,
-            sessions=make_session_factory(broken),
-            keystore=context.keystore,
-        )
+        AppContext(settings=context.settings, db=Database(broken), keystore=context.keystore)
     )
     with TestClient(app, raise_server_exceptions=False) as client:
         body = assert_problem(client.get("/readyz"), 503, "not-ready")

@@ -6,10 +6,9 @@ the database, so any node can serve any request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.keystore.base import KeyStore
 from trustfleet.settings import Settings
@@ -19,11 +18,10 @@ from trustfleet.store import Database
 @dataclass(frozen=True)
 class AppContext:
     settings: Settings
-    engine: Engine
-    sessions: sessionmaker[Session]
-    keystore: KeyStore
     #: the unit-of-work entry point every use case runs its database work through
-    db: Database = field(init=False)
+    db: Database
+    keystore: KeyStore
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "db", Database(self.engine))
+    @property
+    def engine(self) -> Engine:
+        return self.db.engine

@@ -19,7 +19,7 @@ from trustfleet.server.context import AppContext
 from trustfleet.server.logging import configure_logging
 from trustfleet.settings import Settings, load_settings
 from trustfleet.store import Database
-from trustfleet.store.engine import make_engine, make_session_factory, migrate
+from trustfleet.store.engine import make_engine, migrate
 
 _POSTGRES_MIGRATION_LOCK = 0x74666D6967  # advisory lock id: one node migrates at a time
 
@@ -42,15 +42,14 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
 
 
 def build_context(settings: Settings) -> AppContext:
-    """Engine, migrated schema, session factory and key store for ``settings``."""
+    """The database (migrated) and the key store for ``settings``."""
     from trustfleet.keystore import open_keystore
 
     engine = make_engine(settings.resolved_database_url)
     with _migration_lock(engine):
         migrate(engine)
-    keystore = open_keystore(settings, Database(engine))
-    sessions = make_session_factory(engine)
-    return AppContext(settings=settings, engine=engine, sessions=sessions, keystore=keystore)
+    db = Database(engine)
+    return AppContext(settings=settings, db=db, keystore=open_keystore(settings, db))
 
 
 def _freeze_startup_objects() -> None:
