@@ -124,11 +124,9 @@ class HostKey:
         """Create a new random key file (mode 0600); refuses to overwrite one."""
         secret = secrets.token_bytes(HOST_KEY_SIZE)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            atomic_write(Path(path), secret, exclusive=True)
         except FileExistsError:
             raise SeHostStoreExists("the host key file already exists") from None
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(secret)
         return cls(secret)
 
     @classmethod

@@ -43,6 +43,7 @@ from sqlalchemy.sql.expression import ClauseElement
 from trustfleet.errors import KeyStoreError, MasterKeyError
 from trustfleet.keystore.models import StoredKey, row_binding
 from trustfleet.store import Database, UnitOfWork
+from trustfleet.store.files import atomic_write
 
 MASTER_KEY_ENV = "TRUSTFLEET_MASTER_KEY"
 MASTER_KEY_SIZE = 32
@@ -204,37 +205,16 @@ def read_master_key_file(path: Path) -> MasterKeyring:
 
 
 def write_master_key_file(path: Path, keys: list[MasterKey], *, exclusive: bool = False) -> None:
-    """Replace ``path`` atomically (temp file, fsync, rename, fsync of the directory), 0600.
+    """Replace ``path`` atomically (owner-only; see :func:`trustfleet.store.files.atomic_write`).
 
     ``exclusive``: fail with MasterKeyError instead of replacing an existing file.
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    data = serialise_master_keys(keys).encode()
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(serialise_master_keys(keys))
-            handle.flush()
-            os.fsync(handle.fileno())
-        if exclusive:
-            try:
-                os.link(tmp, path)  # fails if path exists, unlike rename
-            except FileExistsError:
-                raise MasterKeyError(f"{path} already exists; not overwriting it") from None
-            tmp.unlink()
-        else:
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        atomic_write(path, data, exclusive=exclusive)
+    except FileExistsError:
+        raise MasterKeyError(f"{path} already exists; not overwriting it") from None
 
 
 def create_master_key_file(path: Path) -> MasterKeyring:

@@ -31,10 +31,16 @@ def _tmp_prefix(path: Path) -> str:
 
 
 def atomic_write(
-    path: Path, data: bytes, *, mode: int = 0o600, hook: WriteHook | None = None
+    path: Path,
+    data: bytes,
+    *,
+    mode: int = 0o600,
+    exclusive: bool = False,
+    hook: WriteHook | None = None,
 ) -> None:
     """Replace ``path`` with ``data`` (owner-only by default) so that a crash leaves old or
-    new; the file has ``mode`` before it appears under its name."""
+    new; the file has ``mode`` before it appears under its name. With ``exclusive`` an
+    existing file is never replaced: FileExistsError (a key file made once)."""
     fd, tmp_name = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=_TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -45,7 +51,11 @@ def atomic_write(
         os.chmod(tmp_name, mode)
         if hook:
             hook("rename", 0)
-        os.replace(tmp_name, path)
+        if exclusive:
+            os.link(tmp_name, path)  # unlike a rename, fails if path exists
+            os.unlink(tmp_name)
+        else:
+            os.replace(tmp_name, path)
     except PowerCut:
         raise  # a real cut leaves the temporary file behind; so does a simulated one
     except BaseException:

@@ -121,11 +121,9 @@ class DeviceKey:
         """Create a new random key file (mode 0600; refuses to overwrite) and use it."""
         secret = secrets.token_bytes(DEVICE_KEY_SIZE)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            atomic_write(Path(path), secret, exclusive=True)
         except FileExistsError:
             raise ScmExists("the device key file already exists") from None
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(secret)
         return cls("key-file", secret, 0)
 
     @classmethod
