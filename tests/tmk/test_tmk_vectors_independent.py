@@ -143,6 +143,17 @@ def test_a_terminal_from_the_document_checks_every_message(vector: dict[str, Any
     kswcrt_der = b64(challenge["kswcrt"])
     assert kswcrt_der.hex() == inter["kswcrt"] and challenge["chain"] == []
     kswcrt = x509.load_der_x509_certificate(kswcrt_der)
+    # what the document asks of KSWCRT: issued by my root, in time, may sign, not a CA
+    kswcrt.verify_directly_issued_by(root)
+    assert kswcrt.not_valid_before_utc <= clock < kswcrt.not_valid_after_utc
+    assert root.not_valid_before_utc <= clock < root.not_valid_after_utc
+    assert root.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    key_usage = kswcrt.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert key_usage.digital_signature and not key_usage.key_cert_sign
+    assert not kswcrt.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    # and the profile the document lists (a terminal must not require these)
+    eku = kswcrt.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
     verifier = (
         PolicyBuilder()
         .store(Store([root]))
@@ -150,11 +161,6 @@ def test_a_terminal_from_the_document_checks_every_message(vector: dict[str, Any
         .build_server_verifier(DNSName(WORK_CERTIFICATE_NAME))
     )
     verifier.verify(kswcrt, [])
-    key_usage = kswcrt.extensions.get_extension_for_class(x509.KeyUsage).value
-    assert key_usage.digital_signature and not key_usage.key_cert_sign
-    assert not kswcrt.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    eku = kswcrt.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
     tbs1 = enc(
         LABELS["server"], rnd1, rnd2, sn.encode(), session_id.encode(), suite.encode(),
         expires_at.encode(),
