@@ -49,8 +49,7 @@ from trustfleet.server.auth import create_token
 from trustfleet.server.runner import build_context
 from trustfleet.settings import load_settings
 from trustfleet.store.engine import make_engine
-from trustfleet.tmk import registry
-from trustfleet.tmk.identity import IdentityService
+from trustfleet.tmk import registry, services
 from trustfleet.tmk.terminal import HttpTransport, PosTerminal
 
 SUITES = {"p256": KeyAlgorithm.EC_P256, "rsa": KeyAlgorithm.RSA_2048}
@@ -115,7 +114,7 @@ def build_fleet(workdir: Path, suite: str, count: int, database_url: str) -> Fle
     settings = load_settings(data_dir, database_url=database_url or None)
     initialise(settings)
     context = build_context(settings)
-    identity = IdentityService(context.sessions, context.keystore)
+    identity = services.identity(context)
     identity.ensure(actor="bench")
     root_pem = identity.root().pem.encode()
     jobs = [
