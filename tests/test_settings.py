@@ -42,3 +42,15 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path, toml: str) -> None:
     (tmp_path / "trustfleet.toml").write_text(toml)
     with pytest.raises(ConfigurationError):
         load_settings(tmp_path)
+
+
+def test_the_tmk_session_lifetime_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TRUSTFLEET_CONFIG", raising=False)
+    monkeypatch.setenv("TRUSTFLEET_TMK_SESSION_SECONDS", "15")
+    assert load_settings(tmp_path).tmk_session_seconds == 15
+    for value in ("9", "601"):
+        monkeypatch.setenv("TRUSTFLEET_TMK_SESSION_SECONDS", value)
+        with pytest.raises(ConfigurationError, match="tmk_session_seconds"):
+            load_settings(tmp_path)

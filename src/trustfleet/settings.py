@@ -38,6 +38,7 @@ class Settings:
     max_body_bytes: int = 1_048_576
     max_import_bytes: int = 268_435_456  # streamed bulk imports
     log_level: str = "INFO"
+    tmk_session_seconds: int = 60  # how long a TMK download session lives (10..600)
 
     @property
     def resolved_database_url(self) -> str:
@@ -88,4 +89,16 @@ def load_settings(data_dir: Path | None = None, **overrides: Any) -> Settings:
         raise ConfigurationError(f"unknown settings: {', '.join(sorted(unknown))}")
     values["data_dir"] = chosen_dir if "data_dir" not in overrides else values["data_dir"]
     coerced = {k: _coerce(k, v, known[k]) for k, v in values.items()}
-    return replace(base, **coerced)
+    return _checked(replace(base, **coerced))
+
+
+#: a TMK download session lives long enough for a terminal on a slow link, and short
+#: enough that a captured challenge soon expires
+TMK_SESSION_SECONDS = range(10, 601)
+
+
+def _checked(settings: Settings) -> Settings:
+    seconds = TMK_SESSION_SECONDS
+    if settings.tmk_session_seconds not in seconds:
+        raise ConfigurationError(f"tmk_session_seconds must be {seconds.start}..{seconds.stop - 1}")
+    return settings

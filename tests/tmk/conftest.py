@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,10 +26,17 @@ from trustfleet.pki.service import PkiService
 from trustfleet.store import Database
 from trustfleet.store.audit import AuditRecord, iter_records
 from trustfleet.tmk import registry
-from trustfleet.tmk.downloads import Downloads
+from trustfleet.tmk.downloads import Activation, Downloads
 from trustfleet.tmk.errors import TmkServerRefused
 from trustfleet.tmk.identity import IdentityService
 from trustfleet.tmk.models import DownloadSession, TerminalMasterKey
+from trustfleet.tmk.protocol import (
+    Confirmation,
+    KeyDelivery,
+    ServerChallenge,
+    ServerTrust,
+    TerminalSession,
+)
 from trustfleet.tmk.terminal import PosTerminal
 from trustfleet.tmk.terminals import Terminals
 from trustfleet.tmk.working_keys import WorkingKeys
@@ -158,6 +166,60 @@ class ServiceTransport:
 
     def get(self, path: str) -> bytes:
         return self.tmk.identity.crl()
+
+
+# -- a download step by step ------------------------------------------------------------
+
+
+@dataclass
+class Steps:
+    """One download driven step by step (the terminal role in memory, the tmk as the
+    HTTP routes call it)."""
+
+    tmk: Tmk
+    terminal: PosTerminal
+    session: TerminalSession
+    challenge: ServerChallenge | None = None
+    delivery: KeyDelivery | None = None
+    confirmation: Confirmation | None = None
+
+    @property
+    def session_id(self) -> str:
+        assert self.challenge is not None
+        return self.challenge.session_id
+
+    def start(self) -> ServerChallenge:
+        self.challenge = self.tmk.downloads.start(self.session.start().to_json(), actor="gw")
+        return self.challenge
+
+    def proof(self) -> KeyDelivery:
+        assert self.challenge is not None
+        proof = self.session.receive_challenge(self.challenge)
+        downloads = self.tmk.downloads
+        self.delivery = downloads.accept_proof(self.session_id, proof.to_json(), actor="gw")
+        return self.delivery
+
+    def confirm(self) -> Activation:
+        assert self.delivery is not None
+        self.confirmation = self.session.receive_delivery(self.delivery)
+        return self.tmk.downloads.confirm(self.session_id, self.confirmation.to_json(), actor="gw")
+
+
+def steps(
+    tmk: Tmk,
+    terminal: PosTerminal,
+    clock: Clock,
+    crls: tuple[x509.CertificateRevocationList, ...] = (),
+) -> Steps:
+    trust = ServerTrust(terminal.roots, crls)
+    return Steps(tmk, terminal, TerminalSession(terminal.scm, trust, clock=clock))
+
+
+def download(tmk: Tmk, terminal: PosTerminal, clock: Clock) -> Activation:
+    run = steps(tmk, terminal, clock)
+    run.start()
+    run.proof()
+    return run.confirm()
 
 
 # -- what the database holds ------------------------------------------------------------

@@ -315,6 +315,39 @@ def test_a_proof_replayed_into_another_session_is_refused_over_http(
     assert genuine.status_code == 200 and json.loads(genuine.content)["type"] == "tmk-key-delivery"
 
 
+@pytest.mark.parametrize("device_lane", [True, False], ids=["lane", "fastapi"])
+def test_a_gateway_retrying_each_step_gets_byte_identical_answers(
+    client: TestClient,
+    tokens: dict[str, str],
+    make_terminal: Callable[..., PosTerminal],
+    sessions: sessionmaker[Session],
+) -> None:
+    from trustfleet.tmk.protocol import KeyDelivery, ServerChallenge, ServerTrust, TerminalSession
+
+    terminal = make_terminal("POS-RETRY")
+    headers = {**auth(tokens["device-gateway"]), "Content-Type": "application/json"}
+    session = TerminalSession(terminal.scm, ServerTrust(terminal.roots))
+    challenge = ServerChallenge.from_json(
+        client.post("/v1/tmk/downloads", content=session.start().to_json(), headers=headers).content
+    )
+    base = f"/v1/tmk/downloads/{challenge.session_id}"
+    proof = session.receive_challenge(challenge).to_json()
+    deliveries = [client.post(f"{base}/proof", content=proof, headers=headers) for _ in range(3)]
+    assert [d.status_code for d in deliveries] == [200] * 3
+    assert len({d.content for d in deliveries}) == 1
+    confirmation = session.receive_delivery(KeyDelivery.from_json(deliveries[-1].content))
+    answers = [
+        client.post(f"{base}/confirm", content=confirmation.to_json(), headers=headers)
+        for _ in range(3)
+    ]
+    assert [a.status_code for a in answers] == [200] * 3
+    assert len({a.content for a in answers}) == 1
+    assert json.loads(answers[0].content)["kcv"] == terminal.scm.tmk_kcv.hex().upper()
+    assert _failures(sessions) == []
+    status = client.get("/v1/tmk/terminals/POS-RETRY", headers=auth(tokens["operator"])).json()
+    assert status["active_tmk"]["kcv"] == terminal.scm.tmk_kcv.hex().upper()
+
+
 def test_a_terminal_with_another_sns_key_is_refused_over_http(
     make_terminal: Callable[..., PosTerminal], gateway: HttpTransport
 ) -> None:

@@ -1,12 +1,14 @@
 """Two real server processes on one PostgreSQL database serve TMK downloads as one service:
-a download that starts on one node continues on the other and completes on the first, and
-working keys issued on one node are used on the other."""
+a download that starts on one node continues on the other and completes on the first,
+working keys issued on one node are used on the other, and a gateway that retries a step
+on the other node gets the first answer again."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +24,7 @@ from harness import (
     postgres_schema,
     running_nodes,
 )
+from trustfleet.tmk.protocol import KeyDelivery, ServerChallenge, ServerTrust, TerminalSession
 from trustfleet.tmk.terminal import HttpTransport, PosTerminal
 
 PAN = "4761739001010010"
@@ -143,6 +146,82 @@ def test_downloads_hop_between_nodes_and_keys_work_everywhere(
         activated = [r for r in page["records"] if r["action"] == "tmk.tmk_activated"]
         assert len(activated) == 6
         assert json.dumps(page).count("tmk.download_failed") == 0
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_copies_of_each_step_on_both_nodes_get_one_answer_and_the_tmk_stays_active(
+    nodes: tuple[Node, Node], postgres_url: str, tmp_path: Path
+) -> None:
+    """A gateway that retries on the other node: the same proof and the same confirmation
+    sent to both nodes at once, and again one after the other, get byte-identical answers;
+    the download completes and the terminal's TMK is the active one."""
+    a, b = nodes
+    admin = {"Authorization": f"Bearer {admin_token_for(postgres_url)}"}
+    clients = [httpx.Client(base_url=n.url, timeout=30) for n in (a, b)]
+    try:
+        tokens = {
+            role: clients[0]
+            .post("/v1/tokens", json={"name": role, "role": role}, headers=admin)
+            .json()["token"]
+            for role in ("manufacturer", "device-gateway", "operator")
+        }
+        root = clients[1].post("/v1/tmk/identity", headers=admin).json()["ksrcrt_pem"]
+        gateway = {
+            "Authorization": f"Bearer {tokens['device-gateway']}",
+            "Content-Type": "application/json",
+        }
+        for index in range(4):
+            sn = f"RETRY-POS-{index}"
+            directory = tmp_path / sn
+            PosTerminal.factory(directory, sn, root_pem=root.encode())
+            terminal = PosTerminal.open(directory)
+            registered = clients[index % 2].post(
+                "/v1/tmk/terminals/import",
+                content=(directory / "record.ndjson").read_bytes(),
+                headers={
+                    "Authorization": f"Bearer {tokens['manufacturer']}",
+                    "Content-Type": "application/x-ndjson",
+                },
+            )
+            assert registered.json()["accepted"] == 1, registered.text
+            session = TerminalSession(terminal.scm, ServerTrust(terminal.roots))
+            started = clients[index % 2].post(
+                "/v1/tmk/downloads", content=session.start().to_json(), headers=gateway
+            )
+            challenge = ServerChallenge.from_json(started.content)
+            base = f"/v1/tmk/downloads/{challenge.session_id}"
+
+            def both(path: str, body: bytes) -> list[httpx.Response]:
+                barrier = threading.Barrier(2)
+
+                def send(client: httpx.Client) -> httpx.Response:
+                    barrier.wait()
+                    return client.post(path, content=body, headers=gateway)
+
+                with ThreadPoolExecutor(max_workers=2) as pool:
+                    answers = list(pool.map(send, clients))
+                return [*answers, *(c.post(path, content=body, headers=gateway) for c in clients)]
+
+            proof = session.receive_challenge(challenge).to_json()
+            deliveries = both(f"{base}/proof", proof)
+            assert [d.status_code for d in deliveries] == [200] * 4, [d.text for d in deliveries]
+            assert len({d.content for d in deliveries}) == 1
+            confirmation = session.receive_delivery(KeyDelivery.from_json(deliveries[0].content))
+            activations = both(f"{base}/confirm", confirmation.to_json())
+            assert [r.status_code for r in activations] == [200] * 4, [r.text for r in activations]
+            assert len({r.content for r in activations}) == 1
+            status = clients[(index + 1) % 2].get(
+                f"/v1/tmk/terminals/{sn}",
+                headers={"Authorization": f"Bearer {tokens['operator']}"},
+            )
+            assert status.json()["active_tmk"]["kcv"] == terminal.scm.tmk_kcv.hex().upper()
+            assert status.json()["active_tmk"]["session_id"] == challenge.session_id
+        page = clients[1].get("/v1/audit", params={"limit": 1000}, headers=admin).json()
+        actions = [r["action"] for r in page["records"]]
+        assert actions.count("tmk.tmk_activated") == 4
+        assert "tmk.download_failed" not in actions
     finally:
         for client in clients:
             client.close()

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from trustfleet.crypto import _common
 from trustfleet.crypto.base import KeyAlgorithm, PrivateKey, PublicKey, Suite
-from trustfleet.crypto.sm2 import POINT_SIZE, SM3_SIZE, SM2PrivateKey, SM2PublicKey
+from trustfleet.crypto.sm2 import POINT_SIZE, SM3_SIZE, RandomBits, SM2PrivateKey, SM2PublicKey
 from trustfleet.errors import DecryptionFailed, InvalidInput, InvalidKey
 
 SM4_KEY_SIZE = 16
@@ -92,10 +92,23 @@ class GMSuite(Suite):
     def verify(self, key: PublicKey, data: bytes, signature: bytes) -> None:
         _public(key).verify(signature, data)
 
-    def kem_wrap(self, recipient: PublicKey, plaintext: bytes, info: bytes) -> bytes:
+    def kem_wrap(
+        self,
+        recipient: PublicKey,
+        plaintext: bytes,
+        info: bytes,
+        *,
+        _content_key: bytes | None = None,
+        _rnd_fn: RandomBits | None = None,
+    ) -> bytes:
+        """``_content_key`` (the one-time SM4 key) and ``_rnd_fn`` (SM2's ephemeral k)
+        fix the two random values; known-answer tests and published test vectors only. A
+        content key must never be used twice: the nonce is fixed."""
         public = _public(recipient)
-        content_key = os.urandom(SM4_KEY_SIZE)
-        wrapped_key = public.encrypt(content_key)
+        content_key = os.urandom(SM4_KEY_SIZE) if _content_key is None else _content_key
+        if len(content_key) != SM4_KEY_SIZE:
+            raise InvalidKey(f"the content key must be {SM4_KEY_SIZE} bytes")
+        wrapped_key = public.encrypt(content_key, _rnd_fn=_rnd_fn)
         return wrapped_key + _common.sm4_gcm_seal(content_key, _KEM_NONCE, plaintext, info)
 
     def kem_unwrap(self, key: PrivateKey, ciphertext: bytes, info: bytes) -> bytes:

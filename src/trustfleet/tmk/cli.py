@@ -21,6 +21,8 @@ from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.errors import InvalidInput
 from trustfleet.kit.cli import console, state
 from trustfleet.tmk import registry, services
+from trustfleet.tmk.conformance import SUITES as CONFORMANCE_SUITES
+from trustfleet.tmk.conformance import CheckResult, Conformance, Report, load_tokens
 from trustfleet.tmk.identity import KeyServerIdentity
 from trustfleet.tmk.terminal import IDENTITY_PATH, HttpTransport, PosTerminal
 from trustfleet.tmk.terminals import TerminalOverview
@@ -215,6 +217,87 @@ def sweep() -> None:
     console.print(
         f"{report.sessions_aborted} expired session(s) ended,"
         f" {report.keys_destroyed} key(s) destroyed"
+    )
+
+
+@app.command("conformance")
+def conformance(
+    server: Annotated[
+        str,
+        typer.Option(
+            help="Where terminals send the download steps: the key server, or the gateway"
+            " in front of it."
+        ),
+    ],
+    api: Annotated[
+        str | None,
+        typer.Option(help="The key server's API, to set up test terminals (default: --server)."),
+    ] = None,
+    tokens: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="JSON file of API tokens by role (device-gateway, manufacturer, operator,"
+            " admin). Default: the TRUSTFLEET_TMK_*_TOKEN environment variables.",
+        ),
+    ] = None,
+    suite: Annotated[
+        list[str] | None,
+        typer.Option(help="p256, rsa-2048, rsa-3072 or sm2 (repeatable; default: all)."),
+    ] = None,
+    output: Annotated[str, typer.Option(help="text or json.")] = "text",
+    wait_for_expiry: Annotated[
+        bool, typer.Option(help="Wait out a session's lifetime to check the server expires it.")
+    ] = True,
+) -> None:
+    """Run the scripted downloads, negative cases included, against a key server and print
+    a pass/fail report (docs/tmk.md, "Conformance"). Exits 1 if any check fails."""
+    if output not in ("text", "json"):
+        raise InvalidInput("--output is text or json")
+    run = Conformance(
+        server,
+        load_tokens(tokens),
+        api=api,
+        suites=tuple(suite) if suite else tuple(CONFORMANCE_SUITES),
+        wait_for_expiry=wait_for_expiry,
+        progress=_print_check if output == "text" else None,
+    )
+    report = run.run()
+    if output == "json":
+        console.print_json(json.dumps(report.to_dict()))
+    else:
+        _print_report(report)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+_OUTCOME_STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow"}
+
+
+def _print_check(result: CheckResult) -> None:
+    style = _OUTCOME_STYLE[result.outcome]
+    console.print(f"[{style}]{result.outcome:4}[/] {escape(result.name)} ({escape(result.suite)})")
+
+
+def _print_report(report: Report) -> None:
+    table = Table("check", "suite", "expected", "got", "result", title="TMK conformance")
+    for result in report.results:
+        got = result.got + (f" ({result.detail})" if result.detail else "")
+        style = _OUTCOME_STYLE[result.outcome]
+        table.add_row(
+            escape(result.name),
+            escape(result.suite),
+            escape(result.expected),
+            escape(got),
+            f"[{style}]{result.outcome}[/]",
+        )
+    console.print(table)
+    counts = report.counts
+    verdict = "[green]PASSED[/]" if report.passed else "[bold red]FAILED[/]"
+    console.print(
+        f"{verdict}: {counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped"
+        f" against {escape(report.server)}"
     )
 
 

@@ -15,16 +15,25 @@ memory: any node serves any step):
   the CMAC, activate the TMK, retire the previous one and its working keys (destroyed
   after commit).
 
-On any :class:`~trustfleet.tmk.errors.TmkError` the session ends (single use: a delivered
+On a :class:`~trustfleet.tmk.errors.TmkError` the session ends (single use: a delivered
 TMK is destroyed; a session known only from its ticket is stored as aborted, which spends
 the ticket), a ``tmk.download_failed`` audit record with the error's code is written, and
 the error goes back to the caller.
+
+Retries (docs/tmk-protocol.md, "Retries"): a gateway may send the same proof or
+confirmation again, to any node. The session keeps what it answered (the delivery's exact
+bytes, the SHA-256 of the canonical proof and confirmation it took), so a repeat gets the
+same answer, or the same refusal, and writes nothing; a *different* proof for a session
+that was already answered is ``tmk-out-of-order`` and leaves the session alone. Two copies
+of a proof racing on two nodes queue on the terminal's row lock; the second then finds the
+first's session and answers it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import re
 from collections.abc import Callable
@@ -48,6 +57,7 @@ from trustfleet.tmk.errors import (
     TmkReplay,
     TmkSessionNotFound,
     TmkTerminalAborted,
+    error_for_code,
 )
 from trustfleet.tmk.identity import IdentityService
 from trustfleet.tmk.lifecycle import MARK_TMK_DESTROYED, MARK_WORKING_KEY_DESTROYED
@@ -84,12 +94,16 @@ _ERROR_CODE = re.compile(r"[a-z0-9-]{1,64}")
 
 @dataclass(frozen=True)
 class Activation:
+    """A confirmed download. A repeated confirmation gets the same activation again, with
+    ``retired_tmk_kcv`` None (that is told once) and ``repeated`` set."""
+
     session_id: str
     sn: str
     algorithm: KeyAlgorithm
     kcv: bytes
     activated_at: datetime
     retired_tmk_kcv: bytes | None
+    repeated: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,32 @@ def _registration(sn: str, public_key_der: bytes) -> RegisteredTerminal:
 def _check_session_id(session_id: object) -> None:
     if not is_session_id(session_id):
         raise TmkSessionNotFound()
+
+
+def _digest(message: bytes) -> str:
+    """What identifies a proof or confirmation: SHA-256 of its canonical encoding (so the
+    same message is the same whatever whitespace or key order a gateway sent)."""
+    return hashlib.sha256(message).hexdigest()
+
+
+class _Repeat(Exception):
+    """A repeated request, answered as its first copy was: ``answer`` is what to give back
+    (a delivery or an activation), ``refusal`` the error to raise again. Nothing is
+    written for a repeat."""
+
+    def __init__(self, answer: Any = None, refusal: TmkError | None = None) -> None:
+        super().__init__()
+        self.answer = answer
+        self.refusal = refusal
+
+    def result(self) -> Any:
+        if self.refusal is not None:
+            raise self.refusal
+        return self.answer
+
+
+def _refused_again(code: str, step: str) -> TmkError:
+    return error_for_code(code)(f"this {step} was refused before, with {code}")
 
 
 # A download is three requests whose own work is a few statements each: the statements are
@@ -145,11 +185,30 @@ _START_FACTS_AND_IDENTITY = _START_FACTS.add_columns(
 _TICKET_KEY = select(ServerIdentity.ticket_key_handle, ServerIdentity.status).where(
     ServerIdentity.id == bindparam("b_id")
 )
+_LOCK_TERMINAL = (
+    select(Terminal.sn).where(Terminal.sn == bindparam("b_sn")).with_for_update(of=Terminal.sn)
+)
+# what a session answered, with the state of the TMK it delivered
+_ANSWERED = (
+    select(
+        DownloadSession.stage,
+        DownloadSession.error_code,
+        DownloadSession.proof_sha256,
+        DownloadSession.delivery_json,
+        TerminalMasterKey.status.label("tmk_status"),
+    )
+    .select_from(DownloadSession)
+    .outerjoin(TerminalMasterKey, TerminalMasterKey.session_id == DownloadSession.session_id)
+    .where(DownloadSession.session_id == bindparam("b_sid"))
+)
 # the confirmation's facts, under the session's and then the terminal's row lock
 _CONFIRM_FACTS_LOCKED = (
     select(
         DownloadSession.sn,
         DownloadSession.state_json,
+        DownloadSession.stage,
+        DownloadSession.error_code,
+        DownloadSession.confirmation_sha256,
         Terminal.status,
         DownloadPolicy.rotation_requested_at,
     )
@@ -159,12 +218,26 @@ _CONFIRM_FACTS_LOCKED = (
     .where(DownloadSession.session_id == bindparam("b_sid"))
     .with_for_update(of=[DownloadSession.session_id, Terminal.sn])
 )
-_SET_SESSION_STATE = (
+# the session's TMK, read after the session's lock was granted (a statement of its own: on
+# PostgreSQL a row joined to a locked one is as of before the wait)
+_SESSION_TMK = select(
+    TerminalMasterKey.status,
+    TerminalMasterKey.algorithm,
+    TerminalMasterKey.kcv_hex,
+    TerminalMasterKey.activated_at,
+).where(TerminalMasterKey.session_id == bindparam("b_sid"))
+_SET_CONFIRMATION_DIGEST = (
+    update(DownloadSession)
+    .where(DownloadSession.session_id == bindparam("b_sid"))
+    .values(confirmation_sha256=bindparam("digest"))
+)
+_ACTIVATE_SESSION = (
     update(DownloadSession)
     .where(DownloadSession.session_id == bindparam("b_sid"))
     .values(
         state_json=bindparam("state_json"),
         stage=bindparam("stage"),
+        confirmation_sha256=bindparam("digest"),
         updated_at=bindparam("updated_at"),
     )
 )
@@ -273,33 +346,107 @@ class Downloads:
     def accept_proof(self, session_id: str, body: bytes | str, *, actor: str) -> KeyDelivery:
         """The terminal's proof: open its ticket, verify it, make the TMK and deliver it
         wrapped. Should anything fail after the TMK was made, it is destroyed (a key store
-        outside the database, PKCS#11, would keep it otherwise)."""
-        state: ServerSessionState | None = None
-        delivered: ServerSessionState | None = None
+        outside the database, PKCS#11, would keep it otherwise).
+
+        A proof the session was already answered to gets that answer again (the stored
+        delivery, or the stored refusal) and writes nothing; any other proof for an
+        answered session is :class:`TmkOutOfOrder` and leaves it alone."""
         try:
             proof = TerminalProof.from_json(body)
+            _check_session_id(session_id)
+        except TmkError as exc:
+            self._fail(session_id, exc.code, actor, "proof", end_existing=False)
+            raise
+        digest = _digest(proof.to_json())
+        try:
+            with self._db.reading() as reads:
+                self._check_answered_proof(reads.one(_ANSWERED, b_sid=session_id), digest)
+            return self._deliver(session_id, proof, digest, actor)
+        except _Repeat as repeat:
+            delivery: KeyDelivery = repeat.result()
+            return delivery
+
+    def _check_answered_proof(self, row: Any, digest: str) -> None:
+        """Raise :class:`_Repeat` if the session (``row`` of :data:`_ANSWERED`, None when
+        there is none) was answered to this very proof; return if it is not stored yet (or
+        was stored from another message: the caller refuses that)."""
+        if row is None or row.proof_sha256 != digest:
+            return
+        if row.delivery_json is None:  # the proof was refused, and the session ended
+            raise _Repeat(refusal=_refused_again(row.error_code or TmkOutOfOrder.code, "proof"))
+        if row.stage in (ServerStage.DELIVERED.value, ServerStage.ACTIVE.value) and (
+            row.tmk_status in ("pending", "active")
+        ):
+            raise _Repeat(answer=KeyDelivery.from_json(row.delivery_json))
+        # delivered once, but the session or its TMK has ended since: nothing to repeat
+        raise _Repeat(refusal=TmkOutOfOrder("the session this proof was answered in has ended"))
+
+    def _deliver(
+        self, session_id: str, proof: TerminalProof, digest: str, actor: str
+    ) -> KeyDelivery:
+        """Steps 4-6 for a proof the session has not been answered to. A refusal after the
+        ticket opened is stored (the session, aborted, with this proof's digest) in the
+        same unit of work that made the checks, under the terminal's row lock: a copy of
+        the proof then finds it and gets the same refusal."""
+        delivered: ServerSessionState | None = None
+        refusal: TmkError | None = None
+        try:
             state = self._open_ticket(session_id, proof.ticket)
             with self._db.work() as uow:
                 facts = uow.one(_START_FACTS_LOCKED, b_sn=state.sn)
-                algorithm = self._download_algorithm(state.sn, facts)
-                delivery, delivered = server_accept_proof(
-                    state,
-                    proof,
-                    terminal=_registration(state.sn, facts.public_key_der),
-                    keystore=self._keystore,
-                    now=self._now(),
-                    tmk_algorithm=algorithm,
-                )
-                lifecycle.abort_open_sessions(
-                    uow, self._keystore, state.sn, "tmk-superseded", self._now(), skip_locked=True
-                )
-                self._store_delivery(uow, delivered)
+                if facts is None:
+                    lifecycle.check_status(state.sn, None)
+                # under the terminal's lock: a copy of this proof may have been answered
+                # since the read above (on another node); its answer is the answer
+                answered = uow.one(_ANSWERED, b_sid=session_id)
+                if answered is not None:
+                    self._check_answered_proof(answered, digest)
+                    raise TmkOutOfOrder("the session was answered already, to another message")
+                try:
+                    algorithm = self._download_algorithm(state.sn, facts)
+                    delivery, delivered = server_accept_proof(
+                        state,
+                        proof,
+                        terminal=_registration(state.sn, facts.public_key_der),
+                        keystore=self._keystore,
+                        now=self._now(),
+                        tmk_algorithm=algorithm,
+                    )
+                except TmkError as exc:
+                    refusal = exc
+                    aborted = replace(state, stage=ServerStage.ABORTED)
+                    self._insert_session(
+                        uow, aborted, self._default_algorithm, exc.code, proof_sha256=digest
+                    )
+                    self._audit_failure(uow, actor, state.sn, exc.code, "proof", session_id)
+                else:
+                    lifecycle.abort_open_sessions(
+                        uow,
+                        self._keystore,
+                        state.sn,
+                        "tmk-superseded",
+                        self._now(),
+                        skip_locked=True,
+                    )
+                    self._store_delivery(uow, delivered, delivery, digest)
+        except _Repeat:
+            raise
         except BaseException as exc:
             if delivered is not None and delivered.tmk_handle is not None:
                 self._destroy_quietly(delivered.tmk_handle)  # never stored: nobody knows it
-            if isinstance(exc, TmkError):
-                self._fail(session_id, exc.code, actor, "proof", ticketed=state)
+            if isinstance(exc, IntegrityViolation):
+                # the session was stored by a request this one did not queue behind (an
+                # abort with its ticket): answer from what it stored, and touch nothing
+                with self._db.reading() as reads:
+                    self._check_answered_proof(reads.one(_ANSWERED, b_sid=session_id), digest)
+                exc = TmkOutOfOrder("the session was answered already")
+                self._fail(session_id, exc.code, actor, "proof", end_existing=False)
+                raise exc from None
+            if isinstance(exc, TmkError):  # before the checks: the session is not touched
+                self._fail(session_id, exc.code, actor, "proof", end_existing=False)
             raise
+        if refusal is not None:
+            raise refusal
         return delivery
 
     def _open_ticket(self, session_id: str, ticket: bytes) -> ServerSessionState:
@@ -316,12 +463,17 @@ class Downloads:
             row = reads.one(_TICKET_KEY, b_id=key_id)
         return row.ticket_key_handle if row is not None and row.status != "revoked" else None
 
-    def _store_delivery(self, uow: UnitOfWork, delivered: ServerSessionState) -> None:
+    def _store_delivery(
+        self, uow: UnitOfWork, delivered: ServerSessionState, delivery: KeyDelivery, digest: str
+    ) -> None:
         handle, algorithm, kcv = delivered.tmk
-        try:
-            self._insert_session(uow, delivered, algorithm)
-        except IntegrityViolation:
-            raise TmkOutOfOrder("the session was answered already") from None
+        self._insert_session(
+            uow,
+            delivered,
+            algorithm,
+            proof_sha256=digest,
+            delivery_json=delivery.to_json().decode(),
+        )
         uow.insert(
             TerminalMasterKey,
             sn=delivered.sn,
@@ -339,6 +491,9 @@ class Downloads:
         state: ServerSessionState,
         algorithm: KeyAlgorithm,
         error_code: str | None = None,
+        *,
+        proof_sha256: str | None = None,
+        delivery_json: str | None = None,
     ) -> None:
         uow.insert(
             DownloadSession,
@@ -349,6 +504,8 @@ class Downloads:
             tmk_algorithm=algorithm.value,
             expires_at=state.expires_at,
             error_code=error_code,
+            proof_sha256=proof_sha256,
+            delivery_json=delivery_json,
             created_at=state.created_at,
             updated_at=self._now(),
         )
@@ -360,29 +517,40 @@ class Downloads:
 
         Under the session's row lock, then its terminal's (a proof locks the terminal first
         but skips locked sessions, so the two never wait for each other); the CMAC check
-        reads the TMK in the same transaction."""
+        reads the TMK in the same transaction. The confirmation that activated a TMK gets
+        the same activation again while that TMK is active, and writes nothing; one that
+        was refused gets the same refusal."""
+        digest: str | None = None
         try:
             confirmation = Confirmation.from_json(body)
             _check_session_id(session_id)
+            digest = _digest(confirmation.to_json())
             with self._db.work() as uow:
                 facts = uow.one(_CONFIRM_FACTS_LOCKED, b_sid=session_id)
                 if facts is None:
                     raise TmkSessionNotFound()
+                if facts.confirmation_sha256 == digest:
+                    tmk = uow.one(_SESSION_TMK, b_sid=session_id)
+                    raise self._repeated_confirmation(session_id, facts, tmk)
                 lifecycle.check_status(facts.sn, facts.status)
+                now = self._now()
                 event, active = server_confirm(
                     ServerSessionState.from_json(facts.state_json),
                     confirmation,
                     keystore=self._keystore,
-                    now=self._now(),
+                    now=now,
                 )
                 uow.run(
-                    _SET_SESSION_STATE,
+                    _ACTIVATE_SESSION,
                     b_sid=session_id,
                     state_json=active.to_json().decode(),
                     stage=active.stage.value,
-                    updated_at=event.activated_at,
+                    digest=digest,
+                    updated_at=now,
                 )
-                retired = self._activate(uow, session_id, facts.sn, facts.rotation_requested_at)
+                retired = self._activate(
+                    uow, session_id, facts.sn, facts.rotation_requested_at, now
+                )
                 uow.audit(
                     "tmk.tmk_activated",
                     actor=actor,
@@ -395,8 +563,11 @@ class Downloads:
                         "retired_working_keys": retired.working_keys if retired else 0,
                     },
                 )
+        except _Repeat as repeat:
+            activation: Activation = repeat.result()
+            return activation
         except TmkError as exc:
-            self._fail(session_id, exc.code, actor, "confirm")
+            self._fail(session_id, exc.code, actor, "confirm", confirmation_sha256=digest)
             raise
         return Activation(
             session_id=session_id,
@@ -407,13 +578,38 @@ class Downloads:
             retired_tmk_kcv=bytes.fromhex(retired.kcv_hex) if retired else None,
         )
 
+    @staticmethod
+    def _repeated_confirmation(session_id: str, facts: Any, tmk: Any) -> _Repeat:
+        """The answer to a confirmation the session took before (``facts`` of
+        :data:`_CONFIRM_FACTS_LOCKED`, ``tmk`` of :data:`_SESSION_TMK`)."""
+        if facts.stage == ServerStage.ABORTED.value:
+            code = facts.error_code or TmkOutOfOrder.code
+            return _Repeat(refusal=_refused_again(code, "confirmation"))
+        if facts.stage != ServerStage.ACTIVE.value or tmk is None or tmk.status != "active":
+            return _Repeat(refusal=TmkOutOfOrder("the TMK this confirmation activated is retired"))
+        return _Repeat(
+            answer=Activation(
+                session_id=session_id,
+                sn=facts.sn,
+                algorithm=KeyAlgorithm(tmk.algorithm),
+                kcv=bytes.fromhex(tmk.kcv_hex),
+                activated_at=as_utc(tmk.activated_at),
+                retired_tmk_kcv=None,
+                repeated=True,
+            )
+        )
+
     def _activate(
-        self, uow: UnitOfWork, session_id: str, sn: str, rotation_requested: datetime | None
+        self,
+        uow: UnitOfWork,
+        session_id: str,
+        sn: str,
+        rotation_requested: datetime | None,
+        now: datetime,
     ) -> lifecycle.RetiredTmk | None:
         """Retire the terminal's active TMK (and its working keys), activate the session's
         and clear the rotation request it answers. The caller holds the terminal's row
         lock (a rotation asked for since then stays asked for)."""
-        now = self._now()
         retired = lifecycle.retire_active_tmk(uow, self._keystore, sn, now)
         uow.run(_ACTIVATE_TMK, b_sid=session_id, b_sn=sn, b_now=now)
         if rotation_requested is not None:
@@ -448,7 +644,7 @@ class Downloads:
             ticketed=ticketed,
             only_if_open=True,
         )
-        if not ended:  # it ended between the read and the lock
+        if not ended:  # it ended (or was answered) between the read and the lock
             raise TmkOutOfOrder("the session has ended: there is nothing to abort")
 
     def _fail(
@@ -461,50 +657,75 @@ class Downloads:
         reported: str | None = None,
         ticketed: ServerSessionState | None = None,
         only_if_open: bool = False,
+        end_existing: bool = True,
+        confirmation_sha256: str | None = None,
     ) -> bool:
         """End the session (if it is still open) and audit the failure, in one unit of
         work. A session known only from its ticket (``ticketed``) is stored as aborted: it
-        is single use too. With ``only_if_open``, nothing is written unless a session was
-        ended. Whether one was."""
+        is single use too. With ``end_existing`` False (the proof step), a stored session
+        is left as it is: a proof that fails is never the one the session was answered
+        to, so it cannot end it. With ``only_if_open``, nothing is written unless a
+        session was ended. Whether one was."""
         sn: str | None = None
         ended = False
         with self._db.work() as uow:
             if is_session_id(session_id):
-                row = uow.one(_SESSION_LOCKED, b_sid=session_id)
+                row = uow.one(_SESSION_LOCKED if end_existing else _SESSION, b_sid=session_id)
                 if row is not None:
                     sn = row.sn
-                    ended = bool(
-                        lifecycle.abort_sessions(uow, self._keystore, [row], code, self._now())
-                    )
+                    if end_existing:
+                        ended = bool(
+                            lifecycle.abort_sessions(uow, self._keystore, [row], code, self._now())
+                        )
+                    if ended and confirmation_sha256 is not None:
+                        uow.run(
+                            _SET_CONFIRMATION_DIGEST, b_sid=session_id, digest=confirmation_sha256
+                        )
                 elif ticketed is not None and ticketed.session_id == session_id:
                     sn = ticketed.sn
-                    aborted = replace(ticketed, stage=ServerStage.ABORTED)
-                    self._insert_session(uow, aborted, self._default_algorithm, code)
-                    ended = True
+                    ended = self._store_aborted(uow, ticketed, code)
             if only_if_open and not ended:
                 return False
-            details: dict[str, Any] = {"code": code, "step": step, "session_id": session_id}
-            if reported is not None:
-                details["reported_code"] = reported
-            uow.audit(
-                "tmk.download_failed",
-                actor=actor,
-                subject=sn or "",
-                outcome="failure",
-                details=details,
-            )
+            self._audit_failure(uow, actor, sn, code, step, session_id, reported=reported)
         return ended
+
+    @staticmethod
+    def _audit_failure(
+        uow: UnitOfWork,
+        actor: str,
+        sn: str | None,
+        code: str,
+        step: str,
+        session_id: str | None,
+        *,
+        reported: str | None = None,
+    ) -> None:
+        details: dict[str, Any] = {"code": code, "step": step, "session_id": session_id}
+        if reported is not None:
+            details["reported_code"] = reported
+        uow.audit(
+            "tmk.download_failed",
+            actor=actor,
+            subject=sn or "",
+            outcome="failure",
+            details=details,
+        )
+
+    def _store_aborted(self, uow: UnitOfWork, ticketed: ServerSessionState, code: str) -> bool:
+        """Store a session known only from its ticket as aborted with ``code``, under its
+        terminal's row lock (the lock a proof stores its session under, so the two
+        queue); False, storing nothing, if a proof stored it meanwhile."""
+        uow.one(_LOCK_TERMINAL, b_sn=ticketed.sn)
+        if uow.one(_SESSION, b_sid=ticketed.session_id) is not None:
+            return False
+        aborted = replace(ticketed, stage=ServerStage.ABORTED)
+        self._insert_session(uow, aborted, self._default_algorithm, code)
+        return True
 
     def _record_failure(self, code: str, actor: str, step: str, *, sn: str | None) -> None:
         """Audit a refused start (no session exists yet)."""
         with self._db.work() as uow:
-            uow.audit(
-                "tmk.download_failed",
-                actor=actor,
-                subject=sn or "",
-                outcome="failure",
-                details={"code": code, "step": step, "session_id": None},
-            )
+            self._audit_failure(uow, actor, sn, code, step, None)
 
     # -- sweeping ------------------------------------------------------------------------
 

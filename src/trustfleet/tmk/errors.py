@@ -219,3 +219,16 @@ class ScmExists(ScmError):
     code = "tmk-scm-exists"
     status = 409
     title = "A secure control module file already exists at that path"
+
+
+def error_for_code(code: str) -> type[TmkError]:
+    """The :class:`TmkError` class whose ``code`` is ``code`` (``TmkError`` itself for a
+    code no class has): what a repeated request is refused with again, from the code the
+    server stored when it refused the first copy."""
+    pending: list[type[TmkError]] = [TmkError]
+    while pending:
+        cls = pending.pop()
+        if cls.code == code:
+            return cls
+        pending.extend(cls.__subclasses__())
+    return TmkError

@@ -67,6 +67,17 @@ class DownloadSession(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     #: the stable code of the error that aborted the session
     error_code: Mapped[str | None] = mapped_column(String(64))
+    # what the session answered, so that a repeated request gets the same answer
+    # (migration tmk_0005; docs/tmk-protocol.md, "Retries")
+    #: SHA-256 (hex) of the canonical proof this session was stored from (delivered, or
+    #: refused at the proof step)
+    proof_sha256: Mapped[str | None] = mapped_column(String(64))
+    #: the key delivery answered to that proof, byte for byte: the TMK wrapped to the
+    #: terminal's key (ciphertext only the terminal can open) and its KCV, no secret
+    delivery_json: Mapped[str | None] = mapped_column(Text)
+    #: SHA-256 (hex) of the canonical confirmation that activated the session, or that was
+    #: refused and ended it
+    confirmation_sha256: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 

@@ -765,8 +765,9 @@ def server_confirm(
 def server_abort(state: ServerSessionState, *, keystore: KeyStore) -> ServerSessionState:
     """End a session that failed or expired: destroy a TMK that was never confirmed.
 
-    Sessions are single-use, so the service persists this state after *any* TmkError; an
-    attacker then cannot retry a proof or a confirmation against the same session.
+    Sessions are single-use: the service persists this state when a step of the session
+    is refused (docs/tmk-protocol.md, "Error codes", says which refusals end it), so a
+    refused proof or confirmation cannot be tried again against the same session.
     """
     if state.stage is ServerStage.ACTIVE:
         raise TmkOutOfOrder("an active TMK is not aborted; revoke it instead")

@@ -3,6 +3,8 @@ build; built per request."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from trustfleet.pki.service import PkiService
 from trustfleet.server.context import AppContext
 from trustfleet.tmk.downloads import Downloads
@@ -17,7 +19,8 @@ def identity(context: AppContext) -> IdentityService:
 
 
 def downloads(context: AppContext) -> Downloads:
-    return Downloads(context.db, context.keystore, identity(context))
+    ttl = timedelta(seconds=context.settings.tmk_session_seconds)
+    return Downloads(context.db, context.keystore, identity(context), session_ttl=ttl)
 
 
 def terminals(context: AppContext) -> Terminals:
