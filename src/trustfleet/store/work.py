@@ -196,7 +196,9 @@ class Database:
         """One use case's write transaction (see the module docstring)."""
         outermost = driver.transaction_info(self.engine) is None
         with driver.raw_transaction(self.engine) as connection:
-            pending = connection.info.setdefault(_PENDING, _Pending())
+            pending = connection.info.get(_PENDING)
+            if pending is None:  # the outermost unit of work (a joined one finds it)
+                pending = connection.info[_PENDING] = _Pending()
             yield UnitOfWork(connection, pending)
             if outermost:
                 for record in pending.audit:
