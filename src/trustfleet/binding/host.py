@@ -423,6 +423,8 @@ class Host:
         return ResponseApdu.parse(self.transport.transmit(cmd.encode()))
 
     def _report(self, kind: EventKind, se_id: bytes) -> None:
+        if self._reporter is no_report:
+            return
         try:
             self._reporter(BindingEvent(kind, self.device_id, se_id, self._clock()))
         except Exception:  # the SE decides the power-up, not the reporter

@@ -416,9 +416,10 @@ class SecureElement:
             raise SeTransportError("the SE is not powered")
         return self._state
 
-    def _persist(self, state: NvState) -> None:
-        """One atomic NV write; RAM follows NV only once the write is done."""
-        record = state.encode()
+    def _persist(self, state: NvState, record: bytes | None = None) -> None:
+        """One atomic NV write (``record``: ``state`` already encoded); RAM follows NV only
+        once the write is done."""
+        record = state.encode() if record is None else record
         try:
             self._nv.store(record)
             self._last_record = (record, state)
@@ -426,6 +427,10 @@ class SecureElement:
             self._state = NvState.decode(self._nv.load() or b"")
             raise _Answer(SW.MEMORY_FAILURE) from None
         self._state = state
+
+    def _record_of(self, state: NvState) -> bytes:
+        last = self._last_record
+        return last[0] if last is not None and last[1] is state else state.encode()
 
     def _close_session(self) -> None:
         self._ram.verified = False
@@ -615,6 +620,7 @@ class SecureElement:
             SW.CONDITIONS_NOT_SATISFIED,
         )
         state = self._nv_state()
+        held = self._record_of(state)
         self._persist(state.with_tries(state.tries_left - 1))  # before comparing
         if mode is Mode.MUTUAL:
             assert pending_mutual is not None
@@ -624,7 +630,10 @@ class SecureElement:
             ok = self._check_response(mode, pending_challenge, cmd.data)
         if not ok:
             raise _Answer(sw_tries_left(self._nv_state().tries_left))
-        self._persist(self._nv_state().with_tries(MAX_VERIFY_TRIES))
+        if state.tries_left == MAX_VERIFY_TRIES:
+            self._persist(state, held)  # the counter back: NV holds what it held before
+        else:
+            self._persist(state.with_tries(MAX_VERIFY_TRIES))
         self._ram.verified = True
         return ResponseApdu(b"", SW.OK)
 
