@@ -139,5 +139,5 @@ def report_body(
         kind=EventKind(kind),
         device_id=device_id,
         se_id=se_id,
-        time=datetime.fromisoformat(when or "2026-12-08T10:00:00+00:00"),
+        time=datetime.fromisoformat(when or "2026-12-06T10:00:00+00:00"),
     ).to_json()

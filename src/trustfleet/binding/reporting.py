@@ -5,7 +5,7 @@ Each event of a power-up (bound, locked, verified, failed, blocked) becomes one
 ``se-binding-report`` (canonical JSON, :mod:`trustfleet.wire`)::
 
     {"type": "se-binding-report", "v": 1, "report_id": "<32 hex>", "kind": "failed",
-     "device_id": "gateway-2", "se_id": "<32 hex>", "time": "2026-12-08T10:00:00Z"}
+     "device_id": "gateway-2", "se_id": "<32 hex>", "time": "2026-12-06T10:00:00Z"}
 
 posted to ``POST /v1/se/reports`` with a ``device-gateway`` token. ``report_id`` is random,
 made once per event: a report sent again after a lost answer is recorded once. ``time`` is

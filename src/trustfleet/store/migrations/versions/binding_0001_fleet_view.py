@@ -2,7 +2,7 @@
 
 Revision ID: binding_0001
 Revises:
-Create Date: 2026-12-08
+Create Date: 2026-12-06
 """
 
 from __future__ import annotations
