@@ -38,7 +38,7 @@ from trustfleet.binding.errors import (
     SeServerUnreachable,
     SeTokenMissing,
 )
-from trustfleet.binding.fleet import RULES
+from trustfleet.binding.fleet import FLAG_STATUS_FILTERS, RULES
 from trustfleet.binding.host import BindingEvent, Host, HostKey, HostStore, Reporter
 from trustfleet.binding.protocol import Lifecycle, Mode, SeStatus
 from trustfleet.binding.reporting import TOKEN_ENV, HttpReporter
@@ -91,6 +91,23 @@ class Output(StrEnum):
 
 
 OutputOption = Annotated[Output, typer.Option("--output", help="table or json.")]
+
+
+class FlagStatus(StrEnum):
+    OPEN = "open"
+    ACKNOWLEDGED = "acknowledged"
+    ALL = "all"
+
+
+class FlagRule(StrEnum):
+    FOREIGN_FAILURE = "foreign-failure"
+    FOREIGN_VERIFICATION = "foreign-verification"
+    MOVED = "moved"
+    UNKNOWN_FAILURE = "unknown-failure"
+    HOME_FAILURE = "home-failure"
+
+
+assert tuple(FlagStatus) == FLAG_STATUS_FILTERS and tuple(FlagRule) == tuple(RULES)
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -437,25 +454,27 @@ def fleet(
 @app.command("flags")
 def flags(
     server: ServerOption = DEFAULT_SERVER,
-    status: Annotated[str, typer.Option(help="open, acknowledged or all.")] = "open",
+    status: Annotated[
+        FlagStatus, typer.Option(help="open, acknowledged or all.")
+    ] = FlagStatus.OPEN,
     se: Annotated[str | None, typer.Option("--se", help="Only this SE ID.")] = None,
     device: Annotated[
         str | None, typer.Option(help="Only flags raised by, or bound to, this host.")
     ] = None,
-    rule: Annotated[str | None, typer.Option(help=f"Only this rule: {', '.join(RULES)}.")] = None,
+    rule: Annotated[FlagRule | None, typer.Option(help="Only flags of this rule.")] = None,
     after: Annotated[int | None, typer.Option(help="The page after this flag id.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many (1..500).")] = 100,
     output: OutputOption = Output.TABLE,
 ) -> None:
-    """What the fleet's reports flagged (a theft is ``foreign-failure``), oldest first."""
+    """What the fleet's reports flagged (a likely theft is foreign-failure), oldest first."""
     se_id = se.lower() if se else None
     with api_client(server) as api:
         page = api.get(
             "/v1/se/flags",
-            status=status,
+            status=status.value,
             se_id=se_id,
             device=device,
-            rule=rule,
+            rule=rule.value if rule else None,
             after=after,
             limit=limit,
         )
