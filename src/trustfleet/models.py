@@ -6,6 +6,7 @@ import importlib
 from types import ModuleType
 
 MODEL_MODULES = (
+    "trustfleet.binding.models",
     "trustfleet.keystore.models",
     "trustfleet.pki.models",
     "trustfleet.server.models",

@@ -6,15 +6,19 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from trustfleet.binding.host import BindingEvent, Host, HostKey, HostStore
+from trustfleet.binding.fleet import Fleet, ReportReceipt
+from trustfleet.binding.host import BindingEvent, EventKind, Host, HostKey, HostStore, Reporter
 from trustfleet.binding.protocol import Mode
+from trustfleet.binding.reporting import BindingReport
 from trustfleet.binding.secure_element import SecureElement
 from trustfleet.binding.storage import MemoryNvStore, NvStore
 from trustfleet.binding.transport import InProcessTransport
+from trustfleet.store import Database
 
 ISSUER_KEY = bytes(range(32))
 SUITES = ["p256", "gm"]
@@ -69,6 +73,7 @@ class HostFactory:
         device_id: str | None = None,
         r1_from_host: bool = False,
         store_path: Path | None = None,
+        reporter: Reporter | None = None,
     ) -> Host:
         self.count += 1
         device_id = device_id or f"host-{self.count}"
@@ -82,7 +87,7 @@ class HostFactory:
             mode=mode,
             suite=suite,
             r1_from_host=r1_from_host,
-            reporter=self.events.append,
+            reporter=reporter or self.events.append,
             random=os.urandom,
         )
 
@@ -95,3 +100,44 @@ def make_host(tmp_path: Path) -> HostFactory:
 def bus(host: Host) -> RecordingTransport:
     assert isinstance(host.transport, RecordingTransport)
     return host.transport
+
+
+# -- the fleet view -----------------------------------------------------------------------
+
+GATEWAY_ACTOR = "token:1:test device-gateway"
+
+
+@dataclass
+class ServiceReporter:
+    """A host's reporter wired to the fleet use cases without HTTP; keeps every receipt
+    and every error (the host itself swallows a reporter's errors, the tests must not)."""
+
+    fleet: Fleet
+    receipts: list[ReportReceipt] = field(default_factory=list)
+    errors: list[Exception] = field(default_factory=list)
+
+    def __call__(self, event: BindingEvent) -> None:
+        body = BindingReport.of(event, os.urandom(16).hex()).to_json()
+        try:
+            self.receipts.append(self.fleet.report(body, actor=GATEWAY_ACTOR))
+        except Exception as exc:
+            self.errors.append(exc)
+            raise
+
+
+@pytest.fixture
+def fleet(db: Database) -> Fleet:
+    return Fleet(db)
+
+
+def report_body(
+    kind: str, device_id: str, se_id: str, *, report_id: str | None = None, when: str = ""
+) -> bytes:
+    """An ``se-binding-report`` as a host sends it."""
+    return BindingReport(
+        report_id=report_id or os.urandom(16).hex(),
+        kind=EventKind(kind),
+        device_id=device_id,
+        se_id=se_id,
+        time=datetime.fromisoformat(when or "2026-12-06T10:00:00+00:00"),
+    ).to_json()

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from trustfleet.binding import protocol as p
+from trustfleet.wire import tlv
 from trustfleet.wire.apdu import ResponseApdu
 
 SE_ID = bytes(range(16))
@@ -147,3 +148,34 @@ def test_host_flows_are_single_use() -> None:
 
     with pytest.raises(SeMalformedMessage):
         flow.start()
+
+
+def test_the_select_answer_reads_alike_in_any_layout_and_is_strict() -> None:
+    """The FCI as the applet lays it out (read in place), the same objects in another
+    order (the full decoder), and damaged ones (refused either way)."""
+    status = p.SeStatus(SE_ID, p.Lifecycle.LOCKED, p.Mode.MUTUAL, "gm", 4, 3, False)
+    fci = status.encode_fci()
+    assert fci == bytes.fromhex("6F248407F0746653454201C010") + SE_ID + bytes.fromhex(
+        "C10701020502040300"
+    )
+    assert p.SeStatus.parse_fci(fci) == status
+    objects = [
+        (p.DO_STATUS, status.encode_status()),
+        (p.TAG_AID, p.AID),
+        (p.DO_SE_ID, SE_ID),
+    ]
+    reordered = tlv.encode(p.TAG_FCI, tlv.encode_all(objects))
+    assert len(reordered) == len(fci) and reordered != fci
+    assert p.SeStatus.parse_fci(reordered) == status
+    damaged = [
+        fci[:-1],  # short
+        fci + b"\x00",  # trailing byte
+        fci[:29] + b"\xc2" + fci[30:],  # the status object under another tag
+        fci[:5] + b"\x00" + fci[6:],  # another AID: the full decoder takes it, status is fine
+        fci[:31] + b"\x09" + fci[32:],  # status version 9
+        fci[:32] + b"\x07" + fci[33:],  # unknown lifecycle
+    ]
+    for bad in damaged[:3] + damaged[4:]:
+        with pytest.raises(p.SeMalformedMessage):
+            p.SeStatus.parse_fci(bad)
+    assert p.SeStatus.parse_fci(damaged[3]) == status

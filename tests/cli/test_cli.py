@@ -120,3 +120,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "certificate revoked" in result.stdout
     assert "gateway-2 power-up refused: [se-bound-elsewhere]" in result.stdout
     assert "gateway-2 asks for a signature: SE answers 6982" in result.stdout
+    assert "reported by gateway-1 (device-gateway token), 0 flags" in result.stdout
+    assert "[foreign-failure] SE" in result.stdout
+    assert "bound to gateway-1 failed in gateway-2: likely theft" in result.stdout
+    assert "acknowledged flag #1 (acknowledged)" in result.stdout

@@ -1,30 +1,47 @@
-"""``trustfleet se``: make and emulate a secure element, and bind, verify and inspect it
-from the host side, plus the demo step.
+"""``trustfleet se``: make and emulate a secure element, bind, verify and inspect it from
+the host side (reporting its events to the server's fleet view with ``--server``), read
+the fleet view (``se fleet``, ``se flags``, ``se events``, ``se ack``), plus the demo step.
 
 The host side reaches the SE in one of three ways: ``--nv FILE`` (the applet in this
 process, on its NV file), ``--reader NAME`` (a PC/SC reader, e.g. vpcd's inside pcscd),
 or ``--vpcd-listen HOST:PORT`` (this command plays the vpcd reader and waits for
 ``trustfleet se emulate`` to connect).
+
+The fleet-view verbs are thin clients of the server's operator API (``--server`` or
+``TRUSTFLEET_ADDR``, the token from ``TRUSTFLEET_TOKEN``, never from the command line);
+:func:`api_client` is the one place that builds their client.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import httpx
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from trustfleet.binding.errors import SeBoundElsewhere, SeError, SeNotVerified
-from trustfleet.binding.host import BindingEvent, Host, HostKey, HostStore
+from trustfleet.binding.errors import (
+    SeBoundElsewhere,
+    SeError,
+    SeNotVerified,
+    SeServerRefused,
+    SeServerUnreachable,
+    SeTokenMissing,
+)
+from trustfleet.binding.fleet import FLAG_STATUS_FILTERS, RULES
+from trustfleet.binding.host import BindingEvent, Host, HostKey, HostStore, Reporter
 from trustfleet.binding.protocol import Lifecycle, Mode, SeStatus
+from trustfleet.binding.reporting import TOKEN_ENV, HttpReporter
 from trustfleet.binding.secure_element import SecureElement
 from trustfleet.binding.storage import FileNvStore, MemoryNvStore
 from trustfleet.binding.transport import (
@@ -36,7 +53,7 @@ from trustfleet.binding.transport import (
     serve_card,
 )
 from trustfleet.errors import InvalidInput
-from trustfleet.kit.cli import console
+from trustfleet.kit.cli import console, err_console
 from trustfleet.kit.demo import DemoEnv
 from trustfleet.store.files import read_small_file
 
@@ -52,6 +69,45 @@ ListenOption = Annotated[
 ]
 HostDir = Annotated[Path, typer.Option("--host-dir", help="The host's key and binding store.")]
 DEFAULT_HOST_DIR = Path("se-host")
+ADDR_ENV = "TRUSTFLEET_ADDR"
+DEFAULT_SERVER = "http://127.0.0.1:8080"
+QUEUE_FILE = "reports.queue"
+ReportOption = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        envvar=ADDR_ENV,
+        help="Report the events to this server's fleet view (token: $TRUSTFLEET_TOKEN).",
+    ),
+]
+ServerOption = Annotated[
+    str, typer.Option("--server", envvar=ADDR_ENV, help="The trustfleet server's base URL.")
+]
+
+
+class Output(StrEnum):
+    TABLE = "table"
+    JSON = "json"
+
+
+OutputOption = Annotated[Output, typer.Option("--output", help="table or json.")]
+
+
+class FlagStatus(StrEnum):
+    OPEN = "open"
+    ACKNOWLEDGED = "acknowledged"
+    ALL = "all"
+
+
+class FlagRule(StrEnum):
+    FOREIGN_FAILURE = "foreign-failure"
+    FOREIGN_VERIFICATION = "foreign-verification"
+    MOVED = "moved"
+    UNKNOWN_FAILURE = "unknown-failure"
+    HOME_FAILURE = "home-failure"
+
+
+assert tuple(FlagStatus) == FLAG_STATUS_FILTERS and tuple(FlagRule) == tuple(RULES)
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -85,6 +141,7 @@ def _host(
     suite: str = "p256",
     r1_from: str = "se",
     bind: bool = False,
+    reporter: Reporter | None = None,
 ) -> Host:
     host_dir.mkdir(parents=True, exist_ok=True)
     id_file = host_dir / "device-id"
@@ -101,7 +158,7 @@ def _host(
         suite=suite,
         r1_from_host=r1_from == "host",
         bind_if_needed=bind,
-        reporter=_print_event,
+        reporter=reporter or _print_event,
     )
 
 
@@ -130,6 +187,39 @@ def _print_event(event: BindingEvent) -> None:
         f" at {when}[/dim]",
         highlight=False,
     )
+
+
+@contextlib.contextmanager
+def _reporting(host_dir: Path, server: str | None) -> Iterator[Reporter]:
+    """The host's events printed, and posted to ``server``'s fleet view when given
+    (queued in the host directory while it cannot be reached). Reporting never stops a
+    power-up: without a token it warns and only prints."""
+    if server is None:
+        yield _print_event
+        return
+    host_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        http = HttpReporter.to_server(server, queue_file=host_dir / QUEUE_FILE)
+    except SeTokenMissing as missing:
+        err_console.print(escape(f"warning [{missing.code}]: {missing.message}"))
+        yield _print_event
+        return
+
+    def print_and_post(event: BindingEvent) -> None:
+        _print_event(event)
+        http(event)
+
+    try:
+        yield print_and_post
+    finally:
+        http.close()
+        if http.pending:
+            err_console.print(
+                escape(
+                    f"{http.pending} event(s) not reported yet, queued in"
+                    f" {host_dir / QUEUE_FILE}: sent at a later power-up"
+                )
+            )
 
 
 @app.command("manufacture")
@@ -177,20 +267,23 @@ def bind(
     nv: NvOption = None,
     reader: ReaderOption = None,
     vpcd_listen: ListenOption = None,
+    server: ReportOption = None,
 ) -> None:
     """First power-up: register, store the credential, verify, lock (or verify if bound)."""
     transport = _transport(nv, reader, vpcd_listen)
     try:
-        host = _host(
-            transport,
-            host_dir,
-            device_id=device_id,
-            mode=mode,
-            suite=suite,
-            r1_from=r1_from,
-            bind=True,
-        )
-        result = host.power_up()
+        with _reporting(host_dir, server) as reporter:
+            host = _host(
+                transport,
+                host_dir,
+                device_id=device_id,
+                mode=mode,
+                suite=suite,
+                r1_from=r1_from,
+                bind=True,
+                reporter=reporter,
+            )
+            result = host.power_up()
     finally:
         transport.close()
     verb = "bound and locked" if result.bound_now else "already bound here; verified"
@@ -203,13 +296,15 @@ def verify(
     nv: NvOption = None,
     reader: ReaderOption = None,
     vpcd_listen: ListenOption = None,
+    server: ReportOption = None,
 ) -> None:
     """Every power-up: power the SE and prove the binding; exit 1 if it refuses."""
     transport = _transport(nv, reader, vpcd_listen)
     try:
-        host = _host(transport, host_dir)
-        result = host.power_up()
-        holder = host.holder_data()
+        with _reporting(host_dir, server) as reporter:
+            host = _host(transport, host_dir, reporter=reporter)
+            result = host.power_up()
+            holder = host.holder_data()
     finally:
         transport.close()
     console.print(
@@ -270,21 +365,224 @@ def reset(
 
 
 # =====================================================================================
-# The demo step (device side only: needs no server)
+# The fleet view (the server's operator API)
+# =====================================================================================
+
+
+class FleetApi:
+    """The fleet view's operator API over HTTP; a refusal becomes a one-line error with the
+    server's problem code."""
+
+    def __init__(self, client: httpx.Client, token: str) -> None:
+        self._client = client
+        self._headers = {"Authorization": f"Bearer {token}"}
+
+    def get(self, path: str, **params: Any) -> Any:
+        query = {name: value for name, value in params.items() if value is not None}
+        return self._answer(lambda: self._client.get(path, params=query, headers=self._headers))
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        return self._answer(lambda: self._client.post(path, json=body, headers=self._headers))
+
+    def _answer(self, call: Callable[[], httpx.Response]) -> Any:
+        try:
+            response = call()
+        except httpx.HTTPError as exc:
+            raise SeServerUnreachable(f"{self._client.base_url}: {type(exc).__name__}") from None
+        if response.status_code >= 400:
+            try:
+                problem = response.json()
+                code, detail = str(problem["code"]), str(problem.get("detail", ""))
+            except (ValueError, KeyError, TypeError):
+                code, detail = f"http-{response.status_code}", response.text[:200]
+            raise SeServerRefused(code[:64], detail[:300], response.status_code)
+        return response.json()
+
+
+@contextlib.contextmanager
+def api_client(server: str) -> Iterator[FleetApi]:
+    """The one place the fleet-view verbs get their client: the server's base URL and the
+    token of ``TRUSTFLEET_TOKEN`` (a shared remote CLI can replace this function)."""
+    token = os.environ.get(TOKEN_ENV, "")
+    if not token:
+        raise SeTokenMissing(f"set {TOKEN_ENV} to an operator token")
+    with httpx.Client(base_url=server, timeout=30) as client:
+        yield FleetApi(client, token)
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
+
+
+def _when(value: str | None) -> str:
+    return value[:19].replace("T", " ") if value else "-"
+
+
+@app.command("fleet")
+def fleet(
+    server: ServerOption = DEFAULT_SERVER,
+    flagged: Annotated[bool, typer.Option("--flagged", help="Only SEs with an open flag.")] = False,
+    device: Annotated[str | None, typer.Option(help="Only SEs bound to this host.")] = None,
+    after: Annotated[str | None, typer.Option(help="The page after this SE ID.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many (1..500).")] = 100,
+    output: OutputOption = Output.TABLE,
+) -> None:
+    """The secure elements the hosts reported: bound host, last event, open flags."""
+    with api_client(server) as api:
+        page = api.get(
+            "/v1/se/elements", flagged=flagged or None, device=device, after=after, limit=limit
+        )
+    if output is Output.JSON:
+        _print_json(page)
+        return
+    table = Table("SE ID", "bound host", "locked", "binds", "last event", "at", "open flags")
+    for e in page["elements"]:
+        table.add_row(
+            e["se_id"],
+            escape(e["bound_device"] or "-"),
+            "yes" if e["locked"] else "no",
+            str(e["binds"]),
+            escape(f"{e['last_kind']} in {e['last_device']}"),
+            _when(e["last_at"]),
+            str(e["open_flags"]) if e["open_flags"] else "",
+        )
+    console.print(table)
+    if page["next_after"]:
+        console.print(f"more: --after {page['next_after']}")
+
+
+@app.command("flags")
+def flags(
+    server: ServerOption = DEFAULT_SERVER,
+    status: Annotated[
+        FlagStatus, typer.Option(help="open, acknowledged or all.")
+    ] = FlagStatus.OPEN,
+    se: Annotated[str | None, typer.Option("--se", help="Only this SE ID.")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="Only flags raised by, or bound to, this host.")
+    ] = None,
+    rule: Annotated[FlagRule | None, typer.Option(help="Only flags of this rule.")] = None,
+    after: Annotated[int | None, typer.Option(help="The page after this flag id.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many (1..500).")] = 100,
+    output: OutputOption = Output.TABLE,
+) -> None:
+    """What the fleet's reports flagged (a likely theft is foreign-failure), oldest first."""
+    se_id = se.lower() if se else None
+    with api_client(server) as api:
+        page = api.get(
+            "/v1/se/flags",
+            status=status.value,
+            se_id=se_id,
+            device=device,
+            rule=rule.value if rule else None,
+            after=after,
+            limit=limit,
+        )
+    if output is Output.JSON:
+        _print_json(page)
+        return
+    table = Table("id", "rule", "SE ID", "host", "bound host", "reports", "raised", "status")
+    for f in page["flags"]:
+        table.add_row(
+            str(f["id"]),
+            f["rule"],
+            f["se_id"],
+            escape(f["device_id"]),
+            escape(f["bound_device"] or "-"),
+            str(f["count"]),
+            _when(f["raised_at"]),
+            f["status"],
+        )
+    console.print(table)
+    for rule_name in sorted({f["rule"] for f in page["flags"]}):
+        console.print(f"{rule_name}: {RULES.get(rule_name, '')}", highlight=False)
+    if page["next_after"]:
+        console.print(f"more: --after {page['next_after']}")
+
+
+@app.command("events")
+def events(
+    se_id: Annotated[str, typer.Argument(help="The SE ID (32 hex digits).")],
+    server: ServerOption = DEFAULT_SERVER,
+    before: Annotated[int | None, typer.Option(help="The page before this event id.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many (1..500).")] = 20,
+    output: OutputOption = Output.TABLE,
+) -> None:
+    """What the hosts reported about one SE, newest first."""
+    with api_client(server) as api:
+        page = api.get(f"/v1/se/elements/{se_id.lower()}/events", before=before, limit=limit)
+    if output is Output.JSON:
+        _print_json(page)
+        return
+    table = Table("id", "event", "host", "received", "host's clock", "reported by")
+    for e in page["events"]:
+        table.add_row(
+            str(e["id"]),
+            e["kind"],
+            escape(e["device_id"]),
+            _when(e["received_at"]),
+            _when(e["reported_at"]),
+            escape(e["reported_by"]),
+        )
+    console.print(table)
+
+
+@app.command("ack")
+def acknowledge(
+    flag_id: Annotated[int, typer.Argument(help="The flag's id (from `se flags`).")],
+    server: ServerOption = DEFAULT_SERVER,
+    note: Annotated[str, typer.Option(help="What you found (kept in the audit log).")] = "",
+    output: OutputOption = Output.TABLE,
+) -> None:
+    """Acknowledge a flag: looked at. The next report breaking the rule opens a new one."""
+    with api_client(server) as api:
+        flag = api.post(f"/v1/se/flags/{flag_id}/acknowledge", {"note": note})
+    if output is Output.JSON:
+        _print_json(flag)
+        return
+    console.print(
+        escape(f"flag {flag['id']} ({flag['rule']}, SE {flag['se_id']}) acknowledged"),
+        highlight=False,
+    )
+
+
+# =====================================================================================
+# The demo step: the device side, reporting to the fleet view of the demo's server
 # =====================================================================================
 
 
 def demo_step(env: DemoEnv) -> None:
-    """Bind, lock, power-cycle and verify; then move the SE to a second host."""
-    console.rule("[bold]se: secure element bound to its host (device side)")
+    """Bind, lock, power-cycle and verify; then move the SE to a second host: it refuses
+    service, and the server's fleet view flags the theft."""
+    console.rule("[bold]se: secure element bound to its host, and the fleet view")
+    tokens = {
+        role: env.call("POST", "/v1/tokens", json={"name": f"demo se {role}", "role": role})[
+            "token"
+        ]
+        for role in ("device-gateway", "operator")
+    }
+    operator = tokens["operator"]
+    http = HttpReporter(env.client, tokens["device-gateway"])
+
+    def report(event: BindingEvent) -> None:
+        _print_event(event)
+        http(event)
+
     workdir = env.workdir / "se"
     workdir.mkdir()
     issuer_key = bytes(32)  # a demo issuer; real issuers keep theirs in an HSM
     se = SecureElement.manufacture(
         MemoryNvStore(), issuer_key=issuer_key, holder_data=b"subscriber 460-01-1234"
     )
-    console.print(f"SE {se.se_id.hex()} manufactured (blank, reset key diversified by SE ID)")
-    owner = _host(InProcessTransport(se), workdir / "gateway-1", device_id="gateway-1", bind=True)
+    se_id = se.se_id.hex()
+    console.print(f"SE {se_id} manufactured (blank, reset key diversified by SE ID)")
+    owner = _host(
+        InProcessTransport(se),
+        workdir / "gateway-1",
+        device_id="gateway-1",
+        bind=True,
+        reporter=report,
+    )
     first = owner.power_up()
     console.print(
         f"gateway-1 first power-up: {first.mode.value} pairing ({first.suite}), credential"
@@ -295,9 +593,21 @@ def demo_step(env: DemoEnv) -> None:
         console.print(f"power cycle {cycle}: verified in {result.apdus} APDU exchanges")
     signature = owner.sign(b"meter reading 1234 kWh")
     console.print(f"service: SE signed for gateway-1 ({len(signature)}-byte signature, C-MAC'd)")
+    honest = env.call("GET", "/v1/se/flags", token=operator, params={"status": "all"})
+    events = env.call("GET", f"/v1/se/elements/{se_id}/events", token=operator)["events"]
+    console.print(
+        f"fleet view: {len(events)} events reported by gateway-1 (device-gateway token),"
+        f" {len(honest['flags'])} flags"
+    )
 
     console.print("the SE is pulled out and put into gateway-2 ...")
-    thief = _host(InProcessTransport(se), workdir / "gateway-2", device_id="gateway-2", bind=True)
+    thief = _host(
+        InProcessTransport(se),
+        workdir / "gateway-2",
+        device_id="gateway-2",
+        bind=True,
+        reporter=report,
+    )
     try:
         thief.power_up()
     except SeBoundElsewhere as refused:
@@ -313,5 +623,32 @@ def demo_step(env: DemoEnv) -> None:
             console.print(f"gateway-2 asks for {name}: SE answers {refused.sw:04X}")
     if se.status().lifecycle is not Lifecycle.LOCKED:
         raise SeError("the demo SE should still be locked")
+
+    flagged = env.call("GET", "/v1/se/flags", token=operator)["flags"]
+    if honest["flags"] or [f["rule"] for f in flagged] != ["foreign-failure"] or http.pending:
+        raise SeError("the fleet view should hold exactly the theft flag")
+    (flag,) = flagged
+    console.print(
+        escape(
+            f"fleet view (operator): flag #{flag['id']} [{flag['rule']}] SE {flag['se_id']}"
+            f" bound to {flag['bound_device']} failed in {flag['device_id']}: likely theft"
+        ),
+        highlight=False,
+    )
     owner.power_up()
     console.print("back in gateway-1: verified again, services open")
+    element = env.call("GET", f"/v1/se/elements/{se_id}", token=operator)
+    console.print(
+        escape(
+            f"fleet view: SE bound to {element['bound_device']} (locked:"
+            f" {'yes' if element['locked'] else 'no'}), last event {element['last_kind']} in"
+            f" {element['last_device']}, {element['open_flags']} open flag"
+        )
+    )
+    acknowledged = env.call(
+        "POST",
+        f"/v1/se/flags/{flag['id']}/acknowledge",
+        token=operator,
+        json={"note": "demo: moved on purpose"},
+    )
+    console.print(f"operator acknowledged flag #{acknowledged['id']} ({acknowledged['status']})")

@@ -134,3 +134,55 @@ class SeNvExists(SeError):
     code = "se-nv-exists"
     status = 409
     title = "A secure element already exists at that path"
+
+
+# -- the fleet view (server) and its clients --------------------------------------------
+
+
+class SeUnknownElement(SeError):
+    code = "se-unknown-element"
+    status = 404
+    title = "No host has reported this secure element"
+
+
+class SeUnknownFlag(SeError):
+    code = "se-unknown-flag"
+    status = 404
+    title = "No fleet flag has that id"
+
+
+class SeFlagAlreadyAcknowledged(SeError):
+    code = "se-flag-already-acknowledged"
+    status = 409
+    title = "The flag has been acknowledged already"
+
+
+class SeReportIdReused(SeError):
+    code = "se-report-id-reused"
+    status = 409
+    title = "The report id was used already for another report"
+
+
+class SeServerRefused(SeError):
+    """The trustfleet server answered with an error (its problem code is ``remote_code``)."""
+
+    code = "se-server-refused"
+    status = 502
+    title = "The server refused the request"
+
+    def __init__(self, remote_code: str, detail: str, http_status: int) -> None:
+        super().__init__(f"the server refused: [{remote_code}] {detail}")
+        self.remote_code = remote_code
+        self.http_status = http_status
+
+
+class SeServerUnreachable(SeError):
+    code = "se-server-unreachable"
+    status = 502
+    title = "The trustfleet server cannot be reached"
+
+
+class SeTokenMissing(SeError):
+    code = "se-token-missing"
+    status = 400
+    title = "Set TRUSTFLEET_TOKEN to an API token of the right role"

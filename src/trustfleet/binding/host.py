@@ -10,8 +10,10 @@ every power-up runs :meth:`Host.power_up`:
   still unlocked (a power cut between store and lock), lock it now;
 * SE locked and unknown: it is bound to another host; refuse it.
 
-Every outcome goes to a pluggable reporter ``(event kind, device id, SE id, time)``, which
-the server's fleet view will receive; the default drops them.
+Every outcome goes to a pluggable reporter ``(event kind, device id, SE id, time)``; the
+default drops them, :class:`trustfleet.binding.reporting.HttpReporter` posts them to the
+server's fleet view. A reporter that raises is logged and ignored: reporting never decides
+a power-up.
 
 Store file (canonical JSON)::
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import secrets
 from collections.abc import Callable
@@ -74,6 +77,8 @@ STORE_FORMAT = "trustfleet-se-host-v1"
 _STORE_KEY_INFO = b"TF-SEB-v1 host store key"
 _NONCE_SIZE = 12
 _MAX_STORE_SIZE = 1024 * 1024
+
+log = logging.getLogger("trustfleet.binding")
 
 
 # =====================================================================================
@@ -416,4 +421,9 @@ class Host:
         return ResponseApdu.parse(self.transport.transmit(cmd.encode()))
 
     def _report(self, kind: EventKind, se_id: bytes) -> None:
-        self._reporter(BindingEvent(kind, self.device_id, se_id, self._clock()))
+        if self._reporter is no_report:
+            return
+        try:
+            self._reporter(BindingEvent(kind, self.device_id, se_id, self._clock()))
+        except Exception:  # the SE decides the power-up, not the reporter
+            log.exception("the binding event reporter failed; event %s not reported", kind.value)

@@ -138,10 +138,10 @@ class Mode(StrEnum):
 
     @classmethod
     def from_code(cls, code: int) -> Mode:
-        for mode, value in _MODE_CODES.items():
-            if value == code:
-                return mode
-        raise SeUnsupported(f"unknown binding mode code {code:#04x}")
+        mode = _MODES_BY_CODE.get(code)
+        if mode is None:
+            raise SeUnsupported(f"unknown binding mode code {code:#04x}")
+        return mode
 
 
 _MODE_CODES = {
@@ -151,6 +151,7 @@ _MODE_CODES = {
     Mode.SIGNATURE: 0x04,
     Mode.MUTUAL: 0x05,
 }
+_MODES_BY_CODE = {code: mode for mode, code in _MODE_CODES.items()}
 
 #: binding suites by name -> P2 code; "p256" is the international suite
 SUITE_CODES = {"p256": 0x01, "gm": 0x02}
@@ -158,17 +159,31 @@ SUITE_CODES = {"p256": 0x01, "gm": 0x02}
 CHALLENGE_MODES = frozenset({Mode.DIGEST, Mode.CIPHER, Mode.ASYMMETRIC, Mode.SIGNATURE})
 
 
+_SUITES_BY_CODE = {code: name for name, code in SUITE_CODES.items()}
+_BINDING_SUITES = {name: get_suite(name) for name in SUITE_CODES}
+
+
 def binding_suite(name: str) -> Suite:
-    if name not in SUITE_CODES:
+    suite = _BINDING_SUITES.get(name)
+    if suite is None:
         raise SeUnsupported(f"binding suites are {', '.join(SUITE_CODES)}, not {name!r}")
-    return get_suite(name)
+    return suite
 
 
 def suite_from_code(code: int) -> str:
-    for name, value in SUITE_CODES.items():
-        if value == code:
-            return name
-    raise SeUnsupported(f"unknown binding suite code {code:#04x}")
+    name = _SUITES_BY_CODE.get(code)
+    if name is None:
+        raise SeUnsupported(f"unknown binding suite code {code:#04x}")
+    return name
+
+
+STATUS_SIZE = 7
+_AID_TLV = bytes((TAG_AID, len(AID))) + AID
+_FCI_PREFIX = bytes((TAG_FCI, len(_AID_TLV) + 2 + SE_ID_SIZE + 2 + STATUS_SIZE))
+_FCI_PREFIX += _AID_TLV + bytes((DO_SE_ID, SE_ID_SIZE))
+_FCI_STATUS_AT = len(_FCI_PREFIX) + SE_ID_SIZE
+_FCI_STATUS_HEAD = bytes((DO_STATUS, STATUS_SIZE))
+_FCI_SIZE = _FCI_STATUS_AT + 2 + STATUS_SIZE
 
 
 class Lifecycle(IntEnum):
@@ -203,13 +218,20 @@ class SeStatus:
         )
 
     def encode_fci(self) -> bytes:
-        inner = tlv.encode_all(
-            [(TAG_AID, AID), (DO_SE_ID, self.se_id), (DO_STATUS, self.encode_status())]
-        )
-        return tlv.encode(TAG_FCI, inner)
+        inner = _AID_TLV + tlv.encode(DO_SE_ID, self.se_id)
+        return tlv.encode(TAG_FCI, inner + tlv.encode(DO_STATUS, self.encode_status()))
 
     @classmethod
     def parse_fci(cls, data: bytes) -> SeStatus:
+        # The layout this applet answers, checked byte for byte, is read in place; any
+        # other (another order of the same objects, say) goes through the full decoder.
+        if (
+            len(data) == _FCI_SIZE
+            and data.startswith(_FCI_PREFIX)
+            and data[_FCI_STATUS_AT : _FCI_STATUS_AT + 2] == _FCI_STATUS_HEAD
+        ):
+            se_id = data[len(_FCI_PREFIX) : _FCI_STATUS_AT]
+            return cls.parse_status(se_id, data[_FCI_STATUS_AT + 2 :])
         try:
             outer = tlv.decode_unique(data, frozenset({TAG_FCI}))
             inner = tlv.decode_unique(outer[TAG_FCI], frozenset({TAG_AID, DO_SE_ID, DO_STATUS}))
@@ -219,7 +241,7 @@ class SeStatus:
 
     @classmethod
     def parse_status(cls, se_id: bytes, status: bytes) -> SeStatus:
-        if len(se_id) != SE_ID_SIZE or len(status) != 7 or status[0] != VERSION:
+        if len(se_id) != SE_ID_SIZE or len(status) != STATUS_SIZE or status[0] != VERSION:
             raise SeMalformedMessage("the SE status object is malformed")
         try:
             lifecycle = Lifecycle(status[1])
@@ -466,7 +488,10 @@ class Credential:
 
 
 def select_command() -> CommandApdu:
-    return CommandApdu(CLA_ISO, INS_SELECT, P1_SELECT_BY_AID, 0x00, AID, 256)
+    return _SELECT
+
+
+_SELECT = CommandApdu(CLA_ISO, INS_SELECT, P1_SELECT_BY_AID, 0x00, AID, 256)
 
 
 def get_data_command(tag: int) -> CommandApdu:

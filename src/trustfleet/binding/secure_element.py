@@ -162,7 +162,9 @@ class NvState:
     """The NV record. Encoded as ``TFSE || version || tries || admin tries ||
     len(P) on 2 bytes || P || B || SHA-256(all before)[:8]`` with P and B the canonical
     JSON of the personalisation and the binding. Both are frozen and cache their JSON, so
-    a counter update (two per verification) costs no re-serialisation."""
+    a counter update (two per verification) costs no re-serialisation; a state caches its
+    record, and the states that differ from it only in the try counter (what a
+    verification writes and writes back) are made once."""
 
     personal: Personalisation
     binding: Binding
@@ -174,7 +176,22 @@ class NvState:
         return self.personal.service_private_key
 
     def with_tries(self, tries_left: int) -> NvState:
-        return NvState(self.personal, self.binding, tries_left, self.admin_tries_left)
+        family = self._counter_family
+        state = family.get(tries_left)
+        if state is None:
+            state = NvState(self.personal, self.binding, tries_left, self.admin_tries_left)
+            state.__dict__["_counter_family"] = family
+            family[tries_left] = state
+        return state
+
+    @cached_property
+    def _counter_family(self) -> dict[int, NvState]:
+        return {self.tries_left: self}
+
+    @cached_property
+    def record(self) -> bytes:
+        """The encoded record (the state is immutable)."""
+        return self.encode()
 
     def encode(self) -> bytes:
         personal = self.personal.encoded
@@ -209,7 +226,9 @@ class NvState:
         # what was read is what would be written: seed the encodings' caches with it
         personal.__dict__["encoded"] = personal_json
         binding.__dict__["encoded"] = binding_json
-        return cls(personal, binding, body[5], body[6])
+        state = cls(personal, binding, body[5], body[6])
+        state.__dict__["record"] = record
+        return state
 
 
 def _canonical(obj: dict[str, Any]) -> bytes:
@@ -259,6 +278,7 @@ class SecureElement:
         self._random = random
         self._state: NvState | None = None
         self._last_record: tuple[bytes, NvState] | None = None
+        self._last_fci: tuple[NvState, bool, bytes] | None = None
         self._ram = _Ram()
         self._handlers = {
             (p.CLA_ISO, p.INS_SELECT): self._select,
@@ -418,7 +438,7 @@ class SecureElement:
 
     def _persist(self, state: NvState) -> None:
         """One atomic NV write; RAM follows NV only once the write is done."""
-        record = state.encode()
+        record = state.record
         try:
             self._nv.store(record)
             self._last_record = (record, state)
@@ -447,8 +467,17 @@ class SecureElement:
             self._ram.selected = False
             raise _Answer(SW.FILE_NOT_FOUND)
         self._ram.selected = True
-        fci = b"" if cmd.p2 == 0x0C else self.status().encode_fci()
-        return ResponseApdu(fci, SW.OK)
+        return ResponseApdu(b"" if cmd.p2 == 0x0C else self._fci(), SW.OK)
+
+    def _fci(self) -> bytes:
+        """SELECT's FCI, made again only when the state it reports has changed."""
+        state, verified = self._nv_state(), self._ram.verified
+        made = self._last_fci
+        if made is not None and made[0] is state and made[1] == verified:
+            return made[2]
+        fci = self.status().encode_fci()
+        self._last_fci = (state, verified, fci)
+        return fci
 
     def _get_data(self, cmd: CommandApdu, secured: bool) -> ResponseApdu:
         tag = (cmd.p1 << 8) | cmd.p2
@@ -624,7 +653,7 @@ class SecureElement:
             ok = self._check_response(mode, pending_challenge, cmd.data)
         if not ok:
             raise _Answer(sw_tries_left(self._nv_state().tries_left))
-        self._persist(self._nv_state().with_tries(MAX_VERIFY_TRIES))
+        self._persist(state.with_tries(MAX_VERIFY_TRIES))
         self._ram.verified = True
         return ResponseApdu(b"", SW.OK)
 

@@ -27,6 +27,7 @@ log = logging.getLogger("trustfleet.server")
 #: Each module exposes ``router`` (an APIRouter). A module not written yet is skipped;
 #: one that exists but fails to import stops the app from starting.
 DOMAIN_ROUTERS = (
+    "trustfleet.binding.api",
     "trustfleet.keysync.api",
     "trustfleet.deactivation.api",
     "trustfleet.meter.api",
