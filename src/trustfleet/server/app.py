@@ -31,6 +31,7 @@ DOMAIN_ROUTERS = (
     "trustfleet.deactivation.api",
     "trustfleet.meter.api",
     "trustfleet.tmk.api",
+    "trustfleet.kit.outbox.api",
 )
 
 
