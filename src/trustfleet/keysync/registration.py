@@ -39,7 +39,7 @@ from trustfleet.wire import transcript, utcnow
 _GATEWAY_SECRET_LABEL = b"trustfleet keysync gateway secret v1"
 GATEWAY_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 KID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-DESTINATION_PREFIX = "keysync/"
+DESTINATION_PREFIX = "keysync:"
 
 
 class KeysyncRegistrationConflict(KeysyncError, Conflict):

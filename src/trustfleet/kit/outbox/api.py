@@ -19,7 +19,7 @@ router = APIRouter(prefix="/v1/outbox", tags=["outbox"])
 Context = Annotated[AppContext, Depends(get_context)]
 Operator = Annotated[Principal, Depends(require_role(Role.ADMIN, Role.OPERATOR))]
 MessageId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,40}$")]
-DestinationName = Annotated[str, Path(pattern=r"^[A-Za-z0-9._:/-]{1,160}$")]
+DestinationName = Annotated[str, Path(pattern=r"^[A-Za-z0-9._:-]{1,160}$")]
 
 
 class MessageOut(BaseModel):
@@ -84,13 +84,13 @@ def list_destinations(context: Context, principal: Operator) -> list[Destination
     return [DestinationOut.of(view) for view in Outbox(context.db).destinations()]
 
 
-@router.post("/destinations/{name:path}/pause")
+@router.post("/destinations/{name}/pause")
 def pause(name: DestinationName, context: Context, principal: Operator) -> DestinationOut:
     """No delivery attempts to this destination until resumed; messages wait."""
     return DestinationOut.of(Outbox(context.db).set_paused(name, True, actor=principal.actor))
 
 
-@router.post("/destinations/{name:path}/resume")
+@router.post("/destinations/{name}/resume")
 def resume(name: DestinationName, context: Context, principal: Operator) -> DestinationOut:
     """Deliveries to this destination start again."""
     return DestinationOut.of(Outbox(context.db).set_paused(name, False, actor=principal.actor))

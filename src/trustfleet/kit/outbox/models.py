@@ -24,7 +24,7 @@ MESSAGE_STATUSES = ("pending", "delivered", "dead")
 class OutboxDestination(Base):
     """A webhook endpoint: its URL, how requests to it are signed (Standard Webhooks ``v1``
     HMAC-SHA256 or ``v1a`` Ed25519) with which key store key, and whether it is paused.
-    The capability that owns it names it (``keysync/<application id>``)."""
+    The capability that owns it names it (``keysync:<application id>``)."""
 
     __tablename__ = "outbox_destinations"
     __table_args__ = (CheckConstraint(f"signing IN {SIGNING_METHODS!r}", name="signing"),)
