@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import binascii
 import csv
+import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -417,13 +418,16 @@ class KeyImports:
             raise KeysyncImportConflict(f"import {import_id[:64]!r} exists with other content")
         if job is not None and job.status == "completed":
             return self.report(import_id)
+        items = self._items(kind, lines)
+        first = next(items, None)  # a file unreadable as a whole fails before its job exists
+        if first is not None:
+            items = itertools.chain([first], items)
         if job is None:
             dek = self._create(import_id, kind, content_sha256, actor)
             done = 0
         else:
             dek = self._vault.open_dek(job.kek_handle, job.sealed_dek, import_id)
             done = job.rows_done
-        items = self._items(kind, lines)
         fingerprint_key = self._vault.fingerprint_key()
         for batch in _batches(items, self._batch_rows):
             if batch[-1].row <= done:
@@ -486,30 +490,26 @@ class KeyImports:
         actor: str,
     ) -> int:
         rejections: list[Rejection] = []
-        valid: dict[str, tuple[_Valid, str]] = {}
-        unchanged = 0
+        #: every valid occurrence of each key ID in this batch, in row order
+        valid: dict[str, list[tuple[_Valid, str]]] = {}
         for item in batch:
             checked = item if isinstance(item, Rejection) else validate(item)
             if isinstance(checked, Rejection):
                 rejections.append(checked)
                 continue
             mark = fingerprint(fingerprint_key, checked.key)
-            earlier = valid.get(checked.key_id)
-            if earlier is None:
-                valid[checked.key_id] = (checked, mark)
-            elif _same(earlier[0], earlier[1], checked.terminal_id, checked.application_id, mark):
-                unchanged += 1
-            else:
-                rejections.append(_duplicate(checked, "appears earlier in this file with other"))
+            valid.setdefault(checked.key_id, []).append((checked, mark))
+        # sealed before the unit of work, which then only decides and writes
+        sealed = {key_id: _sealed(dek, found[0][0]) for key_id, found in valid.items()}
         now = self._clock()
         last_row = batch[-1].row
         with self._db.work() as uow:
             job = uow.one(_JOB_LOCKED, b_id=import_id)
             if job is None or job.status != "running" or job.rows_done != done:
                 raise KeysyncImportConflict(f"import {import_id[:64]!r} is running elsewhere")
-            new_rows = self._new_rows(uow, valid, rejections, dek, import_id, now)
-            unchanged += len(valid) - len(new_rows)
+            new_rows, unchanged = self._new_rows(uow, valid, sealed, rejections, import_id, now)
             uow.insert_many(TerminalKey, new_rows)
+            rejections.sort(key=lambda r: r.row)
             uow.insert_many(
                 ImportRejection,
                 [{"import_id": import_id, **_short(rejection_dict(r))} for r in rejections],
@@ -534,12 +534,15 @@ class KeyImports:
     def _new_rows(
         self,
         uow: UnitOfWork,
-        valid: dict[str, tuple[_Valid, str]],
+        valid: dict[str, list[tuple[_Valid, str]]],
+        sealed: dict[str, bytes],
         rejections: list[Rejection],
-        dek: AESGCM,
         import_id: str,
         now: datetime,
-    ) -> list[dict[str, Any]]:
+    ) -> tuple[list[dict[str, Any]], int]:
+        """The rows to insert, and how many records were already there. A key ID already
+        stored decides each of its records; else its first record here is new and the
+        later ones must match it."""
         existing: dict[str, Any] = {}
         if valid:
             query = select(
@@ -550,35 +553,25 @@ class KeyImports:
             ).where(TerminalKey.key_id.in_(list(valid)))
             existing = {row.key_id: row for row in uow.all(query)}
         rows: list[dict[str, Any]] = []
+        unchanged = 0
         for key_id in sorted(valid):  # sorted: inserts walk the key ID index in order
-            record, mark = valid[key_id]
+            records = valid[key_id]
             stored = existing.get(key_id)
-            if stored is not None:
-                if not _same_stored(stored, record, mark):
-                    rejections.append(_duplicate(record, "is already imported with other"))
-                continue
-            rows.append(
-                {
-                    "key_id": key_id,
-                    "terminal_id": record.terminal_id,
-                    "application_id": record.application_id,
-                    "label": record.label,
-                    "algorithm": record.algorithm,
-                    "sealed_key": seal_key(
-                        dek,
-                        record.key,
-                        key_row_aad(
-                            key_id, record.terminal_id, record.application_id, record.algorithm
-                        ),
-                    ),
-                    "import_id": import_id,
-                    "fingerprint": mark,
-                    "last_counter": 0,
-                    "created_at": now,
-                }
-            )
-        rejections.sort(key=lambda r: r.row)
-        return rows
+            if stored is None:
+                first, first_mark = records[0]
+                rows.append(_row(first, first_mark, sealed[key_id], import_id, now))
+                reference = (first.terminal_id, first.application_id, first_mark)
+                how = "appears earlier in this file with other"
+                records = records[1:]
+            else:
+                reference = (stored.terminal_id, stored.application_id, stored.fingerprint)
+                how = "is already imported with other"
+            for record, mark in records:
+                if (record.terminal_id, record.application_id, mark) == reference:
+                    unchanged += 1
+                else:
+                    rejections.append(_duplicate(record, how))
+        return rows, unchanged
 
     def _complete(self, import_id: str, actor: str) -> None:
         now = self._clock()
@@ -594,22 +587,24 @@ class KeyImports:
             uow.audit("keysync.import_completed", actor=actor, subject=import_id)
 
 
-def _same(
-    record: _Valid, mark: str, terminal_id: str, application_id: str | None, other: str
-) -> bool:
-    return (
-        record.terminal_id == terminal_id
-        and record.application_id == application_id
-        and mark == other
-    )
+def _sealed(dek: AESGCM, record: _Valid) -> bytes:
+    aad = key_row_aad(record.key_id, record.terminal_id, record.application_id, record.algorithm)
+    return seal_key(dek, record.key, aad)
 
 
-def _same_stored(stored: Any, record: _Valid, mark: str) -> bool:
-    return bool(
-        stored.fingerprint == mark
-        and stored.terminal_id == record.terminal_id
-        and stored.application_id == record.application_id
-    )
+def _row(record: _Valid, mark: str, sealed: bytes, import_id: str, now: datetime) -> dict[str, Any]:
+    return {
+        "key_id": record.key_id,
+        "terminal_id": record.terminal_id,
+        "application_id": record.application_id,
+        "label": record.label,
+        "algorithm": record.algorithm,
+        "sealed_key": sealed,
+        "import_id": import_id,
+        "fingerprint": mark,
+        "last_counter": 0,
+        "created_at": now,
+    }
 
 
 def _duplicate(record: _Valid, how: str) -> Rejection:
