@@ -367,4 +367,4 @@ class Outbox:
 
 def lease_until(now: datetime, timeout_seconds: int) -> datetime:
     """When a claimed message becomes due again if its worker never reports back."""
-    return now + timedelta(seconds=max(30, 3 * timeout_seconds))
+    return now + timedelta(seconds=2 * timeout_seconds + 5)
