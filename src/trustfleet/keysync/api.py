@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from trustfleet.keysync import imports as imports_module
 from trustfleet.keysync import protocol, services
 from trustfleet.keysync.errors import KeysyncUnknownFormat
-from trustfleet.keysync.imports import ImportReport, lines_of
+from trustfleet.keysync.imports import ImportReport, text_lines
 from trustfleet.keysync.registration import (
     SubscriberView,
     destination_of,
@@ -51,7 +51,6 @@ Mdn = Annotated[str, Path(pattern=r"^\+?[0-9]{7,15}$")]
 GatewayName = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
 
 SPOOL_MEMORY_BYTES = 8 * 1024 * 1024
-READ_CHUNK_BYTES = 64 * 1024
 IMPORT_MEDIA_TYPES = {
     "text/csv": "csv",
     "application/x-ndjson": "jsonl",
@@ -225,9 +224,8 @@ def _import(
 ) -> ImportReport:
     """In a worker thread, over the whole spooled body: a write transaction never waits on
     the event loop (docs/architecture.md)."""
-    chunks = iter(partial(body.read, READ_CHUNK_BYTES), b"")
     return services.imports(context).run(
-        import_id, kind, lines_of(chunks), content_sha256=digest, actor=principal.actor
+        import_id, kind, text_lines(body), content_sha256=digest, actor=principal.actor
     )
 
 

@@ -15,13 +15,15 @@ Keys are sealed under the import's DEK before they reach the database (:mod:`.va
 from __future__ import annotations
 
 import binascii
+import contextlib
 import csv
+import io
 import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import IO, Any
 
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -264,44 +266,47 @@ class _Valid:
     algorithm: str
 
 
+def _reject(record: Record, code: str, message: str) -> Rejection:
+    return Rejection(record.row, record.terminal_id[:64], record.key_id[:64], code, message)
+
+
+_TERMINAL_OK = protocol.TERMINAL_ID_PATTERN.fullmatch
+_ID_OK = protocol.ID_PATTERN.fullmatch
+
+
 def validate(record: Record) -> _Valid | Rejection:
     """One record's checks; the codes are listed in docs/keysync.md."""
-
-    def reject(code: str, message: str) -> Rejection:
-        return Rejection(record.row, record.terminal_id[:64], record.key_id[:64], code, message)
-
-    if not record.terminal_id or not record.key_id or not record.key:
-        return reject("missing-field", "terminal_id, key_id and key are required")
-    if not protocol.TERMINAL_ID_PATTERN.fullmatch(record.terminal_id):
-        return reject("invalid-terminal-id", f"terminal_id must be {protocol.TERMINAL_ID_RULE}")
-    if not protocol.ID_PATTERN.fullmatch(record.key_id):
-        return reject("invalid-key-id", f"key_id must be {protocol.ID_RULE}")
-    if record.application_id is not None and not protocol.ID_PATTERN.fullmatch(
-        record.application_id
-    ):
-        return reject("invalid-application-id", f"application_id must be {protocol.ID_RULE}")
+    terminal_id, key_id, application_id, text = (
+        record.terminal_id, record.key_id, record.application_id, record.key,
+    )  # fmt: skip
+    if not terminal_id or not key_id or not text:
+        return _reject(record, "missing-field", "terminal_id, key_id and key are required")
+    if not _TERMINAL_OK(terminal_id):
+        return _reject(
+            record, "invalid-terminal-id", f"terminal_id must be {protocol.TERMINAL_ID_RULE}"
+        )
+    if not _ID_OK(key_id):
+        return _reject(record, "invalid-key-id", f"key_id must be {protocol.ID_RULE}")
+    if application_id is not None and not _ID_OK(application_id):
+        return _reject(
+            record, "invalid-application-id", f"application_id must be {protocol.ID_RULE}"
+        )
     if len(record.label) > LABEL_MAX:
-        return reject("invalid-label", f"label is at most {LABEL_MAX} characters")
-    if isinstance(record.key, bytes):
-        key = record.key
+        return _reject(record, "invalid-label", f"label is at most {LABEL_MAX} characters")
+    if isinstance(text, bytes):
+        key = text
     else:
         try:
-            key = bytes.fromhex(record.key)
+            key = bytes.fromhex(text)
         except ValueError:
-            return reject("malformed-key", "key must be hex (32, 48 or 64 digits)")
+            return _reject(record, "malformed-key", "key must be hex (32, 48 or 64 digits)")
     try:
         algorithm = protocol.key_algorithm(record.algorithm, key)
     except ValueError as exc:
         code = "unsupported-algorithm" if "one of" in str(exc) else "malformed-key"
-        return reject(code, str(exc))
+        return _reject(record, code, str(exc))
     return _Valid(
-        record.row,
-        record.terminal_id,
-        record.key_id,
-        key,
-        record.application_id,
-        record.label,
-        algorithm.value,
+        record.row, terminal_id, key_id, key, application_id, record.label, algorithm.value
     )
 
 
@@ -337,18 +342,24 @@ _ADVANCE = (
         updated_at=bindparam("b_now"),
     )
 )
+LOOKUP_SIZE = 500
+#: the stored keys among LOOKUP_SIZE key IDs (one statement, compiled once)
+_EXISTING = select(
+    TerminalKey.key_id, TerminalKey.terminal_id, TerminalKey.application_id,
+    TerminalKey.fingerprint,
+).where(TerminalKey.key_id.in_([bindparam(f"k{i}") for i in range(LOOKUP_SIZE)]))  # fmt: skip
 _SIGNER = select(ManufacturerKey.public_key_der).where(ManufacturerKey.kid == bindparam("b_kid"))
 
 
 def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
     """Batches of about ``size`` items that never split one row (a manifest line's keys)."""
-    batch: list[Item] = []
-    for item in items:
-        if len(batch) >= size and item.row != batch[-1].row:
-            yield batch
-            batch = []
-        batch.append(item)
-    if batch:
+    source = iter(items)
+    while batch := list(itertools.islice(source, size)):
+        for following in source:
+            if following.row != batch[-1].row:
+                source = itertools.chain([following], source)
+                break
+            batch.append(following)
         yield batch
 
 
@@ -508,7 +519,7 @@ class KeyImports:
             if job is None or job.status != "running" or job.rows_done != done:
                 raise KeysyncImportConflict(f"import {import_id[:64]!r} is running elsewhere")
             new_rows, unchanged = self._new_rows(uow, valid, sealed, rejections, import_id, now)
-            uow.insert_many(TerminalKey, new_rows)
+            uow.insert_rows(TerminalKey, KEY_COLUMNS, new_rows)
             rejections.sort(key=lambda r: r.row)
             uow.insert_many(
                 ImportRejection,
@@ -539,20 +550,18 @@ class KeyImports:
         rejections: list[Rejection],
         import_id: str,
         now: datetime,
-    ) -> tuple[list[dict[str, Any]], int]:
+    ) -> tuple[list[tuple[Any, ...]], int]:
         """The rows to insert, and how many records were already there. A key ID already
         stored decides each of its records; else its first record here is new and the
         later ones must match it."""
         existing: dict[str, Any] = {}
-        if valid:
-            query = select(
-                TerminalKey.key_id,
-                TerminalKey.terminal_id,
-                TerminalKey.application_id,
-                TerminalKey.fingerprint,
-            ).where(TerminalKey.key_id.in_(list(valid)))
-            existing = {row.key_id: row for row in uow.all(query)}
-        rows: list[dict[str, Any]] = []
+        wanted = list(valid)
+        for start in range(0, len(wanted), LOOKUP_SIZE):
+            part = wanted[start : start + LOOKUP_SIZE]
+            part += [part[0]] * (LOOKUP_SIZE - len(part))  # the statement's fixed size
+            found = uow.all(_EXISTING, **{f"k{i}": key_id for i, key_id in enumerate(part)})
+            existing.update((row.key_id, row) for row in found)
+        rows: list[tuple[Any, ...]] = []
         unchanged = 0
         for key_id in sorted(valid):  # sorted: inserts walk the key ID index in order
             records = valid[key_id]
@@ -592,19 +601,20 @@ def _sealed(dek: AESGCM, record: _Valid) -> bytes:
     return seal_key(dek, record.key, aad)
 
 
-def _row(record: _Valid, mark: str, sealed: bytes, import_id: str, now: datetime) -> dict[str, Any]:
-    return {
-        "key_id": record.key_id,
-        "terminal_id": record.terminal_id,
-        "application_id": record.application_id,
-        "label": record.label,
-        "algorithm": record.algorithm,
-        "sealed_key": sealed,
-        "import_id": import_id,
-        "fingerprint": mark,
-        "last_counter": 0,
-        "created_at": now,
-    }
+KEY_COLUMNS = (
+    "key_id", "terminal_id", "application_id", "label", "algorithm", "sealed_key",
+    "import_id", "fingerprint", "last_counter", "created_at",
+)  # fmt: skip
+
+
+def _row(
+    record: _Valid, mark: str, sealed: bytes, import_id: str, now: datetime
+) -> tuple[Any, ...]:
+    """A new row in :data:`KEY_COLUMNS`' order."""
+    return (
+        record.key_id, record.terminal_id, record.application_id, record.label,
+        record.algorithm, sealed, import_id, mark, 0, now,
+    )  # fmt: skip
 
 
 def _duplicate(record: _Valid, how: str) -> Rejection:
@@ -621,27 +631,16 @@ def _short(values: dict[str, Any]) -> dict[str, Any]:
     return {**values, "message": str(values["message"])[:MAX_MESSAGE]}
 
 
-def lines_of(chunks: Iterator[bytes], *, max_line: int = 1_048_576) -> Iterator[str]:
-    """UTF-8 text lines (a BOM is dropped) from byte chunks, without holding the content."""
-    import codecs
-
-    decoder = codecs.getincrementaldecoder("utf-8-sig")()
-    pending = ""
-    while True:
-        chunk = next(chunks, None)
-        try:
-            text = pending + decoder.decode(chunk or b"", final=chunk is None)
-        except UnicodeDecodeError:
-            raise KeysyncInvalidImport("the content is not UTF-8 text") from None
-        *complete, pending = text.split("\n")
-        for line in complete:
-            yield line + "\n"
-        if len(pending) > max_line:
-            raise KeysyncInvalidImport(f"a line is longer than {max_line} characters")
-        if chunk is None:
-            if pending:
-                yield pending
-            return
+def text_lines(body: IO[bytes]) -> Iterator[str]:
+    """The lines of a UTF-8 body (a BOM is dropped), read as a stream."""
+    text = io.TextIOWrapper(body, encoding="utf-8-sig", newline="")
+    try:
+        yield from text
+    except UnicodeDecodeError:
+        raise KeysyncInvalidImport("the content is not UTF-8 text") from None
+    finally:
+        with contextlib.suppress(ValueError):  # the body may be closed already
+            text.detach()  # the body is the caller's to close
 
 
 __all__ = ["FORMATS", "ImportReport", "KeyImports", "Record", "Rejection", "binascii"]

@@ -17,14 +17,14 @@ generate), so it works the same with the soft store and with PKCS#11.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import threading
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as pyca_hmac
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import (
@@ -49,8 +49,10 @@ IMPORT = "import"
 DEK_SIZE = 32
 NONCE_SIZE = 12
 FINGERPRINT_SIZE = 16
+_SHA256 = hashes.SHA256()
 
 _KEY_ROW_LABEL = b"trustfleet keysync terminal key v1"
+_KEY_ROW_PREFIX = transcript(_KEY_ROW_LABEL)
 _DEK_LABEL = b"trustfleet keysync import dek v1"
 _IMPORT_KEY_LABEL = b"trustfleet keysync import private key v1"
 _FINGERPRINT_KEY_INPUT = b"trustfleet keysync fingerprint key v1"
@@ -65,13 +67,23 @@ _lock = threading.Lock()
 
 
 def key_row_aad(key_id: str, terminal_id: str, application_id: str | None, algorithm: str) -> bytes:
-    return transcript(
-        _KEY_ROW_LABEL,
+    """``transcript(label, key ID, terminal ID, application ID or "", algorithm)``, written
+    out (a million rows per import call it)."""
+    k, t, a, g = (
         key_id.encode(),
         terminal_id.encode(),
         (application_id or "").encode(),
         algorithm.encode(),
     )
+    return b"".join(
+        (
+            _KEY_ROW_PREFIX,
+            len(k).to_bytes(4, "big"), k,
+            len(t).to_bytes(4, "big"), t,
+            len(a).to_bytes(4, "big"), a,
+            len(g).to_bytes(4, "big"), g,
+        )
+    )  # fmt: skip
 
 
 def dek_info(import_id: str) -> bytes:
@@ -93,9 +105,11 @@ def open_key(dek: AESGCM, sealed: bytes, aad: bytes) -> bytes:
 
 
 def fingerprint(fingerprint_key: bytes, key: bytes) -> str:
-    """A keyed hash of a key: equal keys give equal fingerprints, and it tells nothing
-    about the key to anyone without the key store."""
-    return hmac.new(fingerprint_key, key, hashlib.sha256).digest()[:FINGERPRINT_SIZE].hex()
+    """A keyed hash of a key (HMAC-SHA256, truncated): equal keys give equal fingerprints,
+    and it tells nothing about the key to anyone without the key store."""
+    mac = pyca_hmac.HMAC(fingerprint_key, _SHA256)
+    mac.update(key)
+    return mac.finalize()[:FINGERPRINT_SIZE].hex()
 
 
 class Vault:

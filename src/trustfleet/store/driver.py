@@ -31,7 +31,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, Insert, bindparam, create_engine, event, insert
+from sqlalchemy import Engine, Insert, Table, bindparam, create_engine, event, insert
 from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import QueryableAttribute, Session
@@ -230,6 +230,55 @@ class RawConnection:
         """Execute a statement that returns no rows once per parameter set (executemany)."""
         if rows:
             cursor, _ = self._run(statement, {}, rows)
+            cursor.close()
+
+    def copy_rows(
+        self, table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """Insert rows given as tuples in ``columns``' order by the database's bulk path:
+        ``COPY ... FROM STDIN`` on PostgreSQL, ``executemany`` of one prepared insert on
+        SQLite (the columns' bind processors applied column by column)."""
+        if not rows:
+            return
+        quote = self._dialect.identifier_preparer
+        names = ", ".join(quote.quote(name) for name in columns)
+        target = quote.format_table(table)
+        cursor = self._dbapi.cursor()
+        try:
+            if self._dialect.name == "postgresql":
+                with cursor.copy(f"COPY {target} ({names}) FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
+                return
+            processors = [
+                (index, process)
+                for index, name in enumerate(columns)
+                if (
+                    process := table.c[name]
+                    .type.dialect_impl(self._dialect)
+                    .bind_processor(self._dialect)
+                )
+            ]
+            if processors:  # column by column: most columns need no processing
+                cells = [list(row) for row in rows]
+                for index, process in processors:
+                    last: Any = object()
+                    done: Any = None
+                    for cell in cells:
+                        value = cell[index]
+                        if value is not last:  # a value every row shares is processed once
+                            last, done = value, process(value)
+                        cell[index] = done
+                rows = cells
+            marks = ", ".join("?" * len(columns))
+            cursor.executemany(f"INSERT INTO {target} ({names}) VALUES ({marks})", rows)  # noqa: S608
+        except self._dialect.loaded_dbapi.IntegrityError as exc:
+            raise IntegrityViolation(str(exc)) from exc
+        except self._dialect.loaded_dbapi.Error as exc:
+            if self._dialect.is_disconnect(exc, self._dbapi, cursor):
+                raise ConnectionLost(str(exc)) from exc
+            raise
+        finally:
             cursor.close()
 
 

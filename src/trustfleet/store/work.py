@@ -127,6 +127,19 @@ class UnitOfWork(Reads):
         if rows:
             self._connection.run_many(_insert_statement(table, tuple(rows[0])), rows)
 
+    def insert_rows(
+        self,
+        table: Table | type[Any],
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+    ) -> None:
+        """Insert many new rows, each a tuple of ``columns``' values, by the database's bulk
+        path (``COPY`` on PostgreSQL, one prepared ``executemany`` on SQLite): the way to
+        write tens of thousands of rows per unit of work. A row that breaks a constraint
+        fails the whole call (IntegrityViolation)."""
+        target = table if isinstance(table, Table) else table.__table__
+        self._connection.copy_rows(target, columns, rows)
+
     def audit(
         self,
         action: str,
