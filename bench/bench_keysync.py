@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import hashlib
 import os
 import secrets
@@ -167,29 +168,45 @@ def floor(target: Target, path: Path) -> tuple[float, float]:
         raw.close()
 
 
-def bench_import(rows: int, database_url: str) -> None:
+def bench_import(rows: int, database_url: str, repeat: int) -> None:
+    """Floor and import alternately, ``repeat`` times each on fresh databases; the best
+    time of each (the machine is shared: the best run is the least disturbed one)."""
     workdir = Path(tempfile.mkdtemp(prefix="tf-bench-keysync-"))
+    floors: list[tuple[float, float]] = []
+    runs: list[tuple[float, float]] = []
     try:
         path = workdir / "keys.csv"
         write_csv(path, rows)
         size = path.stat().st_size
-        floor_wall, floor_cpu = floor(Target.fresh(workdir, database_url, "floor"), path)
-        target = Target.fresh(workdir, database_url, "ours")
-        wall, cpu, counts = ours(target, path)
-        assert counts == {"accepted": rows, "unchanged": 0, "rejected": 0}, counts
+        gc.collect()
+        gc.freeze()  # as the server does after startup (runner._freeze_startup_objects)
+        for attempt in range(repeat):
+            floors.append(floor(Target.fresh(workdir, database_url, f"floor{attempt}"), path))
+            target = Target.fresh(workdir, database_url, f"ours{attempt}")
+            wall, cpu, counts = ours(target, path)
+            assert counts == {"accepted": rows, "unchanged": 0, "rejected": 0}, counts
+            runs.append((wall, cpu))
+            target.engine.dispose()
         again_wall, _, again = ours(target, path, "again")  # the same file: all unchanged
+        assert again["unchanged"] == rows
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    floor_wall, floor_cpu = min(floors)
+    wall, cpu = min(runs)
     dialect = "PostgreSQL" if database_url else "SQLite"
-    print(f"import of {rows:,} CSV rows ({size / 1e6:.0f} MB), {dialect}, batches of {BATCH_ROWS}")
+    bulk = "COPY" if database_url else "executemany"
+    print(f"import of {rows:,} CSV rows ({size / 1e6:.0f} MB), {dialect}, batches of "
+          f"{BATCH_ROWS}, best of {repeat}")  # fmt: skip
     print("| | wall s | rows/s | process CPU s |")
     print("|---|---:|---:|---:|")
-    print(f"| floor (csv + AEAD + {'executemany' if not database_url else 'COPY'}) "
-          f"| {floor_wall:.1f} | {rows / floor_wall:,.0f} | {floor_cpu:.1f} |")  # fmt: skip
+    print(f"| floor (csv + AEAD + {bulk}) | {floor_wall:.1f} | {rows / floor_wall:,.0f} "
+          f"| {floor_cpu:.1f} |")  # fmt: skip
     print(f"| trustfleet import | {wall:.1f} | {rows / wall:,.0f} | {cpu:.1f} |")
-    print(f"| the same file again ({again['unchanged']:,} unchanged) | {again_wall:.1f} "
+    print(f"| the same file again, another import ID (all unchanged) | {again_wall:.1f} "
           f"| {rows / again_wall:,.0f} | |")  # fmt: skip
-    print(f"ratio (time / floor time): {wall / floor_wall:.2f}")
+    print(f"ratio (import time / floor time): {wall / floor_wall:.2f}")
+    print("all runs (wall s): floor " + ", ".join(f"{w:.1f}" for w, _ in floors)
+          + "; import " + ", ".join(f"{w:.1f}" for w, _ in runs))  # fmt: skip
 
 
 # =====================================================================================
@@ -203,9 +220,10 @@ def main() -> None:
     p_import = sub.add_parser("import")
     p_import.add_argument("--rows", type=int, default=1_000_000)
     p_import.add_argument("--database-url", default="")
+    p_import.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     if args.what == "import":
-        bench_import(args.rows, args.database_url)
+        bench_import(args.rows, args.database_url, args.repeat)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import csv
 import io
 import itertools
 import json
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,7 +30,8 @@ from typing import IO, Any
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import load_der_public_key
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import String, any_, bindparam, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from trustfleet.crypto.base import PublicKey
 from trustfleet.errors import CryptoError
@@ -348,6 +351,10 @@ _EXISTING = select(
     TerminalKey.key_id, TerminalKey.terminal_id, TerminalKey.application_id,
     TerminalKey.fingerprint,
 ).where(TerminalKey.key_id.in_([bindparam(f"k{i}") for i in range(LOOKUP_SIZE)]))  # fmt: skip
+_EXISTING_ANY = select(
+    TerminalKey.key_id, TerminalKey.terminal_id, TerminalKey.application_id,
+    TerminalKey.fingerprint,
+).where(TerminalKey.key_id == any_(bindparam("b_keys", type_=ARRAY(String(32)))))  # fmt: skip
 _SIGNER = select(ManufacturerKey.public_key_der).where(ManufacturerKey.kid == bindparam("b_kid"))
 
 
@@ -361,6 +368,83 @@ def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
                 break
             batch.append(following)
         yield batch
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A batch checked and sealed, ready for its unit of work."""
+
+    first_row: int
+    last_row: int
+    #: every valid occurrence of each key ID in the batch, with its fingerprint, in order
+    valid: dict[str, list[tuple[_Valid, str]]]
+    #: the first occurrence of each key ID, sealed under the import's DEK
+    sealed: dict[str, bytes]
+    rejections: list[Rejection]
+
+
+def _prepare(batch: list[Item], dek: AESGCM, fingerprint_key: bytes) -> _Prepared:
+    rejections: list[Rejection] = []
+    valid: dict[str, list[tuple[_Valid, str]]] = {}
+    for item in batch:
+        checked = item if isinstance(item, Rejection) else validate(item)
+        if isinstance(checked, Rejection):
+            rejections.append(checked)
+            continue
+        mark = fingerprint(fingerprint_key, checked.key)
+        valid.setdefault(checked.key_id, []).append((checked, mark))
+    sealed = {key_id: _sealed(dek, found[0][0]) for key_id, found in valid.items()}
+    return _Prepared(batch[0].row, batch[-1].row, valid, sealed, rejections)
+
+
+_END = object()
+PIPELINE_DEPTH = 2
+
+
+def _pipeline(
+    batches: Iterator[list[Item]], prepare: Callable[[list[Item]], _Prepared], *, after: int
+) -> Iterator[_Prepared]:
+    """The batches after row ``after``, read, checked and sealed on a thread of their own
+    while the caller commits the previous ones (the database releases the GIL while it
+    works): at most PIPELINE_DEPTH batches wait, so memory stays bounded."""
+    handoff: queue.Queue[object] = queue.Queue(maxsize=PIPELINE_DEPTH)
+    stop = threading.Event()
+
+    def offer(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if batch[-1].row <= after:
+                    continue
+                fresh = [item for item in batch if item.row > after]
+                if not offer(prepare(fresh)):
+                    return
+            offer(_END)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            offer(exc)
+
+    producer = threading.Thread(target=produce, name="keysync-import-reader", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item = handoff.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, _Prepared)
+            yield item
+    finally:
+        stop.set()
+        producer.join()
 
 
 class KeyImports:
@@ -440,11 +524,13 @@ class KeyImports:
             dek = self._vault.open_dek(job.kek_handle, job.sealed_dek, import_id)
             done = job.rows_done
         fingerprint_key = self._vault.fingerprint_key()
-        for batch in _batches(items, self._batch_rows):
-            if batch[-1].row <= done:
-                continue
-            fresh = [item for item in batch if item.row > done]
-            done = self._commit_batch(import_id, done, fresh, dek, fingerprint_key, actor)
+        prepared = _pipeline(
+            _batches(items, self._batch_rows),
+            lambda batch: _prepare(batch, dek, fingerprint_key),
+            after=done,
+        )
+        for batch in prepared:
+            done = self._commit_batch(import_id, done, batch, actor)
             if progress:
                 progress(done)
         self._complete(import_id, actor)
@@ -491,34 +577,18 @@ class KeyImports:
             raise KeysyncImportConflict(f"import {import_id[:64]!r} started elsewhere") from None
         return dek
 
-    def _commit_batch(
-        self,
-        import_id: str,
-        done: int,
-        batch: list[Item],
-        dek: AESGCM,
-        fingerprint_key: bytes,
-        actor: str,
-    ) -> int:
-        rejections: list[Rejection] = []
-        #: every valid occurrence of each key ID in this batch, in row order
-        valid: dict[str, list[tuple[_Valid, str]]] = {}
-        for item in batch:
-            checked = item if isinstance(item, Rejection) else validate(item)
-            if isinstance(checked, Rejection):
-                rejections.append(checked)
-                continue
-            mark = fingerprint(fingerprint_key, checked.key)
-            valid.setdefault(checked.key_id, []).append((checked, mark))
-        # sealed before the unit of work, which then only decides and writes
-        sealed = {key_id: _sealed(dek, found[0][0]) for key_id, found in valid.items()}
+    def _commit_batch(self, import_id: str, done: int, batch: _Prepared, actor: str) -> int:
+        """One batch's unit of work: decide each key against what is stored, insert the new
+        ones, record the rejected rows, move ``rows_done``, audit."""
+        rejections = list(batch.rejections)
         now = self._clock()
-        last_row = batch[-1].row
         with self._db.work() as uow:
             job = uow.one(_JOB_LOCKED, b_id=import_id)
             if job is None or job.status != "running" or job.rows_done != done:
                 raise KeysyncImportConflict(f"import {import_id[:64]!r} is running elsewhere")
-            new_rows, unchanged = self._new_rows(uow, valid, sealed, rejections, import_id, now)
+            new_rows, unchanged = self._new_rows(
+                uow, batch.valid, batch.sealed, rejections, import_id, now
+            )
             uow.insert_rows(TerminalKey, KEY_COLUMNS, new_rows)
             rejections.sort(key=lambda r: r.row)
             uow.insert_many(
@@ -526,7 +596,7 @@ class KeyImports:
                 [{"import_id": import_id, **_short(rejection_dict(r))} for r in rejections],
             )
             uow.run(
-                _ADVANCE, b_id=import_id, b_rows_done=last_row, b_accepted=len(new_rows),
+                _ADVANCE, b_id=import_id, b_rows_done=batch.last_row, b_accepted=len(new_rows),
                 b_unchanged=unchanged, b_rejected=len(rejections), b_now=now,
             )  # fmt: skip
             uow.audit(
@@ -534,13 +604,13 @@ class KeyImports:
                 actor=actor,
                 subject=import_id,
                 details={
-                    "rows": [batch[0].row, last_row],
+                    "rows": [batch.first_row, batch.last_row],
                     "accepted": len(new_rows),
                     "unchanged": unchanged,
                     "rejected": len(rejections),
                 },
             )
-        return last_row
+        return batch.last_row
 
     def _new_rows(
         self,
@@ -556,6 +626,9 @@ class KeyImports:
         later ones must match it."""
         existing: dict[str, Any] = {}
         wanted = list(valid)
+        if uow.dialect_name == "postgresql":  # one array parameter, one round trip
+            existing.update((row.key_id, row) for row in uow.all(_EXISTING_ANY, b_keys=wanted))
+            wanted = []
         for start in range(0, len(wanted), LOOKUP_SIZE):
             part = wanted[start : start + LOOKUP_SIZE]
             part += [part[0]] * (LOOKUP_SIZE - len(part))  # the statement's fixed size
