@@ -87,6 +87,7 @@ _KEY = (
 )
 _TERMINAL_KEYS = select(func.count()).where(TerminalKey.terminal_id == bindparam("b_terminal"))
 _TERMINAL_MDN = select(Subscriber.mdn).where(Subscriber.terminal_id == bindparam("b_terminal"))
+_TERMINAL_MDN_LOCKED = _TERMINAL_MDN.with_for_update()
 _PLATFORM = select(Platform.hpke_public_key_der, Platform.destination).where(
     Platform.application_id == bindparam("b_app")
 )
@@ -377,7 +378,7 @@ class KeySync:
     ) -> None:
         if not uow.run(_CONSUME, b_key_id=bound.key_id, b_c=bound.counter):
             raise KeysyncReplayedCounter()  # a concurrent request took this counter
-        owner = uow.scalar(_TERMINAL_MDN.with_for_update(), b_terminal=bound.terminal_id)
+        owner = uow.scalar(_TERMINAL_MDN_LOCKED, b_terminal=bound.terminal_id)
         if owner not in (None, bound.mdn):
             raise KeysyncKeyOfAnotherTerminal()
         uow.run(_PIN, b_mdn=bound.mdn, b_terminal=bound.terminal_id, b_now=now)
