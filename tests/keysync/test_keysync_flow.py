@@ -69,3 +69,25 @@ def test_http_request_from_the_device_gateway(
     assert [k.key_id for k in live_platform.keys.all()] == [
         terminal.held(application_id=APP).key_id
     ]
+
+
+def test_the_sms_webhook_answers_alike_without_the_device_lane(
+    context: AppContext,
+    sessions: sessionmaker[Session],
+    tokens: dict[str, str],
+    gateway: str,
+    live_platform: Platform,
+    make_terminal: Callable[..., M2mTerminal],
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from trustfleet.server.app import create_app
+
+    terminal = make_terminal()
+    with TestClient(create_app(context, device_lane=False)) as plain:
+        bad = send_sms(plain, terminal, terminal.next_request().to_text(), secret="wrong")
+        assert bad.status_code == 403
+        assert bad.json()["code"] == "keysync-bad-gateway-signature"
+        good = send_sms(plain, terminal, terminal.next_request().to_text())
+        assert good.status_code == 200 and good.headers["content-type"].startswith("text/xml")
+    assert bindings(sessions) == 1

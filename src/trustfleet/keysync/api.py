@@ -15,7 +15,7 @@ from typing import IO, Annotated, Literal
 from urllib.parse import parse_qsl
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from trustfleet.keysync import imports as imports_module
@@ -32,7 +32,7 @@ from trustfleet.kit.outbox import Outbox
 from trustfleet.kit.outbox.api import DestinationOut, MessageOut
 from trustfleet.kit.routes import DeviceRoutes
 from trustfleet.server.context import AppContext
-from trustfleet.server.deps import Principal, get_context, public, require_role, run_database_work
+from trustfleet.server.deps import Principal, get_context, require_role
 from trustfleet.server.devicelane import DeviceAnswer
 from trustfleet.server.limits import streamed_import
 from trustfleet.server.models import Role
@@ -48,7 +48,8 @@ Staff = Annotated[Principal, Depends(require_role(Role.ADMIN, Role.OPERATOR))]
 ImportId = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 AppId = Annotated[str, Path(pattern=f"^{protocol.ID_PATTERN.pattern}$")]
 Mdn = Annotated[str, Path(pattern=r"^\+?[0-9]{7,15}$")]
-GatewayName = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
+GATEWAY_PATTERN = r"[a-z0-9][a-z0-9-]{0,63}"
+GatewayName = Annotated[str, Path(pattern=f"^{GATEWAY_PATTERN}$")]
 
 SPOOL_MEMORY_BYTES = 8 * 1024 * 1024
 IMPORT_MEDIA_TYPES = {
@@ -387,25 +388,6 @@ def put_gateway(
 # =====================================================================================
 
 
-@router.post(
-    "/sms/{gateway}",
-    dependencies=[Depends(public)],
-    response_class=Response,
-    responses={200: {"content": {"text/xml": {}}, "description": "Empty TwiML"}},
-)
-async def inbound_sms(gateway: GatewayName, request: Request, context: Context) -> Response:
-    """An SMS gateway's inbound-message webhook (Twilio's form fields ``From``, ``To``,
-    ``Body``, ``MessageSid``...), authenticated by its ``X-Twilio-Signature``. The MDN is
-    ``From``; the body is a key-sync request (docs/keysync-protocol.md). A refusal answers
-    problem+json with its code."""
-    raw = await request.body()
-    params = parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
-    signature = request.headers.get("x-twilio-signature")
-    work = partial(services.key_sync(context).sms, gateway, params, signature)
-    await run_database_work(context, work)
-    return Response(TWIML_EMPTY, media_type="text/xml")
-
-
 device = DeviceRoutes(router, roles={Role.DEVICE_GATEWAY.value})
 
 
@@ -428,6 +410,27 @@ def sync_request(
         delivery_id=bound.delivery_id,
     )
     return DeviceAnswer(out.model_dump_json().encode())
+
+
+@device.post(
+    "/sms/{gateway}",
+    params={"gateway": GATEWAY_PATTERN},
+    public=True,
+    headers={"signature": "X-Twilio-Signature"},
+    request_media_type="application/x-www-form-urlencoded",
+    response_media_type="text/xml",
+)
+def inbound_sms(
+    context: AppContext, principal: Principal, params: Mapping[str, str], body: bytes
+) -> DeviceAnswer:
+    """An SMS gateway's inbound-message webhook (Twilio's form fields ``From``, ``To``,
+    ``Body``, ``MessageSid``...), authenticated by its ``X-Twilio-Signature`` (no API
+    token). The MDN is ``From``; the body is a key-sync request
+    (docs/keysync-protocol.md). Answers empty TwiML; a refusal, problem+json with its code."""
+    form = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+    signature = params.get("signature") or None
+    services.key_sync(context).sms(params["gateway"], form, signature)
+    return DeviceAnswer(TWIML_EMPTY, media_type="text/xml")
 
 
 device_routes = device.routes
