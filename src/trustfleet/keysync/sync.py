@@ -17,6 +17,7 @@ request cannot be replayed once the refusal's cause is fixed.
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import logging
 import threading
@@ -31,6 +32,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as pyca_hmac
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.orm import aliased
 
 from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.keysync import protocol
@@ -69,7 +71,21 @@ REPLY_REFUSED = "KS1 REFUSED"
 REPLY_TIMEOUT_SECONDS = 5
 
 _SUBSCRIBER = select(Subscriber.terminal_id).where(Subscriber.mdn == bindparam("b_mdn"))
-_APPLICATIONS = select(Registration.application_id).where(Registration.mdn == bindparam("b_mdn"))
+#: the MDN's terminal, and each application it is registered for with its platform
+_REGISTERED = (
+    select(
+        Subscriber.terminal_id,
+        Registration.application_id,
+        Platform.hpke_public_key_der,
+        Platform.destination,
+    )
+    .outerjoin(Registration, Registration.mdn == Subscriber.mdn)
+    .outerjoin(Platform, Platform.application_id == Registration.application_id)
+    .where(Subscriber.mdn == bindparam("b_mdn"))
+)
+_OTHER_KEYS = aliased(TerminalKey)
+#: the key, its import's sealed DEK, the MDN its terminal is bound to and how many keys
+#: that terminal holds
 _KEY = (
     select(
         TerminalKey.key_id,
@@ -81,16 +97,21 @@ _KEY = (
         TerminalKey.import_id,
         KeyImport.kek_handle,
         KeyImport.sealed_dek,
+        select(Subscriber.mdn)
+        .where(Subscriber.terminal_id == TerminalKey.terminal_id)
+        .scalar_subquery()
+        .label("owner"),
+        select(func.count())
+        .select_from(_OTHER_KEYS)
+        .where(_OTHER_KEYS.terminal_id == TerminalKey.terminal_id)
+        .scalar_subquery()
+        .label("keys"),
     )
     .join(KeyImport, KeyImport.id == TerminalKey.import_id)
     .where(TerminalKey.key_id == bindparam("b_key_id"))
 )
-_TERMINAL_KEYS = select(func.count()).where(TerminalKey.terminal_id == bindparam("b_terminal"))
 _TERMINAL_MDN = select(Subscriber.mdn).where(Subscriber.terminal_id == bindparam("b_terminal"))
 _TERMINAL_MDN_LOCKED = _TERMINAL_MDN.with_for_update()
-_PLATFORM = select(Platform.hpke_public_key_der, Platform.destination).where(
-    Platform.application_id == bindparam("b_app")
-)
 _CONSUME = (
     update(TerminalKey)
     .where(TerminalKey.key_id == bindparam("b_key_id"), TerminalKey.last_counter < bindparam("b_c"))
@@ -106,6 +127,14 @@ _REPLACE = (
     .where(Binding.active_slot == bindparam("b_slot"))
     .values(status="replaced", active_slot=None, replaced_at=bindparam("b_now"))
 )
+
+
+@functools.lru_cache(maxsize=1024)
+def _platform_key(der: bytes) -> Any:
+    """A platform's HPKE public key, parsed once per process (keys are immutable values)."""
+    return load_der_public_key(der)
+
+
 _GATEWAY = select(
     Gateway.webhook_url,
     Gateway.sealed_secret,
@@ -297,10 +326,10 @@ class KeySync:
     def _bind(self, checked: _Checked, *, via: str, actor: str, details: dict[str, Any]) -> Bound:
         mdn, request = checked.mdn, checked.request
         with self._db.reading() as reads:
-            subscriber = reads.one(_SUBSCRIBER, b_mdn=mdn)
-            apps = [row.application_id for row in reads.all(_APPLICATIONS, b_mdn=mdn)]
+            registered = reads.all(_REGISTERED, b_mdn=mdn)
             key = reads.one(_KEY, b_key_id=request.key_id)
-        if subscriber is None or not apps:
+        apps = {row.application_id: row for row in registered if row.application_id}
+        if not apps:
             raise KeysyncUnregisteredMdn()
         if key is None:
             raise KeysyncUnknownKeyId()
@@ -317,20 +346,18 @@ class KeySync:
         checked.terminal_id = key.terminal_id
         if request.counter <= key.last_counter:
             raise KeysyncReplayedCounter()
-        with self._db.reading() as reads:
-            owner = reads.scalar(_TERMINAL_MDN, b_terminal=key.terminal_id)
-            count = reads.scalar(_TERMINAL_KEYS, b_terminal=key.terminal_id)
-        if subscriber.terminal_id not in (None, key.terminal_id) or owner not in (None, mdn):
+        pinned = registered[0].terminal_id
+        if pinned not in (None, key.terminal_id) or key.owner not in (None, mdn):
             raise KeysyncKeyOfAnotherTerminal()
-        application_id = self._application(request, key.application_id, count, apps)
-        platform = self._db.read(lambda reads: reads.one(_PLATFORM, b_app=application_id))
-        if platform is None:
+        application_id = self._application(request, key.application_id, key.keys, list(apps))
+        platform = apps[application_id]
+        if platform.destination is None:
             raise KeysyncNoPlatform()
         delivery_id = outbox.new_message_id()
         now = self._clock()
         payload = protocol.seal_delivery(
             protocol.KeyDelivery(mdn, key.key_id, material, application_id, key.algorithm),
-            platform_key=load_der_public_key(platform.hpke_public_key_der),  # type: ignore[arg-type]
+            platform_key=_platform_key(platform.hpke_public_key_der),
             delivery_id=delivery_id,
             timestamp=int(now.timestamp()),
         )
