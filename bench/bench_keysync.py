@@ -292,9 +292,13 @@ class SyncFleet:
     env: dict[str, str]
     #: per terminal, its key (hex), key ID and MDN
     terminals: list[tuple[str, str, str]]
+    #: what the platform verifies deliveries with (whpk_...)
+    verifier: str = ""
 
 
-def build_sync_fleet(workdir: Path, count: int) -> SyncFleet:
+def build_sync_fleet(
+    workdir: Path, count: int, platform_key: Any = None, platform_url: str = ""
+) -> SyncFleet:
     """A data directory with a platform, a gateway and ``count`` terminals imported and
     registered (one key each), set up through the app in process."""
     from cryptography.hazmat.primitives.asymmetric import x25519
@@ -321,14 +325,16 @@ def build_sync_fleet(workdir: Path, count: int) -> SyncFleet:
     context = app.state.context
     admin = {"Authorization": f"Bearer {bootstrap_admin_token(context.sessions)}"}
     client = TestClient(app)
-    pem = (
-        x25519.X25519PrivateKey.generate()
-        .public_key()
-        .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    platform_key = platform_key or x25519.X25519PrivateKey.generate()
+    pem = platform_key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    url = platform_url or "http://127.0.0.1:9/webhook"
+    answer = client.put(
+        f"/v1/keysync/platforms/{APP}",
+        headers=admin,
+        json={"url": url, "hpke_public_key_pem": pem.decode()},
     )
-    client.put(f"/v1/keysync/platforms/{APP}", headers=admin, json={
-        "url": "http://127.0.0.1:9/webhook", "hpke_public_key_pem": pem.decode()},
-    ).raise_for_status()  # fmt: skip
+    answer.raise_for_status()
+    fleet_verifier = answer.json()["verifier"]
     gateway = {"webhook_url": SIGNED_URL, "secret": GATEWAY_SECRET}
     client.put("/v1/keysync/gateways/gw", headers=admin, json=gateway).raise_for_status()
     terminals = [
@@ -351,7 +357,7 @@ def build_sync_fleet(workdir: Path, count: int) -> SyncFleet:
             for _, _, mdn in terminals])  # fmt: skip
     client.close()
     context.engine.dispose()
-    return SyncFleet(env, terminals)
+    return SyncFleet(env, terminals, fleet_verifier)
 
 
 def sms_posts(fleet: SyncFleet, counter: int, part: slice) -> list[tuple[str, str]]:
@@ -530,6 +536,103 @@ def bench_sync(requests: int) -> None:
 
 
 # =====================================================================================
+# deliveries
+# =====================================================================================
+
+
+def _delivered(database: Path) -> int:
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
+        found = connection.execute(
+            "SELECT count(*) FROM outbox_messages WHERE status = 'delivered'"
+        ).fetchone()
+    return int(found[0])
+
+
+def bench_deliveries(messages: int) -> None:
+    """``trustfleet worker`` delivering ``messages`` queued keys to ``trustfleet
+    platform-receiver`` on localhost (both real processes): deliveries/s, and each
+    process's CPU per delivery (from the first delivery to the last, so start-up is not
+    counted)."""
+    import subprocess
+
+    import httpx
+    from cryptography.hazmat.primitives.asymmetric import x25519
+    from cryptography.hazmat.primitives.serialization import NoEncryption, PrivateFormat
+    from fastapi.testclient import TestClient
+
+    from trustfleet.server.runner import app_from_env
+
+    workdir = Path(tempfile.mkdtemp(prefix="tf-bench-deliveries-"))
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        port = bench_tmk._free_port()
+        platform_key = x25519.X25519PrivateKey.generate()
+        fleet = build_sync_fleet(workdir, messages, platform_key,
+                                 f"http://127.0.0.1:{port}/webhook")  # fmt: skip
+        os.environ.update(fleet.env)
+        app = app_from_env()
+        with TestClient(app) as client:
+            for body, signature in sms_posts(fleet, 1, slice(0, messages)):
+                client.post(SMS_PATH, content=body, headers={
+                    "Content-Type": "application/x-www-form-urlencoded",
+                    "X-Twilio-Signature": signature}).raise_for_status()  # fmt: skip
+        app.state.context.engine.dispose()
+        receiver_dir = workdir / "receiver"
+        receiver_dir.mkdir()
+        (receiver_dir / "hpke.pem").write_bytes(
+            platform_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+        )
+        cli = [sys.executable, "-m", "trustfleet.cli"]
+        env = {**fleet.env, "TRUSTFLEET_WEBHOOK_VERIFIER": fleet.verifier}
+        receiver = subprocess.Popen(
+            [*cli, "platform-receiver", "run", "--app", APP, "--dir", str(receiver_dir),
+             "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        processes.append(receiver)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        worker = subprocess.Popen([*cli, "worker"], env=env, stdout=subprocess.DEVNULL)
+        processes.append(worker)
+        database = Path(fleet.env["TRUSTFLEET_DATA_DIR"]) / "trustfleet.db"
+        while _delivered(database) == 0:
+            time.sleep(0.005)
+        start = time.perf_counter()
+        cpu0 = bench_tmk.tree_cpu_seconds(worker.pid), bench_tmk.tree_cpu_seconds(receiver.pid)
+        done0 = _delivered(database)
+        while (done := _delivered(database)) < messages:
+            time.sleep(0.02)
+        wall = time.perf_counter() - start
+        cpu = (
+            bench_tmk.tree_cpu_seconds(worker.pid) - cpu0[0],
+            bench_tmk.tree_cpu_seconds(receiver.pid) - cpu0[1],
+        )
+        counted = done - done0
+        stored = (
+            sqlite3.connect(receiver_dir / "keys.db")
+            .execute("SELECT count(*) FROM deliveries")
+            .fetchone()[0]
+        )
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(30)
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert stored == messages, stored
+    print(f"deliveries: trustfleet worker -> platform-receiver on localhost, {messages} keys,"
+          " v1a (Ed25519) signatures, HPKE X25519 payloads, SQLite")  # fmt: skip
+    print("| | value |")
+    print("|---|---:|")
+    print(f"| deliveries/s | {counted / wall:,.0f} |")
+    print(f"| worker CPU per delivery | {1000 * cpu[0] / counted:.2f} ms |")
+    print(f"| receiver CPU per delivery | {1000 * cpu[1] / counted:.2f} ms |")
+
+
+# =====================================================================================
 # main
 # =====================================================================================
 
@@ -545,7 +648,11 @@ def main() -> None:
     p_manifest.add_argument("--rows", type=int, default=20_000)
     p_sync = sub.add_parser("sync")
     p_sync.add_argument("--requests", type=int, default=3000)
+    p_deliveries = sub.add_parser("deliveries")
+    p_deliveries.add_argument("--messages", type=int, default=2000)
     args = parser.parse_args()
+    if args.what == "deliveries":
+        bench_deliveries(args.messages)
     if args.what == "sync":
         bench_sync(args.requests)
     if args.what == "manifest":
