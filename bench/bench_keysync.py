@@ -50,7 +50,7 @@ from trustfleet.keystore.soft import SoftKeyStore
 from trustfleet.keysync.imports import BATCH_ROWS, KeyImports, text_lines
 from trustfleet.keysync.vault import Vault, key_row_aad
 from trustfleet.store import Database
-from trustfleet.store.engine import make_engine, make_session_factory, migrate
+from trustfleet.store.engine import _sqlite_pragmas, make_engine, make_session_factory, migrate
 
 # =====================================================================================
 # import
@@ -138,8 +138,7 @@ def floor(target: Target, path: Path) -> tuple[float, float]:
     )
     if target.engine.dialect.name == "sqlite":
         connection = sqlite3.connect(target.engine.url.database, isolation_level=None)
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
+        _sqlite_pragmas(connection, None)  # the app's: WAL, synchronous=NORMAL, foreign keys
         connection.execute(job.replace("%s", "?"), (b"", now, now))
         marks = ", ".join("?" * 10)
         insert = f"INSERT INTO keysync_terminal_keys ({columns}) VALUES ({marks})"  # noqa: S608
