@@ -14,7 +14,6 @@ Keys are sealed under the import's DEK before they reach the database (:mod:`.va
 
 from __future__ import annotations
 
-import binascii
 import contextlib
 import csv
 import io
@@ -716,4 +715,4 @@ def text_lines(body: IO[bytes]) -> Iterator[str]:
             text.detach()  # the body is the caller's to close
 
 
-__all__ = ["FORMATS", "ImportReport", "KeyImports", "Record", "Rejection", "binascii"]
+__all__ = ["FORMATS", "ImportReport", "KeyImports", "Record", "Rejection"]

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 
 from trustfleet.crypto import get_suite
 from trustfleet.crypto.base import KeyAlgorithm, PrivateKey, PublicKey, Suite
-from trustfleet.errors import CryptoError, DecryptionFailed, InvalidSignature
+from trustfleet.errors import CryptoError, InvalidSignature
 from trustfleet.keysync.errors import KeysyncMalformedMessage, KeysyncPayloadInvalid
 from trustfleet.wire import Alphabet, Codec, canonical_json, transcript
 
@@ -469,16 +469,3 @@ def parse_manifest_payload(payload: bytes) -> ManifestRecord:
     except (ValueError, RecursionError, binascii.Error):
         raise ManifestFormatError("the signed payload is not a keysync manifest record") from None
     return ManifestRecord(terminal_id, tuple(keys))
-
-
-__all__ = [
-    "CODEC",
-    "DecryptionFailed",
-    "KeyDelivery",
-    "ManifestKey",
-    "SyncRequest",
-    "compose_request",
-    "open_delivery",
-    "seal_delivery",
-    "verify_request",
-]
