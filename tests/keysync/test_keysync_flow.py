@@ -91,3 +91,35 @@ def test_the_sms_webhook_answers_alike_without_the_device_lane(
         good = send_sms(plain, terminal, terminal.next_request().to_text())
         assert good.status_code == 200 and good.headers["content-type"].startswith("text/xml")
     assert bindings(sessions) == 1
+
+
+def test_device_gateway_refusals_carry_their_codes(
+    client: TestClient,
+    sessions: sessionmaker[Session],
+    tokens: dict[str, str],
+    live_platform: Platform,
+    make_terminal: Callable[..., M2mTerminal],
+) -> None:
+    import pytest
+
+    from trustfleet.keysync import protocol
+    from trustfleet.keysync.errors import KeysyncServerRefused
+
+    terminal = make_terminal()
+    request = terminal.next_request()
+    gateway = tokens["device-gateway"]
+    sync_over_http(client, gateway, terminal, request)
+    with pytest.raises(KeysyncServerRefused) as replayed:
+        sync_over_http(client, gateway, terminal, request)
+    assert (replayed.value.remote_code, replayed.value.http_status) == (
+        "keysync-replayed-counter",
+        409,
+    )
+    forged = protocol.SyncRequest(request.key_id, None, request.counter + 1, bytes(8))
+    with pytest.raises(KeysyncServerRefused) as bad_mac:
+        sync_over_http(client, gateway, terminal, forged)
+    assert bad_mac.value.remote_code == "keysync-bad-mac"
+    with pytest.raises(KeysyncServerRefused) as wrong_role:
+        sync_over_http(client, tokens["operator"], terminal, terminal.next_request())
+    assert wrong_role.value.http_status == 403
+    assert bindings(sessions) == 1
