@@ -8,6 +8,8 @@ from types import ModuleType
 MODEL_MODULES = (
     "trustfleet.binding.models",
     "trustfleet.keystore.models",
+    "trustfleet.kit.outbox.models",
+    "trustfleet.keysync.models",
     "trustfleet.pki.models",
     "trustfleet.server.models",
     "trustfleet.tmk.models",

@@ -39,6 +39,14 @@ class Settings:
     max_import_bytes: int = 268_435_456  # streamed bulk imports
     log_level: str = "INFO"
     tmk_session_seconds: int = 60  # how long a TMK download session lives (10..600)
+    #: seconds before each delivery attempt of the outbox (Standard Webhooks' schedule);
+    #: after the last one a message is dead-lettered
+    outbox_retry_schedule: str = "0,5,300,1800,7200,18000,36000,36000"
+    outbox_request_timeout: int = 10  # seconds per delivery attempt
+    outbox_worker: bool = True  # `trustfleet serve` runs a delivery worker in process
+    #: extra number ranges accepted as M2M MDNs (E.164 prefixes with their total digit
+    #: counts, e.g. "+86:13,+4915:14"): libphonenumber rejects many real M2M numbers
+    keysync_m2m_ranges: str = "+86:13"
 
     @property
     def resolved_database_url(self) -> str:

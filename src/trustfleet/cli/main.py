@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -12,6 +13,10 @@ from rich.table import Table
 
 from trustfleet.errors import TrustfleetError
 from trustfleet.kit.cli import console, err_console, state
+
+if TYPE_CHECKING:
+    from trustfleet.kit.outbox import DeliveryWorker
+    from trustfleet.server.context import AppContext
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 token_app = typer.Typer(no_args_is_help=True, help="API tokens (one role each).")
@@ -58,6 +63,10 @@ def serve(
     init_if_missing: Annotated[
         bool, typer.Option("--init-if-missing", help="Run `init` first when needed.")
     ] = False,
+    worker: Annotated[
+        bool,
+        typer.Option(help="Run an outbox delivery worker in this process (outbox_worker)."),
+    ] = True,
 ) -> None:
     """Start the API server (default 127.0.0.1:8080)."""
     from trustfleet.bootstrap import is_initialised
@@ -67,7 +76,47 @@ def serve(
     if init_if_missing and not is_initialised(state.settings):
         init()
     settings = load_settings(state.data_dir, host=host, port=port)
-    run_server(settings)
+    background = [_start_outbox_worker] if settings.outbox_worker and worker else []
+    run_server(settings, background=background)
+
+
+def _start_outbox_worker(context: AppContext) -> Callable[[], None]:
+    from trustfleet.kit.outbox import start_in_thread
+
+    return start_in_thread(_outbox_worker(context)).stop
+
+
+def _outbox_worker(context: AppContext) -> DeliveryWorker:
+    from trustfleet.kit.outbox import DeliveryWorker, parse_schedule
+
+    settings = context.settings
+    return DeliveryWorker(
+        context.db,
+        context.keystore,
+        schedule=parse_schedule(settings.outbox_retry_schedule),
+        timeout_seconds=settings.outbox_request_timeout,
+    )
+
+
+@app.command()
+def worker() -> None:
+    """Deliver the outbox's messages until interrupted (several may run on PostgreSQL)."""
+    import signal
+    import threading
+
+    from trustfleet.server.logging import configure_logging
+
+    context = state.context()
+    configure_logging(context.settings.log_level)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    delivery = _outbox_worker(context)
+    console.print("outbox worker running (Ctrl-C to stop)")
+    try:
+        delivery.run(stop)
+    finally:
+        delivery.close()
 
 
 @token_app.command("create")
@@ -127,14 +176,20 @@ def _register_domain_commands() -> None:
     from trustfleet.cli import ca as pki_cli
     from trustfleet.cli import demo
     from trustfleet.cli import keystore as keystore_cli
+    from trustfleet.keysync import cli as keysync_cli
+    from trustfleet.kit.outbox import cli as outbox_cli
     from trustfleet.tmk import cli as tmk_cli
 
     app.add_typer(pki_cli.app, name="ca")
     app.add_typer(keystore_cli.app, name="keystore")
     app.add_typer(tmk_cli.app, name="tmk")
     app.add_typer(binding_cli.app, name="se")
+    app.add_typer(keysync_cli.app, name="keysync")
+    app.add_typer(outbox_cli.app, name="outbox")
+    app.add_typer(keysync_cli.receiver_app, name="platform-receiver")
     emulate_app.add_typer(tmk_cli.pos_app, name="pos")
-    for step in (tmk_cli.demo_step, binding_cli.demo_step):
+    emulate_app.add_typer(keysync_cli.m2m_app, name="m2m")
+    for step in (tmk_cli.demo_step, binding_cli.demo_step, keysync_cli.demo_step):
         if step not in demo.DEMO_STEPS:
             demo.DEMO_STEPS.append(step)
     app.command("demo")(demo.demo)

@@ -27,6 +27,7 @@ class DemoEnv:
     def call(self, method: str, path: str, token: str | None = None, **kwargs: Any) -> Any:
         """One API call; a non-2xx answer stops the demo with its problem code."""
         headers = {"Authorization": f"Bearer {token or self.admin_token}"}
+        headers.update(kwargs.pop("headers", {}))
         response = self.client.request(method, path, headers=headers, **kwargs)
         if response.status_code >= 400:
             problem = response.json()

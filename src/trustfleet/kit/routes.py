@@ -26,12 +26,19 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request, Response
 
-from trustfleet.server.deps import Principal, require_role
-from trustfleet.server.devicelane import DeviceHandler, DeviceRoute, answer_in_fastapi
+from trustfleet.server.deps import Principal, context_of, require_role, run_database_work
+from trustfleet.server.deps import public as public_route
+from trustfleet.server.devicelane import (
+    PUBLIC_CALLER,
+    DeviceHandler,
+    DeviceRoute,
+    answer_in_fastapi,
+)
 
 MESSAGE_MEDIA_TYPE = "application/json"
 
@@ -57,15 +64,36 @@ class DeviceRoutes:
         request_media_type: str = MESSAGE_MEDIA_TYPE,
         response_media_type: str = MESSAGE_MEDIA_TYPE,
         response_model: Any = None,
+        public: bool = False,
+        headers: Mapping[str, str] | None = None,
     ) -> Callable[[DeviceHandler], DeviceHandler]:
         """Declare ``handler`` as ``POST <prefix><path>``; ``params`` is the full-match
         pattern of each ``{parameter}`` of the path. The handler's docstring documents the
-        route."""
+        route. A ``public`` route takes no API token (its handler authenticates the request
+        itself, e.g. a third party's signed webhook); ``headers`` maps extra parameters to
+        the request headers they are read from."""
         patterns = dict(params or {})
+        header_params = {name: header.lower() for name, header in (headers or {}).items()}
+        roles = frozenset[str]() if public else self._roles
 
         def declare(handler: DeviceHandler) -> DeviceHandler:
             full_path = self._router.prefix + path
-            self._routes.append(DeviceRoute("POST", full_path, self._roles, handler, patterns))
+            self._routes.append(
+                DeviceRoute(
+                    "POST",
+                    full_path,
+                    roles,
+                    handler,
+                    patterns,
+                    public=public,
+                    headers=header_params,
+                )
+            )
+            endpoint = (
+                _public_endpoint(handler, patterns, header_params)
+                if public
+                else _endpoint(handler, self._roles, patterns)
+            )
             response: dict[str, Any] = (
                 {"model": response_model}
                 if response_model is not None
@@ -73,8 +101,9 @@ class DeviceRoutes:
             )
             self._router.add_api_route(
                 path,
-                _endpoint(handler, self._roles, patterns),
+                endpoint,
                 methods=["POST"],
+                dependencies=[Depends(public_route)] if public else None,
                 response_class=Response,
                 name=handler.__name__.strip("_"),
                 description=inspect.getdoc(handler) or "",
@@ -107,6 +136,37 @@ def _endpoint(
             inspect.Parameter.KEYWORD_ONLY,
             annotation=Annotated[Principal, Depends(require_role(*sorted(roles)))],
         ),
+        *(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=Annotated[str, Path(pattern=f"^{pattern}$")],
+            )
+            for name, pattern in params.items()
+        ),
+    ]
+    endpoint.__signature__ = inspect.Signature(parameters, return_annotation=Response)  # type: ignore[attr-defined]
+    endpoint.__name__ = handler.__name__.strip("_")
+    return endpoint
+
+
+def _public_endpoint(
+    handler: DeviceHandler, params: Mapping[str, str], headers: Mapping[str, str]
+) -> Callable[..., Any]:
+    """The FastAPI endpoint of a public device route: the path parameters' patterns are
+    checked, the named headers read, and ``handler`` answers as in the lane."""
+
+    async def endpoint(request: Request, **_path: str) -> Response:
+        values = dict(request.path_params)
+        for name, header in headers.items():
+            values[name] = request.headers.get(header, "")
+        context, body = context_of(request), await request.body()
+        work = partial(handler, context, PUBLIC_CALLER, values, body)
+        answer = await run_database_work(context, work)
+        return Response(answer.body, status_code=answer.status, media_type=answer.media_type)
+
+    parameters = [
+        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request),
         *(
             inspect.Parameter(
                 name,

@@ -32,6 +32,7 @@ DOMAIN_ROUTERS = (
     "trustfleet.deactivation.api",
     "trustfleet.meter.api",
     "trustfleet.tmk.api",
+    "trustfleet.kit.outbox.api",
 )
 
 

@@ -94,6 +94,10 @@ class DeviceAnswer:
 DeviceHandler = Callable[[AppContext, Principal, Mapping[str, str], bytes], DeviceAnswer]
 
 
+#: the principal a public device route's handler is given: no token was presented
+PUBLIC_CALLER = Principal(name="unauthenticated", role="", token_id=0)
+
+
 @dataclass(frozen=True)
 class DeviceRoute:
     """One device route: ``path`` is a FastAPI path template (it is also the metrics and
@@ -104,6 +108,12 @@ class DeviceRoute:
     roles: frozenset[str]
     handler: DeviceHandler
     params: Mapping[str, str] = field(default_factory=dict)
+    #: no API token: the handler authenticates the request itself (a third party's signed
+    #: webhook, say) and is given :data:`PUBLIC_CALLER` as its principal
+    public: bool = False
+    #: request headers the handler reads, as extra parameters: parameter name -> header
+    #: name (lower case); a missing header is ""
+    headers: Mapping[str, str] = field(default_factory=dict)
 
     def pattern(self) -> re.Pattern[str]:
         parts, end = [], 0
@@ -248,6 +258,11 @@ class DeviceLane:
     async def _answer(
         self, route: DeviceRoute, params: dict[str, str], scope: Scope, body: bytes
     ) -> DeviceAnswer:
+        if route.public:
+            for name, header in route.headers.items():
+                params[name] = header_value(scope, header.encode()) or ""
+            handle = partial(route.handler, self._context, PUBLIC_CALLER, params, body)
+            return await run_database_work(self._context, handle)
         presented = bearer_credentials(header_value(scope, b"authorization"))
         work = partial(_authorized_answer, self._context, route, presented, params, body)
         try:

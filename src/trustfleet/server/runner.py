@@ -8,7 +8,7 @@ processes can be started the same way against one PostgreSQL database.
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from fastapi import FastAPI
@@ -69,18 +69,29 @@ def app_from_env() -> FastAPI:
     return app
 
 
-def serve(settings: Settings) -> None:
-    """Serve on ``settings.host``:``settings.port`` until interrupted."""
+#: started with the server on its app context; returns what stops it
+Background = Callable[[AppContext], Callable[[], None]]
+
+
+def serve(settings: Settings, *, background: Sequence[Background] = ()) -> None:
+    """Serve on ``settings.host``:``settings.port`` until interrupted, with ``background``
+    tasks (the outbox's delivery worker, say) running beside it and stopped after it."""
     import uvicorn
 
     configure_logging(settings.log_level)
-    app = create_app(build_context(settings))
+    context = build_context(settings)
+    app = create_app(context)
     _freeze_startup_objects()
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # keep our JSON logging
-        access_log=False,  # the request middleware writes the access line
-        server_header=False,
-    )
+    stops = [start(context) for start in background]
+    try:
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,  # keep our JSON logging
+            access_log=False,  # the request middleware writes the access line
+            server_header=False,
+        )
+    finally:
+        for stop in reversed(stops):
+            stop()

@@ -30,7 +30,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, Insert, bindparam, create_engine, event, insert
+from sqlalchemy import Engine, Insert, Table, bindparam, create_engine, event, insert
 from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import QueryableAttribute
@@ -156,12 +156,7 @@ class RawConnection:
     def dialect_name(self) -> str:
         return str(self._dialect.name)
 
-    def _run(
-        self,
-        statement: ClauseElement,
-        values: Mapping[str, Any],
-        many: Sequence[Mapping[str, Any]] = (),
-    ) -> tuple[Any, Prepared]:
+    def _run(self, statement: ClauseElement, values: Mapping[str, Any]) -> tuple[Any, Prepared]:
         cached = self._prepared.get(id(statement))
         if cached is not None and cached[0] is statement:
             prepared = cached[1]
@@ -169,10 +164,7 @@ class RawConnection:
             prepared = self._prepare(statement)
         cursor = self._dbapi.cursor()
         try:
-            if many:
-                cursor.executemany(prepared.sql, [prepared.parameters(row) for row in many])
-            else:
-                cursor.execute(prepared.sql, prepared.parameters(values))
+            cursor.execute(prepared.sql, prepared.parameters(values))
         except self._dialect.loaded_dbapi.IntegrityError as exc:
             cursor.close()
             raise IntegrityViolation(str(exc)) from exc
@@ -224,10 +216,53 @@ class RawConnection:
         finally:
             cursor.close()
 
-    def run_many(self, statement: ClauseElement, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Execute a statement that returns no rows once per parameter set (executemany)."""
-        if rows:
-            cursor, _ = self._run(statement, {}, rows)
+    def copy_rows(
+        self, table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """Insert rows given as tuples in ``columns``' order by the database's bulk path:
+        ``COPY ... FROM STDIN`` on PostgreSQL, ``executemany`` of one prepared insert on
+        SQLite (the columns' bind processors applied column by column)."""
+        if not rows:
+            return
+        quote = self._dialect.identifier_preparer
+        names = ", ".join(quote.quote(name) for name in columns)
+        target = quote.format_table(table)
+        cursor = self._dbapi.cursor()
+        try:
+            if self._dialect.name == "postgresql":
+                with cursor.copy(f"COPY {target} ({names}) FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
+                return
+            processors = [
+                (index, process)
+                for index, name in enumerate(columns)
+                if (
+                    process := table.c[name]
+                    .type.dialect_impl(self._dialect)
+                    .bind_processor(self._dialect)
+                )
+            ]
+            if processors:  # column by column: most columns need no processing
+                cells = [list(row) for row in rows]
+                for index, process in processors:
+                    last: Any = object()
+                    done: Any = None
+                    for cell in cells:
+                        value = cell[index]
+                        if value is not last:  # a value every row shares is processed once
+                            last, done = value, process(value)
+                        cell[index] = done
+                rows = cells
+            marks = ", ".join("?" * len(columns))
+            cursor.executemany(f"INSERT INTO {target} ({names}) VALUES ({marks})", rows)  # noqa: S608
+        except self._dialect.loaded_dbapi.IntegrityError as exc:
+            raise IntegrityViolation(str(exc)) from exc
+        except self._dialect.loaded_dbapi.Error as exc:
+            if self._dialect.is_disconnect(exc, self._dbapi, cursor):
+                raise ConnectionLost(str(exc)) from exc
+            raise
+        finally:
             cursor.close()
 
 
