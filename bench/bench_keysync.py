@@ -50,7 +50,7 @@ from trustfleet.keystore.soft import SoftKeyStore
 from trustfleet.keysync.imports import BATCH_ROWS, KeyImports, text_lines
 from trustfleet.keysync.vault import Vault, key_row_aad
 from trustfleet.store import Database
-from trustfleet.store.engine import _sqlite_pragmas, make_engine, make_session_factory, migrate
+from trustfleet.store.engine import _sqlite_pragmas, make_engine, migrate
 
 # =====================================================================================
 # import
@@ -81,9 +81,9 @@ class Target:
         )
         engine = make_engine(url)
         migrate(engine)
-        sessions = make_session_factory(engine)
-        keystore = SoftKeyStore(sessions, MasterKeyring([MasterKey.new()]))
-        return cls(url, engine, Database(engine), keystore)
+        db = Database(engine)
+        keystore = SoftKeyStore(db, MasterKeyring([MasterKey.new()]))
+        return cls(url, engine, db, keystore)
 
 
 def ours(
@@ -322,7 +322,7 @@ def build_sync_fleet(
     os.environ.update(env)
     app = app_from_env()
     context = app.state.context
-    admin = {"Authorization": f"Bearer {bootstrap_admin_token(context.sessions)}"}
+    admin = {"Authorization": f"Bearer {bootstrap_admin_token(context.db)}"}
     client = TestClient(app)
     platform_key = platform_key or x25519.X25519PrivateKey.generate()
     pem = platform_key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)

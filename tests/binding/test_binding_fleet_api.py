@@ -13,7 +13,6 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.binding.api import READ_ROLES
@@ -26,6 +25,7 @@ from trustfleet.server.auth import create_token, revoke_token
 from trustfleet.server.context import AppContext
 from trustfleet.server.models import ROLES
 from trustfleet.settings import Settings
+from trustfleet.store import Database
 from trustfleet.store.audit import iter_records
 
 from .conftest import HostFactory, make_se, report_body
@@ -34,11 +34,9 @@ SE = "00112233445566778899aabbccddeeff"
 
 
 @pytest.fixture
-def context(tmp_path: Path, engine: Engine, sessions: sessionmaker[Session]) -> AppContext:
-    keystore = SoftKeyStore(sessions, MasterKeyring([MasterKey.new()]))
-    return AppContext(
-        settings=Settings(data_dir=tmp_path), engine=engine, sessions=sessions, keystore=keystore
-    )
+def context(tmp_path: Path, db: Database) -> AppContext:
+    keystore = SoftKeyStore(db, MasterKeyring([MasterKey.new()]))
+    return AppContext(settings=Settings(data_dir=tmp_path), db=db, keystore=keystore)
 
 
 @pytest.fixture(params=[True, False], ids=["device-lane", "fastapi"])
@@ -49,8 +47,8 @@ def client(context: AppContext, request: pytest.FixtureRequest) -> Iterator[Test
 
 
 @pytest.fixture
-def tokens(sessions: sessionmaker[Session]) -> dict[str, str]:
-    return {role: create_token(sessions, f"test {role}", role)[0] for role in sorted(ROLES)}
+def tokens(db: Database) -> dict[str, str]:
+    return {role: create_token(db, f"test {role}", role)[0] for role in sorted(ROLES)}
 
 
 def auth(token: str) -> dict[str, str]:
@@ -83,7 +81,7 @@ def get(client: TestClient, token: str, path: str, **params: Any) -> Any:
 
 
 def test_reports_need_the_device_gateway_role_and_refuse_everyone_else(
-    client: TestClient, tokens: dict[str, str], sessions: sessionmaker[Session]
+    client: TestClient, tokens: dict[str, str], db: Database, sessions: sessionmaker[Session]
 ) -> None:
     body = report_body("failed", "gw-b", SE)
     refused = 0
@@ -92,8 +90,8 @@ def test_reports_need_the_device_gateway_role_and_refuse_everyone_else(
             continue
         problem(post_report(client, body, auth(token)), 403, "forbidden")
         refused += 1
-    revoked = create_token(sessions, "old gateway", "device-gateway")
-    revoke_token(sessions, revoked[1].id)
+    revoked = create_token(db, "old gateway", "device-gateway")
+    revoke_token(db, revoked[1].id)
     for headers in (
         {},
         {"Authorization": "Basic Z3c6Z3c="},

@@ -19,7 +19,7 @@ import uvicorn
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.keystore.master import MasterKey, MasterKeyring
@@ -35,6 +35,7 @@ from trustfleet.server.auth import create_token
 from trustfleet.server.context import AppContext
 from trustfleet.server.models import ROLES
 from trustfleet.settings import Settings
+from trustfleet.store import Database
 from trustfleet.store.audit import iter_records
 
 APP = "meter-app"
@@ -96,10 +97,10 @@ def problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def context(tmp_path: Path, engine: Engine, sessions: sessionmaker[Session]) -> AppContext:
+def context(tmp_path: Path, db: Database) -> AppContext:
     settings = Settings(data_dir=tmp_path)
-    keystore = SoftKeyStore(sessions, MasterKeyring([MasterKey.new()]))
-    return AppContext(settings=settings, engine=engine, sessions=sessions, keystore=keystore)
+    keystore = SoftKeyStore(db, MasterKeyring([MasterKey.new()]))
+    return AppContext(settings=settings, db=db, keystore=keystore)
 
 
 @pytest.fixture
@@ -109,8 +110,8 @@ def client(context: AppContext) -> Iterator[TestClient]:
 
 
 @pytest.fixture
-def tokens(sessions: sessionmaker[Session]) -> dict[str, str]:
-    return {role: create_token(sessions, f"test {role}", role)[0] for role in sorted(ROLES)}
+def tokens(db: Database) -> dict[str, str]:
+    return {role: create_token(db, f"test {role}", role)[0] for role in sorted(ROLES)}
 
 
 @dataclass

@@ -17,14 +17,13 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.keystore.base import KeyStore
 from trustfleet.keysync.terminal import M2mTerminal
 from trustfleet.server.app import create_app
 from trustfleet.server.context import AppContext
 from trustfleet.settings import Settings
+from trustfleet.store import Database
 
 from .conftest import (
     Platform,
@@ -74,11 +73,9 @@ def keystore(softhsm_conf: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ke
 
 
 @pytest.fixture
-def context(
-    tmp_path: Path, engine: Engine, sessions: sessionmaker[Session], keystore: KeyStore
-) -> AppContext:
+def context(tmp_path: Path, db: Database, keystore: KeyStore) -> AppContext:
     settings = Settings(data_dir=tmp_path, keystore_backend="pkcs11")
-    return AppContext(settings=settings, engine=engine, sessions=sessions, keystore=keystore)
+    return AppContext(settings=settings, db=db, keystore=keystore)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.keystore.master import MasterKey, MasterKeyring
 from trustfleet.keystore.soft import SoftKeyStore
@@ -29,8 +28,8 @@ class Clock:
 
 
 @pytest.fixture
-def keystore(sessions: sessionmaker[Session]) -> SoftKeyStore:
-    return SoftKeyStore(sessions, MasterKeyring([MasterKey.new()]))
+def keystore(db: Database) -> SoftKeyStore:
+    return SoftKeyStore(db, MasterKeyring([MasterKey.new()]))
 
 
 def add_destination(db: Database, keystore: SoftKeyStore, name: str, now: datetime) -> str:
