@@ -204,7 +204,8 @@ def test_a_gateway_that_breaks_the_protocol_fails_the_run(
     assert report["passed"] is False
     results = {r["name"]: r for r in report["results"]}
     assert results["download"]["outcome"] == "fail"
-    assert results["download"]["got"] == "tmk-unwrap-failed"
+    # the terminal speaks version 2: the work key's signature no longer covers the delivery
+    assert results["download"]["got"] == "tmk-bad-delivery-signature"
     assert results["wrong-root"]["outcome"] == "pass"  # what the gateway does not touch
     assert results["unknown-terminal"]["outcome"] == "pass"
 

@@ -34,6 +34,9 @@ from trustfleet.store import Database
 from trustfleet.store.engine import make_engine, migrate
 from trustfleet.tmk import errors
 from trustfleet.tmk.protocol import (
+    PROTOCOL_V1,
+    PROTOCOL_V2,
+    PROTOCOL_VERSION,
     Confirmation,
     DownloadRequest,
     KeyDelivery,
@@ -293,6 +296,7 @@ class Server:
             keystore=self.keystore,
             now=now,
             tmk_algorithm=algorithm,
+            work_key=self.work.handle,
         )
         return delivery, persist(new_state)
 
@@ -526,25 +530,38 @@ def _started(
     server: Server,
     trust: ServerTrust,
     clock: Callable[[], datetime] = lambda: NOW,
+    version: int = PROTOCOL_VERSION,
 ) -> tuple[TerminalSession, ServerChallenge, ServerSessionState]:
-    session = TerminalSession(terminal.scm, trust, clock=clock)
+    session = TerminalSession(terminal.scm, trust, clock=clock, version=version)
     challenge, state = server.start(session.start())
     return session, challenge, state
 
 
 def _proved(
-    terminal: Terminal, server: Server, trust: ServerTrust
+    terminal: Terminal, server: Server, trust: ServerTrust, version: int = PROTOCOL_VERSION
 ) -> tuple[TerminalSession, TerminalProof, ServerSessionState]:
-    session, challenge, state = _started(terminal, server, trust)
+    session, challenge, state = _started(terminal, server, trust, version=version)
     return session, session.receive_challenge(challenge), state
 
 
 def _delivered(
-    terminal: Terminal, server: Server, trust: ServerTrust
+    terminal: Terminal, server: Server, trust: ServerTrust, version: int = PROTOCOL_VERSION
 ) -> tuple[TerminalSession, KeyDelivery, ServerSessionState]:
-    session, proof, state = _proved(terminal, server, trust)
+    session, proof, state = _proved(terminal, server, trust, version)
     delivery, state = server.accept(state, proof)
     return session, delivery, state
+
+
+#: how a changed delivery ends: in version 1 when the SCM opens it; in version 2 at the
+#: work key's signature over it, before the SCM is asked to open anything
+DELIVERY_CHECKS = [
+    pytest.param(PROTOCOL_V1, id="v1"),
+    pytest.param(PROTOCOL_V2, id="v2"),
+]
+
+
+def _refused_delivery(version: int, v1_error: type[errors.TmkError]) -> type[errors.TmkError]:
+    return v1_error if version == PROTOCOL_V1 else errors.TmkBadDeliverySignature
 
 
 def test_challenge_of_session_a_replayed_into_session_b_is_refused(
@@ -883,53 +900,61 @@ def test_the_terminal_refuses_an_expired_challenge_and_an_expired_delivery(
     assert not terminal.scm.has_tmk
 
 
+@pytest.mark.parametrize("version", DELIVERY_CHECKS)
 def test_a_tampered_wrapped_tmk_is_refused_and_nothing_is_stored(
-    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust, version: int
 ) -> None:
     session, delivery, _ = _delivered(
-        terminal, Server(keystore, work, terminal.registration), trust
+        terminal, Server(keystore, work, terminal.registration), trust, version
     )
-    with pytest.raises(errors.TmkUnwrapFailed) as caught:
+    expected = _refused_delivery(version, errors.TmkUnwrapFailed)
+    with pytest.raises(expected) as caught:
         session.receive_delivery(replace(delivery, wrapped_tmk=flip(delivery.wrapped_tmk, 40)))
-    assert caught.value.code == "tmk-unwrap-failed"
+    assert caught.value.code == expected.code
     assert not terminal.scm.has_tmk
     assert session.stage is TerminalStage.FAILED
 
 
+@pytest.mark.parametrize("version", DELIVERY_CHECKS)
 def test_a_tampered_kcv_is_refused_and_nothing_is_stored(
-    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust, version: int
 ) -> None:
     session, delivery, _ = _delivered(
-        terminal, Server(keystore, work, terminal.registration), trust
+        terminal, Server(keystore, work, terminal.registration), trust, version
     )
-    with pytest.raises(errors.TmkKcvMismatch) as caught:
+    expected = _refused_delivery(version, errors.TmkKcvMismatch)
+    with pytest.raises(expected) as caught:
         session.receive_delivery(replace(delivery, kcv=flip(delivery.kcv)))
-    assert caught.value.code == "tmk-kcv-mismatch"
+    assert caught.value.code == expected.code
     assert not SecureControlModule.open(terminal.path, terminal.scm._device_key).has_tmk
 
 
+@pytest.mark.parametrize("version", DELIVERY_CHECKS)
 def test_a_relabelled_tmk_algorithm_is_refused(
-    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust, version: int
 ) -> None:
     session, delivery, _ = _delivered(
-        terminal, Server(keystore, work, terminal.registration), trust
+        terminal, Server(keystore, work, terminal.registration), trust, version
     )
     relabelled = replace(delivery, algorithm=KeyAlgorithm.TDES, kcv=delivery.kcv[:3])
-    with pytest.raises(errors.TmkUnwrapFailed):  # the algorithm is bound into the transport
+    # the algorithm is bound into the transport (and, in version 2, signed)
+    with pytest.raises(_refused_delivery(version, errors.TmkUnwrapFailed)):
         session.receive_delivery(relabelled)
 
 
+@pytest.mark.parametrize("version", DELIVERY_CHECKS)
 def test_a_delivery_from_another_session_is_refused(
-    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust, version: int
 ) -> None:
     server = Server(keystore, work, terminal.registration)
-    _, delivery_a, _ = _delivered(terminal, server, trust)
-    session_b, _, _ = _delivered(terminal, server, trust)
+    _, delivery_a, _ = _delivered(terminal, server, trust, version)
+    session_b, _, _ = _delivered(terminal, server, trust, version)
     with pytest.raises(errors.TmkReplay):
         session_b.receive_delivery(delivery_a)
-    session_c, _, _ = _delivered(terminal, server, trust)
+    session_c, _, _ = _delivered(terminal, server, trust, version)
     assert session_c.session_id is not None
-    with pytest.raises(errors.TmkUnwrapFailed):  # relabelled: bound to session A's transcript
+    # relabelled: bound to session A's transcript (and, in version 2, signed for it)
+    with pytest.raises(_refused_delivery(version, errors.TmkUnwrapFailed)):
         session_c.receive_delivery(replace(delivery_a, session_id=session_c.session_id))
     assert not terminal.scm.has_tmk
 
@@ -973,9 +998,20 @@ def test_a_confirmation_mac_over_other_data_is_refused(
     session, delivery, state = _delivered(terminal, server, trust)
     session.receive_delivery(delivery)
     # a CMAC under the right TMK, but not over the confirmation data of this session
-    other = terminal.scm.tmk_cmac(confirmation_data(session_id="f" * 32, kcv=delivery.kcv))
+    version = state.version
+    data = confirmation_data(session_id="f" * 32, kcv=delivery.kcv, version=version)
+    other = terminal.scm.tmk_cmac(data)
     with pytest.raises(errors.TmkBadConfirmation):
-        server.confirm(state, Confirmation(session_id=state.session_id, mac=other))
+        server.confirm(state, Confirmation(session_id=state.session_id, mac=other, version=version))
+    # nor the data of this session under the other version's label
+    v1_data = confirmation_data(session_id=state.session_id, kcv=delivery.kcv, version=1)
+    with pytest.raises(errors.TmkBadConfirmation):
+        server.confirm(
+            state,
+            Confirmation(
+                session_id=state.session_id, mac=terminal.scm.tmk_cmac(v1_data), version=version
+            ),
+        )
 
 
 # =====================================================================================
@@ -1118,7 +1154,7 @@ MALFORMED_REQUESTS: list[Any] = [
     pytest.param(b'{"type":"tmk-download-request","type":"x"}', id="duplicate-key"),
     pytest.param(_encode({**_request_obj(), "extra": 1}), id="unknown-field"),
     pytest.param(_encode({k: v for k, v in _request_obj().items() if k != "rnd1"}), id="missing"),
-    pytest.param(_encode({**_request_obj(), "v": 2}), id="version-2"),
+    pytest.param(_encode({**_request_obj(), "v": 1.0}), id="version-float"),
     pytest.param(_encode({**_request_obj(), "v": True}), id="version-bool"),
     pytest.param(_encode({**_request_obj(), "v": "1"}), id="version-string"),
     pytest.param(_encode({**_request_obj(), "type": "tmk-confirmation"}), id="wrong-type"),
@@ -1165,6 +1201,23 @@ def test_malformed_requests_raise_the_stable_malformed_error(data: bytes) -> Non
     assert caught.value.code == "tmk-malformed-message"
     with pytest.raises(errors.TmkMalformedMessage):
         parse_message(data)
+
+
+@pytest.mark.parametrize("version", [0, 3, -1, 2**40])
+def test_a_version_nobody_speaks_is_its_own_error(version: int) -> None:
+    data = _encode({**_request_obj(), "v": version})
+    for parse in (DownloadRequest.from_json, parse_message):
+        with pytest.raises(errors.TmkUnsupportedVersion) as caught:
+            parse(data)
+        assert caught.value.code == "tmk-unsupported-version"
+        assert isinstance(caught.value, errors.TmkMalformedMessage)  # a message not parsed
+
+
+def test_each_version_parses_to_a_message_of_that_version() -> None:
+    for version in (PROTOCOL_V1, PROTOCOL_V2):
+        request = DownloadRequest.from_json(_encode({**_request_obj(), "v": version}))
+        assert request.version == version
+        assert json.loads(request.to_json())["v"] == version
 
 
 def _challenge_obj() -> dict[str, Any]:
@@ -1218,6 +1271,28 @@ def test_malformed_deliveries_raise_the_stable_malformed_error(change: dict[str,
     )
     with pytest.raises(errors.TmkMalformedMessage):
         KeyDelivery.from_json(_encode({**json.loads(delivery.to_json()), **change}))
+
+
+def test_a_delivery_carries_a_signature_from_version_2_on_and_only_then() -> None:
+    v1 = KeyDelivery(
+        session_id="a" * 32, algorithm=KeyAlgorithm.AES_128, wrapped_tmk=b"x" * 48, kcv=bytes(5)
+    )
+    v2 = replace(v1, signature=b"\x01" * 70, version=PROTOCOL_V2)
+    assert "signature" not in json.loads(v1.to_json())
+    assert KeyDelivery.from_json(v2.to_json()) == v2
+    v1_obj, v2_obj = json.loads(v1.to_json()), json.loads(v2.to_json())
+    for obj in (
+        {**v1_obj, "signature": v2_obj["signature"]},  # version 1 has no such field
+        {**v1_obj, "v": PROTOCOL_V2},  # version 2 without one
+        {**v2_obj, "signature": ""},
+        {**v2_obj, "signature": base64.b64encode(bytes(1025)).decode()},
+    ):
+        with pytest.raises(errors.TmkMalformedMessage):
+            KeyDelivery.from_json(_encode(obj))
+    with pytest.raises(errors.TmkMalformedMessage):
+        replace(v1, version=PROTOCOL_V2)
+    with pytest.raises(errors.TmkMalformedMessage):
+        replace(v2, version=PROTOCOL_V1)
 
 
 @pytest.mark.parametrize("mac_length", [0, 7, 17])

@@ -42,7 +42,6 @@ from trustfleet.errors import InvalidInput
 from trustfleet.tmk.errors import TmkError
 from trustfleet.tmk.protocol import (
     PROTOCOL_VERSION,
-    Confirmation,
     DownloadRequest,
     KeyDelivery,
     ServerChallenge,
@@ -541,7 +540,7 @@ class Conformance:
         _, delivery = self._prove(download)
         _expect(delivery, 200)
         genuine = download.session.receive_delivery(KeyDelivery.from_json(delivery.content))
-        forged = Confirmation(session_id=genuine.session_id, mac=bytes(len(genuine.mac)))
+        forged = replace(genuine, mac=bytes(len(genuine.mac)))
         got = _expect(
             self._gateway.post(f"{download.base}/confirm", forged.to_json()),
             403,
