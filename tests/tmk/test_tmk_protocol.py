@@ -33,6 +33,7 @@ from trustfleet.pki import x509 as pki
 from trustfleet.store import Database
 from trustfleet.store.engine import make_engine, migrate
 from trustfleet.tmk import errors
+from trustfleet.tmk.conformance import forge_delivery
 from trustfleet.tmk.protocol import (
     PROTOCOL_V1,
     PROTOCOL_V2,
@@ -51,12 +52,14 @@ from trustfleet.tmk.protocol import (
     TicketKey,
     TmkActivated,
     confirmation_data,
+    key_delivery_tbs,
     keystore_kcv,
     open_ticket,
     parse_message,
     seal_ticket,
     server_abort,
     server_accept_proof,
+    server_auth_tbs,
     server_confirm,
     server_start,
 )
@@ -1012,6 +1015,287 @@ def test_a_confirmation_mac_over_other_data_is_refused(
                 session_id=state.session_id, mac=terminal.scm.tmk_cmac(v1_data), version=version
             ),
         )
+
+
+# =====================================================================================
+# Protocol versions: version 2 authenticates the delivery, and cannot be downgraded
+# =====================================================================================
+
+
+def _forged(
+    terminal: Terminal, challenge: ServerChallenge, genuine: KeyDelivery
+) -> tuple[KeyDelivery, bytes]:
+    """An on-path attacker's delivery: a TMK of their choosing, wrapped to the terminal's
+    registered key and bound to the session's public values, with its true KCV."""
+    return forge_delivery(
+        genuine,
+        challenge,
+        sn=terminal.scm.sn,
+        terminal_key=terminal.registration.auth_public,
+        kem_key=terminal.registration.transport_key,
+        tmk=bytes(range(32 if genuine.algorithm is KeyAlgorithm.AES_256 else 16)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "tmk_algorithm"),
+    [
+        pytest.param(KeyAlgorithm.EC_P256, KeyAlgorithm.AES_128, id="p256-aes-128"),
+        pytest.param(KeyAlgorithm.RSA_2048, KeyAlgorithm.TDES, id="rsa-tdes"),
+        pytest.param(KeyAlgorithm.SM2, KeyAlgorithm.AES_256, id="gm-aes-256"),
+    ],
+)
+def test_a_v2_terminal_refuses_a_delivery_forged_from_public_values(
+    make_terminal: Callable[..., Terminal],
+    keystore: SoftKeyStore,
+    work: WorkKey,
+    trust: ServerTrust,
+    algorithm: KeyAlgorithm,
+    tmk_algorithm: KeyAlgorithm,
+) -> None:
+    terminal = make_terminal(algorithm)
+    server = Server(keystore, work, terminal.registration)
+    session, challenge, state = _started(terminal, server, trust, version=PROTOCOL_V2)
+    genuine, _ = server.accept(state, session.receive_challenge(challenge), algorithm=tmk_algorithm)
+    forged, chosen = _forged(terminal, challenge, genuine)
+    assert forged.kcv == reference_kcv(tmk_algorithm, chosen)  # everything but the signature
+    with pytest.raises(errors.TmkBadDeliverySignature) as caught:
+        session.receive_delivery(wire(forged))
+    assert caught.value.code == "tmk-bad-delivery-signature"
+    assert caught.value.status == 403
+    assert not terminal.scm.has_tmk  # never opened: the signature is checked first
+    assert session.stage is TerminalStage.FAILED
+    with pytest.raises(errors.TmkOutOfOrder):  # not even the genuine one after that
+        session.receive_delivery(genuine)
+
+
+def test_a_v1_terminal_installs_a_forged_delivery_which_is_why_there_is_v2(
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+) -> None:
+    """The weakness version 2 removes (docs/tmk-protocol.md, "Security notes"): a version 1
+    terminal cannot tell a forged delivery from the server's; only the confirmation, too
+    late for the terminal, shows it."""
+    server = Server(keystore, work, terminal.registration)
+    session, challenge, state = _started(terminal, server, trust, version=PROTOCOL_V1)
+    genuine, delivered = server.accept(state, session.receive_challenge(challenge))
+    forged, chosen = _forged(terminal, challenge, genuine)
+    confirmation = session.receive_delivery(wire(forged))
+    assert terminal.scm.tmk_kcv == reference_kcv(KeyAlgorithm.AES_128, chosen)
+    with pytest.raises(errors.TmkBadConfirmation):
+        server.confirm(delivered, confirmation)
+
+
+def test_a_delivery_signature_that_is_not_the_work_keys_over_tbs3_is_refused(
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+) -> None:
+    server = Server(keystore, work, terminal.registration)
+    session, challenge, state = _started(terminal, server, trust, version=PROTOCOL_V2)
+    genuine, _ = server.accept(state, session.receive_challenge(challenge))
+    assert genuine.signature is not None
+    forged, _ = _forged(terminal, challenge, genuine)
+    tbs3 = key_delivery_tbs(
+        sn=state.sn,
+        suite=state.suite,
+        session_id=state.session_id,
+        rnd1=state.rnd1,
+        rnd2=state.rnd2,
+        algorithm=forged.algorithm,
+        wrapped_tmk=forged.wrapped_tmk,
+        kcv=forged.kcv,
+    )
+    own_key = keystore.generate(KeyAlgorithm.EC_P256, KeyUsage.SIGN).handle
+    tbs1 = server_auth_tbs(
+        sn=state.sn,
+        suite=state.suite,
+        session_id=state.session_id,
+        rnd1=state.rnd1,
+        rnd2=state.rnd2,
+        expires_at=state.expires_at,
+        version=PROTOCOL_V2,
+    )
+    for signature in (
+        keystore.sign(own_key, tbs3),  # the right TBS3, signed by another key
+        keystore.sign(work.handle, tbs1),  # the work key's, over another of its transcripts
+        flip(genuine.signature),
+    ):
+        again, again_challenge, again_state = _started(terminal, server, trust, version=2)
+        delivered, _ = server.accept(again_state, again.receive_challenge(again_challenge))
+        refused = replace(delivered, signature=signature)
+        with pytest.raises(errors.TmkBadDeliverySignature):
+            again.receive_delivery(refused)
+    assert not terminal.scm.has_tmk
+    # the same forgery with the work key's own signature over its TBS3 would be accepted:
+    # the refusals above are the signature's doing
+    accepted = replace(forged, signature=keystore.sign(work.handle, tbs3))
+    session.receive_delivery(accepted)
+    assert terminal.scm.has_tmk
+
+
+def test_the_server_signs_tbs3_of_what_it_delivers_with_the_challenges_work_key(
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+) -> None:
+    server = Server(keystore, work, terminal.registration)
+    session, challenge, state = _started(terminal, server, trust, version=PROTOCOL_V2)
+    delivery, delivered = server.accept(state, session.receive_challenge(challenge))
+    assert delivery.version == delivered.version == PROTOCOL_V2
+    assert delivery.signature is not None
+    tbs3 = key_delivery_tbs(
+        sn=SN,
+        suite=terminal.scm.suite,
+        session_id=state.session_id,
+        rnd1=state.rnd1,
+        rnd2=state.rnd2,
+        algorithm=delivery.algorithm,
+        wrapped_tmk=delivery.wrapped_tmk,
+        kcv=delivery.kcv,
+    )
+    assert tbs3.startswith(b"\x00\x00\x00\x16TF-TMK-v2 key-delivery\x00\x00\x00\x20")
+    work_public = work.cert.public_key()
+    assert isinstance(work_public, ec.EllipticCurvePublicKey)
+    work_public.verify(delivery.signature, tbs3, ec.ECDSA(hashes.SHA256()))
+    # the state and its ticket say the version; a version 1 state has no such key
+    assert json.loads(delivered.to_json())["version"] == PROTOCOL_V2
+    assert json.loads(challenge.ticket[5:-32])["version"] == PROTOCOL_V2
+    _, _, v1_state = _started(terminal, server, trust, version=PROTOCOL_V1)
+    assert "version" not in json.loads(v1_state.to_json())
+    with pytest.raises(errors.TmkMalformedMessage):  # one encoding per state
+        ServerSessionState.from_json(
+            json.dumps({**json.loads(v1_state.to_json()), "version": 1}).encode()
+        )
+
+
+def test_a_v2_session_without_its_work_key_delivers_nothing(
+    terminal: Terminal, keystore: SoftKeyStore, root: Ca, trust: ServerTrust
+) -> None:
+    """The work key that signed the challenge was destroyed since (a rotation): the
+    delivery cannot be signed by it, and no TMK is left behind."""
+    gone = _make_work_key(keystore, root)
+    server = Server(keystore, gone, terminal.registration)
+    session, challenge, state = _started(terminal, server, trust, version=PROTOCOL_V2)
+    proof = session.receive_challenge(challenge)
+    keystore.destroy(gone.handle)
+    before = {k.handle for k in keystore.list()}
+    with pytest.raises(errors.TmkInvalidTicket):
+        server.accept(state, proof)
+    assert {k.handle for k in keystore.list()} == before
+    with pytest.raises(ValueError, match="work key"):  # and the caller must give one
+        server_accept_proof(
+            state, proof, terminal=terminal.registration, keystore=keystore, now=NOW
+        )
+
+
+def test_a_request_rewritten_to_v1_on_the_way_is_refused_by_the_v2_terminal(
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+) -> None:
+    """The request is not signed: anyone on the path can change its "v". The server then
+    answers in version 1; the terminal asked for 2 and refuses. Rewriting the answer's "v"
+    back does not help: TBS1's label names the version it was signed in."""
+    server = Server(keystore, work, terminal.registration)
+    session = TerminalSession(terminal.scm, trust, clock=lambda: NOW, version=PROTOCOL_V2)
+    request = session.start()
+    assert request.version == PROTOCOL_V2
+    challenge, state = server.start(replace(request, version=PROTOCOL_V1))
+    assert challenge.version == state.version == PROTOCOL_V1
+    with pytest.raises(errors.TmkVersionMismatch) as caught:
+        session.receive_challenge(wire(challenge))
+    assert caught.value.code == "tmk-version-mismatch"
+    assert session.stage is TerminalStage.FAILED
+
+    rnd1 = request.rnd1
+    again = TerminalSession(terminal.scm, trust, clock=lambda: NOW, random=lambda _: rnd1)
+    assert again.start() == request
+    with pytest.raises(errors.TmkBadServerSignature):
+        again.receive_challenge(wire(replace(challenge, version=PROTOCOL_V2)))
+    assert not terminal.scm.has_tmk
+
+
+def test_a_terminal_refuses_messages_in_another_version_than_it_speaks(
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+) -> None:
+    server = Server(keystore, work, terminal.registration)
+    # a version 1 terminal (old firmware) sent a version 2 challenge
+    old = TerminalSession(terminal.scm, trust, clock=lambda: NOW, version=PROTOCOL_V1)
+    challenge, _ = server.start(replace(old.start(), version=PROTOCOL_V2))
+    with pytest.raises(errors.TmkVersionMismatch):
+        old.receive_challenge(challenge)
+    # a version 2 delivery stripped of its signature and relabelled version 1
+    session, delivery, _ = _delivered(terminal, server, trust, PROTOCOL_V2)
+    stripped = replace(delivery, signature=None, version=PROTOCOL_V1)
+    with pytest.raises(errors.TmkVersionMismatch):
+        session.receive_delivery(wire(stripped))
+    assert not terminal.scm.has_tmk
+    with pytest.raises(ValueError):
+        TerminalSession(terminal.scm, trust, version=3)
+
+
+def test_the_server_answers_in_the_requests_version_and_refuses_others_in_the_session(
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+) -> None:
+    server = Server(keystore, work, terminal.registration)
+    for version in (PROTOCOL_V1, PROTOCOL_V2):
+        run = Run(TerminalSession(terminal.scm, trust, clock=lambda: NOW, version=version))
+        run.request = run.session.start()
+        run.challenge, run.state = server.start(run.request)
+        run.proof = run.session.receive_challenge(wire(run.challenge))
+        # a proof relabelled to the other version: refused, nothing made
+        other = PROTOCOL_V1 if version == PROTOCOL_V2 else PROTOCOL_V2
+        before = {k.handle for k in keystore.list()}
+        with pytest.raises(errors.TmkVersionMismatch):
+            server.accept(run.state, replace(run.proof, version=other))
+        assert {k.handle for k in keystore.list()} == before
+        run.delivery, run.state = server.accept(run.state, run.proof)
+        run.confirmation = run.session.receive_delivery(wire(run.delivery))
+        with pytest.raises(errors.TmkVersionMismatch):
+            server.confirm(run.state, replace(run.confirmation, version=other))
+        run.event, run.state = server.confirm(run.state, run.confirmation)
+        assert {m.version for m in run.messages()} == {version}
+        assert run.state.stage is ServerStage.ACTIVE
+        assert (run.delivery.signature is not None) == (version == PROTOCOL_V2)
+
+
+def test_a_v2_proof_does_not_verify_in_a_v1_session(
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+) -> None:
+    """TBS2 names its version too: a proof signed for version 2 is no version 1 proof."""
+    server = Server(keystore, work, terminal.registration)
+    session = TerminalSession(terminal.scm, trust, clock=lambda: NOW, version=PROTOCOL_V1)
+    challenge, state = server.start(session.start())
+    proof = session.receive_challenge(challenge)
+    v2_signature = terminal.scm.sign_terminal_proof(
+        session_id=state.session_id, rnd1=state.rnd1, rnd2=state.rnd2, version=PROTOCOL_V2
+    )
+    with pytest.raises(errors.TmkBadTerminalProof):
+        server.accept(state, replace(proof, signature=v2_signature))
+
+
+def test_a_server_may_refuse_version_1(
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey
+) -> None:
+    request = DownloadRequest(sn=SN, rnd1=bytes(32), suite="p256", version=PROTOCOL_V1)
+    for versions in ({PROTOCOL_V2}, frozenset({PROTOCOL_V2})):
+        with pytest.raises(errors.TmkUnsupportedVersion) as caught:
+            server_start(
+                request,
+                terminal=terminal.registration,
+                keystore=keystore,
+                work_key=work.handle,
+                kswcrt_der=work.der,
+                ticket_key=ticket_key(keystore),
+                now=NOW,
+                versions=versions,
+            )
+        assert caught.value.code == "tmk-unsupported-version"
+    challenge, _ = server_start(
+        replace(request, version=PROTOCOL_V2),
+        terminal=terminal.registration,
+        keystore=keystore,
+        work_key=work.handle,
+        kswcrt_der=work.der,
+        ticket_key=ticket_key(keystore),
+        now=NOW,
+        versions={PROTOCOL_V2},
+    )
+    assert challenge.version == PROTOCOL_V2
 
 
 # =====================================================================================
