@@ -18,13 +18,14 @@ What cannot be fixed through pyca/cryptography stays random: the ephemeral key o
 (a P-256 terminal's ``wrapped_tmk``), the seed of RSA-OAEP (an RSA terminal's
 ``wrapped_tmk``) and the salt of RSA-PSS (an RSA terminal's proof); in version 2 also what
 covers a random ``wrapped_tmk``: TBS3 and the work key's signature over it. Each vector
-lists these under ``randomised``; :func:`check` replays the recorded bytes through the code (the
-server verifies the recorded proof, the terminal opens the recorded delivery and must
-produce the recorded confirmation), and :func:`differences` compares everything else byte
-for byte. RSA terminal keys cannot be derived from a seed either: they are read back from
-the existing vector files.
+lists these under ``randomised``; :func:`check` replays the recorded bytes through the
+code (the server verifies the recorded proof, the terminal verifies and opens the recorded
+delivery and must produce the recorded confirmation), and :func:`differences` compares
+everything else byte for byte. RSA terminal keys cannot be derived from a seed either:
+they are read back from the existing vector files.
 
-``python -m trustfleet.tmk.vectors [--write] [DIR]`` checks (or rewrites) the files.
+``python -m trustfleet.tmk.vectors [--write [--force]] [DIR]`` checks the files (and
+writes those that are missing or out of date; with ``--force``, all of them).
 """
 
 from __future__ import annotations
