@@ -54,3 +54,16 @@ def test_the_tmk_session_lifetime_is_bounded(
         monkeypatch.setenv("TRUSTFLEET_TMK_SESSION_SECONDS", value)
         with pytest.raises(ConfigurationError, match="tmk_session_seconds"):
             load_settings(tmp_path)
+
+
+def test_the_oldest_tmk_protocol_version_is_1_or_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TRUSTFLEET_CONFIG", raising=False)
+    assert load_settings(tmp_path).tmk_min_protocol_version == 1  # both accepted by default
+    monkeypatch.setenv("TRUSTFLEET_TMK_MIN_PROTOCOL_VERSION", "2")
+    assert load_settings(tmp_path).tmk_min_protocol_version == 2
+    for value in ("0", "3"):
+        monkeypatch.setenv("TRUSTFLEET_TMK_MIN_PROTOCOL_VERSION", value)
+        with pytest.raises(ConfigurationError, match="tmk_min_protocol_version"):
+            load_settings(tmp_path)

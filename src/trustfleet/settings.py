@@ -47,6 +47,9 @@ class Settings:
     #: extra number ranges accepted as M2M MDNs (E.164 prefixes with their total digit
     #: counts, e.g. "+86:13,+4915:14"): libphonenumber rejects many real M2M numbers
     keysync_m2m_ranges: str = "+86:13"
+    #: the oldest TMK download protocol version the key server accepts (1 or 2); 2 refuses
+    #: version 1 requests, whose key delivery the server does not sign
+    tmk_min_protocol_version: int = 1
 
     @property
     def resolved_database_url(self) -> str:
@@ -103,10 +106,17 @@ def load_settings(data_dir: Path | None = None, **overrides: Any) -> Settings:
 #: a TMK download session lives long enough for a terminal on a slow link, and short
 #: enough that a captured challenge soon expires
 TMK_SESSION_SECONDS = range(10, 601)
+#: the TMK download protocol versions there are (trustfleet.tmk.protocol speaks them all)
+TMK_PROTOCOL_VERSIONS = range(1, 3)
 
 
 def _checked(settings: Settings) -> Settings:
     seconds = TMK_SESSION_SECONDS
     if settings.tmk_session_seconds not in seconds:
         raise ConfigurationError(f"tmk_session_seconds must be {seconds.start}..{seconds.stop - 1}")
+    versions = TMK_PROTOCOL_VERSIONS
+    if settings.tmk_min_protocol_version not in versions:
+        raise ConfigurationError(
+            f"tmk_min_protocol_version must be {versions.start}..{versions.stop - 1}"
+        )
     return settings

@@ -31,6 +31,9 @@ from trustfleet.tmk.errors import TmkServerRefused
 from trustfleet.tmk.identity import IdentityService
 from trustfleet.tmk.models import DownloadSession, TerminalMasterKey
 from trustfleet.tmk.protocol import (
+    PROTOCOL_V1,
+    PROTOCOL_V2,
+    PROTOCOL_VERSION,
     Confirmation,
     KeyDelivery,
     ServerChallenge,
@@ -210,13 +213,21 @@ def steps(
     terminal: PosTerminal,
     clock: Clock,
     crls: tuple[x509.CertificateRevocationList, ...] = (),
+    version: int = PROTOCOL_VERSION,
 ) -> Steps:
     trust = ServerTrust(terminal.roots, crls)
-    return Steps(tmk, terminal, TerminalSession(terminal.scm, trust, clock=clock))
+    session = TerminalSession(terminal.scm, trust, clock=clock, version=version)
+    return Steps(tmk, terminal, session)
 
 
-def download(tmk: Tmk, terminal: PosTerminal, clock: Clock) -> Activation:
-    run = steps(tmk, terminal, clock)
+#: both protocol versions, for tests that run a download in each
+VERSIONS = [pytest.param(PROTOCOL_V1, id="v1"), pytest.param(PROTOCOL_V2, id="v2")]
+
+
+def download(
+    tmk: Tmk, terminal: PosTerminal, clock: Clock, version: int = PROTOCOL_VERSION
+) -> Activation:
+    run = steps(tmk, terminal, clock, version=version)
     run.start()
     run.proof()
     return run.confirm()

@@ -50,10 +50,24 @@ IMPORT_LIMIT = 32 * 1024 * 1024
 
 
 @pytest.fixture
+def min_protocol_version() -> int:
+    """The server's ``tmk_min_protocol_version``; tests parametrize it."""
+    return 1
+
+
+@pytest.fixture
 def context(
-    tmp_path: Path, engine: Engine, sessions: sessionmaker[Session], db: Database
+    tmp_path: Path,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    db: Database,
+    min_protocol_version: int,
 ) -> AppContext:
-    settings = Settings(data_dir=tmp_path, max_import_bytes=IMPORT_LIMIT)
+    settings = Settings(
+        data_dir=tmp_path,
+        max_import_bytes=IMPORT_LIMIT,
+        tmk_min_protocol_version=min_protocol_version,
+    )
     keystore = SoftKeyStore(db, MasterKeyring([MasterKey.new()]))
     return AppContext(settings=settings, db=db, keystore=keystore)
 
@@ -315,18 +329,20 @@ def test_a_proof_replayed_into_another_session_is_refused_over_http(
     assert genuine.status_code == 200 and json.loads(genuine.content)["type"] == "tmk-key-delivery"
 
 
+@pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
 @pytest.mark.parametrize("device_lane", [True, False], ids=["lane", "fastapi"])
 def test_a_gateway_retrying_each_step_gets_byte_identical_answers(
     client: TestClient,
     tokens: dict[str, str],
     make_terminal: Callable[..., PosTerminal],
     sessions: sessionmaker[Session],
+    version: int,
 ) -> None:
     from trustfleet.tmk.protocol import KeyDelivery, ServerChallenge, ServerTrust, TerminalSession
 
     terminal = make_terminal("POS-RETRY")
     headers = {**auth(tokens["device-gateway"]), "Content-Type": "application/json"}
-    session = TerminalSession(terminal.scm, ServerTrust(terminal.roots))
+    session = TerminalSession(terminal.scm, ServerTrust(terminal.roots), version=version)
     challenge = ServerChallenge.from_json(
         client.post("/v1/tmk/downloads", content=session.start().to_json(), headers=headers).content
     )
@@ -334,7 +350,8 @@ def test_a_gateway_retrying_each_step_gets_byte_identical_answers(
     proof = session.receive_challenge(challenge).to_json()
     deliveries = [client.post(f"{base}/proof", content=proof, headers=headers) for _ in range(3)]
     assert [d.status_code for d in deliveries] == [200] * 3
-    assert len({d.content for d in deliveries}) == 1
+    assert len({d.content for d in deliveries}) == 1  # in v2 its signature too: it is stored
+    assert json.loads(deliveries[0].content)["v"] == version
     confirmation = session.receive_delivery(KeyDelivery.from_json(deliveries[-1].content))
     answers = [
         client.post(f"{base}/confirm", content=confirmation.to_json(), headers=headers)
@@ -346,6 +363,204 @@ def test_a_gateway_retrying_each_step_gets_byte_identical_answers(
     assert _failures(sessions) == []
     status = client.get("/v1/tmk/terminals/POS-RETRY", headers=auth(tokens["operator"])).json()
     assert status["active_tmk"]["kcv"] == terminal.scm.tmk_kcv.hex().upper()
+
+
+class OnPath:
+    """The terminal's network path in someone else's hands: what the terminal sends goes
+    through ``up``, what comes back through ``down`` (each given the path and the bytes),
+    and every exchange is kept."""
+
+    def __init__(
+        self,
+        inner: HttpTransport,
+        *,
+        up: Callable[[str, bytes], bytes] | None = None,
+        down: Callable[[str, bytes], bytes] | None = None,
+    ) -> None:
+        self.inner = inner
+        self.up = up or (lambda _path, body: body)
+        self.down = down or (lambda _path, body: body)
+        self.exchanges: list[tuple[str, bytes, bytes]] = []
+
+    def post(self, path: str, body: bytes) -> bytes:
+        sent = self.up(path, body)
+        answer = self.down(path, self.inner.post(path, sent))
+        self.exchanges.append((path, sent, answer))
+        return answer
+
+    def get(self, path: str) -> bytes:
+        return self.inner.get(path)
+
+    def messages(self) -> list[dict[str, Any]]:
+        """Every protocol message that went either way, in order."""
+        found = []
+        for path, sent, answer in self.exchanges:
+            found.append(json.loads(sent))
+            if not path.endswith(("/confirm", "/abort")):
+                found.append(json.loads(answer))
+        return found
+
+
+def _rewrite_version(version: int) -> Callable[[str, bytes], bytes]:
+    """An ``up`` that rewrites the download request's version (it is not signed)."""
+
+    def up(path: str, body: bytes) -> bytes:
+        if path != "/v1/tmk/downloads":
+            return body
+        return json.dumps({**json.loads(body), "v": version}, sort_keys=True).encode()
+
+    return up
+
+
+@pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
+@pytest.mark.parametrize("device_lane", [True, False], ids=["lane", "fastapi"])
+def test_both_protocol_versions_download_over_http(
+    client: TestClient,
+    tokens: dict[str, str],
+    make_terminal: Callable[..., PosTerminal],
+    gateway: HttpTransport,
+    version: int,
+) -> None:
+    terminal = make_terminal("POS-V")
+    path = OnPath(gateway)
+    result = terminal.download(path, crls=[terminal.fetch_crl(gateway)], version=version)
+    messages = path.messages()
+    assert [m["type"] for m in messages] == [
+        "tmk-download-request",
+        "tmk-server-challenge",
+        "tmk-terminal-proof",
+        "tmk-key-delivery",
+        "tmk-confirmation",
+    ]
+    assert {m["v"] for m in messages} == {version}  # the server answered in the request's
+    assert ("signature" in messages[3]) == (version == 2)
+    status = client.get("/v1/tmk/terminals/POS-V", headers=auth(tokens["operator"])).json()
+    assert (
+        status["active_tmk"]["kcv"]
+        == result.kcv.hex().upper()
+        == terminal.scm.tmk_kcv.hex().upper()
+    )
+
+
+@pytest.mark.parametrize("device_lane", [True, False], ids=["lane", "fastapi"])
+def test_a_forged_delivery_over_http_is_refused_by_a_v2_terminal_and_reported(
+    client: TestClient,
+    tokens: dict[str, str],
+    make_terminal: Callable[..., PosTerminal],
+    gateway: HttpTransport,
+    sessions: sessionmaker[Session],
+) -> None:
+    from trustfleet.tmk.conformance import forge_delivery
+    from trustfleet.tmk.protocol import KeyDelivery, ServerChallenge
+
+    terminal = make_terminal("POS-FORGED")
+    seen: dict[str, ServerChallenge] = {}
+
+    def forge(path: str, answer: bytes) -> bytes:
+        if path == "/v1/tmk/downloads":
+            seen["challenge"] = ServerChallenge.from_json(answer)
+        if not path.endswith("/proof"):
+            return answer
+        forged, _ = forge_delivery(
+            KeyDelivery.from_json(answer),
+            seen["challenge"],
+            sn=terminal.sn,
+            terminal_key=terminal.scm.public_key,
+        )
+        return forged.to_json()
+
+    with pytest.raises(errors.TmkBadDeliverySignature):
+        terminal.download(OnPath(gateway, down=forge))
+    assert not terminal.scm.has_tmk
+    failure = _failures(sessions)[-1]  # reported with /abort: the session and its TMK end
+    assert failure["code"] == "tmk-terminal-aborted"
+    assert failure["reported_code"] == "tmk-bad-delivery-signature"
+    assert _stage(sessions, failure["session_id"]) == "aborted"
+    operator = auth(tokens["operator"])
+    assert client.get("/v1/tmk/terminals/POS-FORGED", headers=operator).json()["active_tmk"] is None
+    result = terminal.download(gateway)  # the path is clean again: a new download works
+    status = client.get("/v1/tmk/terminals/POS-FORGED", headers=operator).json()
+    assert status["active_tmk"]["kcv"] == result.kcv.hex().upper()
+
+
+@pytest.mark.parametrize("device_lane", [True, False], ids=["lane", "fastapi"])
+def test_a_forged_delivery_over_http_is_installed_by_a_v1_terminal(
+    client: TestClient,
+    tokens: dict[str, str],
+    make_terminal: Callable[..., PosTerminal],
+    gateway: HttpTransport,
+) -> None:
+    """Version 1's weakness, end to end: the terminal holds the attacker's TMK; the server
+    refuses the confirmation and never activates anything."""
+    from trustfleet.crypto.payment.kcv import kcv
+    from trustfleet.tmk.conformance import forge_delivery
+    from trustfleet.tmk.protocol import KeyDelivery, ServerChallenge
+
+    terminal = make_terminal("POS-V1-FORGED")
+    seen: dict[str, ServerChallenge] = {}
+    chosen = bytes(range(16))
+
+    def forge(path: str, answer: bytes) -> bytes:
+        if path == "/v1/tmk/downloads":
+            seen["challenge"] = ServerChallenge.from_json(answer)
+        if not path.endswith("/proof"):
+            return answer
+        genuine = KeyDelivery.from_json(answer)
+        forged, _ = forge_delivery(
+            genuine,
+            seen["challenge"],
+            sn=terminal.sn,
+            terminal_key=terminal.scm.public_key,
+            tmk=chosen,
+        )
+        return forged.to_json()
+
+    with pytest.raises(TmkServerRefused) as refused:
+        terminal.download(OnPath(gateway, down=forge), version=1)
+    assert (refused.value.remote_code, refused.value.http_status) == ("tmk-bad-confirmation", 403)
+    assert terminal.scm.tmk_kcv == kcv(KeyAlgorithm.AES_128, chosen)
+    status = client.get("/v1/tmk/terminals/POS-V1-FORGED", headers=auth(tokens["operator"]))
+    assert status.json()["active_tmk"] is None
+
+
+@pytest.mark.parametrize("device_lane", [True, False], ids=["lane", "fastapi"])
+def test_a_request_downgraded_on_the_way_is_refused_by_the_v2_terminal_and_reported(
+    client: TestClient,
+    tokens: dict[str, str],
+    make_terminal: Callable[..., PosTerminal],
+    gateway: HttpTransport,
+    sessions: sessionmaker[Session],
+) -> None:
+    terminal = make_terminal("POS-DOWN")
+    path = OnPath(gateway, up=_rewrite_version(1))
+    with pytest.raises(errors.TmkVersionMismatch):
+        terminal.download(path)
+    request, challenge = path.messages()[:2]
+    assert (request["v"], challenge["v"]) == (1, 1)  # the server did answer in version 1
+    assert not terminal.scm.has_tmk
+    failure = _failures(sessions)[-1]
+    assert failure["reported_code"] == "tmk-version-mismatch"
+    assert _stage(sessions, failure["session_id"]) == "aborted"  # stored from its ticket
+
+
+@pytest.mark.parametrize("min_protocol_version", [2])
+def test_a_server_set_to_version_2_refuses_version_1_requests(
+    client: TestClient,
+    tokens: dict[str, str],
+    make_terminal: Callable[..., PosTerminal],
+    gateway: HttpTransport,
+    sessions: sessionmaker[Session],
+) -> None:
+    terminal = make_terminal("POS-ONLY-V2")
+    with pytest.raises(TmkServerRefused) as old:
+        terminal.download(gateway, version=1)
+    assert (old.value.remote_code, old.value.http_status) == ("tmk-unsupported-version", 400)
+    with pytest.raises(TmkServerRefused) as downgraded:
+        terminal.download(OnPath(gateway, up=_rewrite_version(1)))
+    assert downgraded.value.remote_code == "tmk-unsupported-version"
+    assert [f["code"] for f in _failures(sessions)] == ["tmk-unsupported-version"] * 2
+    result = terminal.download(gateway)
+    assert result.kcv == terminal.scm.tmk_kcv
 
 
 def test_a_terminal_with_another_sns_key_is_refused_over_http(

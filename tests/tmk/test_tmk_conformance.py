@@ -9,6 +9,7 @@ import base64
 import json
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,15 @@ ALL_CHECKS = [
     "download",
     "download",
     "download",
+    "download-v1",
     "tmk-algorithms",
     "retried-proof",
     "retried-confirmation",
     "another-proof",
     "wrong-root",
     "tampered-challenge",
+    "downgrade",
+    "forged-delivery",
     "tampered-ticket",
     "cloned-terminal",
     "bad-confirmation",
@@ -51,11 +55,11 @@ ALL_CHECKS = [
 # =====================================================================================
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, dict[str, str]]]:
-    tmp = tmp_path_factory.mktemp("conformance-server")
+@contextmanager
+def _server(tmp: Path, **settings: str) -> Iterator[tuple[Node, dict[str, str]]]:
+    """A key server process (``settings``: extra environment) and a token per role."""
     database = f"sqlite:///{tmp / 'trustfleet.db'}"
-    env = {**node_environment(database, tmp), "TRUSTFLEET_TMK_SESSION_SECONDS": "10"}
+    env = {**node_environment(database, tmp), "TRUSTFLEET_TMK_SESSION_SECONDS": "10", **settings}
     admin = admin_token_for(database)
     with running_nodes(env, tmp, count=1) as (node,):
         headers = {"Authorization": f"Bearer {admin}"}
@@ -66,6 +70,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, dic
             )
             tokens[role] = answer.json()["token"]
         yield node, tokens
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, dict[str, str]]]:
+    with _server(tmp_path_factory.mktemp("conformance-server")) as running:
+        yield running
 
 
 class Gateway:
@@ -166,6 +176,15 @@ def test_every_check_passes_against_the_key_server(
     }
     expired = next(r for r in report["results"] if r["name"] == "expired-at-server")
     assert expired["got"].startswith("410 tmk-session-expired after")
+    results = {r["name"]: r["got"] for r in report["results"]}
+    assert results["download-v1"].startswith("v1, aes-128: active")  # v1 terminals still work
+    assert results["downgrade"] == (
+        "terminal: tmk-version-mismatch, then terminal: tmk-bad-server-signature; abort 200"
+    )
+    assert results["forged-delivery"] == (
+        "terminal: tmk-bad-delivery-signature, no TMK installed; abort 200"
+    )
+    assert report["protocol_versions"] == [1, 2]
     for value in tokens.values():
         assert value not in output
 
@@ -183,7 +202,7 @@ def test_every_check_passes_through_a_gateway_and_prints_a_table(
             *("--suite", "sm2", "--no-wait-for-expiry"),
         )
     assert status == 0, output
-    assert "PASSED: 18 passed, 0 failed, 1 skipped" in output, output
+    assert "PASSED: 21 passed, 0 failed, 1 skipped" in output, output
     assert "expired-at-server" in output and "--no-wait-for-expiry" in output
 
 
@@ -204,9 +223,34 @@ def test_a_gateway_that_breaks_the_protocol_fails_the_run(
     assert report["passed"] is False
     results = {r["name"]: r for r in report["results"]}
     assert results["download"]["outcome"] == "fail"
-    assert results["download"]["got"] == "tmk-unwrap-failed"
+    # the terminal speaks version 2: the work key's signature no longer covers the delivery
+    assert results["download"]["got"] == "tmk-bad-delivery-signature"
+    assert results["download-v1"]["got"] == "tmk-unwrap-failed"  # version 1 opens it first
     assert results["wrong-root"]["outcome"] == "pass"  # what the gateway does not touch
     assert results["unknown-terminal"]["outcome"] == "pass"
+
+
+@pytest.mark.slow
+def test_against_a_server_that_refuses_version_1_every_check_passes(tmp_path: Path) -> None:
+    """``tmk_min_protocol_version = 2``: a version 1 terminal, and a request downgraded to
+    version 1 on the way, are refused by the server itself; version 2 works as before."""
+    with _server(tmp_path / "server", TRUSTFLEET_TMK_MIN_PROTOCOL_VERSION="2") as (node, tokens):
+        mine = _write_tokens(tmp_path / "tokens.json", tokens)
+        status, output = _conformance(
+            tmp_path,
+            *("--server", node.url, "--tokens", str(mine), "--suite", "p256"),
+            *("--no-wait-for-expiry", "--output", "json"),
+        )
+    assert status == 0, output
+    results = {r["name"]: r for r in json.loads(output)["results"]}
+    assert results["download-v1"]["got"] == (
+        "400 tmk-unsupported-version: the server refuses version 1"
+    )
+    assert (
+        results["downgrade"]["got"] == "server: 400 tmk-unsupported-version (it refuses version 1)"
+    )
+    assert results["download"]["got"].startswith("aes-128: active")
+    assert results["forged-delivery"]["outcome"] == "pass"
 
 
 @pytest.mark.slow

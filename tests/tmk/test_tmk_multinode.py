@@ -1,7 +1,7 @@
 """Two real server processes on one PostgreSQL database serve TMK downloads as one service:
-a download that starts on one node continues on the other and completes on the first,
-working keys issued on one node are used on the other, and a gateway that retries a step
-on the other node gets the first answer again."""
+a download that starts on one node continues on the other and completes on the first (in
+either protocol version), working keys issued on one node are used on the other, and a
+gateway that retries a step on the other node gets the first answer again."""
 
 from __future__ import annotations
 
@@ -24,7 +24,14 @@ from harness import (
     postgres_schema,
     running_nodes,
 )
-from trustfleet.tmk.protocol import KeyDelivery, ServerChallenge, ServerTrust, TerminalSession
+from trustfleet.tmk.protocol import (
+    PROTOCOL_V1,
+    PROTOCOL_V2,
+    KeyDelivery,
+    ServerChallenge,
+    ServerTrust,
+    TerminalSession,
+)
 from trustfleet.tmk.terminal import HttpTransport, PosTerminal
 
 PAN = "4761739001010010"
@@ -102,18 +109,22 @@ def test_downloads_hop_between_nodes_and_keys_work_everywhere(
         assert hopping.served_by == [0, 1, 0]
         assert result.kcv == first.scm.tmk_kcv
 
-        # several terminals at once, each hopping, starting on either node
+        # several terminals at once, each hopping, starting on either node, in either
+        # protocol version (the version travels in the ticket and the stored session)
         def hop(index: int) -> bytes:
             ordered = clients if index % 2 else clients[::-1]
-            return terminals[index].download(Alternating(ordered, tokens["device-gateway"])).kcv
+            version = PROTOCOL_V1 if index % 2 else PROTOCOL_V2
+            transport = Alternating(ordered, tokens["device-gateway"])
+            return terminals[index].download(transport, version=version).kcv
 
         with ThreadPoolExecutor(max_workers=5) as pool:
             kcvs = list(pool.map(hop, range(1, 5)))
         assert kcvs == [t.scm.tmk_kcv for t in terminals[1:5]]
 
-        # the emulator's own command line, against node b
+        # the emulator's own command line, against node b, as a version 1 terminal
         command = [sys.executable, "-m", "trustfleet.cli", "emulate", "pos", "download"]
         command += ["--dir", str(terminals[5].directory), "--server", b.url]
+        command += ["--protocol-version", "1"]
         cli = subprocess.run(
             [*command, "--token", tokens["device-gateway"]],
             capture_output=True,
@@ -123,7 +134,7 @@ def test_downloads_hop_between_nodes_and_keys_work_everywhere(
             check=False,
         )
         assert cli.returncode == 0, cli.stdout + cli.stderr
-        assert "active" in cli.stdout
+        assert "active" in cli.stdout and "protocol version 1" in cli.stdout
 
         # a working key issued on b, a PIN block checked on a
         operator = {"Authorization": f"Bearer {tokens['operator']}"}
@@ -186,7 +197,8 @@ def test_copies_of_each_step_on_both_nodes_get_one_answer_and_the_tmk_stays_acti
                 },
             )
             assert registered.json()["accepted"] == 1, registered.text
-            session = TerminalSession(terminal.scm, ServerTrust(terminal.roots))
+            version = PROTOCOL_V1 if index % 2 else PROTOCOL_V2
+            session = TerminalSession(terminal.scm, ServerTrust(terminal.roots), version=version)
             started = clients[index % 2].post(
                 "/v1/tmk/downloads", content=session.start().to_json(), headers=gateway
             )
@@ -207,7 +219,9 @@ def test_copies_of_each_step_on_both_nodes_get_one_answer_and_the_tmk_stays_acti
             proof = session.receive_challenge(challenge).to_json()
             deliveries = both(f"{base}/proof", proof)
             assert [d.status_code for d in deliveries] == [200] * 4, [d.text for d in deliveries]
-            assert len({d.content for d in deliveries}) == 1
+            assert len({d.content for d in deliveries}) == 1  # v2: one signature, stored
+            delivered = json.loads(deliveries[0].content)
+            assert delivered["v"] == version and ("signature" in delivered) == (version == 2)
             confirmation = session.receive_delivery(KeyDelivery.from_json(deliveries[0].content))
             activations = both(f"{base}/confirm", confirmation.to_json())
             assert [r.status_code for r in activations] == [200] * 4, [r.text for r in activations]

@@ -33,7 +33,11 @@ from trustfleet.pki import x509 as pki
 from trustfleet.store import Database
 from trustfleet.store.engine import make_engine, migrate
 from trustfleet.tmk import errors
+from trustfleet.tmk.conformance import forge_delivery
 from trustfleet.tmk.protocol import (
+    PROTOCOL_V1,
+    PROTOCOL_V2,
+    PROTOCOL_VERSION,
     Confirmation,
     DownloadRequest,
     KeyDelivery,
@@ -48,12 +52,14 @@ from trustfleet.tmk.protocol import (
     TicketKey,
     TmkActivated,
     confirmation_data,
+    key_delivery_tbs,
     keystore_kcv,
     open_ticket,
     parse_message,
     seal_ticket,
     server_abort,
     server_accept_proof,
+    server_auth_tbs,
     server_confirm,
     server_start,
 )
@@ -293,6 +299,7 @@ class Server:
             keystore=self.keystore,
             now=now,
             tmk_algorithm=algorithm,
+            work_key=self.work.handle,
         )
         return delivery, persist(new_state)
 
@@ -526,25 +533,38 @@ def _started(
     server: Server,
     trust: ServerTrust,
     clock: Callable[[], datetime] = lambda: NOW,
+    version: int = PROTOCOL_VERSION,
 ) -> tuple[TerminalSession, ServerChallenge, ServerSessionState]:
-    session = TerminalSession(terminal.scm, trust, clock=clock)
+    session = TerminalSession(terminal.scm, trust, clock=clock, version=version)
     challenge, state = server.start(session.start())
     return session, challenge, state
 
 
 def _proved(
-    terminal: Terminal, server: Server, trust: ServerTrust
+    terminal: Terminal, server: Server, trust: ServerTrust, version: int = PROTOCOL_VERSION
 ) -> tuple[TerminalSession, TerminalProof, ServerSessionState]:
-    session, challenge, state = _started(terminal, server, trust)
+    session, challenge, state = _started(terminal, server, trust, version=version)
     return session, session.receive_challenge(challenge), state
 
 
 def _delivered(
-    terminal: Terminal, server: Server, trust: ServerTrust
+    terminal: Terminal, server: Server, trust: ServerTrust, version: int = PROTOCOL_VERSION
 ) -> tuple[TerminalSession, KeyDelivery, ServerSessionState]:
-    session, proof, state = _proved(terminal, server, trust)
+    session, proof, state = _proved(terminal, server, trust, version)
     delivery, state = server.accept(state, proof)
     return session, delivery, state
+
+
+#: how a changed delivery ends: in version 1 when the SCM opens it; in version 2 at the
+#: work key's signature over it, before the SCM is asked to open anything
+DELIVERY_CHECKS = [
+    pytest.param(PROTOCOL_V1, id="v1"),
+    pytest.param(PROTOCOL_V2, id="v2"),
+]
+
+
+def _refused_delivery(version: int, v1_error: type[errors.TmkError]) -> type[errors.TmkError]:
+    return v1_error if version == PROTOCOL_V1 else errors.TmkBadDeliverySignature
 
 
 def test_challenge_of_session_a_replayed_into_session_b_is_refused(
@@ -883,53 +903,61 @@ def test_the_terminal_refuses_an_expired_challenge_and_an_expired_delivery(
     assert not terminal.scm.has_tmk
 
 
+@pytest.mark.parametrize("version", DELIVERY_CHECKS)
 def test_a_tampered_wrapped_tmk_is_refused_and_nothing_is_stored(
-    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust, version: int
 ) -> None:
     session, delivery, _ = _delivered(
-        terminal, Server(keystore, work, terminal.registration), trust
+        terminal, Server(keystore, work, terminal.registration), trust, version
     )
-    with pytest.raises(errors.TmkUnwrapFailed) as caught:
+    expected = _refused_delivery(version, errors.TmkUnwrapFailed)
+    with pytest.raises(expected) as caught:
         session.receive_delivery(replace(delivery, wrapped_tmk=flip(delivery.wrapped_tmk, 40)))
-    assert caught.value.code == "tmk-unwrap-failed"
+    assert caught.value.code == expected.code
     assert not terminal.scm.has_tmk
     assert session.stage is TerminalStage.FAILED
 
 
+@pytest.mark.parametrize("version", DELIVERY_CHECKS)
 def test_a_tampered_kcv_is_refused_and_nothing_is_stored(
-    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust, version: int
 ) -> None:
     session, delivery, _ = _delivered(
-        terminal, Server(keystore, work, terminal.registration), trust
+        terminal, Server(keystore, work, terminal.registration), trust, version
     )
-    with pytest.raises(errors.TmkKcvMismatch) as caught:
+    expected = _refused_delivery(version, errors.TmkKcvMismatch)
+    with pytest.raises(expected) as caught:
         session.receive_delivery(replace(delivery, kcv=flip(delivery.kcv)))
-    assert caught.value.code == "tmk-kcv-mismatch"
+    assert caught.value.code == expected.code
     assert not SecureControlModule.open(terminal.path, terminal.scm._device_key).has_tmk
 
 
+@pytest.mark.parametrize("version", DELIVERY_CHECKS)
 def test_a_relabelled_tmk_algorithm_is_refused(
-    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust, version: int
 ) -> None:
     session, delivery, _ = _delivered(
-        terminal, Server(keystore, work, terminal.registration), trust
+        terminal, Server(keystore, work, terminal.registration), trust, version
     )
     relabelled = replace(delivery, algorithm=KeyAlgorithm.TDES, kcv=delivery.kcv[:3])
-    with pytest.raises(errors.TmkUnwrapFailed):  # the algorithm is bound into the transport
+    # the algorithm is bound into the transport (and, in version 2, signed)
+    with pytest.raises(_refused_delivery(version, errors.TmkUnwrapFailed)):
         session.receive_delivery(relabelled)
 
 
+@pytest.mark.parametrize("version", DELIVERY_CHECKS)
 def test_a_delivery_from_another_session_is_refused(
-    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust, version: int
 ) -> None:
     server = Server(keystore, work, terminal.registration)
-    _, delivery_a, _ = _delivered(terminal, server, trust)
-    session_b, _, _ = _delivered(terminal, server, trust)
+    _, delivery_a, _ = _delivered(terminal, server, trust, version)
+    session_b, _, _ = _delivered(terminal, server, trust, version)
     with pytest.raises(errors.TmkReplay):
         session_b.receive_delivery(delivery_a)
-    session_c, _, _ = _delivered(terminal, server, trust)
+    session_c, _, _ = _delivered(terminal, server, trust, version)
     assert session_c.session_id is not None
-    with pytest.raises(errors.TmkUnwrapFailed):  # relabelled: bound to session A's transcript
+    # relabelled: bound to session A's transcript (and, in version 2, signed for it)
+    with pytest.raises(_refused_delivery(version, errors.TmkUnwrapFailed)):
         session_c.receive_delivery(replace(delivery_a, session_id=session_c.session_id))
     assert not terminal.scm.has_tmk
 
@@ -973,9 +1001,301 @@ def test_a_confirmation_mac_over_other_data_is_refused(
     session, delivery, state = _delivered(terminal, server, trust)
     session.receive_delivery(delivery)
     # a CMAC under the right TMK, but not over the confirmation data of this session
-    other = terminal.scm.tmk_cmac(confirmation_data(session_id="f" * 32, kcv=delivery.kcv))
+    version = state.version
+    data = confirmation_data(session_id="f" * 32, kcv=delivery.kcv, version=version)
+    other = terminal.scm.tmk_cmac(data)
     with pytest.raises(errors.TmkBadConfirmation):
-        server.confirm(state, Confirmation(session_id=state.session_id, mac=other))
+        server.confirm(state, Confirmation(session_id=state.session_id, mac=other, version=version))
+    # nor the data of this session under the other version's label
+    v1_data = confirmation_data(session_id=state.session_id, kcv=delivery.kcv, version=1)
+    with pytest.raises(errors.TmkBadConfirmation):
+        server.confirm(
+            state,
+            Confirmation(
+                session_id=state.session_id, mac=terminal.scm.tmk_cmac(v1_data), version=version
+            ),
+        )
+
+
+# =====================================================================================
+# Protocol versions: version 2 authenticates the delivery, and cannot be downgraded
+# =====================================================================================
+
+
+def _forged(
+    terminal: Terminal, challenge: ServerChallenge, genuine: KeyDelivery
+) -> tuple[KeyDelivery, bytes]:
+    """An on-path attacker's delivery: a TMK of their choosing, wrapped to the terminal's
+    registered key and bound to the session's public values, with its true KCV."""
+    return forge_delivery(
+        genuine,
+        challenge,
+        sn=terminal.scm.sn,
+        terminal_key=terminal.registration.auth_public,
+        kem_key=terminal.registration.transport_key,
+        tmk=bytes(range(32 if genuine.algorithm is KeyAlgorithm.AES_256 else 16)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "tmk_algorithm"),
+    [
+        pytest.param(KeyAlgorithm.EC_P256, KeyAlgorithm.AES_128, id="p256-aes-128"),
+        pytest.param(KeyAlgorithm.RSA_2048, KeyAlgorithm.TDES, id="rsa-tdes"),
+        pytest.param(KeyAlgorithm.SM2, KeyAlgorithm.AES_256, id="gm-aes-256"),
+    ],
+)
+def test_a_v2_terminal_refuses_a_delivery_forged_from_public_values(
+    make_terminal: Callable[..., Terminal],
+    keystore: SoftKeyStore,
+    work: WorkKey,
+    trust: ServerTrust,
+    algorithm: KeyAlgorithm,
+    tmk_algorithm: KeyAlgorithm,
+) -> None:
+    terminal = make_terminal(algorithm)
+    server = Server(keystore, work, terminal.registration)
+    session, challenge, state = _started(terminal, server, trust, version=PROTOCOL_V2)
+    genuine, _ = server.accept(state, session.receive_challenge(challenge), algorithm=tmk_algorithm)
+    forged, chosen = _forged(terminal, challenge, genuine)
+    assert forged.kcv == reference_kcv(tmk_algorithm, chosen)  # everything but the signature
+    with pytest.raises(errors.TmkBadDeliverySignature) as caught:
+        session.receive_delivery(wire(forged))
+    assert caught.value.code == "tmk-bad-delivery-signature"
+    assert caught.value.status == 403
+    assert not terminal.scm.has_tmk  # never opened: the signature is checked first
+    assert session.stage is TerminalStage.FAILED
+    with pytest.raises(errors.TmkOutOfOrder):  # not even the genuine one after that
+        session.receive_delivery(genuine)
+
+
+def test_a_v1_terminal_installs_a_forged_delivery_which_is_why_there_is_v2(
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+) -> None:
+    """The weakness version 2 removes (docs/tmk-protocol.md, "Security notes"): a version 1
+    terminal cannot tell a forged delivery from the server's; only the confirmation, too
+    late for the terminal, shows it."""
+    server = Server(keystore, work, terminal.registration)
+    session, challenge, state = _started(terminal, server, trust, version=PROTOCOL_V1)
+    genuine, delivered = server.accept(state, session.receive_challenge(challenge))
+    forged, chosen = _forged(terminal, challenge, genuine)
+    confirmation = session.receive_delivery(wire(forged))
+    assert terminal.scm.tmk_kcv == reference_kcv(KeyAlgorithm.AES_128, chosen)
+    with pytest.raises(errors.TmkBadConfirmation):
+        server.confirm(delivered, confirmation)
+
+
+def test_a_delivery_signature_that_is_not_the_work_keys_over_tbs3_is_refused(
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+) -> None:
+    server = Server(keystore, work, terminal.registration)
+    session, challenge, state = _started(terminal, server, trust, version=PROTOCOL_V2)
+    genuine, _ = server.accept(state, session.receive_challenge(challenge))
+    assert genuine.signature is not None
+    forged, _ = _forged(terminal, challenge, genuine)
+    tbs3 = key_delivery_tbs(
+        sn=state.sn,
+        suite=state.suite,
+        session_id=state.session_id,
+        rnd1=state.rnd1,
+        rnd2=state.rnd2,
+        algorithm=forged.algorithm,
+        wrapped_tmk=forged.wrapped_tmk,
+        kcv=forged.kcv,
+    )
+    own_key = keystore.generate(KeyAlgorithm.EC_P256, KeyUsage.SIGN).handle
+    tbs1 = server_auth_tbs(
+        sn=state.sn,
+        suite=state.suite,
+        session_id=state.session_id,
+        rnd1=state.rnd1,
+        rnd2=state.rnd2,
+        expires_at=state.expires_at,
+        version=PROTOCOL_V2,
+    )
+    for signature in (
+        keystore.sign(own_key, tbs3),  # the right TBS3, signed by another key
+        keystore.sign(work.handle, tbs1),  # the work key's, over another of its transcripts
+        flip(genuine.signature),
+    ):
+        again, again_challenge, again_state = _started(terminal, server, trust, version=2)
+        delivered, _ = server.accept(again_state, again.receive_challenge(again_challenge))
+        refused = replace(delivered, signature=signature)
+        with pytest.raises(errors.TmkBadDeliverySignature):
+            again.receive_delivery(refused)
+    assert not terminal.scm.has_tmk
+    # the same forgery with the work key's own signature over its TBS3 would be accepted:
+    # the refusals above are the signature's doing
+    accepted = replace(forged, signature=keystore.sign(work.handle, tbs3))
+    session.receive_delivery(accepted)
+    assert terminal.scm.has_tmk
+
+
+def test_the_server_signs_tbs3_of_what_it_delivers_with_the_challenges_work_key(
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+) -> None:
+    server = Server(keystore, work, terminal.registration)
+    session, challenge, state = _started(terminal, server, trust, version=PROTOCOL_V2)
+    delivery, delivered = server.accept(state, session.receive_challenge(challenge))
+    assert delivery.version == delivered.version == PROTOCOL_V2
+    assert delivery.signature is not None
+    tbs3 = key_delivery_tbs(
+        sn=SN,
+        suite=terminal.scm.suite,
+        session_id=state.session_id,
+        rnd1=state.rnd1,
+        rnd2=state.rnd2,
+        algorithm=delivery.algorithm,
+        wrapped_tmk=delivery.wrapped_tmk,
+        kcv=delivery.kcv,
+    )
+    assert tbs3.startswith(b"\x00\x00\x00\x16TF-TMK-v2 key-delivery\x00\x00\x00\x20")
+    work_public = work.cert.public_key()
+    assert isinstance(work_public, ec.EllipticCurvePublicKey)
+    work_public.verify(delivery.signature, tbs3, ec.ECDSA(hashes.SHA256()))
+    # the state and its ticket say the version; a version 1 state has no such key
+    assert json.loads(delivered.to_json())["version"] == PROTOCOL_V2
+    assert json.loads(challenge.ticket[5:-32])["version"] == PROTOCOL_V2
+    _, _, v1_state = _started(terminal, server, trust, version=PROTOCOL_V1)
+    assert "version" not in json.loads(v1_state.to_json())
+    with pytest.raises(errors.TmkMalformedMessage):  # one encoding per state
+        ServerSessionState.from_json(
+            json.dumps({**json.loads(v1_state.to_json()), "version": 1}).encode()
+        )
+
+
+def test_a_v2_session_without_its_work_key_delivers_nothing(
+    terminal: Terminal, keystore: SoftKeyStore, root: Ca, trust: ServerTrust
+) -> None:
+    """The work key that signed the challenge was destroyed since (a rotation): the
+    delivery cannot be signed by it, and no TMK is left behind."""
+    gone = _make_work_key(keystore, root)
+    server = Server(keystore, gone, terminal.registration)
+    session, challenge, state = _started(terminal, server, trust, version=PROTOCOL_V2)
+    proof = session.receive_challenge(challenge)
+    keystore.destroy(gone.handle)
+    before = {k.handle for k in keystore.list()}
+    with pytest.raises(errors.TmkInvalidTicket):
+        server.accept(state, proof)
+    assert {k.handle for k in keystore.list()} == before
+    with pytest.raises(ValueError, match="work key"):  # and the caller must give one
+        server_accept_proof(
+            state, proof, terminal=terminal.registration, keystore=keystore, now=NOW
+        )
+
+
+def test_a_request_rewritten_to_v1_on_the_way_is_refused_by_the_v2_terminal(
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+) -> None:
+    """The request is not signed: anyone on the path can change its "v". The server then
+    answers in version 1; the terminal asked for 2 and refuses. Rewriting the answer's "v"
+    back does not help: TBS1's label names the version it was signed in."""
+    server = Server(keystore, work, terminal.registration)
+    session = TerminalSession(terminal.scm, trust, clock=lambda: NOW, version=PROTOCOL_V2)
+    request = session.start()
+    assert request.version == PROTOCOL_V2
+    challenge, state = server.start(replace(request, version=PROTOCOL_V1))
+    assert challenge.version == state.version == PROTOCOL_V1
+    with pytest.raises(errors.TmkVersionMismatch) as caught:
+        session.receive_challenge(wire(challenge))
+    assert caught.value.code == "tmk-version-mismatch"
+    assert session.stage is TerminalStage.FAILED
+
+    rnd1 = request.rnd1
+    again = TerminalSession(terminal.scm, trust, clock=lambda: NOW, random=lambda _: rnd1)
+    assert again.start() == request
+    with pytest.raises(errors.TmkBadServerSignature):
+        again.receive_challenge(wire(replace(challenge, version=PROTOCOL_V2)))
+    assert not terminal.scm.has_tmk
+
+
+def test_a_terminal_refuses_messages_in_another_version_than_it_speaks(
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+) -> None:
+    server = Server(keystore, work, terminal.registration)
+    # a version 1 terminal (old firmware) sent a version 2 challenge
+    old = TerminalSession(terminal.scm, trust, clock=lambda: NOW, version=PROTOCOL_V1)
+    challenge, _ = server.start(replace(old.start(), version=PROTOCOL_V2))
+    with pytest.raises(errors.TmkVersionMismatch):
+        old.receive_challenge(challenge)
+    # a version 2 delivery stripped of its signature and relabelled version 1
+    session, delivery, _ = _delivered(terminal, server, trust, PROTOCOL_V2)
+    stripped = replace(delivery, signature=None, version=PROTOCOL_V1)
+    with pytest.raises(errors.TmkVersionMismatch):
+        session.receive_delivery(wire(stripped))
+    assert not terminal.scm.has_tmk
+    with pytest.raises(ValueError):
+        TerminalSession(terminal.scm, trust, version=3)
+
+
+def test_the_server_answers_in_the_requests_version_and_refuses_others_in_the_session(
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+) -> None:
+    server = Server(keystore, work, terminal.registration)
+    for version in (PROTOCOL_V1, PROTOCOL_V2):
+        run = Run(TerminalSession(terminal.scm, trust, clock=lambda: NOW, version=version))
+        run.request = run.session.start()
+        run.challenge, run.state = server.start(run.request)
+        run.proof = run.session.receive_challenge(wire(run.challenge))
+        # a proof relabelled to the other version: refused, nothing made
+        other = PROTOCOL_V1 if version == PROTOCOL_V2 else PROTOCOL_V2
+        before = {k.handle for k in keystore.list()}
+        with pytest.raises(errors.TmkVersionMismatch):
+            server.accept(run.state, replace(run.proof, version=other))
+        assert {k.handle for k in keystore.list()} == before
+        run.delivery, run.state = server.accept(run.state, run.proof)
+        run.confirmation = run.session.receive_delivery(wire(run.delivery))
+        with pytest.raises(errors.TmkVersionMismatch):
+            server.confirm(run.state, replace(run.confirmation, version=other))
+        run.event, run.state = server.confirm(run.state, run.confirmation)
+        assert {m.version for m in run.messages()} == {version}
+        assert run.state.stage is ServerStage.ACTIVE
+        assert (run.delivery.signature is not None) == (version == PROTOCOL_V2)
+
+
+def test_a_v2_proof_does_not_verify_in_a_v1_session(
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey, trust: ServerTrust
+) -> None:
+    """TBS2 names its version too: a proof signed for version 2 is no version 1 proof."""
+    server = Server(keystore, work, terminal.registration)
+    session = TerminalSession(terminal.scm, trust, clock=lambda: NOW, version=PROTOCOL_V1)
+    challenge, state = server.start(session.start())
+    proof = session.receive_challenge(challenge)
+    v2_signature = terminal.scm.sign_terminal_proof(
+        session_id=state.session_id, rnd1=state.rnd1, rnd2=state.rnd2, version=PROTOCOL_V2
+    )
+    with pytest.raises(errors.TmkBadTerminalProof):
+        server.accept(state, replace(proof, signature=v2_signature))
+
+
+def test_a_server_may_refuse_version_1(
+    terminal: Terminal, keystore: SoftKeyStore, work: WorkKey
+) -> None:
+    request = DownloadRequest(sn=SN, rnd1=bytes(32), suite="p256", version=PROTOCOL_V1)
+    for versions in ({PROTOCOL_V2}, frozenset({PROTOCOL_V2})):
+        with pytest.raises(errors.TmkUnsupportedVersion) as caught:
+            server_start(
+                request,
+                terminal=terminal.registration,
+                keystore=keystore,
+                work_key=work.handle,
+                kswcrt_der=work.der,
+                ticket_key=ticket_key(keystore),
+                now=NOW,
+                versions=versions,
+            )
+        assert caught.value.code == "tmk-unsupported-version"
+    challenge, _ = server_start(
+        replace(request, version=PROTOCOL_V2),
+        terminal=terminal.registration,
+        keystore=keystore,
+        work_key=work.handle,
+        kswcrt_der=work.der,
+        ticket_key=ticket_key(keystore),
+        now=NOW,
+        versions={PROTOCOL_V2},
+    )
+    assert challenge.version == PROTOCOL_V2
 
 
 # =====================================================================================
@@ -1118,7 +1438,7 @@ MALFORMED_REQUESTS: list[Any] = [
     pytest.param(b'{"type":"tmk-download-request","type":"x"}', id="duplicate-key"),
     pytest.param(_encode({**_request_obj(), "extra": 1}), id="unknown-field"),
     pytest.param(_encode({k: v for k, v in _request_obj().items() if k != "rnd1"}), id="missing"),
-    pytest.param(_encode({**_request_obj(), "v": 2}), id="version-2"),
+    pytest.param(_encode({**_request_obj(), "v": 1.0}), id="version-float"),
     pytest.param(_encode({**_request_obj(), "v": True}), id="version-bool"),
     pytest.param(_encode({**_request_obj(), "v": "1"}), id="version-string"),
     pytest.param(_encode({**_request_obj(), "type": "tmk-confirmation"}), id="wrong-type"),
@@ -1165,6 +1485,23 @@ def test_malformed_requests_raise_the_stable_malformed_error(data: bytes) -> Non
     assert caught.value.code == "tmk-malformed-message"
     with pytest.raises(errors.TmkMalformedMessage):
         parse_message(data)
+
+
+@pytest.mark.parametrize("version", [0, 3, -1, 2**40])
+def test_a_version_nobody_speaks_is_its_own_error(version: int) -> None:
+    data = _encode({**_request_obj(), "v": version})
+    for parse in (DownloadRequest.from_json, parse_message):
+        with pytest.raises(errors.TmkUnsupportedVersion) as caught:
+            parse(data)
+        assert caught.value.code == "tmk-unsupported-version"
+        assert isinstance(caught.value, errors.TmkMalformedMessage)  # a message not parsed
+
+
+def test_each_version_parses_to_a_message_of_that_version() -> None:
+    for version in (PROTOCOL_V1, PROTOCOL_V2):
+        request = DownloadRequest.from_json(_encode({**_request_obj(), "v": version}))
+        assert request.version == version
+        assert json.loads(request.to_json())["v"] == version
 
 
 def _challenge_obj() -> dict[str, Any]:
@@ -1218,6 +1555,28 @@ def test_malformed_deliveries_raise_the_stable_malformed_error(change: dict[str,
     )
     with pytest.raises(errors.TmkMalformedMessage):
         KeyDelivery.from_json(_encode({**json.loads(delivery.to_json()), **change}))
+
+
+def test_a_delivery_carries_a_signature_from_version_2_on_and_only_then() -> None:
+    v1 = KeyDelivery(
+        session_id="a" * 32, algorithm=KeyAlgorithm.AES_128, wrapped_tmk=b"x" * 48, kcv=bytes(5)
+    )
+    v2 = replace(v1, signature=b"\x01" * 70, version=PROTOCOL_V2)
+    assert "signature" not in json.loads(v1.to_json())
+    assert KeyDelivery.from_json(v2.to_json()) == v2
+    v1_obj, v2_obj = json.loads(v1.to_json()), json.loads(v2.to_json())
+    for obj in (
+        {**v1_obj, "signature": v2_obj["signature"]},  # version 1 has no such field
+        {**v1_obj, "v": PROTOCOL_V2},  # version 2 without one
+        {**v2_obj, "signature": ""},
+        {**v2_obj, "signature": base64.b64encode(bytes(1025)).decode()},
+    ):
+        with pytest.raises(errors.TmkMalformedMessage):
+            KeyDelivery.from_json(_encode(obj))
+    with pytest.raises(errors.TmkMalformedMessage):
+        replace(v1, version=PROTOCOL_V2)
+    with pytest.raises(errors.TmkMalformedMessage):
+        replace(v2, version=PROTOCOL_V1)
 
 
 @pytest.mark.parametrize("mac_length", [0, 7, 17])

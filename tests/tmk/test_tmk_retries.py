@@ -166,7 +166,7 @@ def test_a_refused_confirmation_repeated_gets_the_same_refusal(
 ) -> None:
     run, proof = _proved(tmk, terminal, clock)
     delivery = tmk.downloads.accept_proof(run.session_id, proof.to_json(), actor="gw")
-    forged = Confirmation(session_id=run.session_id, mac=bytes(16))
+    forged = Confirmation(session_id=run.session_id, mac=bytes(16), version=delivery.version)
     for _ in range(2):
         with pytest.raises(errors.TmkBadConfirmation):
             tmk.downloads.confirm(run.session_id, forged.to_json(), actor="gw")

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.crypto.base import KeyAlgorithm
+from trustfleet.errors import KeyNotFound
 from trustfleet.keystore.base import KeyStore
 from trustfleet.pki.service import PkiService
 from trustfleet.store.audit import iter_records, verify_chain
@@ -39,6 +40,7 @@ from trustfleet.tmk.terminal import PosTerminal
 
 from .conftest import (
     PAN,
+    VERSIONS,
     Clock,
     Tmk,
     assert_destroyed,
@@ -205,25 +207,29 @@ def test_bad_confirmation_mac_leaves_no_tmk_active_and_destroys_it(
     ]
 
 
-def test_kcv_mismatch_on_the_terminal_is_reported_and_the_tmk_destroyed(
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_tampered_kcv_on_the_terminal_is_reported_and_the_tmk_destroyed(
     tmk: Tmk,
     terminal: PosTerminal,
     sessions: sessionmaker[Session],
     keystore: KeyStore,
     clock: Clock,
+    version: int,
 ) -> None:
-    run = steps(tmk, terminal, clock)
+    """Version 1 finds it opening the delivery; version 2 at the work key's signature."""
+    run = steps(tmk, terminal, clock, version=version)
     run.start()
     delivery = run.proof()
     tampered = replace(delivery, kcv=bytes(5))
-    with pytest.raises(errors.TmkKcvMismatch):
+    refusal = errors.TmkKcvMismatch if version == 1 else errors.TmkBadDeliverySignature
+    with pytest.raises(refusal):
         run.session.receive_delivery(tampered)
     assert not terminal.scm.has_tmk
-    tmk.downloads.abort(run.session_id, "tmk-kcv-mismatch", actor="gw")
+    tmk.downloads.abort(run.session_id, refusal.code, actor="gw")
     assert_no_tmk_left(sessions, keystore, "POS-1")
     failure = failures(sessions)[-1]
     assert failure["code"] == TmkTerminalAborted.code
-    assert failure["reported_code"] == "tmk-kcv-mismatch"
+    assert failure["reported_code"] == refusal.code
 
 
 def test_a_proof_replayed_into_another_session_fails_and_leaves_both_sessions_alone(
@@ -675,22 +681,50 @@ def test_a_refused_proof_uses_up_its_ticket(
         tmk.downloads.accept_proof(run.session_id, genuine.to_json(), actor="gw")
 
 
-def test_tickets_survive_a_work_certificate_rotation_but_not_a_revocation(
+def test_v1_tickets_survive_a_work_certificate_rotation_but_not_a_revocation(
     tmk: Tmk,
     make_terminal: Callable[..., PosTerminal],
     sessions: sessionmaker[Session],
     clock: Clock,
 ) -> None:
-    rotated = steps(tmk, make_terminal("POS-A"), clock)
+    rotated = steps(tmk, make_terminal("POS-A"), clock, version=1)
     rotated.start()
     tmk.identity.rotate(actor="ops")
     rotated.proof()  # in flight across a rotation: the retired identity's ticket key stays
     rotated.confirm()
-    revoked = steps(tmk, make_terminal("POS-B"), clock)
+    revoked = steps(tmk, make_terminal("POS-B"), clock, version=1)
     revoked.start()
     tmk.identity.revoke(actor="ops")
     with pytest.raises(errors.TmkInvalidTicket):
         revoked.proof()
+
+
+@pytest.mark.parametrize("change", ["rotate", "revoke"])
+def test_a_v2_download_in_flight_across_a_new_work_certificate_starts_again(
+    tmk: Tmk,
+    terminal: PosTerminal,
+    sessions: sessionmaker[Session],
+    keystore: KeyStore,
+    clock: Clock,
+    change: str,
+) -> None:
+    """The version 2 delivery is signed by the work key that signed the challenge, the one
+    the terminal verified; a rotation destroys it, so the proof is refused, nothing is
+    made, and the terminal's new download runs under the new certificate."""
+    old = tmk.identity.require_current()
+    run = steps(tmk, terminal, clock, version=2)
+    run.start()
+    getattr(tmk.identity, change)(actor="ops")
+    with pytest.raises(errors.TmkInvalidTicket):
+        run.proof()
+    assert tmks_of(sessions, "POS-1") == []
+    with pytest.raises(KeyNotFound):
+        keystore.info(old.work_key_handle)
+    assert failures(sessions)[-1]["code"] == "tmk-invalid-ticket"
+    again = steps(tmk, terminal, clock, version=2)
+    again.start()
+    again.proof()
+    assert again.confirm().kcv == terminal.scm.tmk_kcv
 
 
 def test_an_identity_from_before_tickets_gets_a_ticket_key_at_the_next_download(

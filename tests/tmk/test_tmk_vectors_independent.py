@@ -1,5 +1,6 @@
 """A terminal written from docs/tmk-protocol.md alone checks the published P-256 and RSA
-vectors: every message and every value it signs, verifies, opens or MACs.
+vectors of both protocol versions: every message and every value it signs, verifies, opens
+or MACs, and in version 2 the key server's signature over the delivery.
 
 This module imports nothing from trustfleet, only the standard library and
 pyca/cryptography, as a vendor's test bench would: a mistake shared by the code and its
@@ -31,12 +32,16 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "tmk-vectors"
 FILES = sorted(p for p in DOCS.glob("*.json") if p.stem.startswith(("p256-", "rsa-")))
 
 # -- the document's constants -------------------------------------------------------------
-VERSION = 1
+VERSIONS = (1, 2)
 LABELS = {
-    "server": b"TF-TMK-v1 server-auth",
-    "terminal": b"TF-TMK-v1 terminal-auth",
-    "transport": b"TF-TMK-v1 tmk-transport",
-    "confirm": b"TF-TMK-v1 confirm",
+    version: {
+        "server": f"TF-TMK-v{version} server-auth".encode(),
+        "terminal": f"TF-TMK-v{version} terminal-auth".encode(),
+        "transport": f"TF-TMK-v{version} tmk-transport".encode(),
+        "confirm": f"TF-TMK-v{version} confirm".encode(),
+        "delivery": f"TF-TMK-v{version} key-delivery".encode(),  # version 2 on
+    }
+    for version in VERSIONS
 }
 WORK_CERTIFICATE_NAME = "tmk-key-server.trustfleet"
 TMK_LENGTHS = {"aes-128": 16, "aes-256": 32, "tdes": 16}
@@ -64,15 +69,27 @@ def b64(text: str) -> bytes:
     return value
 
 
-def message(text: str, message_type: str) -> dict[str, Any]:
-    """A message as the document defines it: a JSON object, canonical."""
+def message(text: str, message_type: str, version: int) -> dict[str, Any]:
+    """A message as the document defines it: a JSON object, canonical, in the version the
+    terminal asked for."""
     fields: dict[str, Any] = json.loads(text)
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert canonical == text
     assert fields.pop("type") == message_type
-    version = fields.pop("v")
-    assert type(version) is int and version == VERSION
+    v = fields.pop("v")
+    assert type(v) is int and v == version
     return fields
+
+
+def delivery_tbs(
+    version: int, session_id: str, sn: str, suite: str, rnd1: bytes, rnd2: bytes,
+    algorithm: str, wrapped: bytes, kcv: bytes,
+) -> bytes:  # fmt: skip
+    """TBS3: what the work key signs over a version 2 delivery."""
+    return enc(
+        LABELS[version]["delivery"], session_id.encode(), sn.encode(), suite.encode(), rnd1,
+        rnd2, algorithm.encode(), wrapped, kcv,
+    )  # fmt: skip
 
 
 def cmac_of(algorithm: str, key: bytes, data: bytes) -> bytes:
@@ -96,11 +113,12 @@ def vector(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 
 def test_the_p256_and_rsa_vectors_are_all_here() -> None:
-    assert [p.stem for p in FILES] == [
-        f"{key}-{tmk}"
+    assert sorted(p.stem for p in FILES) == sorted(
+        f"{key}-{tmk}{suffix}"
         for key in ("p256", "rsa-2048", "rsa-3072")
         for tmk in ("aes-128", "aes-256", "tdes")
-    ]
+        for suffix in ("", "-v2")
+    )
 
 
 def test_a_terminal_from_the_document_checks_every_message(vector: dict[str, Any]) -> None:
@@ -121,14 +139,17 @@ def test_a_terminal_from_the_document_checks_every_message(vector: dict[str, Any
     sn, rnd1 = terminal["sn"], h(terminal["rnd1"])
     clock = datetime.fromisoformat(terminal["clock"])
     tmk_algorithm = vector["tmk_algorithm"]
+    version = vector["protocol_version"]
+    assert version in VERSIONS
+    labels = LABELS[version]
 
-    # 1. the download request
-    request = message(messages["download_request"], "tmk-download-request")
+    # 1. the download request, in my version
+    request = message(messages["download_request"], "tmk-download-request", version)
     assert request == {"sn": sn, "rnd1": base64.b64encode(rnd1).decode(), "suite": suite}
     assert len(rnd1) == 32
 
     # 2-3. the challenge: my rnd1, in time, KSWCRT under my KSRCRT, the signature over TBS1
-    challenge = message(messages["server_challenge"], "tmk-server-challenge")
+    challenge = message(messages["server_challenge"], "tmk-server-challenge", version)
     assert set(challenge) == {
         "session_id", "rnd1", "rnd2", "kswcrt", "chain", "signature", "expires_at", "ticket"
     }  # fmt: skip
@@ -162,7 +183,7 @@ def test_a_terminal_from_the_document_checks_every_message(vector: dict[str, Any
     )
     verifier.verify(kswcrt, [])
     tbs1 = enc(
-        LABELS["server"], rnd1, rnd2, sn.encode(), session_id.encode(), suite.encode(),
+        labels["server"], rnd1, rnd2, sn.encode(), session_id.encode(), suite.encode(),
         expires_at.encode(),
     )  # fmt: skip
     assert tbs1.hex() == inter["tbs1"]
@@ -173,10 +194,10 @@ def test_a_terminal_from_the_document_checks_every_message(vector: dict[str, Any
     assert server_signature.hex() == inter["server_signature"]
 
     # 4. my proof: the signature over TBS2, the ticket sent back unchanged
-    proof = message(messages["terminal_proof"], "tmk-terminal-proof")
+    proof = message(messages["terminal_proof"], "tmk-terminal-proof", version)
     assert set(proof) == {"session_id", "signature", "ticket"}
     assert proof["session_id"] == session_id and proof["ticket"] == challenge["ticket"]
-    tbs2 = enc(LABELS["terminal"], rnd2, rnd1, sn.encode(), session_id.encode(), suite.encode())
+    tbs2 = enc(labels["terminal"], rnd2, rnd1, sn.encode(), session_id.encode(), suite.encode())
     assert tbs2.hex() == inter["tbs2"]
     terminal_signature = b64(proof["signature"])
     public_key = private_key.public_key()
@@ -190,12 +211,25 @@ def test_a_terminal_from_the_document_checks_every_message(vector: dict[str, Any
         public_key.verify(terminal_signature, tbs2, PSS, hashes.SHA256())
         assert len(terminal_signature) == public_key.key_size // 8
 
-    # 6-7. the delivery: open it bound to the transcript, check length and KCV
-    delivery = message(messages["key_delivery"], "tmk-key-delivery")
-    assert set(delivery) == {"session_id", "algorithm", "wrapped_tmk", "kcv"}
+    # 6-7. the delivery: (version 2) the work key's signature over TBS3, checked before
+    # anything is opened; then open it bound to the transcript, check length and KCV
+    delivery = message(messages["key_delivery"], "tmk-key-delivery", version)
+    signed = {"signature"} if version >= 2 else set()
+    assert set(delivery) == {"session_id", "algorithm", "wrapped_tmk", "kcv"} | signed
     assert delivery["session_id"] == session_id and delivery["algorithm"] == tmk_algorithm
+    if version >= 2:
+        tbs3 = delivery_tbs(
+            version, session_id, sn, suite, rnd1, rnd2, tmk_algorithm,
+            b64(delivery["wrapped_tmk"]), b64(delivery["kcv"]),
+        )  # fmt: skip
+        assert tbs3.hex() == inter["tbs3"]
+        delivery_signature = b64(delivery["signature"])
+        work_key.verify(delivery_signature, tbs3, ec.ECDSA(hashes.SHA256()))  # KSWCRT's key
+        assert delivery_signature.hex() == inter["delivery_signature"]
+    else:
+        assert "tbs3" not in inter and "delivery_signature" not in inter
     info_input = enc(
-        LABELS["transport"], sn.encode(), suite.encode(), session_id.encode(), rnd1, rnd2,
+        labels["transport"], sn.encode(), suite.encode(), session_id.encode(), rnd1, rnd2,
         tmk_algorithm.encode(),
     )  # fmt: skip
     info = sha256(info_input)
@@ -227,10 +261,10 @@ def test_a_terminal_from_the_document_checks_every_message(vector: dict[str, Any
     assert kcv == kcv_of(tmk_algorithm, tmk) and kcv.hex() == inter["kcv"]
 
     # 7. my confirmation: CMAC under the new TMK over the confirmation data
-    confirmation = message(messages["confirmation"], "tmk-confirmation")
+    confirmation = message(messages["confirmation"], "tmk-confirmation", version)
     assert set(confirmation) == {"session_id", "mac"}
     assert confirmation["session_id"] == session_id
-    conf = enc(LABELS["confirm"], session_id.encode(), kcv)
+    conf = enc(labels["confirm"], session_id.encode(), kcv)
     assert conf.hex() == inter["confirmation_data"]
     mac = cmac_of(tmk_algorithm, tmk, conf)
     assert len(mac) == MAC_LENGTHS[tmk_algorithm]
@@ -251,3 +285,45 @@ def test_a_proof_with_a_maximal_pss_salt_is_not_what_the_document_asks() -> None
     key.public_key().verify(signature, tbs2, maximal, hashes.SHA256())
     with pytest.raises(InvalidSignature):
         key.public_key().verify(signature, tbs2, PSS, hashes.SHA256())
+
+
+@pytest.mark.parametrize("name", ["p256-aes-128", "p256-aes-128-v2"])
+def test_a_delivery_forged_from_public_values_is_refused_only_in_version_2(name: str) -> None:
+    """What version 2 is for: anyone on the path can wrap a TMK of their own to the
+    terminal's public key, bound to the session's public values, with its true KCV. A
+    version 1 terminal has no way to tell it from the key server's; a version 2 terminal
+    finds no work-key signature over it."""
+    vector = json.loads((DOCS / f"{name}.json").read_text())
+    terminal, messages = vector["terminal"], vector["messages"]
+    h = bytes.fromhex
+    private_key = serialization.load_der_private_key(h(terminal["private_key_pkcs8"]), None)
+    assert isinstance(private_key, ec.EllipticCurvePrivateKey)
+    version, sn, suite = vector["protocol_version"], terminal["sn"], vector["suite"]
+    challenge = json.loads(messages["server_challenge"])
+    genuine = json.loads(messages["key_delivery"])
+    session_id, rnd1, rnd2 = challenge["session_id"], h(terminal["rnd1"]), b64(challenge["rnd2"])
+    algorithm = genuine["algorithm"]
+
+    # the attacker: public values only
+    chosen_tmk = bytes(range(16))
+    info_input = enc(
+        LABELS[version]["transport"], sn.encode(), suite.encode(), session_id.encode(),
+        rnd1, rnd2, algorithm.encode(),
+    )  # fmt: skip
+    info = sha256(info_input)
+    wrapped = HPKE.encrypt(chosen_tmk, private_key.public_key(), info=info)
+    kcv = kcv_of(algorithm, chosen_tmk)
+
+    # the terminal opens it and the KCV agrees: in version 1 that is all there is to check
+    assert HPKE.decrypt(wrapped, private_key, info=info) == chosen_tmk
+    assert kcv_of(algorithm, HPKE.decrypt(wrapped, private_key, info=info)) == kcv
+    if version == 1:
+        return
+    # version 2: the genuine delivery's signature (the best the attacker has) does not
+    # cover the forged TMK under KSWCRT's key
+    kswcrt = x509.load_der_x509_certificate(b64(challenge["kswcrt"]))
+    work_key = kswcrt.public_key()
+    assert isinstance(work_key, ec.EllipticCurvePublicKey)
+    tbs3 = delivery_tbs(version, session_id, sn, suite, rnd1, rnd2, algorithm, wrapped, kcv)
+    with pytest.raises(InvalidSignature):
+        work_key.verify(b64(genuine["signature"]), tbs3, ec.ECDSA(hashes.SHA256()))

@@ -139,3 +139,71 @@ def test_standard_alphabet_is_padded_and_canonical() -> None:
 def test_the_transcript_is_unambiguous() -> None:
     assert transcript(b"ab", b"c") != transcript(b"a", b"bc")
     assert transcript(b"ab", b"") == b"\x00\x00\x00\x02ab\x00\x00\x00\x00"
+
+
+# =====================================================================================
+# A protocol that speaks several versions: each message says its own
+# =====================================================================================
+
+
+class ToyUnsupportedVersion(ToyMalformed):
+    code = "toy-unsupported-version"
+
+
+VERSIONED = Codec(
+    malformed=ToyMalformed,
+    version=1,
+    versions=frozenset({1, 2}),
+    unsupported_version=ToyUnsupportedVersion,
+)
+
+
+@dataclass(frozen=True)
+class Ping(Message):
+    """Version 1 has a name; version 2 adds a tag."""
+
+    TYPE: ClassVar[str] = "toy-ping"
+    CODEC: ClassVar[Codec] = VERSIONED
+    name: str
+    tag: str | None = None
+    version: int = 1
+
+    def wire_version(self) -> int:
+        return self.version
+
+    def _fields(self) -> dict[str, Any]:
+        return {"name": self.name, **({"tag": self.tag} if self.version >= 2 else {})}
+
+    @classmethod
+    def _from_fields(cls, fields: Fields) -> Self:
+        tag = fields.text("tag") if fields.version >= 2 else None
+        return cls(name=fields.text("name"), tag=tag, version=fields.version)
+
+
+def test_each_message_carries_its_own_version_and_is_parsed_in_it() -> None:
+    one, two = Ping("a"), Ping("a", tag="t", version=2)
+    assert one.to_json() == b'{"name":"a","type":"toy-ping","v":1}'
+    assert two.to_json() == b'{"name":"a","tag":"t","type":"toy-ping","v":2}'
+    assert Ping.from_json(one.to_json()) == one
+    assert Ping.from_json(two.to_json()) == two
+    # the fields of one version are not those of the other
+    with pytest.raises(ToyMalformed, match="missing field 'tag'"):
+        Ping.from_json(b'{"name":"a","type":"toy-ping","v":2}')
+    with pytest.raises(ToyMalformed, match="unknown field"):
+        Ping.from_json(b'{"name":"a","tag":"t","type":"toy-ping","v":1}')
+
+
+def test_a_version_outside_the_codecs_is_its_own_error() -> None:
+    with pytest.raises(ToyUnsupportedVersion, match="expected 1, 2"):
+        Ping.from_json(b'{"name":"a","type":"toy-ping","v":3}')
+    for not_a_version in (b"true", b"2.0", b'"2"'):
+        with pytest.raises(ToyMalformed) as caught:
+            Ping.from_json(b'{"name":"a","type":"toy-ping","v":' + not_a_version + b"}")
+        assert type(caught.value) is ToyMalformed
+
+
+def test_a_single_version_codec_writes_and_reads_only_its_version() -> None:
+    assert HELLO.wire_version() == URL.version == 2
+    assert URL.accepted_versions == frozenset({2})
+    with pytest.raises(ToyMalformed, match="expected 2"):
+        Hello.from_json(_hello(v=3))

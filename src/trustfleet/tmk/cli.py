@@ -24,6 +24,7 @@ from trustfleet.tmk import registry, services
 from trustfleet.tmk.conformance import SUITES as CONFORMANCE_SUITES
 from trustfleet.tmk.conformance import CheckResult, Conformance, Report, load_tokens
 from trustfleet.tmk.identity import KeyServerIdentity
+from trustfleet.tmk.protocol import PROTOCOL_VERSION, PROTOCOL_VERSIONS
 from trustfleet.tmk.terminal import IDENTITY_PATH, HttpTransport, PosTerminal
 from trustfleet.tmk.terminals import TerminalOverview
 from trustfleet.tmk.working_keys import WORKING_KEY_USAGES
@@ -408,16 +409,24 @@ def pos_download(
     token: Annotated[str, typer.Option(help="The device gateway's API token.")],
     directory: PosDir = DEFAULT_POS_DIR,
     crl: Annotated[bool, typer.Option(help="Fetch and enforce KSRCRT's CRL.")] = True,
+    protocol_version: Annotated[
+        int,
+        typer.Option(
+            min=min(PROTOCOL_VERSIONS),
+            max=max(PROTOCOL_VERSIONS),
+            help="The TMK protocol version to speak (1: as terminals without a signed delivery).",
+        ),
+    ] = PROTOCOL_VERSION,
 ) -> None:
     """Download a TMK from the key server (mutual authentication, then key transport)."""
     terminal = PosTerminal.open(directory)
     with _client(server) as client:
         transport = HttpTransport(client, token)
         crls = [terminal.fetch_crl(transport)] if crl else []
-        result = terminal.download(transport, crls=crls)
+        result = terminal.download(transport, crls=crls, version=protocol_version)
     console.print(
         f"TMK {result.algorithm.value} active (KCV {result.kcv.hex().upper()}),"
-        f" session {result.session_id}"
+        f" session {result.session_id}, protocol version {protocol_version}"
     )
 
 

@@ -37,18 +37,23 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from trustfleet.crypto.base import KeyAlgorithm
+from trustfleet.crypto import algorithm_of, suite_for_algorithm
+from trustfleet.crypto.base import KeyAlgorithm, PublicKey
+from trustfleet.crypto.payment import kcv as kcvs
 from trustfleet.errors import InvalidInput
-from trustfleet.tmk.errors import TmkError
+from trustfleet.tmk.errors import TmkError, TmkServerRefused
 from trustfleet.tmk.protocol import (
+    PROTOCOL_V1,
     PROTOCOL_VERSION,
-    Confirmation,
+    PROTOCOL_VERSIONS,
     DownloadRequest,
     KeyDelivery,
     ServerChallenge,
     ServerTrust,
     TerminalProof,
     TerminalSession,
+    suite_for_terminal_key,
+    transport_info,
 )
 from trustfleet.tmk.terminal import KSRCRT_CRL_PATH, HttpTransport, PosTerminal
 from trustfleet.wire import utcnow
@@ -71,6 +76,7 @@ SUITES = {
 }
 TIMEOUT_SECONDS = 30
 _DOWNLOADS = "/v1/tmk/downloads"
+_TMK_SIZES = {KeyAlgorithm.AES_128: 16, KeyAlgorithm.AES_256: 32, KeyAlgorithm.TDES: 16}
 
 
 # =====================================================================================
@@ -144,7 +150,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {
             "report": "trustfleet-tmk-conformance-v1",
-            "protocol_version": PROTOCOL_VERSION,
+            "protocol_versions": sorted(PROTOCOL_VERSIONS),
             "server": self.server,
             "api": self.api,
             "started_at": self.started_at.isoformat(),
@@ -316,12 +322,27 @@ class Conformance:
         for suite in self._suites:
             yield "download", suite, "TMK active, KCVs agree", partial(self._download, suite)
         checks: list[tuple[str, str, Callable[[str], str]]] = [
+            (
+                "download-v1",
+                "a version 1 terminal: TMK active (or 400 tmk-unsupported-version)",
+                self._download_v1,
+            ),
             ("tmk-algorithms", "aes-256, then tdes TMK after rotate-tmk", self._algorithms),
             ("retried-proof", "the same delivery, byte for byte", self._retried_proof),
             ("retried-confirmation", "the same activation", self._retried_confirmation),
             ("another-proof", "409 tmk-out-of-order, download unharmed", self._another_proof),
             ("wrong-root", "terminal: tmk-untrusted-server-certificate", self._wrong_root),
             ("tampered-challenge", "terminal: tmk-bad-server-signature", self._tampered_challenge),
+            (
+                "downgrade",
+                "terminal: tmk-version-mismatch, then tmk-bad-server-signature",
+                self._downgrade,
+            ),
+            (
+                "forged-delivery",
+                "terminal: tmk-bad-delivery-signature, no TMK installed",
+                self._forged_delivery,
+            ),
             ("tampered-ticket", "403 tmk-invalid-ticket", self._tampered_ticket),
             ("cloned-terminal", "403 tmk-bad-terminal-proof", self._cloned_terminal),
             ("bad-confirmation", "403 tmk-bad-confirmation, then 409", self._bad_confirmation),
@@ -439,6 +460,18 @@ class Conformance:
         result = terminal.download(self._transport, crls=self._crls())
         return f"{result.algorithm.value}: " + self._check_active(terminal)
 
+    def _download_v1(self, suite: str) -> str:
+        """Terminals of version 1 keep working, unless the server is set to refuse them
+        (``tmk_min_protocol_version`` 2): both pass, the report says which."""
+        terminal = self._terminal(suite)
+        try:
+            result = terminal.download(self._transport, crls=self._crls(), version=PROTOCOL_V1)
+        except TmkServerRefused as refused:
+            if refused.remote_code != "tmk-unsupported-version":
+                raise _Failed(f"{refused.http_status} {refused.remote_code}") from None
+            return f"{refused.http_status} tmk-unsupported-version: the server refuses version 1"
+        return f"v1, {result.algorithm.value}: " + self._check_active(terminal)
+
     def _algorithms(self, suite: str) -> str:
         operator = self._role("operator")
         terminal = self._terminal(suite)
@@ -517,6 +550,58 @@ class Conformance:
         self._abort(download, "tmk-bad-server-signature")
         return got + "; abort 200"
 
+    def _downgrade(self, suite: str) -> str:
+        """Someone on the path rewrites a version 2 request to version 1 (the request is
+        not signed): the terminal refuses the version 1 challenge, and the same challenge
+        relabelled as version 2 fails TBS1, whose label names the version it was signed
+        in."""
+        terminal = self._terminal(suite)
+        session = self._session(terminal)
+        request = session.start()
+        if request.version == PROTOCOL_V1:
+            raise _Skipped("the reference terminal speaks version 1")
+        answer = self._gateway.post(_DOWNLOADS, replace(request, version=PROTOCOL_V1).to_json())
+        if _answer(answer) == "400 tmk-unsupported-version":
+            return "server: 400 tmk-unsupported-version (it refuses version 1)"
+        _expect(answer, 200)
+        download = _Download(terminal, session, ServerChallenge.from_json(answer.content), answer)
+        if download.challenge.version != PROTOCOL_V1:
+            raise _Failed(f"a version {download.challenge.version} challenge to a v1 request")
+        got = _expect_terminal_refusal(
+            lambda: session.receive_challenge(download.challenge), "tmk-version-mismatch"
+        )
+        relabelled = replace(download.challenge, version=request.version)
+        again = self._same_request(download)
+        got += ", then " + _expect_terminal_refusal(
+            lambda: again.receive_challenge(relabelled), "tmk-bad-server-signature"
+        )
+        self._abort(download, "tmk-version-mismatch")
+        return got + "; abort 200"
+
+    def _forged_delivery(self, suite: str) -> str:
+        """Someone on the path replaces the delivery with a TMK of their own, wrapped to
+        the terminal's public key with the right transport info and KCV (all public) and
+        the genuine delivery's signature: the terminal refuses it and installs nothing."""
+        download = self._start(self._terminal(suite))
+        _, answer = self._prove(download)
+        _expect(answer, 200)
+        genuine = KeyDelivery.from_json(answer.content)
+        scm = download.terminal.scm
+        forged, _ = forge_delivery(
+            genuine,
+            download.challenge,
+            sn=scm.sn,
+            terminal_key=scm.public_key,
+            kem_key=scm.kem_public_key,
+        )
+        got = _expect_terminal_refusal(
+            lambda: download.session.receive_delivery(forged), "tmk-bad-delivery-signature"
+        )
+        if scm.has_tmk:
+            raise _Failed("terminal: a TMK was installed")
+        self._abort(download, "tmk-bad-delivery-signature")
+        return got + ", no TMK installed; abort 200"
+
     def _tampered_ticket(self, suite: str) -> str:
         download = self._start(self._terminal(suite))
         proof = download.session.receive_challenge(download.challenge)
@@ -541,7 +626,7 @@ class Conformance:
         _, delivery = self._prove(download)
         _expect(delivery, 200)
         genuine = download.session.receive_delivery(KeyDelivery.from_json(delivery.content))
-        forged = Confirmation(session_id=genuine.session_id, mac=bytes(len(genuine.mac)))
+        forged = replace(genuine, mac=bytes(len(genuine.mac)))
         got = _expect(
             self._gateway.post(f"{download.base}/confirm", forged.to_json()),
             403,
@@ -580,7 +665,10 @@ class Conformance:
 
     def _unknown_terminal(self) -> str:
         request = DownloadRequest(
-            sn=f"CONF-{self._run_id}-NOBODY", rnd1=secrets.token_bytes(32), suite="p256"
+            sn=f"CONF-{self._run_id}-NOBODY",
+            rnd1=secrets.token_bytes(32),
+            suite="p256",
+            version=PROTOCOL_VERSION,
         )
         return _expect(
             self._gateway.post(_DOWNLOADS, request.to_json()), 404, "tmk-unknown-terminal"
@@ -589,7 +677,9 @@ class Conformance:
     def _wrong_suite(self, suite: str) -> str:
         terminal = self._terminal(suite)
         other = "gm" if terminal.scm.suite != "gm" else "p256"
-        request = DownloadRequest(sn=terminal.sn, rnd1=secrets.token_bytes(32), suite=other)
+        request = DownloadRequest(
+            sn=terminal.sn, rnd1=secrets.token_bytes(32), suite=other, version=PROTOCOL_VERSION
+        )
         return _expect(
             self._gateway.post(_DOWNLOADS, request.to_json()), 400, "tmk-unsupported-suite"
         )
@@ -632,11 +722,47 @@ class Conformance:
             _expect(operator.post(f"/v1/tmk/terminals/{sn}/revoke", {"reason": "conformance"}), 200)
         if not self._terminals:
             raise _Skipped("no test terminal was registered")
-        request = DownloadRequest(sn=self._terminals[0], rnd1=secrets.token_bytes(32), suite="p256")
+        request = DownloadRequest(
+            sn=self._terminals[0],
+            rnd1=secrets.token_bytes(32),
+            suite="p256",
+            version=PROTOCOL_VERSION,
+        )
         got = _expect(
             self._gateway.post(_DOWNLOADS, request.to_json()), 403, "tmk-terminal-revoked"
         )
         return got + f"; {len(self._terminals)} test terminals revoked"
+
+
+def forge_delivery(
+    genuine: KeyDelivery,
+    challenge: ServerChallenge,
+    *,
+    sn: str,
+    terminal_key: PublicKey,
+    kem_key: PublicKey | None = None,
+    tmk: bytes | None = None,
+) -> tuple[KeyDelivery, bytes]:
+    """What anyone on the terminal's path can make from public values alone: ``genuine``
+    with a TMK of their choosing (``tmk``, else random) wrapped to the terminal's key
+    (``kem_key``, else ``terminal_key``), bound to the session's transport info, with its
+    true KCV. The genuine delivery's signature (version 2) is kept: the attacker has no
+    other. Returns the forged delivery and the attacker's TMK."""
+    algorithm = genuine.algorithm
+    chosen = tmk if tmk is not None else secrets.token_bytes(_TMK_SIZES[algorithm])
+    recipient = kem_key or terminal_key
+    info = transport_info(
+        suite_for_terminal_key(terminal_key),
+        sn=sn,
+        session_id=challenge.session_id,
+        rnd1=challenge.rnd1,
+        rnd2=challenge.rnd2,
+        algorithm=algorithm,
+        version=genuine.version,
+    )
+    wrapped = suite_for_algorithm(algorithm_of(recipient)).kem_wrap(recipient, chosen, info)
+    forged = replace(genuine, wrapped_tmk=wrapped, kcv=kcvs.kcv(algorithm, chosen))
+    return forged, chosen
 
 
 def _server_time(response: httpx.Response) -> datetime:
@@ -665,4 +791,11 @@ def _foreign_root() -> x509.Certificate:
     )
 
 
-__all__ = ["TOKEN_VARIABLES", "CheckResult", "Conformance", "Report", "load_tokens"]
+__all__ = [
+    "TOKEN_VARIABLES",
+    "CheckResult",
+    "Conformance",
+    "Report",
+    "forge_delivery",
+    "load_tokens",
+]

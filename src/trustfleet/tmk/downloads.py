@@ -8,9 +8,10 @@ memory: any node serves any step):
   challenge and seal the session into its ticket. Nothing is written.
 - ``accept_proof``: open the ticket, then in one unit of work under the terminal's row lock
   check again that it may download, verify the proof, make the TMK (a soft key store's
-  row joins the unit of work), supersede the terminal's other open sessions and store the
-  session as delivered with its pending TMK. The session id is the primary key, so a
-  ticket is answered once.
+  row joins the unit of work), sign the delivery in protocol version 2 (with the work key
+  of the identity whose ticket key sealed the ticket: the key that signed the challenge),
+  supersede the terminal's other open sessions and store the session as delivered with
+  its pending TMK. The session id is the primary key, so a ticket is answered once.
 - ``confirm``: one unit of work under the session's and the terminal's row locks: verify
   the CMAC, activate the TMK, retire the previous one and its working keys (destroyed
   after commit).
@@ -36,7 +37,7 @@ import functools
 import hashlib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -48,11 +49,13 @@ from trustfleet.crypto.base import KeyAlgorithm, PublicKey
 from trustfleet.errors import KeyNotFound
 from trustfleet.keystore.base import KeyStore
 from trustfleet.kit.sessions import is_session_id
+from trustfleet.kit.tickets import key_id_of
 from trustfleet.store import Database, IntegrityViolation, UnitOfWork
 from trustfleet.tmk import lifecycle
 from trustfleet.tmk.errors import (
     TmkDownloadNotAllowed,
     TmkError,
+    TmkInvalidTicket,
     TmkOutOfOrder,
     TmkReplay,
     TmkSessionNotFound,
@@ -71,6 +74,8 @@ from trustfleet.tmk.models import (
 )
 from trustfleet.tmk.protocol import (
     DEFAULT_SESSION_TTL,
+    PROTOCOL_V1,
+    PROTOCOL_VERSIONS,
     Confirmation,
     DownloadRequest,
     KeyDelivery,
@@ -81,6 +86,7 @@ from trustfleet.tmk.protocol import (
     TerminalProof,
     TicketKey,
     open_ticket,
+    require_version,
     server_accept_proof,
     server_confirm,
     server_start,
@@ -185,6 +191,10 @@ _START_FACTS_AND_IDENTITY = _START_FACTS.add_columns(
 _TICKET_KEY = select(ServerIdentity.ticket_key_handle, ServerIdentity.status).where(
     ServerIdentity.id == bindparam("b_id")
 )
+# the work key of an identity while it is the active one (a rotation destroys the old key)
+_ACTIVE_WORK_KEY = select(ServerIdentity.work_key_handle).where(
+    ServerIdentity.id == bindparam("b_id"), ServerIdentity.active_slot == 1
+)
 _LOCK_TERMINAL = (
     select(Terminal.sn).where(Terminal.sn == bindparam("b_sn")).with_for_update(of=Terminal.sn)
 )
@@ -284,7 +294,12 @@ class Downloads:
         random: Callable[[int], bytes] = os.urandom,
         session_ttl: timedelta = DEFAULT_SESSION_TTL,
         default_tmk_algorithm: KeyAlgorithm = DEFAULT_TMK_ALGORITHM,
+        versions: Collection[int] = PROTOCOL_VERSIONS,
     ) -> None:
+        """``versions``: the protocol versions a download request may be in (the setting
+        ``tmk_min_protocol_version`` leaves out version 1)."""
+        if not versions or not set(versions) <= PROTOCOL_VERSIONS:
+            raise ValueError(f"versions are among {sorted(PROTOCOL_VERSIONS)}")
         self._db = db
         self._keystore = keystore
         self._identity = identity
@@ -292,6 +307,7 @@ class Downloads:
         self._random = random
         self._ttl = session_ttl
         self._default_algorithm = default_tmk_algorithm
+        self._versions = frozenset(versions)
 
     def _now(self) -> datetime:
         return as_utc(self._clock())
@@ -299,11 +315,13 @@ class Downloads:
     # -- steps 1-2: start ----------------------------------------------------------------
 
     def start(self, body: bytes | str, *, actor: str) -> ServerChallenge:
-        """A terminal's DownloadRequest: the signed challenge, with the session sealed in
-        its ticket. Nothing is written: the session is stored when the proof comes."""
+        """A terminal's DownloadRequest: the signed challenge, in the request's protocol
+        version, with the session sealed in its ticket. Nothing is written: the session is
+        stored when the proof comes."""
         request: DownloadRequest | None = None
         try:
             request = DownloadRequest.from_json(body)
+            require_version(request.version, self._versions)
             try:
                 return self._challenge(request)
             except _NoIdentity:  # the very first download: make KSRCRT and KSWCRT, then retry
@@ -329,6 +347,7 @@ class Downloads:
             now=self._now(),
             ttl=self._ttl,
             random=self._random,
+            versions=self._versions,
         )
         return challenge
 
@@ -392,6 +411,7 @@ class Downloads:
         refusal: TmkError | None = None
         try:
             state = self._open_ticket(session_id, proof.ticket)
+            work_key = self._signing_key(proof.ticket) if state.version > PROTOCOL_V1 else None
             with self._db.work() as uow:
                 facts = uow.one(_START_FACTS_LOCKED, b_sn=state.sn)
                 if facts is None:
@@ -411,6 +431,7 @@ class Downloads:
                         keystore=self._keystore,
                         now=self._now(),
                         tmk_algorithm=algorithm,
+                        work_key=work_key,
                     )
                 except TmkError as exc:
                     refusal = exc
@@ -456,6 +477,17 @@ class Downloads:
         if state.session_id != session_id:
             raise TmkReplay("the ticket is another session's")
         return state
+
+    def _signing_key(self, ticket: bytes) -> str:
+        """The work key that signed the challenge of an opened ``ticket`` (the identity
+        whose ticket key sealed it), which signs the version 2 delivery: the terminal
+        verifies it with that key. Once a rotation replaced that identity its work key is
+        destroyed, so the proof is refused and the terminal starts a new download."""
+        with self._db.reading() as reads:
+            handle = reads.scalar(_ACTIVE_WORK_KEY, b_id=key_id_of(ticket))
+        if handle is None:
+            raise TmkInvalidTicket("the work certificate that signed this challenge was replaced")
+        return str(handle)
 
     def _ticket_key(self, key_id: int) -> str | None:
         """The ticket key of an identity, None once the identity is revoked."""

@@ -26,6 +26,22 @@ class TmkMalformedMessage(TmkError, MalformedMessage):
     title = "The TMK download message is malformed"
 
 
+class TmkUnsupportedVersion(TmkMalformedMessage):
+    """A message in a protocol version the receiver does not speak, or (the key server) a
+    download request in a version it is configured to refuse."""
+
+    code = "tmk-unsupported-version"
+    title = "The TMK download protocol version is not supported"
+
+
+class TmkVersionMismatch(TmkError):
+    """A message in another protocol version than its session's: on the terminal, a
+    challenge that answers its request in another version (a downgrade attempt)."""
+
+    code = "tmk-version-mismatch"
+    title = "The message is in another protocol version than its TMK download session"
+
+
 class TmkOutOfOrder(TmkError):
     code = "tmk-out-of-order"
     status = 409
@@ -67,6 +83,12 @@ class TmkBadServerSignature(TmkError):
     code = "tmk-bad-server-signature"
     status = 403
     title = "The key server's signature over the challenge does not verify"
+
+
+class TmkBadDeliverySignature(TmkError):
+    code = "tmk-bad-delivery-signature"
+    status = 403
+    title = "The key server's signature over the key delivery does not verify"
 
 
 class TmkInvalidTicket(TmkError):

@@ -14,9 +14,17 @@ The flow (spec §5, hardened; see ``docs/tmk-protocol.md``)::
                                                         registered for sn
                                                 <-      KeyDelivery(session_id, algorithm,
                                                             KEM(TKP_Pu, TMK, info), kcv)
+    [v2: verify sig_KS(TBS3) with KSWCRT's key]
     unwrap in the SCM, check the KCV, store
     Confirmation(session_id, CMAC_TMK(...))     ->
                                                         verify -> TMK active
+
+Two protocol versions: the terminal names its version in the request (``"v"``) and the
+server answers the whole session in it. Version 2 adds the work key's signature over the
+delivery (TBS3, in ``KeyDelivery.signature``: v2's ``sig_KS`` above), so a terminal installs
+a TMK only from the key server it authenticated in the challenge; every signed, bound or
+MACed transcript carries its version in its label, so neither side can be moved to the
+other version unnoticed (docs/tmk-protocol.md, "Protocol versions").
 
 Nothing here does I/O, reads the clock or draws randomness on its own: the server role is
 a set of pure functions over a serialisable :class:`ServerSessionState`. Between the
@@ -35,7 +43,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -50,6 +58,7 @@ from trustfleet.errors import (
     CertificateRevoked,
     CryptoError,
     InvalidSignature,
+    KeyNotFound,
     PkiError,
     TrustfleetError,
     UnsupportedAlgorithm,
@@ -70,6 +79,7 @@ from trustfleet.kit.tickets import TicketKey
 from trustfleet.pki.x509 import ChainPolicy, CrlCheck, validate_chain
 from trustfleet.tmk.errors import (
     TmkBadConfirmation,
+    TmkBadDeliverySignature,
     TmkBadServerSignature,
     TmkBadTerminalProof,
     TmkInvalidTicket,
@@ -79,7 +89,9 @@ from trustfleet.tmk.errors import (
     TmkRevokedServerCertificate,
     TmkSessionExpired,
     TmkUnsupportedSuite,
+    TmkUnsupportedVersion,
     TmkUntrustedServerCertificate,
+    TmkVersionMismatch,
 )
 from trustfleet.wire import (
     Alphabet,
@@ -92,7 +104,13 @@ from trustfleet.wire import (
     utcnow,
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_V1 = 1
+#: version 2: the work key signs the delivery too (TBS3)
+PROTOCOL_V2 = 2
+#: the versions this code speaks, both roles
+PROTOCOL_VERSIONS = frozenset({PROTOCOL_V1, PROTOCOL_V2})
+#: the newest version: what the reference terminal speaks unless told otherwise
+PROTOCOL_VERSION = PROTOCOL_V2
 DEFAULT_RANDOM_SIZE = 32
 MIN_RANDOM_SIZE = 16
 MAX_RANDOM_SIZE = 64
@@ -128,12 +146,50 @@ _R = TypeVar("_R")
 _SN_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SUITE_PATTERN = re.compile(r"[a-z0-9-]{1,32}")
 
-_LABEL = "TF-TMK-v1"
-_SERVER_AUTH = f"{_LABEL} server-auth".encode()
-_TERMINAL_AUTH = f"{_LABEL} terminal-auth".encode()
-_TMK_TRANSPORT = f"{_LABEL} tmk-transport".encode()
-_CONFIRM = f"{_LABEL} confirm".encode()
-_TICKET = f"{_LABEL} session-ticket".encode()
+
+@dataclass(frozen=True, slots=True)
+class _Labels:
+    """The labels of one protocol version's transcripts: each names its version, so a
+    signature, a transport binding or a MAC of one version is worthless in the other."""
+
+    server_auth: bytes
+    terminal_auth: bytes
+    tmk_transport: bytes
+    confirm: bytes
+    key_delivery: bytes | None  # None: the version does not sign the delivery
+
+    @classmethod
+    def of(cls, prefix: str, *, signed_delivery: bool) -> _Labels:
+        return cls(
+            server_auth=f"{prefix} server-auth".encode(),
+            terminal_auth=f"{prefix} terminal-auth".encode(),
+            tmk_transport=f"{prefix} tmk-transport".encode(),
+            confirm=f"{prefix} confirm".encode(),
+            key_delivery=f"{prefix} key-delivery".encode() if signed_delivery else None,
+        )
+
+
+_LABELS = {
+    PROTOCOL_V1: _Labels.of("TF-TMK-v1", signed_delivery=False),
+    PROTOCOL_V2: _Labels.of("TF-TMK-v2", signed_delivery=True),
+}
+#: one ticket format for both versions: the sealed state says its version
+_TICKET = b"TF-TMK-v1 session-ticket"
+
+
+def _labels(version: int) -> _Labels:
+    labels = _LABELS.get(version)
+    if labels is None:
+        raise TmkUnsupportedVersion(f"protocol version {version!r} is not spoken here")
+    return labels
+
+
+def require_version(version: int, accepted: Collection[int] = PROTOCOL_VERSIONS) -> None:
+    """A download in ``version`` may go on (``accepted``: the versions this side takes),
+    else :class:`TmkUnsupportedVersion`."""
+    if version not in accepted:
+        expected = ", ".join(str(v) for v in sorted(accepted))
+        raise TmkUnsupportedVersion(f"protocol version {version} is not accepted ({expected})")
 
 
 # =====================================================================================
@@ -143,8 +199,10 @@ _TICKET = f"{_LABEL} session-ticket".encode()
 CODEC = Codec(
     malformed=TmkMalformedMessage,
     alphabet=Alphabet.STANDARD,
-    version=PROTOCOL_VERSION,
+    version=PROTOCOL_V1,
     max_size=MAX_MESSAGE_SIZE,
+    versions=PROTOCOL_VERSIONS,
+    unsupported_version=TmkUnsupportedVersion,
 )
 
 
@@ -165,6 +223,11 @@ def _check_random(value: object, name: str) -> None:
     CODEC.check_bytes(value, name, MIN_RANDOM_SIZE, MAX_RANDOM_SIZE)
 
 
+def _check_version(value: object) -> None:
+    if type(value) is not int or value not in PROTOCOL_VERSIONS:
+        CODEC.fail("version must be one of the protocol versions (1, 2)")
+
+
 def _check_tmk_algorithm(value: object) -> None:
     if value not in TMK_ALGORITHMS:
         CODEC.fail("algorithm must be one of aes-128, aes-256, tdes")
@@ -180,7 +243,13 @@ _TMK_ALGORITHM_NAMES = frozenset(a.value for a in TMK_ALGORITHMS)
 
 
 class _Message(wire.Message):
+    """A TMK download message: each says its protocol version (the ``v`` field)."""
+
     CODEC = CODEC
+    version: int
+
+    def wire_version(self) -> int:
+        return self.version
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,18 +260,26 @@ class DownloadRequest(_Message):
     sn: str
     rnd1: bytes
     suite: str
+    #: the version the terminal speaks; the server answers the session in it
+    version: int = PROTOCOL_V1
 
     def __post_init__(self) -> None:
         validate_sn(self.sn)
         _check_random(self.rnd1, "rnd1")
         _check_suite_name(self.suite)
+        _check_version(self.version)
 
     def _fields(self) -> dict[str, Any]:
         return {"sn": self.sn, "rnd1": _b64(self.rnd1), "suite": self.suite}
 
     @classmethod
     def _from_fields(cls, fields: Fields) -> Self:
-        return cls(sn=fields.text("sn"), rnd1=fields.blob("rnd1"), suite=fields.text("suite"))
+        return cls(
+            sn=fields.text("sn"),
+            rnd1=fields.blob("rnd1"),
+            suite=fields.text("suite"),
+            version=fields.version,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,8 +301,10 @@ class ServerChallenge(_Message):
     expires_at: datetime
     ticket: bytes
     chain_der: tuple[bytes, ...] = ()
+    version: int = PROTOCOL_V1
 
     def __post_init__(self) -> None:
+        _check_version(self.version)
         _check_session_id(self.session_id)
         _check_random(self.rnd1, "rnd1")
         _check_random(self.rnd2, "rnd2")
@@ -261,6 +340,7 @@ class ServerChallenge(_Message):
             signature=fields.blob("signature"),
             expires_at=fields.time("expires_at"),
             ticket=fields.blob("ticket"),
+            version=fields.version,
         )
 
 
@@ -273,8 +353,10 @@ class TerminalProof(_Message):
     session_id: str
     signature: bytes
     ticket: bytes
+    version: int = PROTOCOL_V1
 
     def __post_init__(self) -> None:
+        _check_version(self.version)
         _check_session_id(self.session_id)
         CODEC.check_bytes(self.signature, "signature", 1, 1024)
         CODEC.check_bytes(self.ticket, "ticket", 1, MAX_TICKET_SIZE)
@@ -292,42 +374,58 @@ class TerminalProof(_Message):
             session_id=fields.text("session_id"),
             signature=fields.blob("signature"),
             ticket=fields.blob("ticket"),
+            version=fields.version,
         )
 
 
 @dataclass(frozen=True, slots=True)
 class KeyDelivery(_Message):
     """Step 6, server -> terminal: the TMK, key-transported to the terminal's KEM key and
-    bound to the session (:func:`transport_info`), and its key check value."""
+    bound to the session (:func:`transport_info`), and its key check value. From version 2
+    on, ``signature`` is the work key's signature over TBS3 (:func:`key_delivery_tbs`);
+    a version 1 delivery has none."""
 
     TYPE: ClassVar[str] = "tmk-key-delivery"
     session_id: str
     algorithm: KeyAlgorithm
     wrapped_tmk: bytes
     kcv: bytes
+    signature: bytes | None = None
+    version: int = PROTOCOL_V1
 
     def __post_init__(self) -> None:
+        _check_version(self.version)
         _check_session_id(self.session_id)
         _check_tmk_algorithm(self.algorithm)
         CODEC.check_bytes(self.wrapped_tmk, "wrapped_tmk", 1, 4096)
         length = KCV_LENGTHS[self.algorithm]
         CODEC.check_bytes(self.kcv, "kcv", length, length)
+        if _labels(self.version).key_delivery is not None:
+            CODEC.check_bytes(self.signature, "signature", 1, 1024)
+        elif self.signature is not None:
+            CODEC.fail(f"a version {self.version} delivery carries no signature")
 
     def _fields(self) -> dict[str, Any]:
-        return {
+        fields = {
             "session_id": self.session_id,
             "algorithm": self.algorithm.value,
             "wrapped_tmk": _b64(self.wrapped_tmk),
             "kcv": _b64(self.kcv),
         }
+        if self.signature is not None:
+            fields["signature"] = _b64(self.signature)
+        return fields
 
     @classmethod
     def _from_fields(cls, fields: Fields) -> Self:
+        signed = _labels(fields.version).key_delivery is not None
         return cls(
             session_id=fields.text("session_id"),
             algorithm=KeyAlgorithm(fields.choice("algorithm", _TMK_ALGORITHM_NAMES)),
             wrapped_tmk=fields.blob("wrapped_tmk"),
             kcv=fields.blob("kcv"),
+            signature=fields.blob("signature") if signed else None,
+            version=fields.version,
         )
 
 
@@ -338,8 +436,10 @@ class Confirmation(_Message):
     TYPE: ClassVar[str] = "tmk-confirmation"
     session_id: str
     mac: bytes
+    version: int = PROTOCOL_V1
 
     def __post_init__(self) -> None:
+        _check_version(self.version)
         _check_session_id(self.session_id)
         CODEC.check_bytes(self.mac, "mac", 8, 16)
 
@@ -348,7 +448,9 @@ class Confirmation(_Message):
 
     @classmethod
     def _from_fields(cls, fields: Fields) -> Self:
-        return cls(session_id=fields.text("session_id"), mac=fields.blob("mac"))
+        return cls(
+            session_id=fields.text("session_id"), mac=fields.blob("mac"), version=fields.version
+        )
 
 
 Message = DownloadRequest | ServerChallenge | TerminalProof | KeyDelivery | Confirmation
@@ -372,11 +474,19 @@ def parse_message(data: bytes | str) -> Message:
 
 
 def server_auth_tbs(
-    *, sn: str, suite: str, session_id: str, rnd1: bytes, rnd2: bytes, expires_at: datetime
+    *,
+    sn: str,
+    suite: str,
+    session_id: str,
+    rnd1: bytes,
+    rnd2: bytes,
+    expires_at: datetime,
+    version: int = PROTOCOL_V1,
 ) -> bytes:
-    """TBS1, signed by the key server's work key."""
+    """TBS1, signed by the key server's work key. Its label names the version, so the
+    signature also says which version the server answered in."""
     return transcript(
-        _SERVER_AUTH,
+        _labels(version).server_auth,
         rnd1,
         rnd2,
         sn.encode(),
@@ -386,10 +496,56 @@ def server_auth_tbs(
     )
 
 
-def terminal_auth_tbs(*, sn: str, suite: str, session_id: str, rnd1: bytes, rnd2: bytes) -> bytes:
+def terminal_auth_tbs(
+    *,
+    sn: str,
+    suite: str,
+    session_id: str,
+    rnd1: bytes,
+    rnd2: bytes,
+    version: int = PROTOCOL_V1,
+) -> bytes:
     """TBS2, signed by the terminal's TKP. Randoms in the other order and another label
     than TBS1, so neither signature can stand in for the other."""
-    return transcript(_TERMINAL_AUTH, rnd2, rnd1, sn.encode(), session_id.encode(), suite.encode())
+    return transcript(
+        _labels(version).terminal_auth,
+        rnd2,
+        rnd1,
+        sn.encode(),
+        session_id.encode(),
+        suite.encode(),
+    )
+
+
+def key_delivery_tbs(
+    *,
+    sn: str,
+    suite: str,
+    session_id: str,
+    rnd1: bytes,
+    rnd2: bytes,
+    algorithm: KeyAlgorithm,
+    wrapped_tmk: bytes,
+    kcv: bytes,
+    version: int = PROTOCOL_V2,
+) -> bytes:
+    """TBS3 (version 2 on), signed by the key server's work key: the delivery as sent, in
+    the session both sides authenticated. Its own label: no other signature of the work
+    key (TBS1) stands in for it."""
+    label = _labels(version).key_delivery
+    if label is None:
+        raise ValueError(f"protocol version {version} does not sign the delivery")
+    return transcript(
+        label,
+        session_id.encode(),
+        sn.encode(),
+        suite.encode(),
+        rnd1,
+        rnd2,
+        algorithm.value.encode(),
+        wrapped_tmk,
+        kcv,
+    )
 
 
 def transport_info(
@@ -400,10 +556,11 @@ def transport_info(
     rnd1: bytes,
     rnd2: bytes,
     algorithm: KeyAlgorithm,
+    version: int = PROTOCOL_V1,
 ) -> bytes:
     """The transcript hash the TMK's key transport is bound to (KEM ``info``/OAEP label)."""
     encoded = transcript(
-        _TMK_TRANSPORT,
+        _labels(version).tmk_transport,
         sn.encode(),
         suite.name.encode(),
         session_id.encode(),
@@ -414,9 +571,9 @@ def transport_info(
     return suite.hash(encoded)
 
 
-def confirmation_data(*, session_id: str, kcv: bytes) -> bytes:
+def confirmation_data(*, session_id: str, kcv: bytes, version: int = PROTOCOL_V1) -> bytes:
     """What the terminal CMACs under the new TMK to prove it holds it."""
-    return transcript(_CONFIRM, session_id.encode(), kcv)
+    return transcript(_labels(version).confirm, session_id.encode(), kcv)
 
 
 def suite_for_terminal_key(public_key: PublicKey) -> Suite:
@@ -489,6 +646,9 @@ class ServerSessionState:
 
     Holds no secret: the randoms are public, ``tmk_handle`` is an opaque key store handle.
     Persist it with :meth:`to_json` and pass it back into the next ``server_*`` call.
+    ``version`` is the session's protocol version (the request's); a version 1 state
+    encodes as it did before versions existed (no ``version`` key), so the tickets and
+    stored states of version 1 keep their bytes.
     """
 
     session_id: str
@@ -502,10 +662,13 @@ class ServerSessionState:
     tmk_handle: str | None = None
     tmk_algorithm: KeyAlgorithm | None = None
     kcv: bytes | None = None
+    version: int = PROTOCOL_V1
 
     def to_json(self) -> bytes:
+        versioned = {} if self.version == PROTOCOL_V1 else {"version": self.version}
         return canonical_json(
             {
+                **versioned,
                 "session_id": self.session_id,
                 "sn": self.sn,
                 "suite": self.suite,
@@ -527,8 +690,9 @@ class ServerSessionState:
             "session_id", "sn", "suite", "rnd1", "rnd2", "stage", "created_at",
             "expires_at", "tmk_handle", "tmk_algorithm", "kcv",
         }  # fmt: skip
-        if set(obj) != expected:
-            CODEC.fail("not a TMK server session state")
+        version = obj.get("version", PROTOCOL_V1)
+        if set(obj) - {"version"} != expected or ("version" in obj and version == PROTOCOL_V1):
+            CODEC.fail("not a TMK server session state")  # version 1 has no version key
         try:
             state = cls(
                 session_id=obj["session_id"],
@@ -544,12 +708,14 @@ class ServerSessionState:
                     KeyAlgorithm(obj["tmk_algorithm"]) if obj["tmk_algorithm"] else None
                 ),
                 kcv=CODEC.decode_bytes(obj["kcv"], "kcv") if obj["kcv"] is not None else None,
+                version=version,
             )
         except (TypeError, ValueError):
             CODEC.fail("not a TMK server session state")
         return state
 
     def __post_init__(self) -> None:
+        _check_version(self.version)
         _check_session_id(self.session_id)
         validate_sn(self.sn)
         _check_suite_name(self.suite)
@@ -602,14 +768,18 @@ def server_start(
     now: datetime,
     ttl: timedelta = DEFAULT_SESSION_TTL,
     random: RandomSource = os.urandom,
+    versions: Collection[int] = PROTOCOL_VERSIONS,
 ) -> tuple[ServerChallenge, ServerSessionState]:
     """Steps 1-2: open a session for ``request`` and sign the challenge with ``work_key``
     (the key store handle of the private key certified by ``kswcrt_der``). The session's
     state goes out sealed in the challenge's ticket (:func:`seal_ticket`); it is returned
     too, for callers that keep it themselves.
 
-    ``terminal`` is the registration the service looked up by ``request.sn``.
+    The session is in the request's protocol version, which must be one of ``versions``
+    (the server's setting may refuse version 1). ``terminal`` is the registration the
+    service looked up by ``request.sn``.
     """
+    require_version(request.version, versions)
     if terminal.sn != request.sn:
         raise TmkBadTerminalProof("the registration is not the requesting terminal's")
     suite = terminal.suite
@@ -628,6 +798,7 @@ def server_start(
         stage=ServerStage.CHALLENGED,
         created_at=now,
         expires_at=now + ttl,
+        version=request.version,
     )
     tbs = server_auth_tbs(
         sn=state.sn,
@@ -636,6 +807,7 @@ def server_start(
         rnd1=state.rnd1,
         rnd2=state.rnd2,
         expires_at=state.expires_at,
+        version=state.version,
     )
     challenge = ServerChallenge(
         session_id=state.session_id,
@@ -646,6 +818,7 @@ def server_start(
         signature=keystore.sign(work_key, tbs),
         expires_at=state.expires_at,
         ticket=seal_ticket(state, keystore=keystore, key=ticket_key),
+        version=state.version,
     )
     return challenge, state
 
@@ -682,10 +855,19 @@ def server_accept_proof(
     keystore: KeyStore,
     now: datetime,
     tmk_algorithm: KeyAlgorithm = KeyAlgorithm.AES_128,
+    work_key: str | None = None,
 ) -> tuple[KeyDelivery, ServerSessionState]:
     """Steps 4-6: verify the terminal's proof, generate the TMK inside the key store and
-    transport it to the terminal. On any error call :func:`server_abort`."""
+    transport it to the terminal. On any error call :func:`server_abort`.
+
+    From version 2 on, ``work_key`` (the key store handle of the key that signed the
+    session's challenge) signs the delivery (TBS3): the terminal verifies it with the key
+    of the KSWCRT it validated in the challenge, so it must be the same key."""
     _expect(state, ServerStage.CHALLENGED, proof.session_id, now)
+    _same_version(state, proof.version)
+    signs_delivery = _labels(state.version).key_delivery is not None
+    if signs_delivery and work_key is None:
+        raise ValueError(f"a version {state.version} delivery is signed: give the work key")
     if terminal.sn != state.sn:
         raise TmkBadTerminalProof("the registration is not this session's terminal")
     if tmk_algorithm not in TMK_ALGORITHMS:
@@ -699,6 +881,7 @@ def server_accept_proof(
         session_id=state.session_id,
         rnd1=state.rnd1,
         rnd2=state.rnd2,
+        version=state.version,
     )
     try:
         suite.verify(terminal.auth_public, tbs, proof.signature)
@@ -712,6 +895,7 @@ def server_accept_proof(
         rnd1=state.rnd1,
         rnd2=state.rnd2,
         algorithm=tmk_algorithm,
+        version=state.version,
     )
     tmk = keystore.generate(
         tmk_algorithm, TMK_USAGE[tmk_algorithm], label=f"tmk:{state.sn}:{state.session_id}"
@@ -719,11 +903,21 @@ def server_accept_proof(
     try:
         wrapped = keystore.wrap(tmk.handle, under=terminal.transport_key, info=info)
         kcv = keystore_kcv(keystore, tmk.handle, tmk_algorithm)
+        signature = None
+        if work_key is not None and signs_delivery:
+            signature = _sign_delivery(
+                state, keystore, work_key, algorithm=tmk_algorithm, wrapped_tmk=wrapped, kcv=kcv
+            )
     except BaseException:
         keystore.destroy(tmk.handle)
         raise
     delivery = KeyDelivery(
-        session_id=state.session_id, algorithm=tmk_algorithm, wrapped_tmk=wrapped, kcv=kcv
+        session_id=state.session_id,
+        algorithm=tmk_algorithm,
+        wrapped_tmk=wrapped,
+        kcv=kcv,
+        signature=signature,
+        version=state.version,
     )
     new_state = replace(
         state,
@@ -733,6 +927,35 @@ def server_accept_proof(
         kcv=kcv,
     )
     return delivery, new_state
+
+
+def _sign_delivery(
+    state: ServerSessionState,
+    keystore: KeyStore,
+    work_key: str,
+    *,
+    algorithm: KeyAlgorithm,
+    wrapped_tmk: bytes,
+    kcv: bytes,
+) -> bytes:
+    """The work key's signature over TBS3. A work key destroyed since the challenge (the
+    work certificate was rotated in between) cannot sign: the terminal could not verify
+    another key's signature, so the session is refused and the terminal starts again."""
+    tbs = key_delivery_tbs(
+        sn=state.sn,
+        suite=state.suite,
+        session_id=state.session_id,
+        rnd1=state.rnd1,
+        rnd2=state.rnd2,
+        algorithm=algorithm,
+        wrapped_tmk=wrapped_tmk,
+        kcv=kcv,
+        version=state.version,
+    )
+    try:
+        return keystore.sign(work_key, tbs)
+    except KeyNotFound:
+        raise TmkInvalidTicket("the work key that signed this challenge is gone") from None
 
 
 def server_confirm(
@@ -745,8 +968,9 @@ def server_confirm(
     """Step 7: check the terminal's CMAC under the TMK; only then is the TMK active.
     On any error call :func:`server_abort`."""
     _expect(state, ServerStage.DELIVERED, confirmation.session_id, now)
+    _same_version(state, confirmation.version)
     handle, algorithm, kcv = state.tmk
-    data = confirmation_data(session_id=state.session_id, kcv=kcv)
+    data = confirmation_data(session_id=state.session_id, kcv=kcv, version=state.version)
     try:
         keystore.mac_verify(handle, data, confirmation.mac)
     except InvalidSignature:
@@ -786,6 +1010,13 @@ def _expect(state: ServerSessionState, stage: ServerStage, session_id: str, now:
         expires_at=state.expires_at,
         now=now,
     )
+
+
+def _same_version(state: ServerSessionState, version: int) -> None:
+    if version != state.version:
+        raise TmkVersionMismatch(
+            f"a version {version} message in a version {state.version} session"
+        )
 
 
 def keystore_kcv(keystore: KeyStore, handle: str, algorithm: KeyAlgorithm) -> bytes:
@@ -849,7 +1080,8 @@ class TerminalKeyModule(Protocol):
     """What the terminal role needs from its secure control module (see ``scm.py``).
 
     Every operation is specific to the TMK download, so the module never acts as a
-    general signing or decryption oracle for TKP_Pr.
+    general signing or decryption oracle for TKP_Pr. ``version`` is the session's protocol
+    version: it picks the labels of TBS2, the transport info and the confirmation data.
     """
 
     @property
@@ -858,7 +1090,9 @@ class TerminalKeyModule(Protocol):
     @property
     def suite(self) -> str: ...
 
-    def sign_terminal_proof(self, *, session_id: str, rnd1: bytes, rnd2: bytes) -> bytes: ...
+    def sign_terminal_proof(
+        self, *, session_id: str, rnd1: bytes, rnd2: bytes, version: int
+    ) -> bytes: ...
 
     def install_tmk(
         self,
@@ -869,10 +1103,11 @@ class TerminalKeyModule(Protocol):
         algorithm: KeyAlgorithm,
         wrapped_tmk: bytes,
         kcv: bytes,
+        version: int,
     ) -> None:
         """Unwrap, check the KCV (TmkUnwrapFailed / TmkKcvMismatch), store the TMK."""
 
-    def confirmation_mac(self, *, session_id: str, kcv: bytes) -> bytes: ...
+    def confirmation_mac(self, *, session_id: str, kcv: bytes, version: int) -> bytes: ...
 
 
 class TerminalStage(StrEnum):
@@ -885,7 +1120,13 @@ class TerminalStage(StrEnum):
 
 class TerminalSession(SingleUseRole[TerminalStage]):
     """The terminal's side of one download. Single-use: after an error or the final step,
-    every further call raises :class:`TmkOutOfOrder`."""
+    every further call raises :class:`TmkOutOfOrder`.
+
+    ``version`` is the protocol version the terminal speaks (the newest by default). It
+    is the terminal's own setting, never negotiated down: a challenge or a delivery in
+    another version is refused (:class:`TmkVersionMismatch`), and nothing here retries in
+    another version after a refusal. In version 2 the delivery must carry the signature
+    of the work key the challenge was verified with."""
 
     def __init__(
         self,
@@ -895,18 +1136,27 @@ class TerminalSession(SingleUseRole[TerminalStage]):
         clock: Clock = utcnow,
         random: RandomSource = os.urandom,
         random_size: int = DEFAULT_RANDOM_SIZE,
+        version: int = PROTOCOL_VERSION,
     ) -> None:
         if not MIN_RANDOM_SIZE <= random_size <= MAX_RANDOM_SIZE:
             raise ValueError(f"random_size must be {MIN_RANDOM_SIZE}..{MAX_RANDOM_SIZE}")
+        if version not in PROTOCOL_VERSIONS:
+            raise ValueError(f"version must be one of {sorted(PROTOCOL_VERSIONS)}")
         super().__init__(TerminalStage.IDLE, TerminalStage.FAILED, TmkOutOfOrder)
         self._module = module
         self._trust = trust
         self._clock = clock
         self._random = random
         self._random_size = random_size
+        self._version = version
         self._rnd1 = b""
         self._challenge: ServerChallenge | None = None  # once it was verified
+        self._server_key: PublicKey | None = None  # the work key it was verified with
         self._received: ServerChallenge | None = None
+
+    @property
+    def version(self) -> int:
+        return self._version
 
     @property
     def session_id(self) -> str | None:
@@ -934,10 +1184,20 @@ class TerminalSession(SingleUseRole[TerminalStage]):
 
     def _request(self) -> DownloadRequest:
         self._rnd1 = self._random(self._random_size)
-        return DownloadRequest(sn=self._module.sn, rnd1=self._rnd1, suite=self._module.suite)
+        return DownloadRequest(
+            sn=self._module.sn, rnd1=self._rnd1, suite=self._module.suite, version=self._version
+        )
+
+    def _same_version(self, message: ServerChallenge | KeyDelivery) -> None:
+        if message.version != self._version:
+            raise TmkVersionMismatch(
+                f"a version {message.version} {message.TYPE} answers a version"
+                f" {self._version} request"
+            )
 
     def _answer(self, challenge: ServerChallenge) -> TerminalProof:
         self._received = challenge
+        self._same_version(challenge)  # an unsigned "v": TBS1's label says it again
         if challenge.rnd1 != self._rnd1:
             raise TmkReplay("the challenge answers another terminal's request")
         now = self._clock()
@@ -951,28 +1211,35 @@ class TerminalSession(SingleUseRole[TerminalStage]):
             rnd1=self._rnd1,
             rnd2=challenge.rnd2,
             expires_at=challenge.expires_at,
+            version=self._version,
         )
-        try:
-            suite_for_algorithm(algorithm_of(server_key)).verify(
-                server_key, tbs, challenge.signature
-            )
-        except TrustfleetError:
-            raise TmkBadServerSignature() from None
+        if not _verifies(server_key, tbs, challenge.signature):
+            raise TmkBadServerSignature()
         self._challenge = challenge
+        self._server_key = server_key
         signature = self._module.sign_terminal_proof(
-            session_id=challenge.session_id, rnd1=self._rnd1, rnd2=challenge.rnd2
+            session_id=challenge.session_id,
+            rnd1=self._rnd1,
+            rnd2=challenge.rnd2,
+            version=self._version,
         )
         return TerminalProof(
-            session_id=challenge.session_id, signature=signature, ticket=challenge.ticket
+            session_id=challenge.session_id,
+            signature=signature,
+            ticket=challenge.ticket,
+            version=self._version,
         )
 
     def _install(self, delivery: KeyDelivery) -> Confirmation:
-        challenge = self._challenge
-        assert challenge is not None
+        challenge, server_key = self._challenge, self._server_key
+        assert challenge is not None and server_key is not None
+        self._same_version(delivery)
         if delivery.session_id != challenge.session_id:
             raise TmkReplay()
         if expired(challenge.expires_at, self._clock()):
             raise TmkSessionExpired()
+        if _labels(self._version).key_delivery is not None:
+            self._check_delivery_signature(challenge, server_key, delivery)
         self._module.install_tmk(
             session_id=challenge.session_id,
             rnd1=self._rnd1,
@@ -980,13 +1247,48 @@ class TerminalSession(SingleUseRole[TerminalStage]):
             algorithm=delivery.algorithm,
             wrapped_tmk=delivery.wrapped_tmk,
             kcv=delivery.kcv,
+            version=self._version,
         )
-        mac = self._module.confirmation_mac(session_id=challenge.session_id, kcv=delivery.kcv)
-        return Confirmation(session_id=challenge.session_id, mac=mac)
+        mac = self._module.confirmation_mac(
+            session_id=challenge.session_id, kcv=delivery.kcv, version=self._version
+        )
+        return Confirmation(session_id=challenge.session_id, mac=mac, version=self._version)
+
+    def _check_delivery_signature(
+        self, challenge: ServerChallenge, server_key: PublicKey, delivery: KeyDelivery
+    ) -> None:
+        """TBS3 from the terminal's own values and the delivery's, under the work key the
+        challenge was verified with: before TKP_Pr touches anything the delivery holds."""
+        tbs = key_delivery_tbs(
+            sn=self._module.sn,
+            suite=self._module.suite,
+            session_id=challenge.session_id,
+            rnd1=self._rnd1,
+            rnd2=challenge.rnd2,
+            algorithm=delivery.algorithm,
+            wrapped_tmk=delivery.wrapped_tmk,
+            kcv=delivery.kcv,
+            version=self._version,
+        )
+        if delivery.signature is None or not _verifies(server_key, tbs, delivery.signature):
+            raise TmkBadDeliverySignature()
+
+
+def _verifies(public_key: PublicKey, data: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` is the key server's over ``data`` (its scheme by its key)."""
+    try:
+        suite_for_algorithm(algorithm_of(public_key)).verify(public_key, data, signature)
+    except TrustfleetError:
+        return False
+    return True
 
 
 __all__ = [
     "DEFAULT_SESSION_TTL",
+    "PROTOCOL_V1",
+    "PROTOCOL_V2",
+    "PROTOCOL_VERSION",
+    "PROTOCOL_VERSIONS",
     "SUPPORTED_SUITES",
     "TMK_ALGORITHMS",
     "Confirmation",
@@ -1005,9 +1307,11 @@ __all__ = [
     "TicketKey",
     "TmkActivated",
     "confirmation_data",
+    "key_delivery_tbs",
     "keystore_kcv",
     "open_ticket",
     "parse_message",
+    "require_version",
     "seal_ticket",
     "server_abort",
     "server_accept_proof",

@@ -62,6 +62,7 @@ from trustfleet.tmk.errors import (
     TmkUnwrapFailed,
 )
 from trustfleet.tmk.protocol import (
+    PROTOCOL_V1,
     TMK_ALGORITHMS,
     confirmation_data,
     suite_for_terminal_key,
@@ -370,10 +371,17 @@ class SecureControlModule:
 
     # -- the TMK download operations (TerminalKeyModule) -------------------------------
 
-    def sign_terminal_proof(self, *, session_id: str, rnd1: bytes, rnd2: bytes) -> bytes:
+    def sign_terminal_proof(
+        self, *, session_id: str, rnd1: bytes, rnd2: bytes, version: int = PROTOCOL_V1
+    ) -> bytes:
         """TKP_Pr's signature over TBS2 of a TMK download, and over nothing else."""
         tbs = terminal_auth_tbs(
-            sn=self._sn, suite=self.suite, session_id=session_id, rnd1=rnd1, rnd2=rnd2
+            sn=self._sn,
+            suite=self.suite,
+            session_id=session_id,
+            rnd1=rnd1,
+            rnd2=rnd2,
+            version=version,
         )
         return self._suite().sign(self._tkp, tbs)
 
@@ -386,16 +394,24 @@ class SecureControlModule:
         algorithm: KeyAlgorithm,
         wrapped_tmk: bytes,
         kcv: bytes,
+        version: int = PROTOCOL_V1,
     ) -> None:
         """Unwrap a delivered TMK, check its KCV and store it, replacing any earlier one.
 
-        Nothing is stored unless every check passes.
+        Nothing is stored unless every check passes. (In protocol version 2 the terminal
+        role has checked the key server's signature over the delivery before this.)
         """
         if algorithm not in TMK_ALGORITHMS:
             raise TmkUnsupportedSuite(f"a TMK cannot be {algorithm}")
         suite = self._suite()
         info = transport_info(
-            suite, sn=self._sn, session_id=session_id, rnd1=rnd1, rnd2=rnd2, algorithm=algorithm
+            suite,
+            sn=self._sn,
+            session_id=session_id,
+            rnd1=rnd1,
+            rnd2=rnd2,
+            algorithm=algorithm,
+            version=version,
         )
         kem_key = self._kem_key or self._tkp
         try:
@@ -416,12 +432,13 @@ class SecureControlModule:
             self._tmk = previous
             raise
 
-    def confirmation_mac(self, *, session_id: str, kcv: bytes) -> bytes:
+    def confirmation_mac(self, *, session_id: str, kcv: bytes, version: int = PROTOCOL_V1) -> bytes:
         """CMAC under the TMK installed by ``session_id`` over the confirmation data."""
         tmk = self._installed()
         if tmk.session_id != session_id or not hmac.compare_digest(tmk.kcv, kcv):
             raise ScmNoTmk("the installed TMK is not the one this session delivered")
-        return self.tmk_cmac(confirmation_data(session_id=session_id, kcv=kcv))
+        data = confirmation_data(session_id=session_id, kcv=kcv, version=version)
+        return self.tmk_cmac(data)
 
     # -- general use of the TMK --------------------------------------------------------
 

@@ -9,6 +9,7 @@ from trustfleet.pki.service import PkiService
 from trustfleet.server.context import AppContext
 from trustfleet.tmk.downloads import Downloads
 from trustfleet.tmk.identity import IdentityService
+from trustfleet.tmk.protocol import PROTOCOL_VERSIONS
 from trustfleet.tmk.terminals import Terminals
 from trustfleet.tmk.working_keys import WorkingKeys
 
@@ -19,8 +20,12 @@ def identity(context: AppContext) -> IdentityService:
 
 
 def downloads(context: AppContext) -> Downloads:
-    ttl = timedelta(seconds=context.settings.tmk_session_seconds)
-    return Downloads(context.db, context.keystore, identity(context), session_ttl=ttl)
+    settings = context.settings
+    ttl = timedelta(seconds=settings.tmk_session_seconds)
+    versions = {v for v in PROTOCOL_VERSIONS if v >= settings.tmk_min_protocol_version}
+    return Downloads(
+        context.db, context.keystore, identity(context), session_ttl=ttl, versions=versions
+    )
 
 
 def terminals(context: AppContext) -> Terminals:

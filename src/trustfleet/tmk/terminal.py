@@ -13,7 +13,9 @@ TMK, which only the SCM holds: that is the protected storage the key hierarchy i
 use unwraps the block inside :class:`PosSecureModule` with ``tr31.unwrap_for``, which
 enforces the block's key usage and mode of use against what the terminal is about to do; the
 clear key exists only for that call and is never returned. The download runs
-:class:`~trustfleet.tmk.protocol.TerminalSession` over HTTP (:class:`HttpTransport`).
+:class:`~trustfleet.tmk.protocol.TerminalSession` over HTTP (:class:`HttpTransport`), in
+protocol version 2 (the key server signs the delivery) unless told to speak version 1; it
+never falls back to version 1 on its own.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from trustfleet.errors import InvalidInput
 from trustfleet.store.files import atomic_write
 from trustfleet.tmk.errors import ScmError, TmkError, TmkServerRefused, TmkWorkingKeyRefused
 from trustfleet.tmk.protocol import (
+    PROTOCOL_VERSION,
     KeyDelivery,
     ServerChallenge,
     ServerTrust,
@@ -264,10 +267,14 @@ class PosTerminal:
         *,
         crls: Sequence[x509.CertificateRevocationList] = (),
         clock: Callable[[], datetime] = utcnow,
+        version: int = PROTOCOL_VERSION,
     ) -> DownloadResult:
-        """Run the TMK download against the key server. A failure on the terminal's side
-        is reported to the server (which then ends the session at once) and re-raised."""
-        session = TerminalSession(self.scm, ServerTrust(self.roots, tuple(crls)), clock=clock)
+        """Run the TMK download against the key server, in protocol ``version``. A failure
+        on the terminal's side is reported to the server (which then ends the session at
+        once) and re-raised; nothing is tried again in another version (a refusal can be
+        forged by anyone on the path, so falling back would be a downgrade)."""
+        trust = ServerTrust(self.roots, tuple(crls))
+        session = TerminalSession(self.scm, trust, clock=clock, version=version)
         request = session.start()
         challenge = ServerChallenge.from_json(
             transport.post("/v1/tmk/downloads", request.to_json())

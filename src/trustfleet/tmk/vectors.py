@@ -1,4 +1,5 @@
-"""The published test vectors of the TMK download: ``docs/tmk-vectors/<suite>-<tmk>.json``.
+"""The published test vectors of the TMK download: ``docs/tmk-vectors/<suite>-<tmk>.json``
+for protocol version 1 and ``<suite>-<tmk>-v2.json`` for version 2.
 
 Each vector is one whole download with fixed keys, randoms and times, and the exact bytes
 of every message and of everything signed, bound, wrapped and MACed on the way, so that a
@@ -15,14 +16,16 @@ randomness is replaced:
 
 What cannot be fixed through pyca/cryptography stays random: the ephemeral key of HPKE
 (a P-256 terminal's ``wrapped_tmk``), the seed of RSA-OAEP (an RSA terminal's
-``wrapped_tmk``) and the salt of RSA-PSS (an RSA terminal's proof). Each vector lists
-these under ``randomised``; :func:`check` replays the recorded bytes through the code (the
-server verifies the recorded proof, the terminal opens the recorded delivery and must
-produce the recorded confirmation), and :func:`differences` compares everything else byte
-for byte. RSA terminal keys cannot be derived from a seed either: they are read back from
-the existing vector files.
+``wrapped_tmk``) and the salt of RSA-PSS (an RSA terminal's proof); in version 2 also what
+covers a random ``wrapped_tmk``: TBS3 and the work key's signature over it. Each vector
+lists these under ``randomised``; :func:`check` replays the recorded bytes through the
+code (the server verifies the recorded proof, the terminal verifies and opens the recorded
+delivery and must produce the recorded confirmation), and :func:`differences` compares
+everything else byte for byte. RSA terminal keys cannot be derived from a seed either:
+they are read back from the existing vector files.
 
-``python -m trustfleet.tmk.vectors [--write] [DIR]`` checks (or rewrites) the files.
+``python -m trustfleet.tmk.vectors [--write [--force]] [DIR]`` checks the files (and
+writes those that are missing or out of date; with ``--force``, all of them).
 """
 
 from __future__ import annotations
@@ -59,12 +62,13 @@ from trustfleet.keystore import secret_ops
 from trustfleet.keystore.base import KeyInfo, KeyStore, KeyUsage
 from trustfleet.pki import x509 as px
 from trustfleet.pki.service import ROOT_VALIDITY, SERVER_VALIDITY
-from trustfleet.tmk.errors import TmkKcvMismatch, TmkUnwrapFailed
+from trustfleet.tmk.errors import TmkError, TmkKcvMismatch, TmkUnwrapFailed
 from trustfleet.tmk.identity import KSRCRT_CA, WORK_CERT_NAME
 from trustfleet.tmk.protocol import (
     DEFAULT_RANDOM_SIZE,
     DEFAULT_SESSION_TTL,
-    PROTOCOL_VERSION,
+    PROTOCOL_V1,
+    PROTOCOL_V2,
     Confirmation,
     DownloadRequest,
     KeyDelivery,
@@ -75,6 +79,7 @@ from trustfleet.tmk.protocol import (
     TerminalSession,
     TicketKey,
     confirmation_data,
+    key_delivery_tbs,
     open_ticket,
     server_accept_proof,
     server_auth_tbs,
@@ -95,7 +100,14 @@ TERMINAL_KEYS = {
     "sm2": KeyAlgorithm.SM2,
 }
 TMK_ALGORITHMS = (KeyAlgorithm.AES_128, KeyAlgorithm.AES_256, KeyAlgorithm.TDES)
-NAMES = tuple(f"{key}-{tmk.value}" for key in TERMINAL_KEYS for tmk in TMK_ALGORITHMS)
+#: the protocol versions vectors are published for, by the suffix of the file name
+VERSION_SUFFIXES = {PROTOCOL_V1: "", PROTOCOL_V2: "-v2"}
+NAMES = tuple(
+    f"{key}-{tmk.value}{suffix}"
+    for suffix in VERSION_SUFFIXES.values()
+    for key in TERMINAL_KEYS
+    for tmk in TMK_ALGORITHMS
+)
 DEFAULT_DIRECTORY = Path("docs/tmk-vectors")
 
 SERVER_NOW = datetime(2026, 3, 2, 9, 30, 0, tzinfo=UTC)
@@ -130,24 +142,47 @@ _RANDOMISED = {
     KeyAlgorithm.SM2: {},
 }
 _RANDOMISED[KeyAlgorithm.RSA_3072] = _RANDOMISED[KeyAlgorithm.RSA_2048]
-#: inside a randomised message, the field that makes it so
-_RANDOM_MESSAGE_FIELDS = {
-    "messages.key_delivery": "wrapped_tmk",
-    "messages.terminal_proof": "signature",
+#: version 2 signs the delivery: where wrapped_tmk is random, so are TBS3 and its signature
+_RANDOMISED_V2 = {
+    "messages.key_delivery": "its wrapped_tmk is random, and so its signature over TBS3"
+    " (see intermediates.wrapped_tmk, tbs3 and delivery_signature)",
+    "intermediates.tbs3": "it covers the random wrapped_tmk: build it from the delivery",
+    "intermediates.delivery_signature": "the work key's signature over tbs3 (which covers"
+    " the random wrapped_tmk): verify it with KSWCRT's key; a DER ECDSA signature's length"
+    " varies",
 }
+#: inside a randomised message, the fields that make it so, and whether each keeps its
+#: length (a DER ECDSA signature does not)
+_RANDOM_MESSAGE_FIELDS = {
+    "messages.key_delivery": {"wrapped_tmk": True, "signature": False},
+    "messages.terminal_proof": {"signature": True},
+}
+#: randomised values whose length varies from run to run
+_VARIABLE_LENGTH = frozenset({"intermediates.delivery_signature"})
+
+
+def _randomised(key_algorithm: KeyAlgorithm, version: int) -> dict[str, str]:
+    randomised = dict(_RANDOMISED[key_algorithm])
+    if version >= PROTOCOL_V2 and "messages.key_delivery" in randomised:
+        randomised.update(_RANDOMISED_V2)
+    return randomised
 
 
 class VectorMismatch(Exception):
     """A vector does not match what the code does."""
 
 
-def split_name(name: str) -> tuple[str, KeyAlgorithm]:
-    """A vector's terminal key name and TMK algorithm: ``rsa-2048-tdes`` is
-    (``rsa-2048``, TDES)."""
-    for algorithm in TMK_ALGORITHMS:
-        key_name = name.removesuffix(f"-{algorithm.value}")
-        if key_name != name and key_name in TERMINAL_KEYS:
-            return key_name, algorithm
+def split_name(name: str) -> tuple[str, KeyAlgorithm, int]:
+    """A vector's terminal key name, TMK algorithm and protocol version: ``rsa-2048-tdes``
+    is (``rsa-2048``, TDES, 1), ``p256-aes-128-v2`` (``p256``, AES-128, 2)."""
+    for version, suffix in sorted(VERSION_SUFFIXES.items(), reverse=True):
+        unversioned = name.removesuffix(suffix) if suffix else name
+        if suffix and unversioned == name:
+            continue
+        for algorithm in TMK_ALGORITHMS:
+            key_name = unversioned.removesuffix(f"-{algorithm.value}")
+            if key_name != unversioned and key_name in TERMINAL_KEYS:
+                return key_name, algorithm, version
     raise VectorMismatch(f"{name!r} names no test vector")
 
 
@@ -353,9 +388,16 @@ class _VectorTerminal:
     def suite(self) -> str:
         return suite_for_terminal_key(self._key.public_key()).name
 
-    def sign_terminal_proof(self, *, session_id: str, rnd1: bytes, rnd2: bytes) -> bytes:
+    def sign_terminal_proof(
+        self, *, session_id: str, rnd1: bytes, rnd2: bytes, version: int
+    ) -> bytes:
         tbs = terminal_auth_tbs(
-            sn=self._sn, suite=self.suite, session_id=session_id, rnd1=rnd1, rnd2=rnd2
+            sn=self._sn,
+            suite=self.suite,
+            session_id=session_id,
+            rnd1=rnd1,
+            rnd2=rnd2,
+            version=version,
         )
         key = self._key
         if isinstance(key, ec.EllipticCurvePrivateKey):
@@ -373,10 +415,17 @@ class _VectorTerminal:
         algorithm: KeyAlgorithm,
         wrapped_tmk: bytes,
         kcv: bytes,
+        version: int,
     ) -> None:
         suite = suite_for_terminal_key(self._key.public_key())
         info = transport_info(
-            suite, sn=self._sn, session_id=session_id, rnd1=rnd1, rnd2=rnd2, algorithm=algorithm
+            suite,
+            sn=self._sn,
+            session_id=session_id,
+            rnd1=rnd1,
+            rnd2=rnd2,
+            algorithm=algorithm,
+            version=version,
         )
         try:
             key = suite.kem_unwrap(self._key, wrapped_tmk, info)
@@ -388,9 +437,9 @@ class _VectorTerminal:
             raise TmkKcvMismatch()
         self.tmk, self.tmk_algorithm = key, algorithm
 
-    def confirmation_mac(self, *, session_id: str, kcv: bytes) -> bytes:
+    def confirmation_mac(self, *, session_id: str, kcv: bytes, version: int) -> bytes:
         assert self.tmk is not None and self.tmk_algorithm is not None
-        data = confirmation_data(session_id=session_id, kcv=kcv)
+        data = confirmation_data(session_id=session_id, kcv=kcv, version=version)
         return secret_ops.mac(self.tmk_algorithm, self.tmk, data)
 
 
@@ -420,6 +469,7 @@ class _Setup:
     sn: str
     key_algorithm: KeyAlgorithm
     tmk_algorithm: KeyAlgorithm
+    version: int
     terminal_key: PrivateKey
     identity: _Identity
     rnd1: bytes
@@ -433,7 +483,7 @@ class _Setup:
 
     @classmethod
     def of(cls, name: str, terminal_key: PrivateKey) -> _Setup:
-        key_name, tmk_algorithm = split_name(name)
+        key_name, tmk_algorithm, version = split_name(name)
         key_algorithm = TERMINAL_KEYS[key_name]
         if algorithm_of(terminal_key) is not key_algorithm:
             raise VectorMismatch(f"{name}: the terminal key is not {key_algorithm.value}")
@@ -442,6 +492,7 @@ class _Setup:
             sn=f"TFVEC-{name.upper()}",
             key_algorithm=key_algorithm,
             tmk_algorithm=tmk_algorithm,
+            version=version,
             terminal_key=terminal_key,
             identity=_identity(),
             rnd1=_derive(f"{name} rnd1", DEFAULT_RANDOM_SIZE),
@@ -468,7 +519,11 @@ class _Setup:
         module = _VectorTerminal(self.sn, self.terminal_key, self.sm2_signature_k)
         trust = ServerTrust((self.identity.root,))
         session = TerminalSession(
-            module, trust, clock=lambda: TERMINAL_CLOCK, random=_Draws(self.rnd1)
+            module,
+            trust,
+            clock=lambda: TERMINAL_CLOCK,
+            random=_Draws(self.rnd1),
+            version=self.version,
         )
         return session, module
 
@@ -512,6 +567,7 @@ def generate(name: str, terminal_key: PrivateKey) -> dict[str, Any]:
         keystore=keystore,
         now=PROOF_AT,
         tmk_algorithm=setup.tmk_algorithm,
+        work_key=_VectorKeyStore.WORK,
     )
     confirmation = session.receive_delivery(delivery)
     server_confirm(delivered, confirmation, keystore=keystore, now=CONFIRM_AT)
@@ -520,8 +576,9 @@ def generate(name: str, terminal_key: PrivateKey) -> dict[str, Any]:
 
     suite = suite_for_terminal_key(setup.terminal_key.public_key())
     sn, session_id, rnd1, rnd2 = setup.sn, state.session_id, setup.rnd1, setup.rnd2
+    version = setup.version
     info_input = transcript(
-        b"TF-TMK-v1 tmk-transport",
+        f"TF-TMK-v{version} tmk-transport".encode(),
         sn.encode(),
         suite.name.encode(),
         session_id.encode(),
@@ -530,7 +587,13 @@ def generate(name: str, terminal_key: PrivateKey) -> dict[str, Any]:
         setup.tmk_algorithm.value.encode(),
     )
     info = transport_info(
-        suite, sn=sn, session_id=session_id, rnd1=rnd1, rnd2=rnd2, algorithm=setup.tmk_algorithm
+        suite,
+        sn=sn,
+        session_id=session_id,
+        rnd1=rnd1,
+        rnd2=rnd2,
+        algorithm=setup.tmk_algorithm,
+        version=version,
     )
     if suite.hash(info_input) != info:
         raise VectorMismatch(f"{name}: the transport info is not the hash of its fields")
@@ -541,9 +604,12 @@ def generate(name: str, terminal_key: PrivateKey) -> dict[str, Any]:
         rnd1=rnd1,
         rnd2=rnd2,
         expires_at=state.expires_at,
+        version=version,
     )
-    tbs2 = terminal_auth_tbs(sn=sn, suite=suite.name, session_id=session_id, rnd1=rnd1, rnd2=rnd2)
-    conf = confirmation_data(session_id=session_id, kcv=delivery.kcv)
+    tbs2 = terminal_auth_tbs(
+        sn=sn, suite=suite.name, session_id=session_id, rnd1=rnd1, rnd2=rnd2, version=version
+    )
+    conf = confirmation_data(session_id=session_id, kcv=delivery.kcv, version=version)
     wrapped = delivery.wrapped_tmk
     intermediates: dict[str, str] = {
         "kswcrt": _hex(kswcrt_der),
@@ -558,6 +624,7 @@ def generate(name: str, terminal_key: PrivateKey) -> dict[str, Any]:
         "kcv": _hex(delivery.kcv),
         "wrapped_tmk": _hex(wrapped),
         **_transport_parts(setup, wrapped),
+        **_delivery_signature(setup, session_id, delivery),
         "confirmation_data": _hex(conf),
         "confirmation_mac": _hex(confirmation.mac),
     }
@@ -570,11 +637,11 @@ def generate(name: str, terminal_key: PrivateKey) -> dict[str, Any]:
             " it; fields under 'randomised' differ on every run and are checked by"
             " verifying or decrypting them."
         ),
-        "protocol_version": PROTOCOL_VERSION,
+        "protocol_version": version,
         "suite": suite.name,
         "terminal_key_algorithm": setup.key_algorithm.value,
         "tmk_algorithm": setup.tmk_algorithm.value,
-        "randomised": _RANDOMISED[setup.key_algorithm],
+        "randomised": _randomised(setup.key_algorithm, version),
         "terminal": {
             "sn": setup.sn,
             "private_key_pkcs8": _hex(private_key_to_der(setup.terminal_key)),
@@ -603,6 +670,28 @@ def generate(name: str, terminal_key: PrivateKey) -> dict[str, Any]:
         },
         "intermediates": intermediates,
     }
+
+
+def _delivery_tbs(setup: _Setup, session_id: str, delivery: KeyDelivery) -> bytes:
+    return key_delivery_tbs(
+        sn=setup.sn,
+        suite=suite_for_terminal_key(setup.terminal_key.public_key()).name,
+        session_id=session_id,
+        rnd1=setup.rnd1,
+        rnd2=setup.rnd2,
+        algorithm=delivery.algorithm,
+        wrapped_tmk=delivery.wrapped_tmk,
+        kcv=delivery.kcv,
+        version=setup.version,
+    )
+
+
+def _delivery_signature(setup: _Setup, session_id: str, delivery: KeyDelivery) -> dict[str, str]:
+    """Version 2 on: TBS3 and the work key's signature over it."""
+    if delivery.signature is None:
+        return {}
+    tbs3 = _delivery_tbs(setup, session_id, delivery)
+    return {"tbs3": _hex(tbs3), "delivery_signature": _hex(delivery.signature)}
 
 
 def _terminal_sm2(setup: _Setup) -> dict[str, str]:
@@ -663,13 +752,17 @@ def differences(recorded: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
     for path in sorted(set(mine) & set(theirs)):
         old, new = mine[path], theirs[path]
         if path in randomised:
-            field_name = _RANDOM_MESSAGE_FIELDS.get(path)
-            if field_name is not None:
+            random_fields = _RANDOM_MESSAGE_FIELDS.get(path)
+            if random_fields is not None:
                 old_fields, new_fields = json.loads(old), json.loads(new)
-                same_length = len(old_fields.pop(field_name)) == len(new_fields.pop(field_name))
-                if not same_length or old_fields != new_fields:
-                    found.append(f"{path}: differs beyond its random {field_name}")
-            elif len(old) != len(new):
+                same = True
+                for field_name, keeps_length in random_fields.items():
+                    was, now = old_fields.pop(field_name, ""), new_fields.pop(field_name, "")
+                    same = same and (not keeps_length or len(was) == len(now))
+                if not same or old_fields != new_fields:
+                    names = "/".join(f for f in random_fields if f in json.loads(old))
+                    found.append(f"{path}: differs beyond its random {names}")
+            elif path not in _VARIABLE_LENGTH and len(old) != len(new):
                 found.append(f"{path}: {len(old) // 2} bytes, now {len(new) // 2}")
         elif old != new:
             found.append(f"{path}: differs")
@@ -707,6 +800,13 @@ def check(vector: dict[str, Any]) -> None:
         raise VectorMismatch(f"{name}: the parts of wrapped_tmk do not make it up")
     if bytes.fromhex(intermediates["terminal_signature"]) != proof.signature:
         raise VectorMismatch(f"{name}: intermediates.terminal_signature is not the proof's")
+    signed = _delivery_signature(setup, challenge.session_id, delivery)
+    if any(intermediates.get(k) != v for k, v in signed.items()):
+        raise VectorMismatch(
+            f"{name}: intermediates.tbs3 or delivery_signature is not the delivery's"
+        )
+    if any(message.version != setup.version for message in (request, challenge, delivery)):
+        raise VectorMismatch(f"{name}: a message is not in protocol version {setup.version}")
 
     keystore = setup.keystore()
     session, module = setup.terminal()
@@ -721,8 +821,10 @@ def check(vector: dict[str, Any]) -> None:
         keystore=keystore,
         now=PROOF_AT,
         tmk_algorithm=setup.tmk_algorithm,
+        work_key=_VectorKeyStore.WORK,
     )
-    if session.receive_delivery(delivery) != confirmation:  # opens the recorded delivery
+    # the terminal verifies the recorded delivery's signature (v2), then opens it
+    if session.receive_delivery(delivery) != confirmation:
         raise VectorMismatch(f"{name}: the recorded delivery gives another confirmation")
     if module.tmk != bytes.fromhex(intermediates["tmk"]):
         raise VectorMismatch(f"{name}: the recorded delivery carries another TMK")
@@ -751,7 +853,7 @@ def _keys_for(directory: Path) -> dict[str, PrivateKey]:
     """Each terminal key name's key: from an existing file, else a new one."""
     keys: dict[str, PrivateKey] = {}
     for name in NAMES:
-        key_name, _ = split_name(name)
+        key_name, _, _ = split_name(name)
         if key_name not in keys and path_of(directory, name).is_file():
             keys[key_name] = terminal_key_of(load(path_of(directory, name)))
     for key_name in TERMINAL_KEYS:
@@ -759,45 +861,52 @@ def _keys_for(directory: Path) -> dict[str, PrivateKey]:
     return keys
 
 
-def write(directory: Path) -> list[Path]:
-    """(Re)write every vector file in ``directory``, keeping existing RSA terminal keys."""
+def write(directory: Path, *, force: bool = False) -> list[Path]:
+    """Write the vector files in ``directory`` that are missing or no longer match the code
+    (every one with ``force``), keeping existing RSA terminal keys. A file that still
+    matches is left as it is: its randomised fields keep their published bytes."""
     directory.mkdir(parents=True, exist_ok=True)
     keys = _keys_for(directory)
     written = []
     for name in NAMES:
-        key_name, _ = split_name(name)
+        key_name, _, _ = split_name(name)
         path = path_of(directory, name)
+        if not force and not problems_of(directory, name):
+            continue
         path.write_text(dumps(generate(name, keys[key_name])), encoding="utf-8")
         written.append(path)
     return written
 
 
+def problems_of(directory: Path, name: str) -> list[str]:
+    """What is wrong with one vector file (empty: it matches the code)."""
+    path = path_of(directory, name)
+    if not path.is_file():
+        return [f"{path}: missing"]
+    recorded = load(path)
+    try:
+        check(recorded)
+        fresh = generate(name, terminal_key_of(recorded))
+    except (VectorMismatch, CryptoError, TmkError, ValueError, KeyError) as exc:
+        return [f"{path}: {exc}"]
+    return [f"{path}: {found}" for found in differences(recorded, fresh)]
+
+
 def verify_files(directory: Path) -> list[str]:
     """What is wrong with the vector files in ``directory`` (empty: they match the code)."""
-    problems = []
-    for name in NAMES:
-        path = path_of(directory, name)
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-            continue
-        recorded = load(path)
-        try:
-            check(recorded)
-            fresh = generate(name, terminal_key_of(recorded))
-        except (VectorMismatch, CryptoError, ValueError) as exc:
-            problems.append(f"{path}: {exc}")
-            continue
-        problems += [f"{path}: {found}" for found in differences(recorded, fresh)]
-    return problems
+    return [problem for name in NAMES for problem in problems_of(directory, name)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trustfleet.tmk.vectors", description=__doc__)
     parser.add_argument("directory", nargs="?", type=Path, default=DEFAULT_DIRECTORY)
-    parser.add_argument("--write", action="store_true", help="rewrite the files")
+    parser.add_argument(
+        "--write", action="store_true", help="write the files that are missing or out of date"
+    )
+    parser.add_argument("--force", action="store_true", help="with --write: every file")
     args = parser.parse_args(argv)
     if args.write:
-        for path in write(args.directory):
+        for path in write(args.directory, force=args.force):
             print(f"wrote {path}")
     problems = verify_files(args.directory)
     for problem in problems:

@@ -11,7 +11,10 @@ canonical form. Anything else raises the codec's :class:`MalformedMessage` subcl
 peer learns the domain's own code (``tmk-malformed-message``...).
 
 A protocol declares its messages as :class:`Message` subclasses that share one
-:class:`Codec`: the domain's error, its base64 alphabet and its protocol version.
+:class:`Codec`: the domain's error, its base64 alphabet and its protocol version(s). A
+protocol that speaks several versions lists them (``versions``); each message then says
+its own (:meth:`Message.wire_version`), and its parser reads the version the peer sent
+(:attr:`Fields.version`).
 """
 
 from __future__ import annotations
@@ -59,12 +62,22 @@ class Alphabet(StrEnum):
 @dataclass(frozen=True)
 class Codec:
     """One protocol's encoding rules: its malformed-message error, its base64 alphabet,
-    its version number (the ``v`` field of every message) and its size limit."""
+    its version number (the ``v`` field of every message) and its size limit.
+
+    ``versions`` are the versions a parser accepts when the protocol speaks more than one
+    (empty: only ``version``); ``unsupported_version`` is the error of a well-formed
+    version number outside them (the malformed-message error when None)."""
 
     malformed: type[MalformedMessage] = MalformedMessage
     alphabet: Alphabet = Alphabet.URL
     version: int = 1
     max_size: int = DEFAULT_MAX_SIZE
+    versions: frozenset[int] = frozenset()
+    unsupported_version: type[MalformedMessage] | None = None
+
+    @property
+    def accepted_versions(self) -> frozenset[int]:
+        return self.versions or frozenset({self.version})
 
     def fail(self, message: str) -> NoReturn:
         raise self.malformed(message)
@@ -152,15 +165,22 @@ class Codec:
 
     def fields(self, data: bytes | str | dict[str, Any], message_type: str | None) -> Fields:
         """Typed access to a message's fields; with ``message_type``, its ``type`` and
-        ``v`` fields must say that message of this codec's version."""
+        ``v`` fields must say that message in one of this codec's versions (then
+        :attr:`Fields.version` is it)."""
         obj = data if isinstance(data, dict) else self.load(data)
         fields = Fields(obj, self)
         if message_type is not None:
             if fields.take("type") != message_type:
                 self.fail(f"expected a {message_type} message")
             version = fields.take("v")
-            if type(version) is not int or version != self.version:
-                self.fail(f"unsupported protocol version, expected {self.version}")
+            accepted = self.accepted_versions
+            expected = ", ".join(str(v) for v in sorted(accepted))
+            if type(version) is not int:
+                self.fail(f"the protocol version must be an integer ({expected})")
+            if version not in accepted:
+                error = self.unsupported_version or self.malformed
+                raise error(f"unsupported protocol version, expected {expected}")
+            fields.version = version
         return fields
 
 
@@ -172,6 +192,8 @@ class Fields:
         self._obj = obj
         self._codec = codec
         self._seen: set[str] = set()
+        #: the message's protocol version (``v``), once :meth:`Codec.fields` checked it
+        self.version = codec.version
 
     def take(self, name: str) -> Any:
         if name not in self._obj:
@@ -227,10 +249,15 @@ class Message:
     """A protocol message: a frozen dataclass whose subclass sets :attr:`TYPE` and
     :attr:`CODEC` and writes :meth:`_fields` (values already encoded) and
     :meth:`_from_fields`. On the wire it is ``{"type": TYPE, "v": version, ...fields}``
-    in canonical JSON; :meth:`from_json` parses strictly."""
+    in canonical JSON; :meth:`from_json` parses strictly. A message of a protocol with
+    several versions overrides :meth:`wire_version` and reads :attr:`Fields.version`."""
 
     TYPE: ClassVar[str]
     CODEC: ClassVar[Codec]
+
+    def wire_version(self) -> int:
+        """The ``v`` of this message: the codec's version unless the message has its own."""
+        return self.CODEC.version
 
     def _fields(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -241,7 +268,7 @@ class Message:
 
     def to_json(self) -> bytes:
         """The canonical encoding: equal messages encode to equal bytes."""
-        return canonical_json({"type": self.TYPE, "v": self.CODEC.version, **self._fields()})
+        return canonical_json({"type": self.TYPE, "v": self.wire_version(), **self._fields()})
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Self:
