@@ -44,11 +44,11 @@ import hashlib
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pkcs11
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -77,11 +77,17 @@ from trustfleet.errors import (
 from trustfleet.keystore import pkcs11_objects as objects
 from trustfleet.keystore import policy
 from trustfleet.keystore.base import KeyInfo, KeyStore, KeyUsage
+from trustfleet.keystore.custody import Mechanisms
 
 _Capability = TypeVar("_Capability", SignMixin, DecryptMixin, EncryptMixin, WrapMixin, UnwrapMixin)
 
 HANDLE_PREFIX = "pkcs11:"
 ID_MARKER = b"tf"
+#: CKA_ID prefix of the key store's own key encryption keys (:mod:`.pkcs11_seal`): no
+#: handle reaches them
+RESERVED_ID_PREFIX = b"tfkek"
+#: how many keys' token objects a store remembers (token keys are few: CA and work keys)
+KEY_CACHE_SIZE = 256
 NONCE_SIZE = 12
 TAG_BITS = 128
 PSS_SALT_LENGTH = 32
@@ -102,6 +108,33 @@ _NO_DERIVE = (
     " this token has no HKDF mechanism; running HKDF outside the token would expose the"
     " secret (use the soft backend for derived keys)"
 )
+
+
+class _StaleHandle(KeyStoreError):
+    """A remembered object handle the token no longer knows (another session or process
+    destroyed the object): forget what is remembered and look again."""
+
+    code = "keystore-error"
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _fresh(
+    method: Callable[Concatenate[Pkcs11KeyStore, _P], _R],
+) -> Callable[Concatenate[Pkcs11KeyStore, _P], _R]:
+    """Run ``method`` again, without remembered objects, if a remembered one went stale."""
+
+    def run(self: Pkcs11KeyStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except _StaleHandle:
+            self.forget()
+            return method(self, *args, **kwargs)
+
+    run.__name__, run.__doc__ = method.__name__, method.__doc__
+    return run
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +187,27 @@ class Pkcs11KeyStore(KeyStore):
             _OPEN_STORES[module_path] = _OPEN_STORES.get(module_path, 0) + 1
         self._module_path = module_path
         self._closed = False
+        #: what the token reported for each mechanism (C_GetMechanismInfo), read once
+        self.mechanisms = Mechanisms(objects.mechanism_flags(module_path, token.slot))
+        #: token objects of keys already looked up, by handle: finding objects costs the
+        #: token a search (SoftHSM2: about 1 ms with a few dozen objects); an object another
+        #: session destroyed makes the next call fail with a stale handle, and the key is
+        #: then looked up again (see :func:`_fresh`)
+        self._keys: dict[str, _Key] = {}
+
+    @property
+    def session(self) -> pkcs11.Session:
+        """The store's logged-in session; hold :attr:`lock` while using it."""
+        return self._session
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self._lock
+
+    def forget(self) -> None:
+        """Drop every remembered token object (they are looked up again when used)."""
+        with self._lock:
+            self._keys.clear()
 
     def ping(self) -> None:
         with self._lock, _token_errors("token check"):
@@ -244,6 +298,7 @@ class Pkcs11KeyStore(KeyStore):
 
     def info(self, handle: str) -> KeyInfo:
         with self._lock:
+            self._keys.pop(handle, None)  # a fresh look: info answers whether the key exists
             return self._find(handle).info()
 
     def list(self) -> list[KeyInfo]:
@@ -253,21 +308,30 @@ class Pkcs11KeyStore(KeyStore):
                 query = {Attribute.CLASS: object_class, Attribute.TOKEN: True}
                 for obj in list(self._session.get_objects(query)):
                     key_id = bytes(obj[Attribute.ID])
+                    if key_id.startswith(RESERVED_ID_PREFIX):
+                        continue  # the store's own key encryption keys
                     try:
                         infos.append(self._find(_handle_of(key_id)).info())
                     except (UnsupportedAlgorithm, KeyNotFound):
                         continue  # a token object trustfleet cannot use
         return sorted(infos, key=lambda i: (i.created_at, i.handle))
 
+    @_fresh
     def public_key(self, handle: str) -> PublicKey:
         with self._lock:
             key = self._find(handle)
             if key.public is None:
                 raise InvalidInput(f"key {handle} is a secret key and has no public key")
-            return objects.public_key_of(key.algorithm, key.public)
+            with _token_errors("reading a public key"):
+                return objects.public_key_of(key.algorithm, key.public)
 
     def _find(self, handle: str) -> _Key:
+        known = self._keys.get(handle)
+        if known is not None:
+            return known
         key_id = _id_of(handle)
+        if key_id.startswith(RESERVED_ID_PREFIX):
+            raise KeyNotFound(f"no key has handle {handle!r}")
         found: pkcs11.Key | None = None
         public: pkcs11.PublicKey | None = None
         with _token_errors("key lookup"):
@@ -278,7 +342,11 @@ class Pkcs11KeyStore(KeyStore):
                     found = obj
             if found is None:
                 raise KeyNotFound(f"no key has handle {handle!r}")
-            return self._describe(handle, key_id, found, public)
+            key = self._describe(handle, key_id, found, public)
+        if len(self._keys) >= KEY_CACHE_SIZE:
+            self._keys.clear()
+        self._keys[handle] = key
+        return key
 
     def _describe(
         self, handle: str, key_id: bytes, obj: pkcs11.Key, public: pkcs11.PublicKey | None
@@ -311,6 +379,7 @@ class Pkcs11KeyStore(KeyStore):
 
     # -- private and secret operations -------------------------------------------------
 
+    @_fresh
     def sign(self, handle: str, data: bytes) -> bytes:
         with self._lock:
             key = self._use(handle, KeyUsage.SIGN)
@@ -329,6 +398,7 @@ class Pkcs11KeyStore(KeyStore):
                     mechanism_param=(Mechanism.SHA256, MGF.SHA256, PSS_SALT_LENGTH),
                 )
 
+    @_fresh
     def decrypt(self, handle: str, ciphertext: bytes, *, info: bytes = b"") -> bytes:
         with self._lock:
             key = self._use(handle, KeyUsage.DECRYPT)
@@ -342,6 +412,7 @@ class Pkcs11KeyStore(KeyStore):
                     )
                 )
 
+    @_fresh
     def encrypt(self, handle: str, plaintext: bytes, *, info: bytes = b"") -> bytes:
         with self._lock:
             key = self._use(handle, KeyUsage.ENCRYPT)
@@ -356,6 +427,7 @@ class Pkcs11KeyStore(KeyStore):
                 )
             return nonce + _single(sealed)
 
+    @_fresh
     def mac(self, handle: str, data: bytes) -> bytes:
         with self._lock:
             key = self._use(handle, KeyUsage.MAC)
@@ -369,6 +441,7 @@ class Pkcs11KeyStore(KeyStore):
             with _token_errors("MAC"):
                 return secret.sign(data, mechanism=mechanism)
 
+    @_fresh
     def wrap(self, handle: str, *, under: str | PublicKey, info: bytes = b"") -> bytes:
         if under == handle:
             raise InvalidInput("a key cannot be wrapped under itself")
@@ -509,6 +582,7 @@ class Pkcs11KeyStore(KeyStore):
             self._find(handle)
         raise UnsupportedAlgorithm(_NO_DERIVE)
 
+    @_fresh
     def export(self, handle: str) -> bytes:
         with self._lock:
             key = self._find(handle)
@@ -522,7 +596,9 @@ class Pkcs11KeyStore(KeyStore):
     def destroy(self, handle: str) -> None:
         key_id = _id_of(handle)
         with self._lock:
+            self._keys.pop(handle, None)
             self._find(handle)
+            self._keys.pop(handle, None)
             self._destroy_objects(key_id)
 
     def _destroy_objects(self, key_id: bytes) -> None:
@@ -573,6 +649,8 @@ def _token_errors(what: str, *, failure: type[CryptoError] | None = None) -> Ite
         yield
     except TrustfleetError:
         raise
+    except (p11.ObjectHandleInvalid, p11.KeyHandleInvalid):
+        raise _StaleHandle(f"{what}: the token no longer has this object") from None
     except p11.AttributeSensitive:
         raise KeyNotExportable(f"{what}: the token keeps this value secret") from None
     except (p11.KeyUnextractable, p11.KeyNotWrappable) as exc:
