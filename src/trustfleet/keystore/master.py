@@ -33,7 +33,7 @@ import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -76,6 +76,28 @@ class MasterKey:
         if len(key) != MASTER_KEY_SIZE:
             raise MasterKeyError(f"a master key must be {MASTER_KEY_SIZE} bytes, got {len(key)}")
         return cls(kek_id_of(key), key)
+
+
+class Keyring(Protocol):
+    """What wraps the soft store's rows: the master keyring here, or a key inside a
+    PKCS#11 token (:mod:`trustfleet.keystore.pkcs11_seal`)."""
+
+    @property
+    def kek_ids(self) -> list[str]: ...
+
+    def has(self, kek_id: str) -> bool: ...
+
+    def seal(self, plaintext: bytes, aad: bytes) -> tuple[str, bytes]:
+        """``(kek_id, wrapped)``: ``plaintext`` wrapped and bound to ``aad``."""
+        ...
+
+    def open(self, kek_id: str, blob: bytes, aad: bytes) -> bytes:
+        """What :meth:`seal` wrapped; KeyIntegrityError if ``blob`` or ``aad`` changed."""
+        ...
+
+    def reload(self) -> Keyring:
+        """The keyring read again from its source (a key added by another node)."""
+        ...
 
 
 class MasterKeyring:
