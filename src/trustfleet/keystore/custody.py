@@ -68,6 +68,7 @@ _TR31_KEYS = frozenset(
     {KeyAlgorithm.AES_128, KeyAlgorithm.AES_256, KeyAlgorithm.TDES, KeyAlgorithm.HMAC_SHA256}
 )
 _TR31_KBPKS = frozenset({KeyAlgorithm.AES_128, KeyAlgorithm.AES_256, KeyAlgorithm.TDES})
+_AEAD_KEYS = frozenset({KeyAlgorithm.AES_128, KeyAlgorithm.AES_256, KeyAlgorithm.SM4})
 _KCV_KEYS = frozenset({KeyAlgorithm.AES_128, KeyAlgorithm.AES_256, KeyAlgorithm.TDES})
 
 
@@ -82,9 +83,9 @@ def operations_of(algorithm: KeyAlgorithm, usage: KeyUsage, exportable: bool) ->
             ops.append(KCV)
         if u.MAC in usage:
             ops.append(MAC)
-        if u.ENCRYPT in usage:
+        if u.ENCRYPT in usage and algorithm in _AEAD_KEYS:
             ops.append(ENCRYPT)
-        if u.DECRYPT in usage:
+        if u.DECRYPT in usage and algorithm in _AEAD_KEYS:
             ops.append(DECRYPT)
         if algorithm in _BLOCK_CIPHERS | {KeyAlgorithm.SM4} and usage & (u.ENCRYPT | u.DECRYPT):
             ops.append(BLOCK_CIPHER)

@@ -210,7 +210,7 @@ class Pkcs11KeyStore(KeyStore):
             self._keys.clear()
 
     def ping(self) -> None:
-        with self._lock, _token_errors("token check"):
+        with self._lock, token_errors("token check"):
             self._session.generate_random(64)
 
     def close(self) -> None:
@@ -229,7 +229,7 @@ class Pkcs11KeyStore(KeyStore):
     ) -> KeyInfo:
         _check_supported(algorithm, usage, label)
         key_id = _new_id()
-        with self._lock, _token_errors("key generation"):
+        with self._lock, token_errors("key generation"):
             if algorithm.is_asymmetric:
                 self._generate_pair(algorithm, usage, key_id, label, exportable)
             else:
@@ -280,7 +280,7 @@ class Pkcs11KeyStore(KeyStore):
         else:
             policy.check_secret(algorithm, material)
             private_attrs, public_attrs = objects.secret_attributes(algorithm, material), None
-        with self._lock, _token_errors("key import"):
+        with self._lock, token_errors("key import"):
             if public_attrs is not None:
                 public_attrs.update(objects.public_template(key_id, label, usage))
                 self._session.create_object(public_attrs)
@@ -303,7 +303,7 @@ class Pkcs11KeyStore(KeyStore):
 
     def list(self) -> list[KeyInfo]:
         infos = []
-        with self._lock, _token_errors("listing keys"):
+        with self._lock, token_errors("listing keys"):
             for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.SECRET_KEY):
                 query = {Attribute.CLASS: object_class, Attribute.TOKEN: True}
                 for obj in list(self._session.get_objects(query)):
@@ -322,7 +322,7 @@ class Pkcs11KeyStore(KeyStore):
             key = self._find(handle)
             if key.public is None:
                 raise InvalidInput(f"key {handle} is a secret key and has no public key")
-            with _token_errors("reading a public key"):
+            with token_errors("reading a public key"):
                 return objects.public_key_of(key.algorithm, key.public)
 
     def _find(self, handle: str) -> _Key:
@@ -334,7 +334,7 @@ class Pkcs11KeyStore(KeyStore):
             raise KeyNotFound(f"no key has handle {handle!r}")
         found: pkcs11.Key | None = None
         public: pkcs11.PublicKey | None = None
-        with _token_errors("key lookup"):
+        with token_errors("key lookup"):
             for obj in self._session.get_objects({Attribute.ID: key_id, Attribute.TOKEN: True}):
                 if isinstance(obj, pkcs11.PublicKey):
                     public = obj
@@ -384,7 +384,7 @@ class Pkcs11KeyStore(KeyStore):
         with self._lock:
             key = self._use(handle, KeyUsage.SIGN)
             obj = _able(key, SignMixin)
-            with _token_errors("signing"):
+            with token_errors("signing"):
                 if key.algorithm is KeyAlgorithm.EC_P256:
                     raw = obj.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA)
                     half = len(raw) // 2
@@ -405,7 +405,7 @@ class Pkcs11KeyStore(KeyStore):
             if isinstance(key.obj, pkcs11.SecretKey):
                 return _gcm_open(key, ciphertext, info)
             _require_rsa(key, "decrypt")
-            with _token_errors("RSA-OAEP decryption", failure=DecryptionFailed):
+            with token_errors("RSA-OAEP decryption", failure=DecryptionFailed):
                 return _single(
                     _able(key, DecryptMixin).decrypt(
                         ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_oaep(info)
@@ -419,7 +419,7 @@ class Pkcs11KeyStore(KeyStore):
             _require_aead(key)
             secret = _able(key, EncryptMixin)
             nonce = os.urandom(NONCE_SIZE)
-            with _token_errors("AES-GCM encryption"):
+            with token_errors("AES-GCM encryption"):
                 sealed = secret.encrypt(
                     plaintext,
                     mechanism=Mechanism.AES_GCM,
@@ -438,7 +438,7 @@ class Pkcs11KeyStore(KeyStore):
                 KeyAlgorithm.TDES: Mechanism.DES3_CMAC,
                 KeyAlgorithm.HMAC_SHA256: Mechanism.SHA256_HMAC,
             }[key.algorithm]
-            with _token_errors("MAC"):
+            with token_errors("MAC"):
                 return secret.sign(data, mechanism=mechanism)
 
     @_fresh
@@ -453,7 +453,7 @@ class Pkcs11KeyStore(KeyStore):
             _require_aes(kek)
             if info:
                 raise InvalidInput("AES key wrap (RFC 5649) cannot bind info; pass info=b''")
-            with _token_errors("key wrap"):
+            with token_errors("key wrap"):
                 return _able(kek, WrapMixin).wrap_key(key.obj, mechanism=Mechanism.AES_KEY_WRAP_PAD)
 
     def _wrap_to_public(self, key: _Key, recipient: PublicKey, info: bytes) -> bytes:
@@ -472,7 +472,7 @@ class Pkcs11KeyStore(KeyStore):
             Attribute.MODULUS: objects.int_bytes(numbers.n),
             Attribute.PUBLIC_EXPONENT: objects.int_bytes(numbers.e),
         }
-        with _token_errors("RSA-OAEP key wrap"):
+        with token_errors("RSA-OAEP key wrap"):
             wrapping = self._session.create_object(attrs)
             try:
                 assert isinstance(wrapping, WrapMixin)
@@ -532,7 +532,7 @@ class Pkcs11KeyStore(KeyStore):
             object_class = ObjectClass.SECRET_KEY
             template = objects.secret_template(key_id, label, usage, exportable)
         key_type = objects.key_type_for_unwrap(algorithm, wrapped)
-        with _token_errors("key unwrap", failure=DecryptionFailed):
+        with token_errors("key unwrap", failure=DecryptionFailed):
             obj = _able(kek, UnwrapMixin).unwrap_key(
                 object_class,
                 key_type,
@@ -564,7 +564,7 @@ class Pkcs11KeyStore(KeyStore):
             Attribute.PUBLIC_EXPONENT: attrs[Attribute.PUBLIC_EXPONENT],
             **objects.public_template(key_id, label, usage),
         }
-        with _token_errors("key unwrap"):
+        with token_errors("key unwrap"):
             self._session.create_object(public)
 
     def derive(
@@ -588,7 +588,7 @@ class Pkcs11KeyStore(KeyStore):
             key = self._find(handle)
             if not key.exportable:
                 raise KeyNotExportable(f"key {handle} is not exportable")
-            with _token_errors("export"):
+            with token_errors("export"):
                 if isinstance(key.obj, pkcs11.SecretKey):
                     return bytes(key.obj[Attribute.VALUE])
                 return crypto.private_key_to_der(objects.private_key_of(key.algorithm, key.obj))
@@ -602,7 +602,7 @@ class Pkcs11KeyStore(KeyStore):
             self._destroy_objects(key_id)
 
     def _destroy_objects(self, key_id: bytes) -> None:
-        with _token_errors("destroy"):
+        with token_errors("destroy"):
             query = {Attribute.ID: key_id, Attribute.TOKEN: True}
             for obj in list(self._session.get_objects(query)):
                 obj.destroy()
@@ -643,7 +643,7 @@ def _open_session(token: pkcs11.Token, user_pin: str) -> pkcs11.Session:
 
 
 @contextmanager
-def _token_errors(what: str, *, failure: type[CryptoError] | None = None) -> Iterator[None]:
+def token_errors(what: str, *, failure: type[CryptoError] | None = None) -> Iterator[None]:
     """pkcs11 exceptions as trustfleet errors; names of exceptions only, never data."""
     try:
         yield
@@ -773,7 +773,7 @@ def _gcm_open(key: _Key, sealed: bytes, info: bytes) -> bytes:
     if len(sealed) < NONCE_SIZE + TAG_BITS // 8:
         raise DecryptionFailed("the ciphertext is shorter than its nonce and tag")
     nonce, body = sealed[:NONCE_SIZE], sealed[NONCE_SIZE:]
-    with _token_errors("AES-GCM decryption", failure=DecryptionFailed):
+    with token_errors("AES-GCM decryption", failure=DecryptionFailed):
         return _single(
             _able(key, DecryptMixin).decrypt(
                 body, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, info or None)

@@ -9,12 +9,16 @@ the SHA-256 of that ``CKA_ID``.
 
 A sealed row's ``wrapped`` column is::
 
-    mechanism (1 byte) || tag (32) || [IV (16), AES-CBC-PAD only] || C_WrapKey output
+    mechanism (1 byte) || form (1) || tag (32) || [IV (16), AES-CBC-PAD only] || C_WrapKey output
 
 The material is wrapped *by the token* (``C_WrapKey``) with the first of
 ``CKM_AES_KEY_WRAP_KWP`` (RFC 5649), ``CKM_AES_KEY_WRAP_PAD`` (SoftHSM2's RFC 5649) and
 ``CKM_AES_CBC_PAD`` the token lists for both wrapping and unwrapping; the byte names it, so
-a row is always unwrapped with the mechanism that wrapped it. The tag is HMAC-SHA256,
+a row is always unwrapped with the mechanism that wrapped it. The form byte is ``R`` when
+the wrapped value is the key itself (a key the token can load and use), ``L`` when it is a
+4-byte length and the material (private keys in PKCS#8, secrets whose length is not a
+multiple of 8): SoftHSM2's ``CKM_AES_KEY_WRAP_PAD`` gives back such values padded with zero
+bytes, and the length says where the material ends. The tag is HMAC-SHA256,
 computed in the token with the KEK's HMAC key, over a domain label, the row's binding (its
 handle, algorithm, usage, exportability and public key: the soft store's associated data)
 and everything after the tag: editing a row's flags, or moving ``wrapped`` to another row,
@@ -69,6 +73,8 @@ WRAP_MECHANISMS: tuple[tuple[bytes, Mechanism], ...] = (
     (b"C", Mechanism.AES_CBC_PAD),
 )
 _BY_MARKER = dict(WRAP_MECHANISMS)
+RAW = b"R"  # the wrapped value is the key
+FRAMED = b"L"  # the wrapped value is a 4-byte length and the material
 _WRAP_AND_UNWRAP = MechanismFlag.WRAP | MechanismFlag.UNWRAP
 
 #: attributes a key gets in no case here (each template sets the ones it needs)
@@ -143,10 +149,12 @@ class TokenKeyring:
     def seal(self, plaintext: bytes, aad: bytes) -> tuple[str, bytes]:
         """Material from process memory, sealed: it enters the token as a session object
         that is wrapped under the active KEK and destroyed."""
+        form = RAW if plaintext and len(plaintext) % 8 == 0 else FRAMED
+        value = plaintext if form == RAW else struct.pack(">I", len(plaintext)) + plaintext
         template = {
             Attribute.CLASS: ObjectClass.SECRET_KEY,
             Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
-            Attribute.VALUE: plaintext,
+            Attribute.VALUE: value,
             Attribute.TOKEN: False,
             Attribute.PRIVATE: True,
             Attribute.SENSITIVE: True,
@@ -157,20 +165,23 @@ class TokenKeyring:
             carrier = self._token.session.create_object(template)
             try:
                 assert isinstance(carrier, pkcs11.SecretKey)
-                return self.seal_object(carrier, aad)
+                return self.seal_object(carrier, aad, form=form)
             finally:
                 carrier.destroy()
 
-    def seal_object(self, key: pkcs11.SecretKey, aad: bytes) -> tuple[str, bytes]:
+    def seal_object(
+        self, key: pkcs11.SecretKey, aad: bytes, *, form: bytes = RAW
+    ) -> tuple[str, bytes]:
         """A secret key object of the token (extractable), sealed without leaving it."""
         kek = self.active
         iv = os.urandom(IV_SIZE) if self._marker == b"C" else b""
+        header = self._marker + form
         with self._token.lock, _errors("sealing a key"):
             wrapped = kek.wrapping.wrap_key(
                 key, mechanism=self._mechanism, mechanism_param=iv or None
             )
-            body = self._marker + iv + bytes(wrapped)
-            return kek.kek_id, body[:1] + self._tag(kek, aad, body) + body[1:]
+            body = iv + bytes(wrapped)
+            return kek.kek_id, header + self._tag(kek, aad, header + body) + body
 
     def open(self, kek_id: str, blob: bytes, aad: bytes) -> bytes:
         """The sealed material in process memory: unwrapped by the token into a
@@ -186,16 +197,24 @@ class TokenKeyring:
             key = self._unwrap(kek_id, blob, aad, KeyType.GENERIC_SECRET, template)
             try:
                 with _errors("unsealing a key"):
-                    return bytes(key[Attribute.VALUE])
+                    value = bytes(key[Attribute.VALUE])
             finally:
                 with _errors("unsealing a key"):
                     key.destroy()
+        if blob[1:2] == RAW:
+            return value
+        (length,) = struct.unpack(">I", value[:4])
+        if length > len(value) - 4 or any(value[4 + length :]):
+            raise _integrity()
+        return value[4 : 4 + length]
 
     def load(
         self, kek_id: str, blob: bytes, aad: bytes, key_type: KeyType, template: dict[Any, Any]
     ) -> pkcs11.SecretKey:
         """The sealed key unwrapped *inside the token* as a session object with
         ``template`` (never in process memory). The caller destroys it."""
+        if blob[1:2] != RAW:
+            raise LoadRefused("the sealed material is not a bare key (a private key, or framed)")
         with self._token.lock:
             return self._unwrap(
                 kek_id,
@@ -301,20 +320,31 @@ class TokenKeyring:
         message = _DOMAIN + struct.pack(">I", len(aad)) + aad + body
         return bytes(kek.tagging.sign(message, mechanism=Mechanism.SHA256_HMAC))
 
+    def verify(self, kek_id: str, blob: bytes, aad: bytes) -> None:
+        """Check a sealed row's tag (in the token) without unwrapping anything."""
+        with self._token.lock:
+            self._checked(kek_id, blob, aad)
+
+    def _checked(
+        self, kek_id: str, blob: bytes, aad: bytes
+    ) -> tuple[_Kek, Mechanism, bytes, bytes]:
+        """(KEK, mechanism, IV, wrapped key) of an authentic sealed row."""
+        kek = self._kek(kek_id)
+        header, tag, body = blob[:2], blob[2 : 2 + TAG_SIZE], blob[2 + TAG_SIZE :]
+        mechanism = _BY_MARKER.get(header[:1])
+        iv_size = IV_SIZE if header[:1] == b"C" else 0
+        if mechanism is None or header[1:] not in (RAW, FRAMED) or len(body) <= iv_size:
+            raise _integrity()
+        with _errors("unsealing a key"):
+            expected = self._tag(kek, aad, header + body)
+        if not hmac.compare_digest(expected, tag):
+            raise _integrity()
+        return kek, mechanism, body[:iv_size], body[iv_size:]
+
     def _unwrap(
         self, kek_id: str, blob: bytes, aad: bytes, key_type: KeyType, template: dict[Any, Any]
     ) -> pkcs11.SecretKey:
-        kek = self._kek(kek_id)
-        marker, tag, body = blob[:1], blob[1 : 1 + TAG_SIZE], blob[1 + TAG_SIZE :]
-        mechanism = _BY_MARKER.get(marker)
-        iv_size = IV_SIZE if marker == b"C" else 0
-        if mechanism is None or len(body) <= iv_size:
-            raise _integrity()
-        with _errors("unsealing a key"):
-            expected = self._tag(kek, aad, marker + body)
-        if not hmac.compare_digest(expected, tag):
-            raise _integrity()
-        iv, wrapped = body[:iv_size], body[iv_size:]
+        kek, mechanism, iv, wrapped = self._checked(kek_id, blob, aad)
         try:
             key = kek.wrapping.unwrap_key(
                 ObjectClass.SECRET_KEY,
@@ -325,22 +355,11 @@ class TokenKeyring:
                 store=False,
                 template=template,
             )
-        except (p11.WrappedKeyInvalid, p11.WrappedKeyLenRange, p11.EncryptedDataInvalid):
-            raise _integrity() from None
-        except (
-            p11.TemplateInconsistent,
-            p11.TemplateIncomplete,
-            p11.AttributeValueInvalid,
-            p11.KeySizeRange,
-            p11.MechanismInvalid,
-            p11.MechanismParamInvalid,
-            p11.FunctionNotSupported,
-            p11.GeneralError,
-        ) as exc:
-            raise LoadRefused(f"the token refused the key's type or attributes ({exc!r})") from None
         except p11.PKCS11Error as exc:
-            raise KeyStoreError(
-                f"unsealing a key failed in the token ({type(exc).__name__})"
+            # the row is authentic (its tag verified): the token would not make this key
+            # type or these attributes out of it
+            raise LoadRefused(
+                f"the token would not unwrap the key as {key_type.name} ({type(exc).__name__})"
             ) from None
         assert isinstance(key, pkcs11.SecretKey)
         return key
