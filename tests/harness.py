@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -162,3 +163,72 @@ def run_cli(data_dir: Path, *args: str, check: bool = True) -> subprocess.Comple
     if check and result.returncode != 0:
         raise AssertionError(f"{args} exited {result.returncode}: {result.stdout}{result.stderr}")
     return result
+
+
+# -- a SoftHSM2 token ----------------------------------------------------------------------
+
+MODULE_PATHS = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+    "/usr/lib64/pkcs11/libsofthsm2.so",
+    "/opt/homebrew/lib/softhsm/libsofthsm2.so",
+)
+INSTALL_HINT = (
+    "run the README test command `scripts/dev test` (or `scripts/dev pytest`), which installs"
+    " the Debian package softhsm2"
+)
+TOKEN_LABEL = "trustfleet-test"
+USER_PIN = "1234"
+SO_PIN = "5678"
+
+
+@dataclass(frozen=True)
+class SoftHsmToken:
+    module: str
+    label: str
+    user_pin: str
+
+
+def find_softhsm_module() -> str:
+    candidates = [os.environ.get("SOFTHSM2_MODULE", ""), *MODULE_PATHS]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return candidate
+    pytest.fail(
+        f"the SoftHSM2 PKCS#11 module was not found (set SOFTHSM2_MODULE or {INSTALL_HINT})"
+    )
+
+
+def init_softhsm_token(root: Path, label: str = TOKEN_LABEL) -> tuple[SoftHsmToken, Path]:
+    """A fresh SoftHSM2 token in ``root`` (its own configuration file): the token and the
+    file, which ``SOFTHSM2_CONF`` must name for every process that uses the token."""
+    util = shutil.which("softhsm2-util")
+    if util is None:
+        pytest.fail(f"softhsm2-util is not installed: {INSTALL_HINT}")
+    module = find_softhsm_module()
+    (root / "tokens").mkdir(parents=True)
+    conf = root / "softhsm2.conf"
+    conf.write_text(
+        f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
+    )
+    subprocess.run(
+        [util, "--init-token", "--free", "--label", label, "--pin", USER_PIN, "--so-pin", SO_PIN],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+    )
+    return SoftHsmToken(module, label, USER_PIN), conf
+
+
+def pkcs11_environment(token: SoftHsmToken, conf: Path, policy: str = "sealed") -> dict[str, str]:
+    """``TRUSTFLEET_*`` variables (and SoftHSM2's) of a node or command using ``token``."""
+    return {
+        "SOFTHSM2_CONF": str(conf),
+        "TRUSTFLEET_KEYSTORE_BACKEND": "pkcs11",
+        "TRUSTFLEET_PKCS11_MODULE": token.module,
+        "TRUSTFLEET_PKCS11_TOKEN_LABEL": token.label,
+        "TRUSTFLEET_PKCS11_USER_PIN": token.user_pin,
+        "TRUSTFLEET_PKCS11_POLICY": policy,
+    }
