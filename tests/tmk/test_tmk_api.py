@@ -25,8 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from trustfleet.crypto import generate_private_key, public_key_to_der
 from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.crypto.payment import tr31
-from trustfleet.keystore.master import MasterKey, MasterKeyring
-from trustfleet.keystore.soft import SoftKeyStore
+from trustfleet.keystore.base import KeyStore
 from trustfleet.models import import_all_models
 from trustfleet.server.app import create_app
 from trustfleet.server.auth import create_token
@@ -51,10 +50,14 @@ IMPORT_LIMIT = 32 * 1024 * 1024
 
 @pytest.fixture
 def context(
-    tmp_path: Path, engine: Engine, sessions: sessionmaker[Session], db: Database
+    tmp_path: Path,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    db: Database,
+    keystore: KeyStore,
 ) -> AppContext:
+    """The app's context on the soft store or the PKCS#11 backend (tests/tmk/conftest.py)."""
     settings = Settings(data_dir=tmp_path, max_import_bytes=IMPORT_LIMIT)
-    keystore = SoftKeyStore(db, MasterKeyring([MasterKey.new()]))
     return AppContext(settings=settings, db=db, keystore=keystore)
 
 
