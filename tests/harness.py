@@ -77,16 +77,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def node_environment(database_url: str, tmp_path: Path) -> dict[str, str]:
-    """Environment of server nodes sharing one database and one master key file."""
-    master_key = tmp_path / "master.key"
-    create_master_key_file(master_key)
+def node_environment(
+    database_url: str, tmp_path: Path, *, master_key: bool = True
+) -> dict[str, str]:
+    """Environment of server nodes sharing one database and one master key file (none when
+    ``master_key`` is false: add :func:`pkcs11_environment`)."""
     environment = {
         **os.environ,
         "TRUSTFLEET_DATABASE_URL": database_url,
-        "TRUSTFLEET_MASTER_KEY_FILE": str(master_key),
         "TRUSTFLEET_LOG_LEVEL": "WARNING",
     }
+    if master_key:
+        path = tmp_path / "master.key"
+        create_master_key_file(path)
+        environment["TRUSTFLEET_MASTER_KEY_FILE"] = str(path)
     environment.pop("TRUSTFLEET_MASTER_KEY", None)
     environment.pop("TRUSTFLEET_CONFIG", None)
     return environment
