@@ -16,26 +16,33 @@ seal`` has not moved under the token yet.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import replace
+import os
+from collections.abc import Callable, Iterable
+from contextlib import suppress
+from dataclasses import dataclass, replace
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pkcs11 import MechanismFlag
 
 from trustfleet.crypto.base import KeyAlgorithm, PublicKey
-from trustfleet.errors import InvalidInput, KeyNotFound, UnsupportedAlgorithm
+from trustfleet.errors import InvalidInput, KeyNotFound, MasterKeyError, UnsupportedAlgorithm
 from trustfleet.keystore import custody, policy
 from trustfleet.keystore.base import KeyInfo, KeyStore, KeyUsage
-from trustfleet.keystore.master import MasterKeyring
+from trustfleet.keystore.master import (
+    _LIVE_NOT_UNDER,
+    MASTER_KEY_ENV,
+    MasterKeyring,
+    load_master_keyring,
+    rewrap_all,
+)
 from trustfleet.keystore.pkcs11 import HANDLE_PREFIX as TOKEN_PREFIX
 from trustfleet.keystore.pkcs11 import Pkcs11KeyStore
 from trustfleet.keystore.pkcs11_seal import TokenKeyring
-from trustfleet.keystore.sealed import SealedKeyStore
+from trustfleet.keystore.sealed import SealedKeyStore, SealingKeyring
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from trustfleet.crypto.payment.tr31 import KeyBlockHeader
     from trustfleet.store import Database
 
@@ -274,3 +281,46 @@ def _in_token(info: KeyInfo) -> KeyInfo:
     """A token object's KeyInfo with its custody: everything it does runs in the token."""
     operations = custody.operations_of(info.algorithm, info.usage, info.exportable)
     return replace(info, custody="token", token_operations=tuple(operations))
+
+
+# -- moving a soft store under the token ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SealReport:
+    sealed: int
+    kek_id: str
+    master_key_removed: bool
+
+
+def seal_soft_store(
+    db: Database,
+    store: HsmKeyStore,
+    master_key_path: Path,
+    *,
+    remove_master_key: bool = True,
+    batch_size: int = 100,
+    after_row: Callable[[int], None] | None = None,
+) -> SealReport:
+    """Re-wrap every live row of the key store under the token's active KEK: rows of a soft
+    store (under a master key) and rows under an older token KEK. Each row changes in one
+    compare-and-set UPDATE, so the job can stop anywhere and be run again; the master key
+    file is removed only when no live row needs it any more (and only if it is a file:
+    ``TRUSTFLEET_MASTER_KEY`` is left to the operator). Handles do not change, so nothing
+    that refers to a key does."""
+    ring = store.sealed.master
+    assert isinstance(ring, SealingKeyring)
+    if ring.legacy is None:
+        with suppress(MasterKeyError):
+            ring.legacy = load_master_keyring(master_key_path)
+    store.sealed.check_master_key()  # every row opens before anything changes
+    active = store.keyring.active.kek_id
+    sealed = rewrap_all(db, ring, active, batch_size, after_row)
+    if db.read(lambda reads: reads.scalar(_LIVE_NOT_UNDER, kek_id=active)):
+        raise MasterKeyError("keys were added under another key during sealing; run it again")
+    removed = False
+    if remove_master_key and master_key_path.exists() and not os.environ.get(MASTER_KEY_ENV):
+        master_key_path.unlink()
+        removed = True
+    ring.legacy = None
+    return SealReport(sealed=sealed, kek_id=active, master_key_removed=removed)

@@ -306,7 +306,7 @@ def rotate_master_key(
     new = MasterKey.new()
     keyring = MasterKeyring([new, *current.keys], source=master_key_path)
     write_master_key_file(master_key_path, list(keyring.keys))
-    rewrapped = _rewrap_all(db, keyring, batch_size, after_row)
+    rewrapped = rewrap_all(db, keyring, keyring.active.kek_id, batch_size, after_row)
     if db.read(lambda reads: reads.scalar(_LIVE_NOT_UNDER, kek_id=new.kek_id)):
         raise MasterKeyError("keys were added under an old master key during rotation; run again")
     write_master_key_file(master_key_path, [new])
@@ -356,17 +356,20 @@ def _check_rows_readable(db: Database, keyring: MasterKeyring) -> None:
         )
 
 
-def _rewrap_all(
+def rewrap_all(
     db: Database,
-    keyring: MasterKeyring,
+    keyring: Keyring,
+    active: str,
     batch_size: int,
     after_row: Callable[[int], None] | None,
 ) -> int:
+    """Re-wrap every live row not under ``active`` (the kek_id ``keyring.seal`` uses), in
+    batches, each row by compare-and-set; the number re-wrapped."""
     done = 0
     skipped: set[str] = set()
     while True:
         with db.work() as work:
-            batch = work.all(_batch_query(skipped, batch_size), active=keyring.active.kek_id)
+            batch = work.all(_batch_query(skipped, batch_size), active=active)
             for row in batch:
                 if _rewrap_row(work, keyring, row):
                     done += 1
@@ -383,7 +386,7 @@ def _batch_query(skipped: set[str], batch_size: int) -> ClauseElement:
     return query.where(StoredKey.handle.not_in(skipped)) if skipped else query
 
 
-def _rewrap_row(work: UnitOfWork, keyring: MasterKeyring, row: Any) -> bool:
+def _rewrap_row(work: UnitOfWork, keyring: Keyring, row: Any) -> bool:
     """Re-wrap one row unless another node destroyed or changed it meanwhile."""
     aad = row_binding(row.handle, row.algorithm, row.usage, row.exportable, row.public_key_der)
     try:
