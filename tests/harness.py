@@ -99,7 +99,7 @@ def node_environment(
 def start_node(name: str, env: dict[str, str], data_dir: Path) -> Node:
     """``uvicorn --factory trustfleet.server.runner:app_from_env`` on a free loopback port."""
     port = free_port()
-    data_dir.mkdir()
+    data_dir.mkdir(exist_ok=True)
     log = data_dir / "server.log"
     command = [
         sys.executable, "-m", "uvicorn", "--factory", "trustfleet.server.runner:app_from_env",
@@ -152,9 +152,12 @@ def running_nodes(env: dict[str, str], tmp_path: Path, count: int = 2) -> Iterat
 # -- the command line --------------------------------------------------------------------
 
 
-def run_cli(data_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    data_dir: Path, *args: str, check: bool = True, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """``trustfleet ARGS`` in a subprocess with ``data_dir`` as its data directory."""
     env = {**os.environ, "TRUSTFLEET_DATA_DIR": str(data_dir), "COLUMNS": "200"}
+    env.update(extra_env or {})
     env.pop("TRUSTFLEET_MASTER_KEY", None)
     result = subprocess.run(
         [sys.executable, "-m", "trustfleet.cli", *args],
