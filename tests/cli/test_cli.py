@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from harness import run_cli
+from harness import pkcs11_environment, run_cli
 
 TOKEN_PREFIX = "tf_"
 
@@ -114,8 +114,14 @@ def test_usage_errors_exit_non_zero(data_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    result = run(tmp_path, "demo")
+@pytest.mark.parametrize("keystore", ["soft", pytest.param("pkcs11", marks=pytest.mark.pkcs11)])
+def test_demo_runs_end_to_end(
+    tmp_path: Path, keystore: str, request: pytest.FixtureRequest
+) -> None:
+    extra = {}
+    if keystore == "pkcs11":  # the token as configured by docs/configuration.md
+        extra = pkcs11_environment(*request.getfixturevalue("softhsm_conf"))
+    result = run(tmp_path, "demo", extra_env=extra)
     assert "demo complete" in result.stdout
     assert "certificate revoked" in result.stdout
     assert "gateway-2 power-up refused: [se-bound-elsewhere]" in result.stdout

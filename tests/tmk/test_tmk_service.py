@@ -111,8 +111,8 @@ def download(tmk: Tmk, terminal: PosTerminal, clock: Clock) -> Activation:
 
 @pytest.mark.parametrize(
     "algorithm",
-    [KeyAlgorithm.EC_P256, KeyAlgorithm.RSA_2048, KeyAlgorithm.SM2],
-    ids=["p256", "rsa", "gm"],
+    [KeyAlgorithm.EC_P256, KeyAlgorithm.RSA_2048, KeyAlgorithm.RSA_3072, KeyAlgorithm.SM2],
+    ids=["p256", "rsa", "rsa-3072", "gm"],
 )
 def test_download_activates_the_tmk_the_terminal_holds(
     tmk: Tmk,
