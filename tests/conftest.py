@@ -15,7 +15,13 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from harness import POSTGRES_URL, SoftHsmToken, init_softhsm_token, postgres_schema
+from harness import (
+    POSTGRES_URL,
+    SoftHsmToken,
+    init_softhsm_token,
+    opencryptoki_token,
+    postgres_schema,
+)
 from trustfleet.keystore.hsm import HsmKeyStore
 from trustfleet.store import Database
 from trustfleet.store.engine import make_engine, make_session_factory, migrate
@@ -77,5 +83,24 @@ def hsm_store(db: Database, softhsm_token: SoftHsmToken) -> Iterator[HsmKeyStore
     from trustfleet.keystore.hsm import HsmKeyStore
 
     store = HsmKeyStore(db, softhsm_token.module, softhsm_token.label, softhsm_token.user_pin)
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def opencryptoki() -> Iterator[SoftHsmToken]:
+    """openCryptoki's software token, the second PKCS#11 implementation the key store is
+    tested on (set up by :func:`harness.opencryptoki_token`, which skips saying why when it
+    cannot be)."""
+    with opencryptoki_token() as token:
+        yield token
+
+
+@pytest.fixture
+def ock_store(db: Database, opencryptoki: SoftHsmToken) -> Iterator[HsmKeyStore]:
+    """The PKCS#11 backend as configured, on openCryptoki's software token."""
+    from trustfleet.keystore.hsm import HsmKeyStore
+
+    store = HsmKeyStore(db, opencryptoki.module, opencryptoki.label, opencryptoki.user_pin)
     yield store
     store.close()

@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,3 +240,83 @@ def pkcs11_environment(token: SoftHsmToken, conf: Path, policy: str = "sealed") 
         "TRUSTFLEET_PKCS11_USER_PIN": token.user_pin,
         "TRUSTFLEET_PKCS11_POLICY": policy,
     }
+
+
+# -- an openCryptoki software token ------------------------------------------------------
+
+OCK_MODULES = (
+    "/usr/lib/x86_64-linux-gnu/pkcs11/libopencryptoki.so",
+    "/usr/lib/aarch64-linux-gnu/pkcs11/libopencryptoki.so",
+    "/usr/lib/opencryptoki/libopencryptoki.so",
+)
+OCK_SLOTD = "/usr/sbin/pkcsslotd"
+OCK_PID_FILE = Path("/run/pkcsslotd.pid")
+OCK_LABEL = "trustfleet-ock"
+OCK_SO_PIN = "87654321"  # the soft token's factory SO PIN, which these tests never change
+OCK_USER_PIN = "12345678"
+OCK_SOFT_TOKEN_MODEL = "IBM SoftTok"
+
+
+def _ock_module() -> str | None:
+    return next((m for m in OCK_MODULES if Path(m).is_file()), None)
+
+
+def _slotd_running() -> bool:
+    try:
+        pid = int(OCK_PID_FILE.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+@contextmanager
+def opencryptoki_token() -> Iterator[SoftHsmToken]:
+    """openCryptoki's software token, set up from nothing: the slot daemon started if it is
+    not running (and stopped afterwards by its process id), the token initialised with the
+    factory SO PIN and labelled for these tests. Skips, saying why, when that cannot be
+    done; never touches a token some other application initialised."""
+    import ctypes
+
+    import pkcs11
+
+    module = _ock_module()
+    if module is None or not Path(OCK_SLOTD).is_file():
+        pytest.skip("openCryptoki is not installed (Debian package opencryptoki)")
+    started: int | None = None
+    if not _slotd_running():
+        done = subprocess.run([OCK_SLOTD], capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not _slotd_running():
+            pytest.skip(f"openCryptoki's pkcsslotd would not start: {done.stderr.strip()}")
+        started = int(OCK_PID_FILE.read_text().strip())
+    try:
+        lib = pkcs11.lib(module)
+        slot = next(
+            (s for s in lib.get_slots() if s.get_token().model.strip() == OCK_SOFT_TOKEN_MODEL),
+            None,
+        )
+        if slot is None:
+            pytest.skip("openCryptoki has no software token slot (libpkcs11_sw) configured")
+        token = slot.get_token()
+        label = token.label.strip()
+        initialised = bool(token.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED)
+        if initialised and label != OCK_LABEL:
+            pytest.skip(
+                f"openCryptoki's software token is initialised by someone else (label"
+                f" {label!r}); the tests do not wipe it"
+            )
+        # a fresh token every run: C_InitToken erases every object (the SO PIN is the
+        # factory one, never changed here)
+        init = ctypes.CDLL(module).C_InitToken
+        init.argtypes = (ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+        init.restype = ctypes.c_ulong
+        rv = init(slot.slot_id, OCK_SO_PIN.encode(), len(OCK_SO_PIN), OCK_LABEL.encode().ljust(32))
+        if rv != 0:
+            pytest.skip(f"openCryptoki refused C_InitToken (CKR 0x{rv:x})")
+        with slot.get_token().open(rw=True, so_pin=OCK_SO_PIN) as session:
+            session.init_pin(OCK_USER_PIN)
+        yield SoftHsmToken(module, OCK_LABEL, OCK_USER_PIN)
+    finally:
+        if started is not None:
+            with suppress(OSError):
+                os.kill(started, signal.SIGTERM)

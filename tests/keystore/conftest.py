@@ -46,6 +46,9 @@ def backend_cases() -> list[object]:
     if os.environ.get("TRUSTFLEET_TEST_POSTGRES_URL"):
         cases.append(pytest.param("soft", "postgres", id="soft-postgres"))
     cases.append(pytest.param("pkcs11", "sqlite", id="pkcs11", marks=pytest.mark.pkcs11))
+    cases.append(
+        pytest.param("opencryptoki", "sqlite", id="opencryptoki", marks=pytest.mark.pkcs11)
+    )
     return cases
 
 
@@ -55,6 +58,9 @@ def keystore(request: pytest.FixtureRequest, backend_name: str, database_url: st
     makes it (keys in the token or sealed under it)."""
     if backend_name == "soft":
         store: KeyStore = request.getfixturevalue("soft_store")
+        return store
+    if backend_name == "opencryptoki":
+        store = request.getfixturevalue("ock_store")
         return store
     store = request.getfixturevalue("hsm_store")
     return store

@@ -392,3 +392,27 @@ def test_keystore_seal_moves_a_soft_store_under_the_token_and_can_be_run_again(
         assert fresh.mac(ticket.handle, b"t") == before["mac"]
     finally:
         fresh.close()
+
+
+# -- a second implementation ---------------------------------------------------------------
+
+
+def test_opencryptoki_gets_keys_placed_by_its_own_mechanisms(
+    ock_store: HsmKeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """openCryptoki's software token (3.8) has RSA but no EC, RSA-OAEP with SHA-256 and a
+    label, AES-CBC-PAD but no AES key wrap: each key goes where this token can use it."""
+    assert ock_store.keyring.wrap_mechanism == "CKM_AES_CBC_PAD"
+    ec_ca = ock_store.generate(A.EC_P256, U.SIGN)
+    rsa_ca = ock_store.generate(A.RSA_2048, U.SIGN)
+    assert (ec_ca.custody, rsa_ca.custody) == ("sealed", "token")
+    tmk = ock_store.generate(A.AES_128, TMK_USAGE)
+    terminal = generate_private_key(A.RSA_2048)
+    opens = Opens(monkeypatch)
+    wrapped = ock_store.wrap(tmk.handle, under=terminal.public_key(), info=b"label")
+    assert opens.count == 0  # RSA-OAEP ran inside the token
+    delivered = suite(A.RSA_2048).kem_unwrap(terminal, wrapped, b"label")
+    assert kcvs.kcv(A.AES_128, delivered) == ock_store.kcv(tmk.handle)  # KCV: no AES-CMAC
+    assert opens.count == 1
+    assert "wrap" in ock_store.info(tmk.handle).token_operations
+    assert "kcv" in ock_store.info(tmk.handle).process_operations

@@ -114,7 +114,9 @@ def keystore(
     if keystore_backend == "soft":
         yield SoftKeyStore(db, MasterKeyring([MasterKey.new()]))
         return
-    token: SoftHsmToken = request.getfixturevalue("softhsm_token")
+    token: SoftHsmToken = request.getfixturevalue(
+        "opencryptoki" if keystore_backend == "opencryptoki" else "softhsm_token"
+    )
     store = HsmKeyStore(db, token.module, token.label, token.user_pin)
     yield store
     store.close()

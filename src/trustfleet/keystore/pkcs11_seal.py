@@ -345,16 +345,34 @@ class TokenKeyring:
         self, kek_id: str, blob: bytes, aad: bytes, key_type: KeyType, template: dict[Any, Any]
     ) -> pkcs11.SecretKey:
         kek, mechanism, iv, wrapped = self._checked(kek_id, blob, aad)
-        try:
-            key = kek.wrapping.unwrap_key(
+
+        def unwrap(attributes: dict[Any, Any]) -> Any:
+            return kek.wrapping.unwrap_key(
                 ObjectClass.SECRET_KEY,
                 key_type,
                 wrapped,
                 mechanism=mechanism,
                 mechanism_param=iv or None,
                 store=False,
-                template=template,
+                template=attributes,
             )
+
+        try:
+            try:
+                key = unwrap(template)
+            except p11.AttributeReadOnly:
+                # openCryptoki 3.8 takes neither CKA_SENSITIVE nor CKA_EXTRACTABLE in an
+                # unwrap template: unwrap with its defaults, then set them (PKCS#11 lets
+                # sensitive go to true and extractable to false, which is what we ask)
+                later = {a: template[a] for a in _SET_AFTER if a in template}
+                key = unwrap({a: v for a, v in template.items() if a not in later})
+                try:
+                    for attribute, value in later.items():
+                        if key[attribute] != value:
+                            key[attribute] = value
+                except p11.PKCS11Error:
+                    key.destroy()
+                    raise
         except p11.PKCS11Error as exc:
             # the row is authentic (its tag verified): the token would not make this key
             # type or these attributes out of it
@@ -363,6 +381,9 @@ class TokenKeyring:
             ) from None
         assert isinstance(key, pkcs11.SecretKey)
         return key
+
+
+_SET_AFTER = (Attribute.SENSITIVE, Attribute.EXTRACTABLE)
 
 
 class LoadRefused(KeyStoreError):
