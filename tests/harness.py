@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,13 +260,33 @@ def _ock_module() -> str | None:
     return next((m for m in OCK_MODULES if Path(m).is_file()), None)
 
 
+def _alive(pid: int) -> bool:
+    """A live process (not a zombie nobody reaped yet)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
 def _slotd_running() -> bool:
     try:
-        pid = int(OCK_PID_FILE.read_text().strip())
-        os.kill(pid, 0)
+        return _alive(int(OCK_PID_FILE.read_text().strip()))
     except (OSError, ValueError):
         return False
-    return True
+
+
+def _stop_after_exit(pid: int) -> None:
+    """Stop the slot daemon we started once this process has exited: pkcsslotd ignores
+    SIGTERM while a process still has openCryptoki loaded, as this one does to the end."""
+    me = os.getpid()
+    script = (
+        f"while [ -e /proc/{me} ] && ! grep -q '^State:.*Z' /proc/{me}/status; do"
+        f" sleep 0.2; done; kill {pid}"
+    )
+    subprocess.Popen(  # noqa: S602 - a fixed script with two numbers
+        script, shell=True, start_new_session=True, stdout=subprocess.DEVNULL
+    )
 
 
 @contextmanager
@@ -286,6 +305,9 @@ def opencryptoki_token() -> Iterator[SoftHsmToken]:
     started: int | None = None
     if not _slotd_running():
         done = subprocess.run([OCK_SLOTD], capture_output=True, text=True, check=False)
+        deadline = time.monotonic() + 10
+        while done.returncode == 0 and not _slotd_running() and time.monotonic() < deadline:
+            time.sleep(0.1)  # it forks, then writes its pid file
         if done.returncode != 0 or not _slotd_running():
             pytest.skip(f"openCryptoki's pkcsslotd would not start: {done.stderr.strip()}")
         started = int(OCK_PID_FILE.read_text().strip())
@@ -318,5 +340,4 @@ def opencryptoki_token() -> Iterator[SoftHsmToken]:
         yield SoftHsmToken(module, OCK_LABEL, OCK_USER_PIN)
     finally:
         if started is not None:
-            with suppress(OSError):
-                os.kill(started, signal.SIGTERM)
+            _stop_after_exit(started)
