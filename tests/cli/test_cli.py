@@ -126,3 +126,27 @@ def test_demo_runs_end_to_end(
     assert "certificate revoked" in result.stdout
     assert "gateway-2 power-up refused: [se-bound-elsewhere]" in result.stdout
     assert "gateway-2 asks for a signature: SE answers 6982" in result.stdout
+
+
+@pytest.mark.pkcs11
+def test_keystore_seal_moves_an_initialised_soft_store_under_the_token(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    data_dir = tmp_path / "data"
+    run(data_dir, "init")  # a soft store: master.key and the CA keys under it
+    assert (data_dir / "master.key").exists()
+    hsm = pkcs11_environment(*request.getfixturevalue("softhsm_conf"))
+    listed = run(data_dir, "keystore", "list", extra_env=hsm).stdout
+    assert "database" in listed  # still under the master key, opened with it meanwhile
+    sealed = run(data_dir, "keystore", "seal", extra_env=hsm)
+    assert "sealed 2 keys" in sealed.stdout and "master key file removed" in sealed.stdout
+    assert not (data_dir / "master.key").exists()
+    again = run(data_dir, "keystore", "seal", extra_env=hsm)
+    assert "sealed 0 keys" in again.stdout
+    listed = run(data_dir, "keystore", "list", extra_env=hsm).stdout
+    assert "sealed" in listed and "database" not in listed
+    crl = tmp_path / "crl.pem"  # the issuing CA's key, now sealed, still signs
+    run(data_dir, "ca", "crl", "--out", str(crl), extra_env=hsm)
+    assert crl.read_text().startswith("-----BEGIN X509 CRL-----")
+    refused = run(data_dir, "keystore", "list", check=False)  # soft again: no master key
+    assert refused.returncode == 1 and "master-key-error" in refused.stderr
