@@ -14,8 +14,14 @@ confirmation, three HTTP round trips). Reported:
   terminal's proof, generate the TMK, wrap it to TKP_Pu, its KCV, check the confirmation
   CMAC), and the ratio crypto-only / server CPU (1.0 would mean no overhead at all).
 
+With ``--keystores soft pkcs11`` each measurement runs once per key store: the soft store
+(master key file) and the PKCS#11 backend on a SoftHSM2 token made for the run (signing
+keys in the token, TMKs and ticket keys sealed under it); the crypto-only figure is then
+the same operations done where that store does them (see :func:`crypto_only_seconds`).
+
 Usage: python bench/bench_tmk.py [--terminals 300] [--suites p256 rsa] [--workers 1 2]
                                  [--concurrency 16] [--database-url URL]
+                                 [--keystores soft pkcs11]
 """
 
 from __future__ import annotations
@@ -53,6 +59,51 @@ from trustfleet.tmk import registry, services
 from trustfleet.tmk.terminal import HttpTransport, PosTerminal
 
 SUITES = {"p256": KeyAlgorithm.EC_P256, "rsa": KeyAlgorithm.RSA_2048}
+KEYSTORES = ("soft", "pkcs11")
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+TOKEN_LABEL, TOKEN_PIN = "bench", "1234"
+
+
+@dataclass(frozen=True)
+class Token:
+    """The SoftHSM2 token of a run (one per process: SoftHSM2 reads its configuration once)."""
+
+    conf: Path
+    module: str = SOFTHSM_MODULE
+    label: str = TOKEN_LABEL
+    pin: str = TOKEN_PIN
+
+    def environment(self) -> dict[str, str]:
+        return {
+            "SOFTHSM2_CONF": str(self.conf),
+            "TRUSTFLEET_KEYSTORE_BACKEND": "pkcs11",
+            "TRUSTFLEET_PKCS11_MODULE": self.module,
+            "TRUSTFLEET_PKCS11_TOKEN_LABEL": self.label,
+            "TRUSTFLEET_PKCS11_USER_PIN": self.pin,
+        }
+
+
+_TOKEN: list[Token] = []
+
+
+def softhsm_token() -> Token:
+    """A SoftHSM2 token in a temporary directory, made once per process; SOFTHSM2_CONF names
+    it from then on."""
+    if not _TOKEN:
+        root = Path(tempfile.mkdtemp(prefix="tf-bench-softhsm-"))
+        (root / "tokens").mkdir()
+        conf = root / "softhsm2.conf"
+        conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\n")
+        os.environ["SOFTHSM2_CONF"] = str(conf)
+        subprocess.run(
+            ["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL, "--pin",
+             TOKEN_PIN, "--so-pin", "5678"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        _TOKEN.append(Token(conf))
+    return _TOKEN[0]
+
+
 CLIENT_PROCESSES = 2
 WARMUP_TERMINALS = 8
 CONCURRENCY = 16
@@ -69,6 +120,7 @@ class Fleet:
 @dataclass(frozen=True)
 class Measurement:
     suite: str
+    keystore: str
     workers: int
     downloads: int
     failures: int
@@ -104,14 +156,26 @@ def fresh_schema_url(database_url: str) -> str:
     return f"{database_url}{sep}options=-csearch_path%3D{schema}"
 
 
-def build_fleet(workdir: Path, suite: str, count: int, database_url: str) -> Fleet:
+def build_fleet(
+    workdir: Path, suite: str, count: int, database_url: str, keystore: str = "soft"
+) -> Fleet:
     if database_url:
         database_url = fresh_schema_url(database_url)
     data_dir = workdir / "data"
     env = {**os.environ, "TRUSTFLEET_DATA_DIR": str(data_dir), "TRUSTFLEET_LOG_LEVEL": "WARNING"}
     if database_url:
         env["TRUSTFLEET_DATABASE_URL"] = database_url
-    settings = load_settings(data_dir, database_url=database_url or None)
+    overrides: dict[str, Any] = {}
+    if keystore == "pkcs11":
+        token = softhsm_token()
+        env.update(token.environment())
+        overrides = {
+            "keystore_backend": "pkcs11",
+            "pkcs11_module": token.module,
+            "pkcs11_token_label": token.label,
+            "pkcs11_user_pin": token.pin,
+        }
+    settings = load_settings(data_dir, database_url=database_url or None, **overrides)
     initialise(settings)
     context = build_context(settings)
     identity = services.identity(context)
@@ -130,6 +194,9 @@ def build_fleet(workdir: Path, suite: str, count: int, database_url: str) -> Fle
     report = registry.import_terminals(context.db, rows, actor="bench")
     assert report.accepted == count, report.to_dict()["rejected"][:3]
     token, _ = create_token(context.db, "bench gateway", "device-gateway", actor="bench")
+    close = getattr(context.keystore, "close", None)
+    if close is not None:
+        close()
     context.engine.dispose()
     return Fleet(data_dir, [Path(d) for d, _ in made], token, env)
 
@@ -255,10 +322,11 @@ def measure(
     terminals: int,
     concurrency: int = CONCURRENCY,
     database_url: str = "",
+    keystore: str = "soft",
 ) -> Measurement:
     workdir = Path(tempfile.mkdtemp(prefix=f"tf-bench-tmk-{suite}-"))
     try:
-        fleet = build_fleet(workdir, suite, terminals + WARMUP_TERMINALS, database_url)
+        fleet = build_fleet(workdir, suite, terminals + WARMUP_TERMINALS, database_url, keystore)
         warmup, measured = (
             fleet.terminal_dirs[:WARMUP_TERMINALS],
             fleet.terminal_dirs[WARMUP_TERMINALS:],
@@ -268,7 +336,8 @@ def measure(
             cpu_before, start = tree_cpu_seconds(pid), time.perf_counter()
             failures = run_downloads(url, fleet.gateway_token, measured, concurrency)
             seconds, cpu = time.perf_counter() - start, tree_cpu_seconds(pid) - cpu_before
-        return Measurement(suite, workers, len(measured) - failures, failures, seconds, cpu)
+        downloads = len(measured) - failures
+        return Measurement(suite, keystore, workers, downloads, failures, seconds, cpu)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -277,12 +346,13 @@ def measure(
 
 
 def _per_op(operation: Callable[[], object], seconds: float = 0.5) -> float:
-    count, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
+    """CPU seconds per call of ``operation`` (process time: SoftHSM2 runs in this process)."""
+    count, start, cpu = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - start < seconds:
         for _ in range(20):
             operation()
         count += 20
-    return elapsed / count
+    return (time.process_time() - cpu) / count
 
 
 def crypto_only_seconds(suite: str) -> float:
@@ -323,7 +393,108 @@ def crypto_only_seconds(suite: str) -> float:
     return sum(_per_op(op) for op in ops)
 
 
+def crypto_only_pkcs11_seconds(suite: str) -> float:
+    """The same cryptography of one download done where the PKCS#11 key store does it on
+    SoftHSM2, directly through python-pkcs11 and pyca: the challenge signed by the work key
+    inside the token; the TMK generated inside the token and sealed there (C_WrapKey under
+    the KEK, HMAC tag); for its transport the tag checked and the TMK unwrapped into process
+    memory (HPKE and RSA-OAEP-SHA256 with a label have no mechanism SoftHSM2 takes) and
+    wrapped by pyca; its KCV and the confirmation's CMAC in the token; the session object
+    destroyed. The terminal's proof is verified by pyca, as in the soft store."""
+    import hashlib
+
+    import pkcs11
+    from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+
+    token = softhsm_token()
+    found = pkcs11.lib(token.module).get_token(token_label=token.label)
+    try:
+        session = found.open(rw=True, user_pin=token.pin)
+    except pkcs11.exceptions.UserAlreadyLoggedIn:  # a key store of this process logged in
+        session = found.open(rw=True)
+    try:
+        from pkcs11.util.ec import encode_named_curve_parameters
+
+        params = encode_named_curve_parameters("1.2.840.10045.3.1.7")
+        _, work_key = session.generate_keypair(
+            KeyType.EC,
+            None,
+            store=False,
+            public_template={Attribute.EC_PARAMS: params},
+        )
+        kek = session.generate_key(
+            KeyType.AES, 256, store=False, template={Attribute.WRAP: True, Attribute.UNWRAP: True}
+        )
+        tag_key = session.generate_key(
+            KeyType.GENERIC_SECRET, 256, store=False, template={Attribute.SIGN: True}
+        )
+        tbs = secrets.token_bytes(180)
+        binding = secrets.token_bytes(90)
+        cmac_data = secrets.token_bytes(48)
+        if suite == "p256":
+            tkp = ec.generate_private_key(ec.SECP256R1())
+            proof = tkp.sign(tbs, ec.ECDSA(hashes.SHA256()))
+            kem = hpke.Suite(hpke.KEM.P256, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_128_GCM)
+            public = tkp.public_key()
+
+            def verify() -> None:
+                public.verify(proof, tbs, ec.ECDSA(hashes.SHA256()))
+
+            def transport(value: bytes) -> bytes:
+                return kem.encrypt(value, public, b"transcript-hash-32-bytes........")
+        else:
+            tkp_rsa = rsa.generate_private_key(65537, 2048)
+            pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+            rsa_proof = tkp_rsa.sign(tbs, pss, hashes.SHA256())
+            oaep = padding.OAEP(
+                mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=b"t" * 32
+            )
+            rsa_public = tkp_rsa.public_key()
+
+            def verify() -> None:
+                rsa_public.verify(rsa_proof, tbs, pss, hashes.SHA256())
+
+            def transport(value: bytes) -> bytes:
+                return rsa_public.encrypt(value, oaep)
+
+        def download() -> None:
+            work_key.sign(hashlib.sha256(tbs).digest(), mechanism=Mechanism.ECDSA)
+            verify()
+            tmk = session.generate_key(
+                KeyType.AES,
+                128,
+                store=False,
+                template={Attribute.EXTRACTABLE: True, Attribute.SIGN: True},
+            )
+            wrapped = kek.wrap_key(tmk, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+            tag_key.sign(binding + wrapped, mechanism=Mechanism.SHA256_HMAC)  # sealing
+            tag_key.sign(binding + wrapped, mechanism=Mechanism.SHA256_HMAC)  # its check
+            clear = kek.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                KeyType.GENERIC_SECRET,
+                wrapped,
+                mechanism=Mechanism.AES_KEY_WRAP_PAD,
+                store=False,
+                template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True},
+            )
+            transport(bytes(clear[Attribute.VALUE]))
+            clear.destroy()
+            tmk.sign(bytes(16), mechanism=Mechanism.AES_CMAC)  # its KCV
+            tmk.sign(cmac_data, mechanism=Mechanism.AES_CMAC)  # checking the confirmation
+            tmk.destroy()
+
+        return _per_op(download, seconds=1.0)
+    finally:
+        session.close()
+
+
 # -- report ------------------------------------------------------------------------------
+
+
+def crypto_seconds(suite: str, keystore: str) -> float:
+    if keystore == "pkcs11":
+        return crypto_only_pkcs11_seconds(suite)
+    return crypto_only_seconds(suite)
 
 
 def main() -> None:
@@ -333,29 +504,35 @@ def main() -> None:
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
     parser.add_argument("--database-url", default="", help="default: SQLite in the data dir")
+    parser.add_argument("--keystores", nargs="+", default=["soft"], choices=KEYSTORES)
     args = parser.parse_args()
 
     print(f"{args.terminals} downloads per run, {args.concurrency} concurrent terminals, "
           f"database {'PostgreSQL' if args.database_url else 'SQLite'}")  # fmt: skip
-    print("| suite | workers | downloads/s | server CPU ms/download | crypto-only ms | ratio |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| suite | key store | workers | downloads/s | server CPU ms/download"
+        " | crypto-only ms | ratio |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
     for suite in args.suites:
-        crypto_ms = 1000 * crypto_only_seconds(suite)
-        for workers in args.workers:
-            m = measure(
-                suite,
-                workers,
-                terminals=args.terminals,
-                concurrency=args.concurrency,
-                database_url=args.database_url,
-            )
-            ratio = crypto_ms / m.cpu_ms_per_download
-            failed = f" ({m.failures} failed)" if m.failures else ""
-            print(
-                f"| {suite} | {workers} | {m.per_second:,.0f}{failed} | {m.cpu_ms_per_download:.2f}"
-                f" | {crypto_ms:.3f} | {ratio:.2f} |",
-                flush=True,
-            )
+        for keystore in args.keystores:
+            crypto_ms = 1000 * crypto_seconds(suite, keystore)
+            for workers in args.workers:
+                m = measure(
+                    suite,
+                    workers,
+                    terminals=args.terminals,
+                    concurrency=args.concurrency,
+                    database_url=args.database_url,
+                    keystore=keystore,
+                )
+                ratio = crypto_ms / m.cpu_ms_per_download
+                failed = f" ({m.failures} failed)" if m.failures else ""
+                print(
+                    f"| {suite} | {keystore} | {workers} | {m.per_second:,.0f}{failed}"
+                    f" | {m.cpu_ms_per_download:.2f} | {crypto_ms:.3f} | {ratio:.2f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

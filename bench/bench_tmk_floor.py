@@ -19,7 +19,13 @@ nothing; crypto / floor is the best ratio the design can reach; glue = server - 
 what trustfleet's own Python costs now. (The app's CPU in process is not used for the glue:
 there the terminal's work shares the interpreter, its garbage collections included.)
 
+With ``--keystores soft pkcs11`` the split is made for each key store (the PKCS#11 backend on
+a SoftHSM2 token: its crypto-only part is the same operations done where that store does
+them, bench_tmk.crypto_only_pkcs11_seconds), and the ratio pkcs11 ÷ soft of the server CPU
+and of the floor is printed.
+
 Usage: python bench/bench_tmk_floor.py [--downloads 300] [--requests 6000]
+                                       [--keystores soft pkcs11]
 """
 
 from __future__ import annotations
@@ -85,8 +91,13 @@ class StatementLog:
 
     on: bool = False
     statements: list[str] = field(default_factory=list)
+    installed: bool = False
 
     def install(self) -> None:
+        if self.installed:
+            return
+        self.installed = True
+
         def traced(dbapi_connection: Any, _record: Any) -> None:
             if isinstance(dbapi_connection, sqlite3.Connection):
                 dbapi_connection.set_trace_callback(self._record)
@@ -194,15 +205,24 @@ class Split:
     exchange: CountingTransport
 
 
-def split_in_process(workdir: Path, downloads: int) -> Split:
+_LOG = StatementLog()
+
+
+def split_in_process(workdir: Path, downloads: int, keystore: str = "soft") -> Split:
     """Real downloads through the app in process, their SQL captured and replayed."""
-    log = StatementLog()
+    log = _LOG
     log.install()
-    fleet = bench_tmk.build_fleet(workdir, "p256", WARMUP + downloads, "")
+    log.statements.clear()
+    fleet = bench_tmk.build_fleet(workdir, "p256", WARMUP + downloads, "", keystore)
+    saved = dict(os.environ)
     os.environ.update(fleet.env)
     from trustfleet.server.runner import app_from_env
 
-    server = app_from_env()
+    try:
+        server = app_from_env()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     app = HttpTransport(TestClient(server), fleet.gateway_token)
     for directory in fleet.terminal_dirs[:WARMUP]:
         PosTerminal.open(directory).download(app)
@@ -216,29 +236,30 @@ def split_in_process(workdir: Path, downloads: int) -> Split:
         PosTerminal.open(directory).download(exchange)
     log.on = False
     database_cpu = replay_seconds(copy, log.statements)
+    close = getattr(server.state.context.keystore, "close", None)
+    if close is not None:
+        close()
     return Split(downloads, database_cpu, len(log.statements), exchange)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--downloads", type=int, default=300)
-    parser.add_argument("--requests", type=int, default=6000)
-    args = parser.parse_args()
-
+def floor_of(keystore: str, downloads: int, requests: int) -> dict[str, float]:
     workdir = Path(tempfile.mkdtemp(prefix="tf-bench-floor-"))
     try:
-        split = split_in_process(workdir, args.downloads)
+        split = split_in_process(workdir, downloads, keystore)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     n, exchange = split.downloads, split.exchange
     per_request = exchange.requests / n
     http = per_request * http_seconds_per_request(
-        args.requests,
+        requests,
         exchange.request_bytes // exchange.requests,
         exchange.response_bytes // exchange.requests,
     )
-    crypto = bench_tmk.crypto_only_seconds("p256")
-    server = bench_tmk.measure("p256", 1, terminals=args.downloads).cpu_ms_per_download / 1000
+    crypto = bench_tmk.crypto_seconds("p256", keystore)
+    server = (
+        bench_tmk.measure("p256", 1, terminals=downloads, keystore=keystore).cpu_ms_per_download
+        / 1000
+    )
     database = split.database / n
     floor = http + database + crypto
     rows = {
@@ -249,14 +270,29 @@ def main() -> None:
         "server over HTTP (bench_tmk, 1 worker)": server,
         "glue = server - floor": server - floor,
     }
-    print(f"p256, SQLite, {n} downloads, {per_request:.0f} requests each")
+    print(f"p256, SQLite, key store {keystore}, {n} downloads, {per_request:.0f} requests each")
     print("| part | ms/download |")
     print("|---|---:|")
     for name, seconds in rows.items():
         print(f"| {name} | {1000 * seconds:.3f} |")
-    print(f"ratio ceiling crypto / floor: {crypto / floor:.2f}")
-    budget = crypto / 0.2 - floor
-    print(f"glue allowed by ratio 0.2: {1000 * budget:.3f} ms/download")
+    print(f"ratio ceiling crypto / floor: {crypto / floor:.2f}", flush=True)
+    return {"server": server, "floor": floor, "crypto": crypto}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--downloads", type=int, default=300)
+    parser.add_argument("--requests", type=int, default=6000)
+    parser.add_argument("--keystores", nargs="+", default=["soft"], choices=bench_tmk.KEYSTORES)
+    args = parser.parse_args()
+    results = {k: floor_of(k, args.downloads, args.requests) for k in args.keystores}
+    if {"soft", "pkcs11"} <= set(results):
+        soft, hsm = results["soft"], results["pkcs11"]
+        print(
+            f"pkcs11 / soft: server CPU {hsm['server'] / soft['server']:.2f},"
+            f" floor {hsm['floor'] / soft['floor']:.2f},"
+            f" crypto-only {hsm['crypto'] / soft['crypto']:.2f}"
+        )
 
 
 if __name__ == "__main__":

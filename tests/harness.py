@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -76,16 +77,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def node_environment(database_url: str, tmp_path: Path) -> dict[str, str]:
-    """Environment of server nodes sharing one database and one master key file."""
-    master_key = tmp_path / "master.key"
-    create_master_key_file(master_key)
+def node_environment(
+    database_url: str, tmp_path: Path, *, master_key: bool = True
+) -> dict[str, str]:
+    """Environment of server nodes sharing one database and one master key file (none when
+    ``master_key`` is false: add :func:`pkcs11_environment`)."""
     environment = {
         **os.environ,
         "TRUSTFLEET_DATABASE_URL": database_url,
-        "TRUSTFLEET_MASTER_KEY_FILE": str(master_key),
         "TRUSTFLEET_LOG_LEVEL": "WARNING",
     }
+    if master_key:
+        path = tmp_path / "master.key"
+        create_master_key_file(path)
+        environment["TRUSTFLEET_MASTER_KEY_FILE"] = str(path)
     environment.pop("TRUSTFLEET_MASTER_KEY", None)
     environment.pop("TRUSTFLEET_CONFIG", None)
     return environment
@@ -94,7 +99,7 @@ def node_environment(database_url: str, tmp_path: Path) -> dict[str, str]:
 def start_node(name: str, env: dict[str, str], data_dir: Path) -> Node:
     """``uvicorn --factory trustfleet.server.runner:app_from_env`` on a free loopback port."""
     port = free_port()
-    data_dir.mkdir()
+    data_dir.mkdir(exist_ok=True)
     log = data_dir / "server.log"
     command = [
         sys.executable, "-m", "uvicorn", "--factory", "trustfleet.server.runner:app_from_env",
@@ -147,9 +152,12 @@ def running_nodes(env: dict[str, str], tmp_path: Path, count: int = 2) -> Iterat
 # -- the command line --------------------------------------------------------------------
 
 
-def run_cli(data_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    data_dir: Path, *args: str, check: bool = True, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """``trustfleet ARGS`` in a subprocess with ``data_dir`` as its data directory."""
     env = {**os.environ, "TRUSTFLEET_DATA_DIR": str(data_dir), "COLUMNS": "200"}
+    env.update(extra_env or {})
     env.pop("TRUSTFLEET_MASTER_KEY", None)
     result = subprocess.run(
         [sys.executable, "-m", "trustfleet.cli", *args],
@@ -162,3 +170,174 @@ def run_cli(data_dir: Path, *args: str, check: bool = True) -> subprocess.Comple
     if check and result.returncode != 0:
         raise AssertionError(f"{args} exited {result.returncode}: {result.stdout}{result.stderr}")
     return result
+
+
+# -- a SoftHSM2 token ----------------------------------------------------------------------
+
+MODULE_PATHS = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+    "/usr/lib64/pkcs11/libsofthsm2.so",
+    "/opt/homebrew/lib/softhsm/libsofthsm2.so",
+)
+INSTALL_HINT = (
+    "run the README test command `scripts/dev test` (or `scripts/dev pytest`), which installs"
+    " the Debian package softhsm2"
+)
+TOKEN_LABEL = "trustfleet-test"
+USER_PIN = "1234"
+SO_PIN = "5678"
+
+
+@dataclass(frozen=True)
+class SoftHsmToken:
+    module: str
+    label: str
+    user_pin: str
+
+
+def find_softhsm_module() -> str:
+    candidates = [os.environ.get("SOFTHSM2_MODULE", ""), *MODULE_PATHS]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return candidate
+    pytest.fail(
+        f"the SoftHSM2 PKCS#11 module was not found (set SOFTHSM2_MODULE or {INSTALL_HINT})"
+    )
+
+
+def init_softhsm_token(root: Path, label: str = TOKEN_LABEL) -> tuple[SoftHsmToken, Path]:
+    """A fresh SoftHSM2 token in ``root`` (its own configuration file): the token and the
+    file, which ``SOFTHSM2_CONF`` must name for every process that uses the token."""
+    util = shutil.which("softhsm2-util")
+    if util is None:
+        pytest.fail(f"softhsm2-util is not installed: {INSTALL_HINT}")
+    module = find_softhsm_module()
+    (root / "tokens").mkdir(parents=True)
+    conf = root / "softhsm2.conf"
+    conf.write_text(
+        f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
+    )
+    subprocess.run(
+        [util, "--init-token", "--free", "--label", label, "--pin", USER_PIN, "--so-pin", SO_PIN],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+    )
+    return SoftHsmToken(module, label, USER_PIN), conf
+
+
+def pkcs11_environment(token: SoftHsmToken, conf: Path, policy: str = "sealed") -> dict[str, str]:
+    """``TRUSTFLEET_*`` variables (and SoftHSM2's) of a node or command using ``token``."""
+    return {
+        "SOFTHSM2_CONF": str(conf),
+        "TRUSTFLEET_KEYSTORE_BACKEND": "pkcs11",
+        "TRUSTFLEET_PKCS11_MODULE": token.module,
+        "TRUSTFLEET_PKCS11_TOKEN_LABEL": token.label,
+        "TRUSTFLEET_PKCS11_USER_PIN": token.user_pin,
+        "TRUSTFLEET_PKCS11_POLICY": policy,
+    }
+
+
+# -- an openCryptoki software token ------------------------------------------------------
+
+OCK_MODULES = (
+    "/usr/lib/x86_64-linux-gnu/pkcs11/libopencryptoki.so",
+    "/usr/lib/aarch64-linux-gnu/pkcs11/libopencryptoki.so",
+    "/usr/lib/opencryptoki/libopencryptoki.so",
+)
+OCK_SLOTD = "/usr/sbin/pkcsslotd"
+OCK_PID_FILE = Path("/run/pkcsslotd.pid")
+OCK_LABEL = "trustfleet-ock"
+OCK_SO_PIN = "87654321"  # the soft token's factory SO PIN, which these tests never change
+OCK_USER_PIN = "12345678"
+OCK_SOFT_TOKEN_MODEL = "IBM SoftTok"
+
+
+def _ock_module() -> str | None:
+    return next((m for m in OCK_MODULES if Path(m).is_file()), None)
+
+
+def _alive(pid: int) -> bool:
+    """A live process (not a zombie nobody reaped yet)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def _slotd_running() -> bool:
+    try:
+        return _alive(int(OCK_PID_FILE.read_text().strip()))
+    except (OSError, ValueError):
+        return False
+
+
+def _stop_after_exit(pid: int) -> None:
+    """Stop the slot daemon we started once this process has exited: pkcsslotd ignores
+    SIGTERM while a process still has openCryptoki loaded, as this one does to the end."""
+    me = os.getpid()
+    script = (
+        f"while [ -e /proc/{me} ] && ! grep -q '^State:.*Z' /proc/{me}/status; do"
+        f" sleep 0.2; done; kill {pid}"
+    )
+    subprocess.Popen(  # noqa: S602 - a fixed script with two numbers
+        script, shell=True, start_new_session=True, stdout=subprocess.DEVNULL
+    )
+
+
+@contextmanager
+def opencryptoki_token() -> Iterator[SoftHsmToken]:
+    """openCryptoki's software token, set up from nothing: the slot daemon started if it is
+    not running (and stopped afterwards by its process id), the token initialised with the
+    factory SO PIN and labelled for these tests. Skips, saying why, when that cannot be
+    done; never touches a token some other application initialised."""
+    import ctypes
+
+    import pkcs11
+
+    module = _ock_module()
+    if module is None or not Path(OCK_SLOTD).is_file():
+        pytest.skip("openCryptoki is not installed (Debian package opencryptoki)")
+    started: int | None = None
+    if not _slotd_running():
+        done = subprocess.run([OCK_SLOTD], capture_output=True, text=True, check=False)
+        deadline = time.monotonic() + 10
+        while done.returncode == 0 and not _slotd_running() and time.monotonic() < deadline:
+            time.sleep(0.1)  # it forks, then writes its pid file
+        if done.returncode != 0 or not _slotd_running():
+            pytest.skip(f"openCryptoki's pkcsslotd would not start: {done.stderr.strip()}")
+        started = int(OCK_PID_FILE.read_text().strip())
+    try:
+        lib = pkcs11.lib(module)
+        slot = next(
+            (s for s in lib.get_slots() if s.get_token().model.strip() == OCK_SOFT_TOKEN_MODEL),
+            None,
+        )
+        if slot is None:
+            pytest.skip("openCryptoki has no software token slot (libpkcs11_sw) configured")
+        token = slot.get_token()
+        label = token.label.strip()
+        initialised = bool(token.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED)
+        if initialised and label != OCK_LABEL:
+            pytest.skip(
+                f"openCryptoki's software token is initialised by someone else (label"
+                f" {label!r}); the tests do not wipe it"
+            )
+        # a fresh token every run: C_InitToken erases every object (the SO PIN is the
+        # factory one, never changed here)
+        init = ctypes.CDLL(module).C_InitToken
+        init.argtypes = (ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+        init.restype = ctypes.c_ulong
+        rv = init(slot.slot_id, OCK_SO_PIN.encode(), len(OCK_SO_PIN), OCK_LABEL.encode().ljust(32))
+        if rv != 0:
+            pytest.skip(f"openCryptoki refused C_InitToken (CKR 0x{rv:x})")
+        with slot.get_token().open(rw=True, so_pin=OCK_SO_PIN) as session:
+            session.init_pin(OCK_USER_PIN)
+        yield SoftHsmToken(module, OCK_LABEL, OCK_USER_PIN)
+    finally:
+        if started is not None:
+            _stop_after_exit(started)

@@ -25,6 +25,8 @@ def is_initialised(settings: Settings) -> bool:
 def _ensure_master_key(settings: Settings) -> None:
     from trustfleet.keystore.master import MASTER_KEY_ENV, create_master_key_file
 
+    if settings.keystore_backend.strip().lower() == "pkcs11":
+        return  # the token is the root of trust: its key encryption key is made on opening
     path = settings.resolved_master_key_file
     if os.environ.get(MASTER_KEY_ENV) or path.exists():
         return
@@ -32,7 +34,8 @@ def _ensure_master_key(settings: Settings) -> None:
 
 
 def initialise(settings: Settings) -> InitResult:
-    """Master key (0600), migrated database, local root + issuing CA, first admin token."""
+    """Master key (0600; none with PKCS#11), migrated database, local root + issuing CA,
+    first admin token."""
     from trustfleet.pki.service import bootstrap as bootstrap_local_ca
     from trustfleet.server.auth import bootstrap_admin_token
     from trustfleet.server.runner import build_context

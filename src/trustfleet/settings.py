@@ -35,6 +35,9 @@ class Settings:
     pkcs11_module: str = ""
     pkcs11_token_label: str = "trustfleet"  # noqa: S105 - a label, not a secret
     pkcs11_user_pin: str = ""
+    #: "sealed": keys outside the token are unwrapped in process for what the token cannot
+    #: run; "in-token": such operations are refused (docs/configuration.md)
+    pkcs11_policy: str = "sealed"
     max_body_bytes: int = 1_048_576
     max_import_bytes: int = 268_435_456  # streamed bulk imports
     log_level: str = "INFO"

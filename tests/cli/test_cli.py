@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from harness import run_cli
+from harness import pkcs11_environment, run_cli
 
 TOKEN_PREFIX = "tf_"
 
@@ -114,8 +114,14 @@ def test_usage_errors_exit_non_zero(data_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    result = run(tmp_path, "demo")
+@pytest.mark.parametrize("keystore", ["soft", pytest.param("pkcs11", marks=pytest.mark.pkcs11)])
+def test_demo_runs_end_to_end(
+    tmp_path: Path, keystore: str, request: pytest.FixtureRequest
+) -> None:
+    extra = {}
+    if keystore == "pkcs11":  # the token as configured by docs/configuration.md
+        extra = pkcs11_environment(*request.getfixturevalue("softhsm_conf"))
+    result = run(tmp_path, "demo", extra_env=extra)
     assert "demo complete" in result.stdout
     assert "certificate revoked" in result.stdout
     assert "gateway-2 power-up refused: [se-bound-elsewhere]" in result.stdout
@@ -124,3 +130,27 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "[foreign-failure] SE" in result.stdout
     assert "bound to gateway-1 failed in gateway-2: likely theft" in result.stdout
     assert "acknowledged flag #1 (acknowledged)" in result.stdout
+
+
+@pytest.mark.pkcs11
+def test_keystore_seal_moves_an_initialised_soft_store_under_the_token(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    data_dir = tmp_path / "data"
+    run(data_dir, "init")  # a soft store: master.key and the CA keys under it
+    assert (data_dir / "master.key").exists()
+    hsm = pkcs11_environment(*request.getfixturevalue("softhsm_conf"))
+    listed = run(data_dir, "keystore", "list", extra_env=hsm).stdout
+    assert "database" in listed  # still under the master key, opened with it meanwhile
+    sealed = run(data_dir, "keystore", "seal", extra_env=hsm)
+    assert "sealed 2 keys" in sealed.stdout and "master key file removed" in sealed.stdout
+    assert not (data_dir / "master.key").exists()
+    again = run(data_dir, "keystore", "seal", extra_env=hsm)
+    assert "sealed 0 keys" in again.stdout
+    listed = run(data_dir, "keystore", "list", extra_env=hsm).stdout
+    assert "sealed" in listed and "database" not in listed
+    crl = tmp_path / "crl.pem"  # the issuing CA's key, now sealed, still signs
+    run(data_dir, "ca", "crl", "--out", str(crl), extra_env=hsm)
+    assert crl.read_text().startswith("-----BEGIN X509 CRL-----")
+    refused = run(data_dir, "keystore", "list", check=False)  # soft again: no master key
+    assert refused.returncode == 1 and "master-key-error" in refused.stderr

@@ -1,5 +1,6 @@
-"""The PKCS#11 store against a SoftHSM2 token: what the token itself enforces, and
-interoperability with the soft store."""
+"""The PKCS#11 token-object layer against a SoftHSM2 token: what the token itself enforces,
+and interoperability with the soft store. (The backend as configured puts only signing
+keys there; see test_keystore_custody.py.)"""
 
 from __future__ import annotations
 
@@ -12,16 +13,16 @@ import pkcs11
 import pytest
 from pkcs11 import Attribute
 
+from harness import SoftHsmToken
 from trustfleet.crypto import KeyAlgorithm, suite_for_algorithm
 from trustfleet.errors import ConfigurationError, KeyNotFound, UnsupportedAlgorithm
 from trustfleet.keystore import open_keystore
 from trustfleet.keystore.base import KeyUsage
+from trustfleet.keystore.hsm import HsmKeyStore
 from trustfleet.keystore.pkcs11 import Pkcs11KeyStore
 from trustfleet.keystore.soft import SoftKeyStore
 from trustfleet.settings import Settings
 from trustfleet.store import Database
-
-from .conftest import SoftHsmToken
 
 pytestmark = pytest.mark.pkcs11
 
@@ -199,8 +200,12 @@ def test_open_keystore_picks_pkcs11(
         pkcs11_user_pin=softhsm_token.user_pin,
     )
     store = open_keystore(settings, db)
-    assert isinstance(store, Pkcs11KeyStore)
-    assert store.generate(A.AES_128, U.MAC).backend == "pkcs11"
+    assert isinstance(store, HsmKeyStore)
+    secret = store.generate(A.AES_128, U.MAC)
+    assert (secret.backend, secret.custody) == ("pkcs11", "sealed")
+    signer = store.generate(A.EC_P256, U.SIGN)
+    assert (signer.backend, signer.custody) == ("pkcs11", "token")
+    assert not (tmp_path / "master.key").exists()
     store.close()
 
 

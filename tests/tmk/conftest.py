@@ -1,12 +1,14 @@
 """What the TMK tests share: a movable clock, the capability's use cases over a real
-database and soft key store, terminals made at the factory and registered, the service
-behind the terminal's transport without HTTP, and checks of what the database holds."""
+database and a key store (every test runs once on the soft store and once on the PKCS#11
+backend as configured, on SoftHSM2), terminals made at the factory and registered, the
+service behind the terminal's transport without HTTP, and checks of what the database
+holds."""
 
 from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,9 +19,11 @@ from cryptography import x509
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from harness import SoftHsmToken
 from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.errors import KeyNotFound, TrustfleetError
 from trustfleet.keystore.base import KeyStore
+from trustfleet.keystore.hsm import HsmKeyStore
 from trustfleet.keystore.master import MasterKey, MasterKeyring
 from trustfleet.keystore.soft import SoftKeyStore
 from trustfleet.pki.service import PkiService
@@ -103,9 +107,30 @@ def clock() -> Clock:
     return Clock()
 
 
+KEYSTORES = ["soft", pytest.param("pkcs11", marks=pytest.mark.pkcs11)]
+
+
+@pytest.fixture(params=KEYSTORES)
+def keystore_backend(request: pytest.FixtureRequest) -> str:
+    """``soft`` (keys wrapped under a master key) or ``pkcs11`` (signing keys in a SoftHSM2
+    token, every other key sealed under it)."""
+    backend: str = request.param
+    return backend
+
+
 @pytest.fixture
-def keystore(db: Database) -> SoftKeyStore:
-    return SoftKeyStore(db, MasterKeyring([MasterKey.new()]))
+def keystore(
+    request: pytest.FixtureRequest, db: Database, keystore_backend: str
+) -> Iterator[KeyStore]:
+    if keystore_backend == "soft":
+        yield SoftKeyStore(db, MasterKeyring([MasterKey.new()]))
+        return
+    token: SoftHsmToken = request.getfixturevalue(
+        "opencryptoki" if keystore_backend == "opencryptoki" else "softhsm_token"
+    )
+    store = HsmKeyStore(db, token.module, token.label, token.user_pin)
+    yield store
+    store.close()
 
 
 @pytest.fixture

@@ -25,8 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from trustfleet.crypto import generate_private_key, public_key_to_der
 from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.crypto.payment import tr31
-from trustfleet.keystore.master import MasterKey, MasterKeyring
-from trustfleet.keystore.soft import SoftKeyStore
+from trustfleet.keystore.base import KeyStore
 from trustfleet.models import import_all_models
 from trustfleet.server.app import create_app
 from trustfleet.server.auth import create_token
@@ -61,14 +60,15 @@ def context(
     engine: Engine,
     sessions: sessionmaker[Session],
     db: Database,
+    keystore: KeyStore,
     min_protocol_version: int,
 ) -> AppContext:
+    """The app's context on the soft store or the PKCS#11 backend (tests/tmk/conftest.py)."""
     settings = Settings(
         data_dir=tmp_path,
         max_import_bytes=IMPORT_LIMIT,
         tmk_min_protocol_version=min_protocol_version,
     )
-    keystore = SoftKeyStore(db, MasterKeyring([MasterKey.new()]))
     return AppContext(settings=settings, db=db, keystore=keystore)
 
 

@@ -1,7 +1,9 @@
 """Two real server processes on one PostgreSQL database serve TMK downloads as one service:
 a download that starts on one node continues on the other and completes on the first (in
 either protocol version), working keys issued on one node are used on the other, and a
-gateway that retries a step on the other node gets the first answer again."""
+gateway that retries a step on the other node gets the first answer again. Once with the
+soft store (a shared master key file), once with the PKCS#11 backend (one SoftHSM2 token
+both nodes open)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from harness import (
     admin_token_for,
     needs_postgres,
     node_environment,
+    pkcs11_environment,
     postgres_schema,
     running_nodes,
 )
@@ -34,6 +37,8 @@ from trustfleet.tmk.protocol import (
 )
 from trustfleet.tmk.terminal import HttpTransport, PosTerminal
 
+from .conftest import KEYSTORES
+
 PAN = "4761739001010010"
 
 pytestmark = [*needs_postgres, pytest.mark.slow]
@@ -45,9 +50,15 @@ def postgres_url() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-def env(postgres_url: str, tmp_path: Path) -> dict[str, str]:
-    return node_environment(postgres_url, tmp_path)
+@pytest.fixture(params=KEYSTORES)
+def env(request: pytest.FixtureRequest, postgres_url: str, tmp_path: Path) -> dict[str, str]:
+    if request.param == "soft":
+        return node_environment(postgres_url, tmp_path)
+    token, conf = request.getfixturevalue("softhsm_conf")
+    return {
+        **node_environment(postgres_url, tmp_path, master_key=False),
+        **pkcs11_environment(token, conf),
+    }
 
 
 @pytest.fixture
@@ -157,6 +168,8 @@ def test_downloads_hop_between_nodes_and_keys_work_everywhere(
         activated = [r for r in page["records"] if r["action"] == "tmk.tmk_activated"]
         assert len(activated) == 6
         assert json.dumps(page).count("tmk.download_failed") == 0
+        if env.get("TRUSTFLEET_KEYSTORE_BACKEND") == "pkcs11":
+            assert not list(tmp_path.rglob("master.key"))  # the token is the root of trust
     finally:
         for client in clients:
             client.close()

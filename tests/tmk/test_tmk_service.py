@@ -60,8 +60,8 @@ from .conftest import (
 
 @pytest.mark.parametrize(
     "algorithm",
-    [KeyAlgorithm.EC_P256, KeyAlgorithm.RSA_2048, KeyAlgorithm.SM2],
-    ids=["p256", "rsa", "gm"],
+    [KeyAlgorithm.EC_P256, KeyAlgorithm.RSA_2048, KeyAlgorithm.RSA_3072, KeyAlgorithm.SM2],
+    ids=["p256", "rsa", "rsa-3072", "gm"],
 )
 def test_download_activates_the_tmk_the_terminal_holds(
     tmk: Tmk,

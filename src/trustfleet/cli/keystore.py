@@ -1,4 +1,5 @@
-"""``trustfleet keystore``: list keys, rotate the master key."""
+"""``trustfleet keystore``: list keys and where they live, rotate the master key, move a soft
+store under a PKCS#11 token."""
 
 from __future__ import annotations
 
@@ -12,15 +13,30 @@ app = typer.Typer(no_args_is_help=True, help="The key store (never shows key mat
 
 @app.command("list")
 def list_keys() -> None:
-    """List stored keys: handle, algorithm, usage, exportability."""
-    table = Table("handle", "algorithm", "usage", "exportable", "label", "created")
+    """List stored keys: handle, algorithm, usage, where each lives (token, sealed under
+    the token, or database under the master key), whether it can leave, and which of its
+    operations run inside the token."""
+    table = Table(
+        "handle",
+        "algorithm",
+        "usage",
+        "custody",
+        "extractable",
+        "in token",
+        "in process",
+        "label",
+        "created",
+    )
     for key in state.context().keystore.list():
         usage = "|".join(flag.name or "" for flag in type(key.usage) if flag in key.usage and flag)
         table.add_row(
             key.handle,
             key.algorithm.value,
             usage,
-            "yes" if key.exportable else "no",
+            key.custody,
+            "yes" if key.extractable else "no",
+            ", ".join(key.token_operations) or "-",
+            ", ".join(key.process_operations) or "-",
             key.label,
             key.created_at.isoformat(timespec="seconds"),
         )
@@ -42,3 +58,38 @@ def rotate_master() -> None:
             details={"rewrapped": report.rewrapped},
         )
     console.print(f"re-wrapped {report.rewrapped} keys; active master key {report.kek_id}")
+
+
+@app.command("seal")
+def seal(
+    keep_master_key: bool = typer.Option(
+        False, help="Leave the master key file in place once every key is sealed."
+    ),
+) -> None:
+    """Move every key of a soft store under the PKCS#11 token (keystore_backend = "pkcs11"):
+    each key is re-wrapped under the token's key encryption key, then the master key file
+    is removed. Handles do not change. Safe to re-run after a crash."""
+    from trustfleet.errors import ConfigurationError
+    from trustfleet.keystore.hsm import HsmKeyStore, seal_soft_store
+
+    context = state.context()
+    if not isinstance(context.keystore, HsmKeyStore):
+        raise ConfigurationError(
+            'keystore seal needs keystore_backend = "pkcs11" and the token settings'
+            " (docs/configuration.md); the master key file is read to open the soft keys"
+        )
+    report = seal_soft_store(
+        context.db,
+        context.keystore,
+        context.settings.resolved_master_key_file,
+        remove_master_key=not keep_master_key,
+    )
+    with context.db.work() as work:
+        work.audit(
+            "keystore.sealed",
+            actor="cli",
+            subject=f"kek:{report.kek_id}",
+            details={"sealed": report.sealed, "master_key_removed": report.master_key_removed},
+        )
+    removed = "; master key file removed" if report.master_key_removed else ""
+    console.print(f"sealed {report.sealed} keys under token key {report.kek_id}{removed}")

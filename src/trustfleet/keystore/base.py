@@ -49,6 +49,22 @@ class KeyInfo:
     created_at: datetime
     #: SubjectPublicKeyInfo DER of the public half, for asymmetric keys
     public_key_der: bytes | None = None
+    #: where the key lives: ``database`` (a row wrapped under the soft store's master key),
+    #: ``sealed`` (a row wrapped under a key inside the PKCS#11 token) or ``token`` (an
+    #: object inside the token)
+    custody: str = "database"
+    #: the operations of this key that run inside the token (names from
+    #: :mod:`trustfleet.keystore.custody`); the others run in process memory
+    token_operations: tuple[str, ...] = ()
+    #: the operations of this key that run in process memory (the key is unwrapped for the
+    #: operation and dropped afterwards)
+    process_operations: tuple[str, ...] = ()
+
+    @property
+    def extractable(self) -> bool:
+        """Whether the material can leave its custody at all: in clear (``exportable``) or
+        wrapped under another key (``WRAPPABLE``)."""
+        return self.exportable or KeyUsage.WRAPPABLE in self.usage
 
 
 class KeyStore(ABC):

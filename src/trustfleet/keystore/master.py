@@ -33,7 +33,7 @@ import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -77,6 +77,28 @@ class MasterKey:
         if len(key) != MASTER_KEY_SIZE:
             raise MasterKeyError(f"a master key must be {MASTER_KEY_SIZE} bytes, got {len(key)}")
         return cls(kek_id_of(key), key)
+
+
+class Keyring(Protocol):
+    """What wraps the soft store's rows: the master keyring here, or a key inside a
+    PKCS#11 token (:mod:`trustfleet.keystore.pkcs11_seal`)."""
+
+    @property
+    def kek_ids(self) -> list[str]: ...
+
+    def has(self, kek_id: str) -> bool: ...
+
+    def seal(self, plaintext: bytes, aad: bytes) -> tuple[str, bytes]:
+        """``(kek_id, wrapped)``: ``plaintext`` wrapped and bound to ``aad``."""
+        ...
+
+    def open(self, kek_id: str, blob: bytes, aad: bytes) -> bytes:
+        """What :meth:`seal` wrapped; KeyIntegrityError if ``blob`` or ``aad`` changed."""
+        ...
+
+    def reload(self) -> Keyring:
+        """The keyring read again from its source (a key added by another node)."""
+        ...
 
 
 class MasterKeyring:
@@ -264,7 +286,7 @@ def rotate_master_key(
     new = MasterKey.new()
     keyring = MasterKeyring([new, *current.keys], source=master_key_path)
     write_master_key_file(master_key_path, list(keyring.keys))
-    rewrapped = _rewrap_all(db, keyring, batch_size, after_row)
+    rewrapped = rewrap_all(db, keyring, keyring.active.kek_id, batch_size, after_row)
     if db.read(lambda reads: reads.scalar(_LIVE_NOT_UNDER, kek_id=new.kek_id)):
         raise MasterKeyError("keys were added under an old master key during rotation; run again")
     write_master_key_file(master_key_path, [new])
@@ -314,17 +336,20 @@ def _check_rows_readable(db: Database, keyring: MasterKeyring) -> None:
         )
 
 
-def _rewrap_all(
+def rewrap_all(
     db: Database,
-    keyring: MasterKeyring,
+    keyring: Keyring,
+    active: str,
     batch_size: int,
     after_row: Callable[[int], None] | None,
 ) -> int:
+    """Re-wrap every live row not under ``active`` (the kek_id ``keyring.seal`` uses), in
+    batches, each row by compare-and-set; the number re-wrapped."""
     done = 0
     skipped: set[str] = set()
     while True:
         with db.work() as work:
-            batch = work.all(_batch_query(skipped, batch_size), active=keyring.active.kek_id)
+            batch = work.all(_batch_query(skipped, batch_size), active=active)
             for row in batch:
                 if _rewrap_row(work, keyring, row):
                     done += 1
@@ -341,7 +366,7 @@ def _batch_query(skipped: set[str], batch_size: int) -> ClauseElement:
     return query.where(StoredKey.handle.not_in(skipped)) if skipped else query
 
 
-def _rewrap_row(work: UnitOfWork, keyring: MasterKeyring, row: Any) -> bool:
+def _rewrap_row(work: UnitOfWork, keyring: Keyring, row: Any) -> bool:
     """Re-wrap one row unless another node destroyed or changed it meanwhile."""
     aad = row_binding(row.handle, row.algorithm, row.usage, row.exportable, row.public_key_der)
     try:

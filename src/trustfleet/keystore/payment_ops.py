@@ -71,27 +71,44 @@ def unwrap_tr31(
     )
 
 
-def block_cipher(
-    algorithm: KeyAlgorithm, key: bytes, data: bytes, *, decrypt: bool, mode: str, iv: bytes
-) -> bytes:
-    cipher_algorithm = _block_algorithm(algorithm, key)
-    block = cipher_algorithm.block_size // 8
+BLOCK_SIZES = {
+    KeyAlgorithm.AES_128: 16,
+    KeyAlgorithm.AES_256: 16,
+    KeyAlgorithm.SM4: 16,
+    KeyAlgorithm.TDES: 8,
+}
+
+
+def check_block_input(algorithm: KeyAlgorithm, data: bytes, mode: str, iv: bytes) -> None:
+    """What :func:`block_cipher` accepts, checked before any key is used."""
+    block = BLOCK_SIZES.get(algorithm)
+    if block is None:
+        raise UnsupportedAlgorithm(f"{algorithm.value} keys are not block cipher keys")
     if not data or len(data) % block:
         raise InvalidInput(f"data must be a non-empty multiple of {block} bytes")
-    operation: CipherContext
     if mode == "ecb":
         if iv:
             raise InvalidInput("ECB takes no IV")
-        # single PIN blocks and KCVs are ECB by their standards
-        ecb = Cipher(cipher_algorithm, modes.ECB())  # noqa: S305
-        operation = ecb.decryptor() if decrypt else ecb.encryptor()
     elif mode == "cbc":
         if len(iv) != block:
             raise InvalidInput(f"CBC needs a {block}-byte IV")
-        cbc = Cipher(cipher_algorithm, modes.CBC(iv))
-        operation = cbc.decryptor() if decrypt else cbc.encryptor()
     else:
         raise InvalidInput("mode is ecb or cbc")
+
+
+def block_cipher(
+    algorithm: KeyAlgorithm, key: bytes, data: bytes, *, decrypt: bool, mode: str, iv: bytes
+) -> bytes:
+    check_block_input(algorithm, data, mode, iv)
+    cipher_algorithm = _block_algorithm(algorithm, key)
+    operation: CipherContext
+    if mode == "ecb":
+        # single PIN blocks and KCVs are ECB by their standards
+        ecb = Cipher(cipher_algorithm, modes.ECB())  # noqa: S305
+        operation = ecb.decryptor() if decrypt else ecb.encryptor()
+    else:
+        cbc = Cipher(cipher_algorithm, modes.CBC(iv))
+        operation = cbc.decryptor() if decrypt else cbc.encryptor()
     return operation.update(data) + operation.finalize()
 
 

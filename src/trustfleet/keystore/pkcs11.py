@@ -44,11 +44,11 @@ import hashlib
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pkcs11
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -77,11 +77,17 @@ from trustfleet.errors import (
 from trustfleet.keystore import pkcs11_objects as objects
 from trustfleet.keystore import policy
 from trustfleet.keystore.base import KeyInfo, KeyStore, KeyUsage
+from trustfleet.keystore.custody import Mechanisms
 
 _Capability = TypeVar("_Capability", SignMixin, DecryptMixin, EncryptMixin, WrapMixin, UnwrapMixin)
 
 HANDLE_PREFIX = "pkcs11:"
 ID_MARKER = b"tf"
+#: CKA_ID prefix of the key store's own key encryption keys (:mod:`.pkcs11_seal`): no
+#: handle reaches them
+RESERVED_ID_PREFIX = b"tfkek"
+#: how many keys' token objects a store remembers (token keys are few: CA and work keys)
+KEY_CACHE_SIZE = 256
 NONCE_SIZE = 12
 TAG_BITS = 128
 PSS_SALT_LENGTH = 32
@@ -102,6 +108,33 @@ _NO_DERIVE = (
     " this token has no HKDF mechanism; running HKDF outside the token would expose the"
     " secret (use the soft backend for derived keys)"
 )
+
+
+class _StaleHandle(KeyStoreError):
+    """A remembered object handle the token no longer knows (another session or process
+    destroyed the object): forget what is remembered and look again."""
+
+    code = "keystore-error"
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _fresh(
+    method: Callable[Concatenate[Pkcs11KeyStore, _P], _R],
+) -> Callable[Concatenate[Pkcs11KeyStore, _P], _R]:
+    """Run ``method`` again, without remembered objects, if a remembered one went stale."""
+
+    def run(self: Pkcs11KeyStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except _StaleHandle:
+            self.forget()
+            return method(self, *args, **kwargs)
+
+    run.__name__, run.__doc__ = method.__name__, method.__doc__
+    return run
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,9 +187,30 @@ class Pkcs11KeyStore(KeyStore):
             _OPEN_STORES[module_path] = _OPEN_STORES.get(module_path, 0) + 1
         self._module_path = module_path
         self._closed = False
+        #: what the token reported for each mechanism (C_GetMechanismInfo), read once
+        self.mechanisms = Mechanisms(objects.mechanism_flags(module_path, token.slot))
+        #: token objects of keys already looked up, by handle: finding objects costs the
+        #: token a search (SoftHSM2: about 1 ms with a few dozen objects); an object another
+        #: session destroyed makes the next call fail with a stale handle, and the key is
+        #: then looked up again (see :func:`_fresh`)
+        self._keys: dict[str, _Key] = {}
+
+    @property
+    def session(self) -> pkcs11.Session:
+        """The store's logged-in session; hold :attr:`lock` while using it."""
+        return self._session
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self._lock
+
+    def forget(self) -> None:
+        """Drop every remembered token object (they are looked up again when used)."""
+        with self._lock:
+            self._keys.clear()
 
     def ping(self) -> None:
-        with self._lock, _token_errors("token check"):
+        with self._lock, token_errors("token check"):
             self._session.generate_random(64)
 
     def close(self) -> None:
@@ -175,7 +229,7 @@ class Pkcs11KeyStore(KeyStore):
     ) -> KeyInfo:
         _check_supported(algorithm, usage, label)
         key_id = _new_id()
-        with self._lock, _token_errors("key generation"):
+        with self._lock, token_errors("key generation"):
             if algorithm.is_asymmetric:
                 self._generate_pair(algorithm, usage, key_id, label, exportable)
             else:
@@ -226,7 +280,7 @@ class Pkcs11KeyStore(KeyStore):
         else:
             policy.check_secret(algorithm, material)
             private_attrs, public_attrs = objects.secret_attributes(algorithm, material), None
-        with self._lock, _token_errors("key import"):
+        with self._lock, token_errors("key import"):
             if public_attrs is not None:
                 public_attrs.update(objects.public_template(key_id, label, usage))
                 self._session.create_object(public_attrs)
@@ -244,33 +298,43 @@ class Pkcs11KeyStore(KeyStore):
 
     def info(self, handle: str) -> KeyInfo:
         with self._lock:
+            self._keys.pop(handle, None)  # a fresh look: info answers whether the key exists
             return self._find(handle).info()
 
     def list(self) -> list[KeyInfo]:
         infos = []
-        with self._lock, _token_errors("listing keys"):
+        with self._lock, token_errors("listing keys"):
             for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.SECRET_KEY):
                 query = {Attribute.CLASS: object_class, Attribute.TOKEN: True}
                 for obj in list(self._session.get_objects(query)):
                     key_id = bytes(obj[Attribute.ID])
+                    if key_id.startswith(RESERVED_ID_PREFIX):
+                        continue  # the store's own key encryption keys
                     try:
                         infos.append(self._find(_handle_of(key_id)).info())
                     except (UnsupportedAlgorithm, KeyNotFound):
                         continue  # a token object trustfleet cannot use
         return sorted(infos, key=lambda i: (i.created_at, i.handle))
 
+    @_fresh
     def public_key(self, handle: str) -> PublicKey:
         with self._lock:
             key = self._find(handle)
             if key.public is None:
                 raise InvalidInput(f"key {handle} is a secret key and has no public key")
-            return objects.public_key_of(key.algorithm, key.public)
+            with token_errors("reading a public key"):
+                return objects.public_key_of(key.algorithm, key.public)
 
     def _find(self, handle: str) -> _Key:
+        known = self._keys.get(handle)
+        if known is not None:
+            return known
         key_id = _id_of(handle)
+        if key_id.startswith(RESERVED_ID_PREFIX):
+            raise KeyNotFound(f"no key has handle {handle!r}")
         found: pkcs11.Key | None = None
         public: pkcs11.PublicKey | None = None
-        with _token_errors("key lookup"):
+        with token_errors("key lookup"):
             for obj in self._session.get_objects({Attribute.ID: key_id, Attribute.TOKEN: True}):
                 if isinstance(obj, pkcs11.PublicKey):
                     public = obj
@@ -278,7 +342,11 @@ class Pkcs11KeyStore(KeyStore):
                     found = obj
             if found is None:
                 raise KeyNotFound(f"no key has handle {handle!r}")
-            return self._describe(handle, key_id, found, public)
+            key = self._describe(handle, key_id, found, public)
+        if len(self._keys) >= KEY_CACHE_SIZE:
+            self._keys.clear()
+        self._keys[handle] = key
+        return key
 
     def _describe(
         self, handle: str, key_id: bytes, obj: pkcs11.Key, public: pkcs11.PublicKey | None
@@ -311,11 +379,12 @@ class Pkcs11KeyStore(KeyStore):
 
     # -- private and secret operations -------------------------------------------------
 
+    @_fresh
     def sign(self, handle: str, data: bytes) -> bytes:
         with self._lock:
             key = self._use(handle, KeyUsage.SIGN)
             obj = _able(key, SignMixin)
-            with _token_errors("signing"):
+            with token_errors("signing"):
                 if key.algorithm is KeyAlgorithm.EC_P256:
                     raw = obj.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA)
                     half = len(raw) // 2
@@ -329,26 +398,28 @@ class Pkcs11KeyStore(KeyStore):
                     mechanism_param=(Mechanism.SHA256, MGF.SHA256, PSS_SALT_LENGTH),
                 )
 
+    @_fresh
     def decrypt(self, handle: str, ciphertext: bytes, *, info: bytes = b"") -> bytes:
         with self._lock:
             key = self._use(handle, KeyUsage.DECRYPT)
             if isinstance(key.obj, pkcs11.SecretKey):
                 return _gcm_open(key, ciphertext, info)
             _require_rsa(key, "decrypt")
-            with _token_errors("RSA-OAEP decryption", failure=DecryptionFailed):
+            with token_errors("RSA-OAEP decryption", failure=DecryptionFailed):
                 return _single(
                     _able(key, DecryptMixin).decrypt(
                         ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_oaep(info)
                     )
                 )
 
+    @_fresh
     def encrypt(self, handle: str, plaintext: bytes, *, info: bytes = b"") -> bytes:
         with self._lock:
             key = self._use(handle, KeyUsage.ENCRYPT)
             _require_aead(key)
             secret = _able(key, EncryptMixin)
             nonce = os.urandom(NONCE_SIZE)
-            with _token_errors("AES-GCM encryption"):
+            with token_errors("AES-GCM encryption"):
                 sealed = secret.encrypt(
                     plaintext,
                     mechanism=Mechanism.AES_GCM,
@@ -356,6 +427,7 @@ class Pkcs11KeyStore(KeyStore):
                 )
             return nonce + _single(sealed)
 
+    @_fresh
     def mac(self, handle: str, data: bytes) -> bytes:
         with self._lock:
             key = self._use(handle, KeyUsage.MAC)
@@ -366,9 +438,10 @@ class Pkcs11KeyStore(KeyStore):
                 KeyAlgorithm.TDES: Mechanism.DES3_CMAC,
                 KeyAlgorithm.HMAC_SHA256: Mechanism.SHA256_HMAC,
             }[key.algorithm]
-            with _token_errors("MAC"):
+            with token_errors("MAC"):
                 return secret.sign(data, mechanism=mechanism)
 
+    @_fresh
     def wrap(self, handle: str, *, under: str | PublicKey, info: bytes = b"") -> bytes:
         if under == handle:
             raise InvalidInput("a key cannot be wrapped under itself")
@@ -380,7 +453,7 @@ class Pkcs11KeyStore(KeyStore):
             _require_aes(kek)
             if info:
                 raise InvalidInput("AES key wrap (RFC 5649) cannot bind info; pass info=b''")
-            with _token_errors("key wrap"):
+            with token_errors("key wrap"):
                 return _able(kek, WrapMixin).wrap_key(key.obj, mechanism=Mechanism.AES_KEY_WRAP_PAD)
 
     def _wrap_to_public(self, key: _Key, recipient: PublicKey, info: bytes) -> bytes:
@@ -399,7 +472,7 @@ class Pkcs11KeyStore(KeyStore):
             Attribute.MODULUS: objects.int_bytes(numbers.n),
             Attribute.PUBLIC_EXPONENT: objects.int_bytes(numbers.e),
         }
-        with _token_errors("RSA-OAEP key wrap"):
+        with token_errors("RSA-OAEP key wrap"):
             wrapping = self._session.create_object(attrs)
             try:
                 assert isinstance(wrapping, WrapMixin)
@@ -459,7 +532,7 @@ class Pkcs11KeyStore(KeyStore):
             object_class = ObjectClass.SECRET_KEY
             template = objects.secret_template(key_id, label, usage, exportable)
         key_type = objects.key_type_for_unwrap(algorithm, wrapped)
-        with _token_errors("key unwrap", failure=DecryptionFailed):
+        with token_errors("key unwrap", failure=DecryptionFailed):
             obj = _able(kek, UnwrapMixin).unwrap_key(
                 object_class,
                 key_type,
@@ -491,7 +564,7 @@ class Pkcs11KeyStore(KeyStore):
             Attribute.PUBLIC_EXPONENT: attrs[Attribute.PUBLIC_EXPONENT],
             **objects.public_template(key_id, label, usage),
         }
-        with _token_errors("key unwrap"):
+        with token_errors("key unwrap"):
             self._session.create_object(public)
 
     def derive(
@@ -509,12 +582,13 @@ class Pkcs11KeyStore(KeyStore):
             self._find(handle)
         raise UnsupportedAlgorithm(_NO_DERIVE)
 
+    @_fresh
     def export(self, handle: str) -> bytes:
         with self._lock:
             key = self._find(handle)
             if not key.exportable:
                 raise KeyNotExportable(f"key {handle} is not exportable")
-            with _token_errors("export"):
+            with token_errors("export"):
                 if isinstance(key.obj, pkcs11.SecretKey):
                     return bytes(key.obj[Attribute.VALUE])
                 return crypto.private_key_to_der(objects.private_key_of(key.algorithm, key.obj))
@@ -522,11 +596,13 @@ class Pkcs11KeyStore(KeyStore):
     def destroy(self, handle: str) -> None:
         key_id = _id_of(handle)
         with self._lock:
+            self._keys.pop(handle, None)
             self._find(handle)
+            self._keys.pop(handle, None)
             self._destroy_objects(key_id)
 
     def _destroy_objects(self, key_id: bytes) -> None:
-        with _token_errors("destroy"):
+        with token_errors("destroy"):
             query = {Attribute.ID: key_id, Attribute.TOKEN: True}
             for obj in list(self._session.get_objects(query)):
                 obj.destroy()
@@ -567,12 +643,14 @@ def _open_session(token: pkcs11.Token, user_pin: str) -> pkcs11.Session:
 
 
 @contextmanager
-def _token_errors(what: str, *, failure: type[CryptoError] | None = None) -> Iterator[None]:
+def token_errors(what: str, *, failure: type[CryptoError] | None = None) -> Iterator[None]:
     """pkcs11 exceptions as trustfleet errors; names of exceptions only, never data."""
     try:
         yield
     except TrustfleetError:
         raise
+    except (p11.ObjectHandleInvalid, p11.KeyHandleInvalid):
+        raise _StaleHandle(f"{what}: the token no longer has this object") from None
     except p11.AttributeSensitive:
         raise KeyNotExportable(f"{what}: the token keeps this value secret") from None
     except (p11.KeyUnextractable, p11.KeyNotWrappable) as exc:
@@ -695,7 +773,7 @@ def _gcm_open(key: _Key, sealed: bytes, info: bytes) -> bytes:
     if len(sealed) < NONCE_SIZE + TAG_BITS // 8:
         raise DecryptionFailed("the ciphertext is shorter than its nonce and tag")
     nonce, body = sealed[:NONCE_SIZE], sealed[NONCE_SIZE:]
-    with _token_errors("AES-GCM decryption", failure=DecryptionFailed):
+    with token_errors("AES-GCM decryption", failure=DecryptionFailed):
         return _single(
             _able(key, DecryptMixin).decrypt(
                 body, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, info or None)

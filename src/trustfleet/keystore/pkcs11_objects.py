@@ -4,6 +4,7 @@ described in :mod:`trustfleet.keystore.pkcs11`)."""
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import pkcs11
@@ -262,3 +263,50 @@ def secret_attributes(algorithm: KeyAlgorithm, secret: bytes) -> dict[Attribute,
         Attribute.KEY_TYPE: key_type,
         Attribute.VALUE: secret,
     }
+
+
+# -- what the token can do ---------------------------------------------------------------
+
+
+class _MechanismInfo(ctypes.Structure):
+    _fields_ = (
+        ("min_key_size", ctypes.c_ulong),
+        ("max_key_size", ctypes.c_ulong),
+        ("flags", ctypes.c_ulong),
+    )
+
+
+_FLAG_BITS = 0xFFFFFFFF  # every CKF_* mechanism flag fits in 32 bits
+
+
+def mechanism_flags(module_path: str, slot: pkcs11.Slot) -> dict[int, int]:
+    """Each mechanism of ``slot`` and its ``CKF_*`` flags (what it can be used for).
+
+    Read with the module's own ``C_GetMechanismInfo`` into a zeroed structure: python-pkcs11
+    passes an uninitialised one, and SoftHSM2 ORs the flags of some mechanisms (AES-ECB,
+    AES-GCM, ...) into what it finds there, so the flags python-pkcs11 returns for them are
+    garbage. The module is already initialised by python-pkcs11 in this process; loading it
+    again with ctypes gives the same library. A module that does not export the function
+    falls back on python-pkcs11, keeping only plausible answers (garbage has bits above the
+    32 the flags use, and such a mechanism is then treated as absent).
+    """
+    try:
+        function = ctypes.CDLL(module_path).C_GetMechanismInfo
+        function.argtypes = (ctypes.c_ulong, ctypes.c_ulong, ctypes.POINTER(_MechanismInfo))
+        function.restype = ctypes.c_ulong
+    except (OSError, AttributeError):
+        function = None
+    flags: dict[int, int] = {}
+    for mechanism in slot.get_mechanisms():
+        value = int(mechanism)
+        if function is not None:
+            info = _MechanismInfo()
+            if function(slot.slot_id, value, ctypes.byref(info)) == 0:
+                flags[value] = int(info.flags) & _FLAG_BITS
+            continue
+        try:
+            reported = int(slot.get_mechanism_info(mechanism).flags)
+        except pkcs11.PKCS11Error:
+            continue
+        flags[value] = reported if reported <= _FLAG_BITS else 0
+    return flags

@@ -37,9 +37,9 @@ from trustfleet.errors import (
     MasterKeyError,
     UnsupportedAlgorithm,
 )
-from trustfleet.keystore import payment_ops, policy, secret_ops
+from trustfleet.keystore import custody, payment_ops, policy, secret_ops
 from trustfleet.keystore.base import KeyInfo, KeyStore, KeyUsage
-from trustfleet.keystore.master import MasterKeyring
+from trustfleet.keystore.master import Keyring
 from trustfleet.keystore.models import StoredKey, row_binding
 from trustfleet.store import Database
 
@@ -81,17 +81,31 @@ class _Row:
             self.wrapped,
         )
 
-    def info(self) -> KeyInfo:
+    def info(
+        self,
+        backend: str,
+        custody: str = "database",
+        token_operations: tuple[str, ...] = (),
+        process_operations: tuple[str, ...] | None = None,
+    ) -> KeyInfo:
+        if process_operations is None:
+            process_operations = tuple(self.operations())
         return KeyInfo(
             handle=self.handle,
             algorithm=self.algorithm,
             usage=self.usage,
             exportable=self.exportable,
             label=self.label,
-            backend=SoftKeyStore.backend,
+            backend=backend,
             created_at=self.created_at,
             public_key_der=self.public_key_der,
+            custody=custody,
+            token_operations=token_operations,
+            process_operations=process_operations,
         )
+
+    def operations(self) -> list[str]:
+        return custody.operations_of(self.algorithm, self.usage, self.exportable)
 
 
 _SelectedRow: TypeAlias = "Row[str, str, int, bool, str, datetime, bytes | None, bytes, str]"
@@ -167,11 +181,15 @@ class _LRU:
 
 class SoftKeyStore(KeyStore):
     backend = "soft"
+    #: prefix of the handles of keys this store makes
+    handle_prefix = HANDLE_PREFIX
+    #: prefixes of the handles of rows this store serves
+    handle_prefixes: tuple[str, ...] = (HANDLE_PREFIX,)
 
     def __init__(
         self,
         db: Database,
-        master: MasterKeyring,
+        master: Keyring,
         *,
         cache_size: int = DEFAULT_CACHE_SIZE,
         clock: Callable[[], datetime] | None = None,
@@ -183,7 +201,7 @@ class SoftKeyStore(KeyStore):
         self._master_lock = threading.Lock()
 
     @property
-    def master(self) -> MasterKeyring:
+    def master(self) -> Keyring:
         return self._master
 
     # -- creating keys -----------------------------------------------------------------
@@ -223,8 +241,24 @@ class SoftKeyStore(KeyStore):
         public_der = None
         if not isinstance(material, bytes):
             public_der = crypto.public_key_to_der(material.public_key())
-        row = _Row(
-            handle=HANDLE_PREFIX + uuid.uuid4().hex,
+        row = self._new_row(algorithm, usage, label, exportable, public_der)
+        kek_id, wrapped = self._master.seal(_material_bytes(material), row.binding())
+        row = replace(row, wrapped=wrapped, kek_id=kek_id)
+        self._insert(row)
+        self._cache.put(row.cache_key(), row.handle, material)  # a new key is used at once
+        return self._info(row)
+
+    def _new_row(
+        self,
+        algorithm: KeyAlgorithm,
+        usage: KeyUsage,
+        label: str,
+        exportable: bool,
+        public_der: bytes | None,
+    ) -> _Row:
+        """A row for a new key, its material not wrapped yet."""
+        return _Row(
+            handle=self.handle_prefix + uuid.uuid4().hex,
             algorithm=algorithm,
             usage=usage,
             exportable=exportable,
@@ -234,45 +268,46 @@ class SoftKeyStore(KeyStore):
             wrapped=b"",
             kek_id="",
         )
-        kek_id, wrapped = self._master.seal(_material_bytes(material), row.binding())
-        row = replace(row, wrapped=wrapped, kek_id=kek_id)
+
+    def _insert(self, row: _Row) -> None:
         # Joins the caller's unit of work if there is one: the key then exists only if
         # that work commits.
         with self._db.work() as work:
             work.run(
                 _INSERT_KEY,
                 handle=row.handle,
-                algorithm=algorithm.value,
-                usage=usage.value,
-                exportable=exportable,
-                label=label,
+                algorithm=row.algorithm.value,
+                usage=row.usage.value,
+                exportable=row.exportable,
+                label=row.label,
                 created_at=row.created_at,
-                public_key_der=public_der,
-                wrapped=wrapped,
-                kek_id=kek_id,
+                public_key_der=row.public_key_der,
+                wrapped=row.wrapped,
+                kek_id=row.kek_id,
             )
             work.info.setdefault(_MADE_IN_TRANSACTION, {})[row.handle] = row
-        self._cache.put(row.cache_key(), row.handle, material)  # a new key is used at once
-        return row.info()
+
+    def _info(self, row: _Row) -> KeyInfo:
+        return row.info(self.backend)
 
     # -- reading -----------------------------------------------------------------------
 
     def info(self, handle: str) -> KeyInfo:
-        return self._row(handle).info()
+        return self._info(self._row(handle))
 
     def list(self) -> list[KeyInfo]:
         rows = self._db.read(lambda reads: reads.all(_LIST_LIVE))
-        return [_to_row(r).info() for r in rows]
+        return [self._info(_to_row(r)) for r in rows]
 
     def public_key(self, handle: str) -> PublicKey:
         row = self._row(handle)
-        material = self._material(row)
-        if isinstance(material, bytes):
+        if row.public_key_der is None:
             raise InvalidInput(f"key {handle} is a secret key and has no public key")
-        return material.public_key()
+        # from the authenticated material, not the row's public key column
+        return _private(row, self._material(row, "public-key")).public_key()
 
     def _row(self, handle: str) -> _Row:
-        if not isinstance(handle, str) or not handle.startswith(HANDLE_PREFIX):
+        if not isinstance(handle, str) or not handle.startswith(self.handle_prefixes):
             raise KeyNotFound(f"no key has handle {handle!r}")
         made = self._db.open_work_info()
         if made is not None and (new := made.get(_MADE_IN_TRANSACTION, {}).get(handle)):
@@ -282,12 +317,18 @@ class SoftKeyStore(KeyStore):
             raise KeyNotFound(f"no key has handle {handle!r}")
         return _to_row(found)
 
-    def _use(self, handle: str, needed: KeyUsage) -> tuple[_Row, Material]:
+    def _use(self, handle: str, needed: KeyUsage, operation: str) -> tuple[_Row, Material]:
+        row = self._checked(handle, needed)
+        return row, self._material(row, operation)
+
+    def _checked(self, handle: str, needed: KeyUsage) -> _Row:
         row = self._row(handle)
         policy.require(handle, row.usage, needed)
-        return row, self._material(row)
+        return row
 
-    def _material(self, row: _Row) -> Material:
+    def _material(self, row: _Row, operation: str = "") -> Material:
+        """The key in process memory, for ``operation`` (cached per process here; the
+        sealed store of the PKCS#11 backend keeps nothing)."""
         cache_key = row.cache_key()
         cached = self._cache.get(cache_key)
         if cached is not None:
@@ -306,36 +347,59 @@ class SoftKeyStore(KeyStore):
         return master.open(row.kek_id, row.wrapped, aad)
 
     # -- private and secret operations -------------------------------------------------
+    #
+    # Each public operation checks the key's row and usage, then calls a ``_do_*`` hook
+    # with the row: the sealed store of the PKCS#11 backend overrides the hooks to run what
+    # the token can run inside it.
 
     def sign(self, handle: str, data: bytes) -> bytes:
-        row, key = self._use(handle, KeyUsage.SIGN)
-        return crypto.suite_for_algorithm(row.algorithm).sign(_private(row, key), data)
+        return self._do_sign(self._checked(handle, KeyUsage.SIGN), data)
+
+    def _do_sign(self, row: _Row, data: bytes) -> bytes:
+        key = _private(row, self._material(row, custody.SIGN))
+        return crypto.suite_for_algorithm(row.algorithm).sign(key, data)
 
     def decrypt(self, handle: str, ciphertext: bytes, *, info: bytes = b"") -> bytes:
-        row, key = self._use(handle, KeyUsage.DECRYPT)
+        return self._do_decrypt(self._checked(handle, KeyUsage.DECRYPT), ciphertext, info)
+
+    def _do_decrypt(self, row: _Row, ciphertext: bytes, info: bytes) -> bytes:
+        key = self._material(row, custody.DECRYPT)
         if isinstance(key, bytes):
             return secret_ops.aead_open(row.algorithm, key, ciphertext, info)
         return crypto.suite_for_algorithm(row.algorithm).kem_unwrap(key, ciphertext, info)
 
     def encrypt(self, handle: str, plaintext: bytes, *, info: bytes = b"") -> bytes:
-        row, key = self._use(handle, KeyUsage.ENCRYPT)
-        return secret_ops.aead_seal(row.algorithm, _secret(row, key), plaintext, info)
+        return self._do_encrypt(self._checked(handle, KeyUsage.ENCRYPT), plaintext, info)
+
+    def _do_encrypt(self, row: _Row, plaintext: bytes, info: bytes) -> bytes:
+        key = _secret(row, self._material(row, custody.ENCRYPT))
+        return secret_ops.aead_seal(row.algorithm, key, plaintext, info)
 
     def mac(self, handle: str, data: bytes) -> bytes:
-        row, key = self._use(handle, KeyUsage.MAC)
-        return secret_ops.mac(row.algorithm, _secret(row, key), data)
+        return self._do_mac(self._checked(handle, KeyUsage.MAC), data)
+
+    def _do_mac(self, row: _Row, data: bytes) -> bytes:
+        return secret_ops.mac(row.algorithm, _secret(row, self._material(row, custody.MAC)), data)
 
     def wrap(self, handle: str, *, under: str | PublicKey, info: bytes = b"") -> bytes:
         if under == handle:
             raise InvalidInput("a key cannot be wrapped under itself")
-        _, key = self._use(handle, KeyUsage.WRAPPABLE)
-        material = _material_bytes(key)
+        row = self._checked(handle, KeyUsage.WRAPPABLE)
         if not isinstance(under, str):
-            suite = crypto.suite_for_algorithm(crypto.algorithm_of(under))
-            return suite.kem_wrap(under, material, info)
-        kek_row, kek = self._use(under, KeyUsage.WRAP)
+            return self._do_wrap_to(row, under, info)
+        kek_row = self._checked(under, KeyUsage.WRAP)
         _require_key_wrap(kek_row)
-        return secret_ops.key_wrap(_secret(kek_row, kek), material, info)
+        if info:  # checked before any key is unwrapped
+            raise InvalidInput("AES key wrap (RFC 5649) cannot bind info; pass info=b''")
+        material = _material_bytes(self._material(row, custody.WRAP))
+        kek = _secret(kek_row, self._material(kek_row, custody.KEY_WRAP))
+        return secret_ops.key_wrap(kek, material, info)
+
+    def _do_wrap_to(self, row: _Row, recipient: PublicKey, info: bytes) -> bytes:
+        """Key transport of ``row``'s key to a public key (the recipient's suite)."""
+        suite = crypto.suite_for_algorithm(crypto.algorithm_of(recipient))
+        material = _material_bytes(self._material(row, custody.WRAP))
+        return suite.kem_wrap(recipient, material, info)
 
     def unwrap(
         self,
@@ -349,7 +413,7 @@ class SoftKeyStore(KeyStore):
         exportable: bool = False,
     ) -> KeyInfo:
         policy.check_new_key(algorithm, usage, label)
-        kek_row, kek = self._use(wrapping_handle, KeyUsage.UNWRAP)
+        kek_row, kek = self._use(wrapping_handle, KeyUsage.UNWRAP, custody.UNWRAP)
         if isinstance(kek, bytes):
             _require_key_wrap(kek_row)
             plain = secret_ops.key_unwrap(kek, wrapped, info)
@@ -374,7 +438,7 @@ class SoftKeyStore(KeyStore):
         policy.check_new_key(algorithm, usage, label)
         if algorithm.is_asymmetric:
             raise UnsupportedAlgorithm("derive makes secret keys only")
-        row, key = self._use(handle, KeyUsage.DERIVE)
+        row, key = self._use(handle, KeyUsage.DERIVE, custody.DERIVE)
         if isinstance(key, bytes):
             if peer_public is not None:
                 raise InvalidInput(f"key {handle} is a secret key: derive takes no peer_public")
@@ -391,15 +455,19 @@ class SoftKeyStore(KeyStore):
     def kcv(self, handle: str) -> bytes:
         row = self._row(handle)
         policy.require_secret(handle, row.algorithm, "a KCV")
-        return payment_ops.kcv(row.algorithm, _secret(row, self._material(row)))
+        return self._do_kcv(row)
+
+    def _do_kcv(self, row: _Row) -> bytes:
+        return payment_ops.kcv(row.algorithm, _secret(row, self._material(row, custody.KCV)))
 
     def wrap_tr31(self, handle: str, *, under: str, header: KeyBlockHeader) -> str:
         if under == handle:
             raise InvalidInput("a key cannot be wrapped under itself")
-        row, key = self._use(handle, KeyUsage.WRAPPABLE)
-        kbpk_row, kbpk = self._use(under, KeyUsage.WRAP)
+        row = self._checked(handle, KeyUsage.WRAPPABLE)
+        kbpk_row = self._checked(under, KeyUsage.WRAP)
         payment_ops.check_tr31_header(row.algorithm, kbpk_row.algorithm, header)
-        return tr31.wrap(_secret(kbpk_row, kbpk), header, _secret(row, key))
+        kbpk = _secret(kbpk_row, self._material(kbpk_row, custody.TR31))
+        return tr31.wrap(kbpk, header, _secret(row, self._material(row, custody.TR31)))
 
     def unwrap_tr31(
         self,
@@ -411,14 +479,13 @@ class SoftKeyStore(KeyStore):
         usage: KeyUsage,
         label: str = "",
     ) -> tuple[KeyBlockHeader, KeyInfo]:
-        kbpk_row, kbpk = self._use(under, KeyUsage.UNWRAP)
+        kbpk_row = self._checked(under, KeyUsage.UNWRAP)
         if kbpk_row.algorithm not in payment_ops.TR31_VERSION:
             raise UnsupportedAlgorithm(
                 f"{kbpk_row.algorithm.value} keys cannot protect TR-31 blocks"
             )
-        header, key = payment_ops.unwrap_tr31(
-            _secret(kbpk_row, kbpk), block, expected_usage, expected_modes
-        )
+        kbpk = _secret(kbpk_row, self._material(kbpk_row, custody.TR31))
+        header, key = payment_ops.unwrap_tr31(kbpk, block, expected_usage, expected_modes)
         algorithm = payment_ops.algorithm_of_block_key(header, key)
         policy.check_new_key(algorithm, usage, label)
         policy.check_secret(algorithm, key)
@@ -427,16 +494,20 @@ class SoftKeyStore(KeyStore):
     def block_cipher(
         self, handle: str, data: bytes, *, decrypt: bool, mode: str = "ecb", iv: bytes = b""
     ) -> bytes:
-        row, key = self._use(handle, KeyUsage.DECRYPT if decrypt else KeyUsage.ENCRYPT)
-        return payment_ops.block_cipher(
-            row.algorithm, _secret(row, key), data, decrypt=decrypt, mode=mode, iv=iv
-        )
+        row = self._checked(handle, KeyUsage.DECRYPT if decrypt else KeyUsage.ENCRYPT)
+        return self._do_block_cipher(row, data, decrypt, mode, iv)
+
+    def _do_block_cipher(
+        self, row: _Row, data: bytes, decrypt: bool, mode: str, iv: bytes
+    ) -> bytes:
+        key = _secret(row, self._material(row, custody.BLOCK_CIPHER))
+        return payment_ops.block_cipher(row.algorithm, key, data, decrypt=decrypt, mode=mode, iv=iv)
 
     def export(self, handle: str) -> bytes:
         row = self._row(handle)
         if not row.exportable:
             raise KeyNotExportable(f"key {handle} is not exportable")
-        return _material_bytes(self._material(row))
+        return _material_bytes(self._material(row, custody.EXPORT))
 
     def destroy(self, handle: str) -> None:
         with self._db.work() as work:
