@@ -24,7 +24,7 @@ router = APIRouter(prefix="/v1/ca", tags=["pki"])
 
 Context = Annotated[AppContext, Depends(get_context)]
 Admin = Annotated[Principal, Depends(require_role(Role.ADMIN))]
-Reader = Annotated[Principal, Depends(require_role(Role.ADMIN, Role.OPERATOR))]
+Reader = Annotated[Principal, Depends(require_role(Role.ADMIN, Role.OPERATOR, Role.AUDITOR))]
 CaName = Annotated[str, Path(min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9-]*$")]
 
 CRL_MEDIA_TYPE = "application/pkix-crl"
