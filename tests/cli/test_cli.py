@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import stat
 import subprocess
@@ -39,17 +40,29 @@ def test_init_makes_a_private_master_key_and_is_idempotent(data_dir: Path) -> No
     assert _tokens(again.stdout) == []
 
 
-def test_tokens_are_created_listed_and_revoked(data_dir: Path) -> None:
+def test_tokens_are_created_listed_shown_and_revoked(data_dir: Path) -> None:
     created = run(data_dir, "token", "create", "--name", "tms", "--role", "operator")
     (token,) = _tokens(created.stdout)
     listed = run(data_dir, "token", "list")
     assert "tms" in listed.stdout and token not in listed.stdout
     bad = run(data_dir, "token", "create", "--name", "x", "--role", "root", check=False)
-    assert bad.returncode == 1 and "unknown-role" in bad.stderr
-    token_id = created.stdout.split()[1]
-    assert "revoked" in run(data_dir, "token", "revoke", token_id).stdout
-    missing = run(data_dir, "token", "revoke", "9999", check=False)
+    assert bad.returncode == 2 and "'root' is not one of" in bad.stderr
+    again = run(data_dir, "token", "create", "--name", "tms", "--role", "admin", check=False)
+    assert again.returncode == 1 and "error [token-name-taken]" in again.stderr
+    shown = json.loads(run(data_dir, "token", "show", "tms", "-o", "json").stdout)
+    assert (shown["name"], shown["role"], shown["active"]) == ("tms", "operator", True)
+    assert "revoked" in run(data_dir, "token", "revoke", "tms").stdout
+    assert json.loads(
+        run(data_dir, "token", "show", "--id", str(shown["id"]), "-o", "json").stdout
+    )["revoked_at"]
+    missing = run(data_dir, "token", "revoke", "nobody", check=False)
     assert missing.returncode == 1 and "token-not-found" in missing.stderr
+    expiring = run(
+        data_dir, "token", "create", "--name", "temp", "--role", "auditor", "--ttl", "8h"
+    )
+    assert "expires" in expiring.stdout
+    whoami = run(data_dir, "whoami", "-o", "json")
+    assert json.loads(whoami.stdout)["actor"] == "cli"
 
 
 def test_issued_certificate_verifies_with_openssl(data_dir: Path, tmp_path: Path) -> None:
@@ -109,7 +122,7 @@ def test_audit_verify_detects_an_edited_record(data_dir: Path, tmp_path: Path) -
 
 
 def test_usage_errors_exit_non_zero(data_dir: Path) -> None:
-    assert run(data_dir, "token", "revoke", "not-a-number", check=False).returncode == 2
+    assert run(data_dir, "token", "revoke", "--id", "not-a-number", check=False).returncode == 2
     assert run(data_dir, "no-such-verb", check=False).returncode == 2
 
 

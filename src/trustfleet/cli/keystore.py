@@ -1,35 +1,54 @@
-"""``trustfleet keystore``: list keys, rotate the master key."""
+"""trustfleet keystore: its status and keys (through the API); master-key rotation (local)."""
 
 from __future__ import annotations
 
 import typer
 from rich.table import Table
 
-from trustfleet.kit.cli import console, state
+from trustfleet.kit.cli import api, console, emit, state
 
 app = typer.Typer(no_args_is_help=True, help="The key store (never shows key material).")
+
+
+@app.command("status")
+def status() -> None:
+    """Which backend serves keys, whether it answers, how many keys it holds."""
+    answer = api().get("/v1/keystore")
+
+    def text() -> None:
+        if answer["reachable"]:
+            console.print(f"{answer['backend']} key store: reachable, {answer['keys']} keys")
+        else:
+            console.print(f"{answer['backend']} key store: NOT reachable: {answer['problem']}")
+
+    emit(answer, text)
 
 
 @app.command("list")
 def list_keys() -> None:
     """List stored keys: handle, algorithm, usage, exportability."""
-    table = Table("handle", "algorithm", "usage", "exportable", "label", "created")
-    for key in state.context().keystore.list():
-        usage = "|".join(flag.name or "" for flag in type(key.usage) if flag in key.usage and flag)
-        table.add_row(
-            key.handle,
-            key.algorithm.value,
-            usage,
-            "yes" if key.exportable else "no",
-            key.label,
-            key.created_at.isoformat(timespec="seconds"),
-        )
-    console.print(table)
+    keys = api().get("/v1/keystore/keys")
+
+    def text() -> None:
+        table = Table("handle", "algorithm", "usage", "exportable", "label", "created")
+        for key in keys:
+            table.add_row(
+                key["handle"],
+                key["algorithm"],
+                "|".join(key["usage"]),
+                "yes" if key["exportable"] else "no",
+                key["label"],
+                key["created_at"][:19],
+            )
+        console.print(table)
+
+    emit(keys, text)
 
 
 @app.command("rotate-master")
 def rotate_master() -> None:
-    """Re-wrap every soft-store key under a new master key; safe to re-run after a crash."""
+    """Re-wrap every soft-store key under a new master key; safe to re-run after a crash.
+    Local only: it needs the data directory's master key file."""
     from trustfleet.keystore.master import rotate_master_key
 
     context = state.context()
