@@ -18,22 +18,20 @@ from urllib.parse import urlsplit, urlunsplit
 
 from platformdirs import user_config_dir
 
-from trustfleet.errors import TrustfleetError
+from trustfleet.kit.client import UsageProblem
 from trustfleet.store.files import atomic_write
 
 TOKEN_ENV = "TRUSTFLEET_TOKEN"  # noqa: S105 - the variable's name, not a token
 CREDENTIALS_FILE = "credentials.json"
 
 
-class CredentialsUnsafe(TrustfleetError):
+class CredentialsUnsafe(UsageProblem):
     code = "credentials-unsafe"
-    status = 400
     title = "The login file can be read by other users"
 
 
-class CredentialsUnreadable(TrustfleetError):
+class CredentialsUnreadable(UsageProblem):
     code = "credentials-unreadable"
-    status = 400
     title = "The login file cannot be read"
 
 
