@@ -205,14 +205,16 @@ def init_data_dir(data_dir: Path) -> str:
 
 
 @contextmanager
-def served(data_dir: Path, *serve_args: str, admin_token: str = "") -> Iterator[Served]:
+def served(
+    data_dir: Path, *serve_args: str, admin_token: str = "", ca_file: Path | None = None
+) -> Iterator[Served]:
     """``trustfleet serve`` on a free loopback port over ``data_dir`` (initialised if it is
-    not), ready, stopped afterwards. With ``--tls-local-ca`` among ``serve_args`` the URL is
-    https:// and readiness is checked against the data directory's root CA."""
+    not), ready, stopped afterwards. With a ``--tls-...`` option the URL is https:// and
+    readiness is checked against ``ca_file`` (default: the data directory's root CA)."""
     if not (data_dir / ".initialised").is_file():
         admin_token = init_data_dir(data_dir)
     port = free_port()
-    tls = any(arg.startswith("--tls") for arg in serve_args)
+    tls = any(arg.startswith("--tls-") for arg in serve_args)
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     log = data_dir.parent / f"serve-{port}.log"
     env = cli_environment(data_dir, TRUSTFLEET_LOG_LEVEL="WARNING")
@@ -221,12 +223,8 @@ def served(data_dir: Path, *serve_args: str, admin_token: str = "") -> Iterator[
         process = subprocess.Popen(command, env=env, stdout=out, stderr=out)
     node = Node("serve", url, process, log)
     try:
-        verify: ssl.SSLContext | bool = True
-        if tls:
-            deadline = time.monotonic() + STARTUP_SECONDS
-            while not (data_dir / "tls" / "server.pem").is_file() and time.monotonic() < deadline:
-                time.sleep(0.2)
-            verify = ssl.create_default_context(cafile=str(data_dir / "ca" / "root.pem"))
+        root = ca_file or data_dir / "ca" / "root.pem"
+        verify = ssl.create_default_context(cafile=str(root)) if tls else True
         wait_ready(node, verify=verify)
         yield Served(url, data_dir, admin_token, process, log)
     finally:
