@@ -10,7 +10,6 @@ import typer
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import load_der_x509_crl, load_der_x509_csr
 from rich.markup import escape
-from rich.table import Table
 
 from trustfleet.kit.cli import UsageProblem, api, console, emit, read_input_file
 from trustfleet.pki.errors import CaNotFound
@@ -25,20 +24,14 @@ class Kind(StrEnum):
     DEVICE = "device"
 
 
-def _table(cas: list[dict[str, Any]]) -> None:
-    table = Table("name", "parent", "algorithm", "subject", "valid from", "valid until")
-    for column in table.columns:
-        column.overflow = "fold"  # long names wrap; never cut with an ellipsis
+def _print_cas(cas: list[dict[str, Any]]) -> None:
+    """One block per CA, so that no name, subject or serial is ever cut to fit a table."""
     for ca in cas:
-        table.add_row(
-            escape(ca["name"]),
-            escape(ca["parent"] or "-"),
-            ca["algorithm"],
-            escape(ca["subject"]),
-            ca["not_before"][:10],
-            ca["not_after"][:10],
-        )
-    console.print(table)
+        under = f", under {ca['parent']}" if ca["parent"] else ", a root"
+        console.print(f"[bold]{escape(ca['name'])}[/bold] ({ca['algorithm']}{escape(under)})")
+        console.print(f"  subject  {escape(ca['subject'])}", soft_wrap=True, highlight=False)
+        console.print(f"  serial   {ca['serial']}", soft_wrap=True, highlight=False)
+        console.print(f"  valid    {ca['not_before'][:10]} .. {ca['not_after'][:10]}")
 
 
 @app.command("show")
@@ -46,7 +39,7 @@ def show(
     name: Annotated[str | None, typer.Argument(help="One CA by name; default: all.")] = None,
     pem: Annotated[bool, typer.Option("--pem", help="Print the certificates as PEM.")] = False,
 ) -> None:
-    """List the CAs: name, parent, algorithm, subject and validity."""
+    """List the CAs: name, parent, algorithm, subject, serial and validity."""
     cas = api().get("/v1/ca")
     if name is not None:
         cas = [ca for ca in cas if ca["name"] == name]
@@ -54,7 +47,7 @@ def show(
             raise CaNotFound(f"no CA is named {name!r}", hint="`trustfleet ca show` lists them")
 
     def text() -> None:
-        _table(cas)
+        _print_cas(cas)
         if pem:
             for ca in cas:
                 console.print(ca["certificate_pem"], highlight=False, soft_wrap=True)
