@@ -54,6 +54,19 @@ def test_a_client_that_does_not_trust_the_ca_is_refused(tls_server: Served, tmp_
         httpx.get(tls_server.url + "/healthz")  # the system's CAs do not know it either
 
 
+def test_plain_http_against_the_tls_server_says_to_use_https(
+    tls_server: Served, tmp_path: Path
+) -> None:
+    plain = tls_server.url.replace("https://", "http://")
+    result = run_cli(
+        tmp_path, "--server", plain, "whoami",
+        env={"TRUSTFLEET_TOKEN": tls_server.admin_token}, check=False,
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 3 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error [server-unreachable]: ") and "https://" in lines[0]
+
+
 def test_a_client_that_trusts_the_ca_succeeds(tls_server: Served, tmp_path: Path) -> None:
     root = tls_server.data_dir / "ca" / "root.pem"
     token = {"TRUSTFLEET_TOKEN": tls_server.admin_token}

@@ -120,8 +120,8 @@ def serve(
         raise UsageProblem("give either --tls-cert/--tls-key or --tls-local-ca, not both")
     tls = None
     if tls_cert is not None and tls_key is not None:
-        read_input_file(tls_cert, "--tls-cert")
-        read_input_file(tls_key, "--tls-key")
+        read_input_file(tls_cert, "--tls-cert", probe=True)
+        read_input_file(tls_key, "--tls-key", probe=True)
         tls = TlsFilePair(tls_cert, tls_key)
     elif tls_local_ca:
         files = local_ca_certificate(state.context(), default_names(settings.host, tls_name or []))

@@ -215,9 +215,13 @@ def emit(data: Any, text: Callable[[], None]) -> None:
         text()
 
 
-def read_input_file(path: Path, what: str) -> bytes:
-    """The bytes of a file named on the command line, or a one-line usage error naming it."""
+def read_input_file(path: Path, what: str, *, probe: bool = False) -> bytes:
+    """The bytes of a file named on the command line, or a one-line usage error naming it;
+    with ``probe``, only check that it can be opened (and answer nothing)."""
     try:
+        if probe:
+            with path.open("rb"):
+                return b""
         return path.read_bytes()
     except FileNotFoundError:
         raise FileUnreadable(f"{what} {path}: no such file") from None

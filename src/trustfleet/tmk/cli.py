@@ -196,7 +196,7 @@ def import_terminals(
     """Register terminals in bulk (one transaction). Re-importing a file changes nothing;
     rejected rows are reported with their code and written to the rejections file, and
     the exit status is 1 when there are any (unless --allow-rejects)."""
-    read_input_file(file, "the import file")
+    read_input_file(file, "the import file", probe=True)
     kind = _import_kind(file, file_format)
     total = _count_records(file, kind)
     columns = (
