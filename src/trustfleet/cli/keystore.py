@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import typer
-from rich.table import Table
 
-from trustfleet.kit.cli import api, console, emit, state
+from trustfleet.kit.cli import api, console, emit, state, wrapping_table
 
 app = typer.Typer(no_args_is_help=True, help="The key store (never shows key material).")
 
@@ -30,7 +29,7 @@ def list_keys() -> None:
     keys = api().get("/v1/keystore/keys")
 
     def text() -> None:
-        table = Table("handle", "algorithm", "usage", "exportable", "label", "created")
+        table = wrapping_table("handle", "algorithm", "usage", "exportable", "label", "created")
         for key in keys:
             table.add_row(
                 key["handle"],

@@ -14,7 +14,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from trustfleet.kit.cli import (
     EXIT_REFUSED,
@@ -26,6 +25,7 @@ from trustfleet.kit.cli import (
     install_global_options,
     run,
     state,
+    wrapping_table,
 )
 from trustfleet.kit.credentials import forget_token, store_token
 from trustfleet.server.models import Role
@@ -241,7 +241,7 @@ def _ttl_body(ttl: str | None) -> dict[str, int]:
 
 
 def _token_table(tokens: list[dict[str, Any]]) -> None:
-    table = Table("id", "name", "role", "created", "expires", "state")
+    table = wrapping_table("id", "name", "role", "created", "expires", "state")
     for t in tokens:
         if t["revoked_at"]:
             status = f"revoked {t['revoked_at'][:19]}"
@@ -303,7 +303,7 @@ def token_show(name: TokenName = None, token_id: TokenId = None) -> None:
     token = _token_by(name, token_id)
 
     def text() -> None:
-        table = Table("field", "value", show_header=False)
+        table = wrapping_table("field", "value", show_header=False)
         for key in ("id", "name", "role", "created_at", "expires_at", "last_used_at"):
             table.add_row(key, escape(str(token[key] if token[key] is not None else "-")))
         table.add_row("revoked_at", str(token["revoked_at"] or "-"))
@@ -371,17 +371,13 @@ def audit_list(
     )
 
     def text() -> None:
-        table = Table("seq", "at", "actor", "action", "subject", "outcome")
-        for record in page["items"]:
-            table.add_row(
-                str(record["seq"]),
-                record["at"][:19],
-                escape(record["actor"]),
-                record["action"],
-                escape(record["subject"]),
-                record["outcome"],
+        for record in page["items"]:  # one line each, like a log: nothing is cut
+            at = record["at"][:19].replace("T", " ")
+            line = (
+                f"{record['seq']:>6} {at} {record['outcome']:<7} {record['action']}"
+                f"  {record['actor']}  {record['subject']}"
             )
-        console.print(table)
+            console.print(escape(line), soft_wrap=True, highlight=False)
         if page["next_cursor"]:
             err_console.print(f"more: --cursor {page['next_cursor']}", highlight=False)
 

@@ -35,6 +35,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from trustfleet import __version__
 from trustfleet.errors import ConfigurationError, TrustfleetError
@@ -77,6 +78,7 @@ __all__ = [
     "read_input_file",
     "run",
     "state",
+    "wrapping_table",
 ]
 
 console = Console()
@@ -213,6 +215,15 @@ def emit(data: Any, text: Callable[[], None]) -> None:
         sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     else:
         text()
+
+
+def wrapping_table(*headers: str, show_header: bool = True) -> Table:
+    """A table whose cells wrap rather than being cut with an ellipsis: nothing a verb
+    prints is ever shortened to fit the terminal (``--output json`` for scripts)."""
+    made = Table(*headers, show_header=show_header)
+    for column in made.columns:
+        column.overflow = "fold"
+    return made
 
 
 def read_input_file(path: Path, what: str, *, probe: bool = False) -> bytes:

@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import load_der_x509_crl
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.crypto.payment.pinblock import check_pan, check_pin
@@ -31,6 +30,7 @@ from trustfleet.kit.cli import (
     err_console,
     read_input_file,
     state,
+    wrapping_table,
 )
 from trustfleet.pki.x509 import RevocationReason
 from trustfleet.tmk.errors import ScmExists, TmkInvalidTerminalRecord, TmkServerRefused
@@ -228,7 +228,7 @@ def import_terminals(
             codes: dict[str, int] = {}
             for rejected in report["rejected"]:
                 codes[rejected["code"]] = codes.get(rejected["code"], 0) + 1
-            table = Table("code", "rows")
+            table = wrapping_table("code", "rows")
             for code, count in sorted(codes.items()):
                 table.add_row(code, str(count))
             console.print(table)
@@ -288,7 +288,7 @@ def register(
 
 
 def _print_overview(view: dict[str, Any]) -> None:
-    table = Table("field", "value", show_header=False)
+    table = wrapping_table("field", "value", show_header=False)
     table.add_row("sn", escape(view["sn"]))
     table.add_row("model", escape(view["model"]))
     table.add_row("status", view["status"])
@@ -334,7 +334,7 @@ def list_terminals(
     )
 
     def text() -> None:
-        table = Table("sn", "model", "TKP", "status", "registered")
+        table = wrapping_table("sn", "model", "TKP", "status", "registered")
         for terminal in page["items"]:
             table.add_row(
                 escape(terminal["sn"]),
