@@ -7,6 +7,7 @@ import os
 import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -112,13 +113,13 @@ def start_node(name: str, env: dict[str, str], data_dir: Path) -> Node:
     return Node(name, f"http://127.0.0.1:{port}", process, log)
 
 
-def wait_ready(node: Node) -> None:
+def wait_ready(node: Node, verify: ssl.SSLContext | bool = True) -> None:
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         if node.process.poll() is not None:
             pytest.fail(f"node {node.name} exited:\n{node.log.read_text()[-3000:]}")
         try:
-            if httpx.get(node.url + "/readyz", timeout=2).status_code == 200:
+            if httpx.get(node.url + "/readyz", timeout=2, verify=verify).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -152,19 +153,34 @@ def running_nodes(env: dict[str, str], tmp_path: Path, count: int = 2) -> Iterat
 # -- the command line --------------------------------------------------------------------
 
 
-def run_cli(
-    data_dir: Path, *args: str, check: bool = True, extra_env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """``trustfleet ARGS`` in a subprocess with ``data_dir`` as its data directory."""
+def cli_environment(data_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of a ``trustfleet`` subprocess: ``data_dir`` as its data directory,
+    none of the caller's server, token or login settings, a wide terminal."""
     env = {**os.environ, "TRUSTFLEET_DATA_DIR": str(data_dir), "COLUMNS": "200"}
-    env.update(extra_env or {})
-    env.pop("TRUSTFLEET_MASTER_KEY", None)
+    for name in ("TRUSTFLEET_MASTER_KEY", "TRUSTFLEET_ADDR", "TRUSTFLEET_TOKEN",
+                 "TRUSTFLEET_CACERT", "TRUSTFLEET_OUTPUT"):  # fmt: skip
+        env.pop(name, None)
+    env.setdefault("XDG_CONFIG_HOME", str(data_dir.parent / "config"))
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    data_dir: Path,
+    *args: str,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``trustfleet ARGS`` in a subprocess with ``data_dir`` as its data directory; ``env``
+    adds variables, ``stdin`` is its standard input."""
     result = subprocess.run(
         [sys.executable, "-m", "trustfleet.cli", *args],
         capture_output=True,
         text=True,
-        env=env,
-        timeout=120,
+        env=cli_environment(data_dir, **(env or {})),
+        input=stdin if stdin is not None else "",
+        timeout=180,
         check=False,
     )
     if check and result.returncode != 0:
@@ -341,3 +357,51 @@ def opencryptoki_token() -> Iterator[SoftHsmToken]:
     finally:
         if started is not None:
             _stop_after_exit(started)
+
+
+def tokens_in(output: str) -> list[str]:
+    return [word for word in output.split() if word.startswith("tf_")]
+
+
+@dataclass
+class Served:
+    """A ``trustfleet serve`` process: its URL, data directory and admin token."""
+
+    url: str
+    data_dir: Path
+    admin_token: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def init_data_dir(data_dir: Path) -> str:
+    """``trustfleet init`` in ``data_dir``; the admin token it printed."""
+    (token,) = tokens_in(run_cli(data_dir, "init").stdout)
+    return token
+
+
+@contextmanager
+def served(
+    data_dir: Path, *serve_args: str, admin_token: str = "", ca_file: Path | None = None
+) -> Iterator[Served]:
+    """``trustfleet serve`` on a free loopback port over ``data_dir`` (initialised if it is
+    not), ready, stopped afterwards. With a ``--tls-...`` option the URL is https:// and
+    readiness is checked against ``ca_file`` (default: the data directory's root CA)."""
+    if not (data_dir / ".initialised").is_file():
+        admin_token = init_data_dir(data_dir)
+    port = free_port()
+    tls = any(arg.startswith("--tls-") for arg in serve_args)
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    log = data_dir.parent / f"serve-{port}.log"
+    env = cli_environment(data_dir, TRUSTFLEET_LOG_LEVEL="WARNING")
+    command = [sys.executable, "-m", "trustfleet.cli", "serve", "--port", str(port), *serve_args]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=out)
+    node = Node("serve", url, process, log)
+    try:
+        root = ca_file or data_dir / "ca" / "root.pem"
+        verify = ssl.create_default_context(cafile=str(root)) if tls else True
+        wait_ready(node, verify=verify)
+        yield Served(url, data_dir, admin_token, process, log)
+    finally:
+        stop(node)

@@ -6,9 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from trustfleet.settings import Settings
-
-INITIALISED_MARKER = ".initialised"
+from trustfleet.settings import INITIALISED_MARKER, Settings
 
 
 @dataclass(frozen=True)
@@ -19,7 +17,7 @@ class InitResult:
 
 
 def is_initialised(settings: Settings) -> bool:
-    return (settings.data_dir / INITIALISED_MARKER).is_file()
+    return settings.initialised
 
 
 def _ensure_master_key(settings: Settings) -> None:

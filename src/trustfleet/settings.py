@@ -18,6 +18,8 @@ from platformdirs import user_data_dir
 from trustfleet.errors import ConfigurationError
 
 ENV_PREFIX = "TRUSTFLEET_"
+#: the file ``trustfleet init`` writes last, once the data directory is complete
+INITIALISED_MARKER = ".initialised"
 
 
 def default_data_dir() -> Path:
@@ -65,6 +67,11 @@ class Settings:
     @property
     def ca_dir(self) -> Path:
         return self.data_dir / "ca"
+
+    @property
+    def initialised(self) -> bool:
+        """Whether ``trustfleet init`` has completed in the data directory."""
+        return (self.data_dir / INITIALISED_MARKER).is_file()
 
 
 def _coerce(name: str, raw: Any, target: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import stat
 import subprocess
@@ -39,17 +40,29 @@ def test_init_makes_a_private_master_key_and_is_idempotent(data_dir: Path) -> No
     assert _tokens(again.stdout) == []
 
 
-def test_tokens_are_created_listed_and_revoked(data_dir: Path) -> None:
+def test_tokens_are_created_listed_shown_and_revoked(data_dir: Path) -> None:
     created = run(data_dir, "token", "create", "--name", "tms", "--role", "operator")
     (token,) = _tokens(created.stdout)
     listed = run(data_dir, "token", "list")
     assert "tms" in listed.stdout and token not in listed.stdout
     bad = run(data_dir, "token", "create", "--name", "x", "--role", "root", check=False)
-    assert bad.returncode == 1 and "unknown-role" in bad.stderr
-    token_id = created.stdout.split()[1]
-    assert "revoked" in run(data_dir, "token", "revoke", token_id).stdout
-    missing = run(data_dir, "token", "revoke", "9999", check=False)
+    assert bad.returncode == 2 and "'root' is not one of" in bad.stderr
+    again = run(data_dir, "token", "create", "--name", "tms", "--role", "admin", check=False)
+    assert again.returncode == 1 and "error [token-name-taken]" in again.stderr
+    shown = json.loads(run(data_dir, "token", "show", "tms", "-o", "json").stdout)
+    assert (shown["name"], shown["role"], shown["active"]) == ("tms", "operator", True)
+    assert "revoked" in run(data_dir, "token", "revoke", "tms").stdout
+    assert json.loads(
+        run(data_dir, "token", "show", "--id", str(shown["id"]), "-o", "json").stdout
+    )["revoked_at"]
+    missing = run(data_dir, "token", "revoke", "nobody", check=False)
     assert missing.returncode == 1 and "token-not-found" in missing.stderr
+    expiring = run(
+        data_dir, "token", "create", "--name", "temp", "--role", "auditor", "--ttl", "8h"
+    )
+    assert "expires" in expiring.stdout
+    whoami = run(data_dir, "whoami", "-o", "json")
+    assert json.loads(whoami.stdout)["actor"] == "cli"
 
 
 def test_issued_certificate_verifies_with_openssl(data_dir: Path, tmp_path: Path) -> None:
@@ -109,7 +122,7 @@ def test_audit_verify_detects_an_edited_record(data_dir: Path, tmp_path: Path) -
 
 
 def test_usage_errors_exit_non_zero(data_dir: Path) -> None:
-    assert run(data_dir, "token", "revoke", "not-a-number", check=False).returncode == 2
+    assert run(data_dir, "token", "revoke", "--id", "not-a-number", check=False).returncode == 2
     assert run(data_dir, "no-such-verb", check=False).returncode == 2
 
 
@@ -121,7 +134,7 @@ def test_demo_runs_end_to_end(
     extra = {}
     if keystore == "pkcs11":  # the token as configured by docs/configuration.md
         extra = pkcs11_environment(*request.getfixturevalue("softhsm_conf"))
-    result = run(tmp_path, "demo", extra_env=extra)
+    result = run(tmp_path, "demo", env=extra)
     assert "demo complete" in result.stdout
     assert "certificate revoked" in result.stdout
     assert "gateway-2 power-up refused: [se-bound-elsewhere]" in result.stdout
@@ -140,17 +153,17 @@ def test_keystore_seal_moves_an_initialised_soft_store_under_the_token(
     run(data_dir, "init")  # a soft store: master.key and the CA keys under it
     assert (data_dir / "master.key").exists()
     hsm = pkcs11_environment(*request.getfixturevalue("softhsm_conf"))
-    listed = run(data_dir, "keystore", "list", extra_env=hsm).stdout
+    listed = run(data_dir, "keystore", "list", env=hsm).stdout
     assert "database" in listed  # still under the master key, opened with it meanwhile
-    sealed = run(data_dir, "keystore", "seal", extra_env=hsm)
+    sealed = run(data_dir, "keystore", "seal", env=hsm)
     assert "sealed 2 keys" in sealed.stdout and "master key file removed" in sealed.stdout
     assert not (data_dir / "master.key").exists()
-    again = run(data_dir, "keystore", "seal", extra_env=hsm)
+    again = run(data_dir, "keystore", "seal", env=hsm)
     assert "sealed 0 keys" in again.stdout
-    listed = run(data_dir, "keystore", "list", extra_env=hsm).stdout
+    listed = run(data_dir, "keystore", "list", env=hsm).stdout
     assert "sealed" in listed and "database" not in listed
     crl = tmp_path / "crl.pem"  # the issuing CA's key, now sealed, still signs
-    run(data_dir, "ca", "crl", "--out", str(crl), extra_env=hsm)
+    run(data_dir, "ca", "crl", "--out", str(crl), env=hsm)
     assert crl.read_text().startswith("-----BEGIN X509 CRL-----")
     refused = run(data_dir, "keystore", "list", check=False)  # soft again: no master key
     assert refused.returncode == 1 and "master-key-error" in refused.stderr

@@ -76,7 +76,7 @@ def test_two_nodes_share_tokens_revocations_and_the_audit_chain(
         assert report["records"] >= 1 + 1 + 1 + 1 + 1 + 24
 
     page = httpx.get(a.url + "/v1/audit", params={"limit": 1000}, headers=admin).json()
-    actions = [(r["action"], r["actor"]) for r in page["records"]]
+    actions = [(r["action"], r["actor"]) for r in page["items"]]
     assert actions[:5] == [
         ("token.created", "init"),
         ("token.created", "token:1:bootstrap admin"),  # on node a
@@ -84,4 +84,4 @@ def test_two_nodes_share_tokens_revocations_and_the_audit_chain(
         ("token.revoked", "token:1:bootstrap admin"),  # on node b
         ("auth.failed", "unauthenticated"),  # on node a, the revoked token
     ]
-    assert [r["seq"] for r in page["records"]] == list(range(1, len(page["records"]) + 1))
+    assert [r["seq"] for r in page["items"]] == list(range(1, len(page["items"]) + 1))

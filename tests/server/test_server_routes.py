@@ -247,19 +247,60 @@ def test_revoke_with_bad_id_is_422(
 # --- audit ------------------------------------------------------------------------------
 
 
-def test_audit_pages_by_seq(client: TestClient, tokens: dict[str, str]) -> None:
+def test_audit_pages_follow_the_cursor(client: TestClient, tokens: dict[str, str]) -> None:
     admin = bearer(tokens["admin"])  # the fixture wrote one token.created per role
     first = client.get("/v1/audit", params={"limit": 4}, headers=admin).json()
-    assert [r["seq"] for r in first["records"]] == [1, 2, 3, 4]
-    assert first["next_after_seq"] == 4
-    assert first["records"][0]["action"] == "token.created"
-    assert first["records"][0]["details"]["role"] == "admin"
-    assert first["records"][0]["at"].endswith(("Z", "+00:00"))
-    rest = client.get("/v1/audit", params={"after_seq": 4, "limit": 1000}, headers=admin).json()
-    assert rest["records"][0]["seq"] == 5
-    assert rest["next_after_seq"] is None
+    assert [r["seq"] for r in first["items"]] == [1, 2, 3, 4]
+    assert first["items"][0]["action"] == "token.created"
+    assert first["items"][0]["details"]["role"] == "admin"
+    assert first["items"][0]["at"].endswith(("Z", "+00:00"))
+    cursor = first["next_cursor"]
+    assert isinstance(cursor, str)
+    rest = client.get("/v1/audit", params={"cursor": cursor, "limit": 1000}, headers=admin).json()
+    assert rest["items"][0]["seq"] == 5
+    assert rest["next_cursor"] is None
+    after = client.get("/v1/audit", params={"after_seq": 6}, headers=admin).json()
+    assert after["items"][0]["seq"] == 7
     assert_problem(client.get("/v1/audit", params={"limit": 0}, headers=admin), 422)
     assert_problem(client.get("/v1/audit", params={"after_seq": -1}, headers=admin), 422)
+    for bad in ("garbage!", "eyJsIjoidG1rLXRlcm1pbmFscyIsImEiOiJQT1MifQ"):  # another listing's
+        assert_problem(
+            client.get("/v1/audit", params={"cursor": bad}, headers=admin), 400, "invalid-cursor"
+        )
+
+
+def test_audit_filters_by_action_actor_and_time(client: TestClient, tokens: dict[str, str]) -> None:
+    admin = bearer(tokens["admin"])
+    client.post("/v1/tokens", json={"name": "filtered", "role": "operator"}, headers=admin)
+    client.get("/v1/tokens", headers=bearer(tokens["auditor"]))
+
+    def actions(**params: str) -> list[str]:
+        page = client.get("/v1/audit", params={"limit": 1000, **params}, headers=admin).json()
+        return [r["action"] for r in page["items"]]
+
+    assert set(actions(action="token.listed")) == {"token.listed"}
+    assert set(actions(action="token.*")) == {"token.created", "token.listed"}
+    assert actions(action="token") == []  # exact unless it ends in *
+    by_admin = client.get(
+        "/v1/audit", params={"actor": "token:1:test admin"}, headers=admin
+    ).json()["items"]
+    assert [(r["action"], r["details"].get("name")) for r in by_admin] == [
+        ("token.created", "filtered")
+    ]
+    everything = client.get("/v1/audit", params={"limit": 1000}, headers=admin).json()["items"]
+    middle = everything[3]["at"]
+    assert [
+        r["seq"]
+        for r in client.get(
+            "/v1/audit", params={"since": middle, "limit": 1000}, headers=admin
+        ).json()["items"]
+    ] == [r["seq"] for r in everything if r["at"] >= middle]
+    assert [
+        r["seq"]
+        for r in client.get(
+            "/v1/audit", params={"until": middle, "limit": 1000}, headers=admin
+        ).json()["items"]
+    ] == [r["seq"] for r in everything if r["at"] < middle]
 
 
 def test_audit_verify_reports_tampering(

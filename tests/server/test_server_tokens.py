@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import Engine, select, text
@@ -13,16 +14,20 @@ from sqlalchemy.orm import Session, sessionmaker
 from trustfleet.errors import InvalidInput
 from trustfleet.server.auth import (
     AuthenticationFailed,
+    TokenNameTaken,
     TokenNotFound,
     UnknownRole,
     authenticate,
     bootstrap_admin_token,
     create_token,
+    find_token,
+    get_token,
     list_tokens,
     revoke_token,
 )
-from trustfleet.server.models import ROLES
+from trustfleet.server.models import ROLES, ApiToken
 from trustfleet.store import Database, audit
+from trustfleet.store.engine import make_engine, migrate
 
 
 def _audit_actions(sessions: sessionmaker[Session]) -> list[tuple[str, str, str]]:
@@ -39,9 +44,10 @@ def _dump_database(engine: Engine) -> str:
     return json.dumps([list(map(str, row)) for row in rows])
 
 
-def test_roles_are_exactly_the_six() -> None:
+def test_roles_are_exactly_the_seven() -> None:
     assert {
         "admin",
+        "auditor",
         "manufacturer",
         "operator",
         "platform",
@@ -186,7 +192,81 @@ def test_last_used_is_recorded(sessions: sessionmaker[Session], db: Database) ->
     assert info.last_used_at is None
     authenticate(db, plaintext)
     with sessions() as session:
-        from trustfleet.server.models import ApiToken
-
         used = session.scalars(select(ApiToken.last_used_at).where(ApiToken.id == info.id)).one()
     assert used is not None
+
+
+def test_a_name_is_never_reused_even_after_revocation(db: Database) -> None:
+    _, first = create_token(db, "gateway", "device-gateway")
+    with pytest.raises(TokenNameTaken) as taken:
+        create_token(db, "gateway", "operator")
+    assert taken.value.status == 409 and "gateway" in taken.value.message
+    revoke_token(db, first.id)
+    with pytest.raises(TokenNameTaken):
+        create_token(db, " gateway ", "device-gateway")  # names are compared trimmed
+    assert [t.name for t in list_tokens(db)] == ["gateway"]
+
+
+def test_tokens_are_shown_by_name_and_by_id(db: Database) -> None:
+    _, info = create_token(db, "tms", "operator")
+    assert find_token(db, "tms") == get_token(db, info.id) == info
+    with pytest.raises(TokenNotFound):
+        find_token(db, "nobody")
+    with pytest.raises(TokenNotFound):
+        get_token(db, info.id + 1)
+
+
+def test_a_token_expires_after_its_ttl(engine: Engine, db: Database) -> None:
+    before = datetime.now(UTC)
+    plaintext, info = create_token(db, "temp", "operator", ttl=timedelta(hours=2))
+    assert info.expires_at is not None
+    assert before + timedelta(hours=2) <= info.expires_at <= datetime.now(UTC) + timedelta(hours=2)
+    assert authenticate(db, plaintext).expires_at == info.expires_at
+    with engine.begin() as connection:  # two hours later
+        connection.execute(
+            ApiToken.__table__.update().values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+    with pytest.raises(AuthenticationFailed) as refused:
+        authenticate(db, plaintext)
+    assert refused.value.reason == "expired" and refused.value.token_id == info.id
+    assert not get_token(db, info.id).active
+
+
+@pytest.mark.parametrize("ttl", [timedelta(seconds=59), timedelta(days=3661), -timedelta(days=1)])
+def test_a_ttl_out_of_bounds_is_refused(db: Database, ttl: timedelta) -> None:
+    with pytest.raises(InvalidInput):
+        create_token(db, "x", "operator", ttl=ttl)
+
+
+def test_the_migration_renames_duplicate_names_and_keeps_the_tokens_working(
+    database_url: str,
+) -> None:
+    engine = make_engine(database_url)
+    try:
+        migrate(engine, "server_0001")
+        digests = {}
+        with engine.begin() as connection:
+            for token_id, name in [(1, "tms"), (2, "tms"), (3, "other"), (4, "tms"), (5, "tms #4")]:
+                digests[token_id] = hashlib.sha256(f"tf_token{token_id}".encode()).hexdigest()
+                connection.execute(
+                    text(
+                        "INSERT INTO api_tokens (id, name, role, token_hash, created_at)"
+                        " VALUES (:id, :name, 'operator', :digest, :now)"
+                    ),
+                    {
+                        "id": token_id,
+                        "name": name,
+                        "digest": digests[token_id],
+                        "now": "2026-01-01",
+                    },
+                )
+        migrate(engine)
+        db = Database(engine)
+        names = {t.id: t.name for t in list_tokens(db)}
+        assert names == {1: "tms", 2: "tms #2", 3: "other", 4: "tms #4.1", 5: "tms #4"}
+        assert authenticate(db, "tf_token4").name == "tms #4.1"
+        assert all(t.expires_at is None for t in list_tokens(db))
+        with pytest.raises(TokenNameTaken):
+            create_token(db, "tms #2", "operator")
+    finally:
+        engine.dispose()

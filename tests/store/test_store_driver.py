@@ -39,15 +39,16 @@ _REVOKE = (
 AT = datetime(2026, 1, 31, 12, 30, 15, 123456, tzinfo=UTC)
 
 
-def _add(engine: Engine, digest: str, name: str = "raw") -> None:
+def _add(engine: Engine, digest: str, name: str | None = None) -> None:
+    values = {"name": name or f"raw {digest}", "digest": digest, "at": AT}  # names are unique
     with raw_transaction(engine) as connection:
-        assert connection.run(_INSERT, {"name": name, "digest": digest, "at": AT}) == 1
+        assert connection.run(_INSERT, values) == 1
 
 
 def test_what_the_driver_writes_the_orm_reads_and_back(
     engine: Engine, sessions: sessionmaker[Session]
 ) -> None:
-    _add(engine, "a" * 64)
+    _add(engine, "a" * 64, name="raw")
     with sessions() as session:
         row = session.scalars(select(ApiToken).where(ApiToken.token_hash == "a" * 64)).one()
         assert (row.name, row.role, as_utc(row.created_at)) == ("raw", "operator", AT)

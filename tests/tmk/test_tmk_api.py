@@ -24,7 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from trustfleet.crypto import generate_private_key, public_key_to_der
 from trustfleet.crypto.base import KeyAlgorithm
-from trustfleet.crypto.payment import tr31
+from trustfleet.crypto.payment import pinblock, tr31
+from trustfleet.errors import InvalidInput
 from trustfleet.keystore.base import KeyStore
 from trustfleet.models import import_all_models
 from trustfleet.server.app import create_app
@@ -762,8 +763,97 @@ def test_identity_is_public_rotates_and_revokes_without_touching_terminals(
     )
 
 
-def test_identity_before_initialisation_is_a_404(client: TestClient) -> None:
+def test_identity_before_initialisation_is_a_404(
+    client: TestClient, tokens: dict[str, str]
+) -> None:
     problem(client.get("/v1/tmk/identity"), 404, "tmk-identity-not-initialised")
+    history = client.get("/v1/tmk/identity/history", headers=auth(tokens["auditor"]))
+    problem(history, 404, "tmk-identity-not-initialised")
+    cas = client.get("/v1/ca", headers=auth(tokens["admin"])).json()
+    assert "tmk-ksrcrt" not in [ca["name"] for ca in cas]  # reading made no CA
+
+
+def test_identity_history_lists_every_work_certificate(
+    client: TestClient, tokens: dict[str, str], identity: dict[str, Any]
+) -> None:
+    client.post("/v1/tmk/identity/rotate-work-cert", headers=auth(tokens["admin"]))
+    history = client.get("/v1/tmk/identity/history", headers=auth(tokens["operator"])).json()
+    assert [h["status"] for h in history] == ["retired", "active"]
+    assert history[0]["work_certificate_serial"] == identity["work_certificate_serial"]
+
+
+def test_sweep_is_an_operator_route(client: TestClient, tokens: dict[str, str]) -> None:
+    swept = client.post("/v1/tmk/sweep", headers=auth(tokens["operator"]))
+    assert swept.json() == {"sessions_aborted": 0, "keys_destroyed": 0}
+    problem(client.post("/v1/tmk/sweep", headers=auth(tokens["auditor"])), 403, "forbidden")
+
+
+def test_pin_checks_take_the_terminals_pan_rule(client: TestClient, tokens: dict[str, str]) -> None:
+    body = {"pin_block": "00" * 16, "pin": "1234"}
+    verify = "/v1/tmk/terminals/POS-1/pin-blocks/verify"
+    for pan in ("41111", "41111111111", "4" * 20):
+        too = client.post(verify, json={**body, "pan": pan}, headers=auth(tokens["operator"]))
+        problem(too, 422, "invalid-request")
+    encrypt, _ = pinblock.ecb_cipher(KeyAlgorithm.AES_128, bytes(16))
+    with pytest.raises(InvalidInput, match="12-19"):
+        pinblock.format4_encipher(encrypt, "1234", "41111")
+
+
+# =====================================================================================
+# Listing terminals
+# =====================================================================================
+
+
+def test_terminals_are_listed_by_status_and_model_a_page_at_a_time(
+    client: TestClient, tokens: dict[str, str], db: Database
+) -> None:
+    rows = ["sn,model,public_key"]
+    for i in range(7):
+        key = ec.generate_private_key(ec.SECP256R1()).public_key()
+        rows.append(f"POS-{i},{'A920' if i % 2 else 'S90'},{_b64(key)}")
+    imported = client.post(
+        "/v1/tmk/terminals/import",
+        content="\n".join(rows).encode(),
+        headers={**auth(tokens["manufacturer"]), "Content-Type": "text/csv"},
+    )
+    assert imported.json()["accepted"] == 7
+    operator = auth(tokens["operator"])
+    client.post("/v1/tmk/terminals/POS-3/suspend", headers=operator)
+
+    def listing(**params: Any) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            query = {**params, **({"cursor": cursor} if cursor else {})}
+            page = client.get("/v1/tmk/terminals", params=query, headers=auth(tokens["auditor"]))
+            assert page.status_code == 200, page.text
+            body = page.json()
+            assert set(body) == {"items", "next_cursor"}
+            items += body["items"]
+            cursor = body["next_cursor"]
+            if cursor is None:
+                return items
+
+    everything = listing(limit=3)
+    assert [t["sn"] for t in everything] == [f"POS-{i}" for i in range(7)]
+    assert set(everything[0]) == {
+        "sn", "model", "key_algorithm", "status", "registered_by", "created_at", "updated_at"
+    }  # fmt: skip
+    assert [t["sn"] for t in listing(model="A920", limit=2)] == ["POS-1", "POS-3", "POS-5"]
+    assert [t["sn"] for t in listing(status="suspended")] == ["POS-3"]
+    assert [t["sn"] for t in listing(status="active", model="A920")] == ["POS-1", "POS-5"]
+    problem(
+        client.get("/v1/tmk/terminals", params={"status": "lost"}, headers=operator),
+        422,
+        "invalid-request",
+    )
+    audit_cursor = client.get("/v1/audit", params={"limit": 1}, headers=auth(tokens["admin"]))
+    wrong = audit_cursor.json()["next_cursor"]
+    problem(
+        client.get("/v1/tmk/terminals", params={"cursor": wrong}, headers=operator),
+        400,
+        "invalid-cursor",
+    )
 
 
 # =====================================================================================

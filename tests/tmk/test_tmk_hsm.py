@@ -35,7 +35,7 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def admin_token(data_dir: Path, hsm_env: dict[str, str]) -> str:
-    result = run_cli(data_dir, "init", extra_env=hsm_env)
+    result = run_cli(data_dir, "init", env=hsm_env)
     return result.stdout.strip().splitlines()[-1].strip()
 
 
@@ -134,5 +134,5 @@ def test_the_pos_flow_over_http_with_keys_in_the_token_and_no_master_key_file(
         assert forbidden.status_code == 403
 
     assert not list(data_dir.rglob("master.key"))
-    listing = run_cli(data_dir, "keystore", "list", extra_env=hsm_env).stdout
+    listing = run_cli(data_dir, "keystore", "list", env=hsm_env).stdout
     assert "token" in listing and "sealed" in listing

@@ -137,10 +137,10 @@ def test_downloads_hop_between_nodes_and_keys_work_everywhere(
         command += ["--dir", str(terminals[5].directory), "--server", b.url]
         command += ["--protocol-version", "1"]
         cli = subprocess.run(
-            [*command, "--token", tokens["device-gateway"]],
+            command,  # the gateway's token from the environment, never on the command line
             capture_output=True,
             text=True,
-            env=env,
+            env={**env, "TRUSTFLEET_TOKEN": tokens["device-gateway"]},
             timeout=120,
             check=False,
         )
@@ -165,7 +165,7 @@ def test_downloads_hop_between_nodes_and_keys_work_everywhere(
         report = clients[0].get("/v1/audit/verify", headers=admin).json()
         assert report["ok"] is True
         page = clients[1].get("/v1/audit", params={"limit": 1000}, headers=admin).json()
-        activated = [r for r in page["records"] if r["action"] == "tmk.tmk_activated"]
+        activated = [r for r in page["items"] if r["action"] == "tmk.tmk_activated"]
         assert len(activated) == 6
         assert json.dumps(page).count("tmk.download_failed") == 0
         if env.get("TRUSTFLEET_KEYSTORE_BACKEND") == "pkcs11":

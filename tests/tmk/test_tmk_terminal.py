@@ -343,8 +343,10 @@ def test_cli_factory_import_and_rejections(tmp_path: Path) -> None:
         for i in range(1999):
             key = record["public_key"] if i % 500 else "garbage"
             out.write(f'CLI-BULK-{i},A920,"{key}"\n')
-    first = run(data, "tmk", "import", str(rows))
+    first = run(data, "tmk", "import", str(rows), check=False)
+    assert first.returncode == 1, first.stderr  # rows were rejected
     assert "2000 rows: 1996 registered, 0 unchanged, 4 rejected" in first.stdout
+    assert "2000/2000" in first.stderr  # progress counts records
     rejected = [
         json.loads(line) for line in rows.with_name("terminals.csv.rejections.ndjson").open()
     ]
@@ -354,7 +356,7 @@ def test_cli_factory_import_and_rejections(tmp_path: Path) -> None:
         (1002, "malformed-key"),
         (1502, "malformed-key"),
     ]
-    again = run(data, "tmk", "import", str(rows))
+    again = run(data, "tmk", "import", str(rows), "--allow-rejects")
     assert "0 registered, 1996 unchanged, 4 rejected" in again.stdout
     shown = run(data, "tmk", "show", "CLI-POS-1")
     assert "CLI-POS-1" in shown.stdout and "none" in shown.stdout

@@ -1,14 +1,27 @@
-"""``trustfleet keystore``: list keys and where they live, rotate the master key, move a soft
-store under a PKCS#11 token."""
+"""``trustfleet keystore``: its status and keys, where each lives (through the API); master-key
+rotation and moving a soft store under a PKCS#11 token (local: they need the data directory)."""
 
 from __future__ import annotations
 
 import typer
-from rich.table import Table
 
-from trustfleet.kit.cli import console, state
+from trustfleet.kit.cli import api, console, emit, state, wrapping_table
 
 app = typer.Typer(no_args_is_help=True, help="The key store (never shows key material).")
+
+
+@app.command("status")
+def status() -> None:
+    """Which backend serves keys, whether it answers, how many keys it holds."""
+    answer = api().get("/v1/keystore")
+
+    def text() -> None:
+        if answer["reachable"]:
+            console.print(f"{answer['backend']} key store: reachable, {answer['keys']} keys")
+        else:
+            console.print(f"{answer['backend']} key store: NOT reachable: {answer['problem']}")
+
+    emit(answer, text)
 
 
 @app.command("list")
@@ -16,36 +29,41 @@ def list_keys() -> None:
     """List stored keys: handle, algorithm, usage, where each lives (token, sealed under
     the token, or database under the master key), whether it can leave, and which of its
     operations run inside the token."""
-    table = Table(
-        "handle",
-        "algorithm",
-        "usage",
-        "custody",
-        "extractable",
-        "in token",
-        "in process",
-        "label",
-        "created",
-    )
-    for key in state.context().keystore.list():
-        usage = "|".join(flag.name or "" for flag in type(key.usage) if flag in key.usage and flag)
-        table.add_row(
-            key.handle,
-            key.algorithm.value,
-            usage,
-            key.custody,
-            "yes" if key.extractable else "no",
-            ", ".join(key.token_operations) or "-",
-            ", ".join(key.process_operations) or "-",
-            key.label,
-            key.created_at.isoformat(timespec="seconds"),
+    answer = api().get("/v1/keystore/keys")
+
+    def text() -> None:
+        table = wrapping_table(
+            "handle",
+            "algorithm",
+            "usage",
+            "custody",
+            "extractable",
+            "in token",
+            "in process",
+            "label",
+            "created",
         )
-    console.print(table)
+        for key in answer["keys"]:
+            table.add_row(
+                key["handle"],
+                key["algorithm"],
+                "|".join(key["usage"]),
+                key["custody"],
+                "yes" if key["extractable"] else "no",
+                ", ".join(key["token_operations"]) or "-",
+                ", ".join(key["process_operations"]) or "-",
+                key["label"],
+                key["created_at"][:19],
+            )
+        console.print(table)
+
+    emit(answer, text)
 
 
 @app.command("rotate-master")
 def rotate_master() -> None:
-    """Re-wrap every soft-store key under a new master key; safe to re-run after a crash."""
+    """Re-wrap every soft-store key under a new master key; safe to re-run after a crash.
+    Local only: it needs the data directory's master key file."""
     from trustfleet.keystore.master import rotate_master_key
 
     context = state.context()

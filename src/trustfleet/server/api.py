@@ -1,15 +1,15 @@
-"""The spine's routes: health, readiness, metrics, API tokens and the audit log.
+"""The spine's routes: health, readiness, metrics, API tokens, ``whoami`` and the audit log.
 
 ``/healthz``, ``/readyz`` and ``/metrics`` need no token (load balancers and Prometheus call
-them; they disclose no identifiers). Everything under ``/v1/tokens`` and ``/v1/audit`` is
-for the ``admin`` role only.
+them; they disclose no identifiers). Tokens are changed by the ``admin`` role only; the
+``auditor`` role reads them and the audit log. ``/v1/whoami`` answers any valid token.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
@@ -20,15 +20,27 @@ from trustfleet.errors import TrustfleetError
 from trustfleet.server.auth import (
     MAX_NAME_CHARS,
     MAX_TOKEN_ID,
+    MAX_TTL,
+    MIN_TTL,
     TokenInfo,
     create_token,
+    find_token,
+    get_token,
     list_tokens,
     revoke_token,
 )
 from trustfleet.server.context import AppContext
 from trustfleet.server.deps import Principal, get_context, public, require_role
 from trustfleet.server.metrics import Metrics
-from trustfleet.server.models import Role
+from trustfleet.server.models import ROLES, Role
+from trustfleet.server.paging import (
+    DEFAULT_LIMIT,
+    CursorParam,
+    InvalidCursor,
+    LimitParam,
+    decode_cursor,
+    encode_cursor,
+)
 from trustfleet.store import audit
 from trustfleet.wire import as_utc
 
@@ -37,7 +49,10 @@ log = logging.getLogger("trustfleet.server")
 router = APIRouter()
 Context = Annotated[AppContext, Depends(get_context)]
 Admin = Annotated[Principal, Depends(require_role(Role.ADMIN))]
+AdminOrAuditor = Annotated[Principal, Depends(require_role(Role.ADMIN, Role.AUDITOR))]
+AnyRole = Annotated[Principal, Depends(require_role(*sorted(ROLES)))]
 MAX_SEQ = 2**63 - 1
+AUDIT_LISTING = "audit"
 _SELECT_ONE = select(literal(1))
 
 
@@ -54,8 +69,18 @@ class Status(BaseModel):
 class TokenCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS, description="Who uses it")
+    name: str = Field(
+        min_length=1,
+        max_length=MAX_NAME_CHARS,
+        description="Who uses it; unique among all tokens ever made",
+    )
     role: Role
+    ttl_seconds: int | None = Field(
+        default=None,
+        ge=int(MIN_TTL.total_seconds()),
+        le=int(MAX_TTL.total_seconds()),
+        description="Expire this many seconds after creation (default: never)",
+    )
 
 
 class TokenOut(BaseModel):
@@ -63,8 +88,10 @@ class TokenOut(BaseModel):
     name: str
     role: str
     created_at: datetime
+    expires_at: datetime | None
     revoked_at: datetime | None
     last_used_at: datetime | None
+    active: bool = Field(description="Neither revoked nor expired")
 
     @classmethod
     def of(cls, info: TokenInfo) -> TokenOut:
@@ -73,8 +100,10 @@ class TokenOut(BaseModel):
             name=info.name,
             role=info.role,
             created_at=info.created_at,
+            expires_at=info.expires_at,
             revoked_at=info.revoked_at,
             last_used_at=info.last_used_at,
+            active=info.active,
         )
 
 
@@ -109,8 +138,17 @@ class AuditRecordOut(BaseModel):
 
 
 class AuditPage(BaseModel):
-    records: list[AuditRecordOut]
-    next_after_seq: int | None = Field(description="Pass as after_seq for the next page")
+    items: list[AuditRecordOut]
+    next_cursor: str | None = Field(description="Pass as cursor for the next page")
+
+
+class WhoAmI(BaseModel):
+    name: str
+    role: str = Field(description="The token's role; local for the CLI at the data directory")
+    actor: str = Field(description="How the audit log names this caller")
+    token_id: int | None
+    expires_at: datetime | None
+    local: bool = Field(description="True for the CLI's in-process calls (no token)")
 
 
 class ChainProblemOut(BaseModel):
@@ -186,26 +224,58 @@ def metrics(request: Request) -> Response:
 def create_api_token(
     body: TokenCreate, context: Context, principal: Admin, response: Response
 ) -> TokenCreated:
-    """Create a token. Its text is in this response only: store it now."""
+    """Create a token. Its text is in this response only: store it now. A name any token
+    ever had is refused (409 ``token-name-taken``)."""
+    ttl = timedelta(seconds=body.ttl_seconds) if body.ttl_seconds is not None else None
     plaintext, info = create_token(
-        context.db, name=body.name, role=body.role, actor=principal.actor
+        context.db, name=body.name, role=body.role, actor=principal.actor, ttl=ttl
     )
     response.headers["Cache-Control"] = "no-store"
     return TokenCreated(token=plaintext, **TokenOut.of(info).model_dump())
 
 
 @router.get("/v1/tokens", tags=["tokens"])
-def list_api_tokens(context: Context, principal: Admin) -> list[TokenOut]:
-    """Every token (never its text), revoked ones included."""
+def list_api_tokens(
+    context: Context,
+    principal: AdminOrAuditor,
+    name: Annotated[
+        str | None,
+        Query(min_length=1, max_length=MAX_NAME_CHARS, description="Only the token of this name"),
+    ] = None,
+) -> list[TokenOut]:
+    """Every token (never its text), revoked and expired ones included; with ``name``, the
+    one token of that name (404 ``token-not-found`` if none)."""
+    if name is not None:
+        return [TokenOut.of(find_token(context.db, name))]
     return [TokenOut.of(info) for info in list_tokens(context.db, actor=principal.actor)]
 
 
+TokenId = Annotated[int, Path(ge=1, le=MAX_TOKEN_ID)]
+
+
+@router.get("/v1/tokens/{token_id}", tags=["tokens"])
+def get_api_token(token_id: TokenId, context: Context, principal: AdminOrAuditor) -> TokenOut:
+    """One token (never its text)."""
+    return TokenOut.of(get_token(context.db, token_id))
+
+
 @router.delete("/v1/tokens/{token_id}", tags=["tokens"])
-def revoke_api_token(
-    token_id: Annotated[int, Path(ge=1, le=MAX_TOKEN_ID)], context: Context, principal: Admin
-) -> TokenOut:
+def revoke_api_token(token_id: TokenId, context: Context, principal: Admin) -> TokenOut:
     """Revoke a token: every node refuses it from the next request on."""
     return TokenOut.of(revoke_token(context.db, token_id, actor=principal.actor))
+
+
+@router.get("/v1/whoami", tags=["tokens"])
+def whoami(principal: AnyRole) -> WhoAmI:
+    """The caller: the presented token's name, role and expiry."""
+    return WhoAmI(
+        name=principal.name,
+        role=principal.role,
+        actor=principal.actor,
+        token_id=None if principal.local else principal.token_id,
+        expires_at=principal.expires_at,
+        local=principal.local,
+    )
 
 
 # --- audit log ----------------------------------------------------------------------
@@ -214,19 +284,44 @@ def revoke_api_token(
 @router.get("/v1/audit", tags=["audit"])
 def read_audit_log(
     context: Context,
-    principal: Admin,
-    after_seq: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    principal: AdminOrAuditor,
+    action: Annotated[
+        str | None,
+        Query(min_length=1, max_length=100, description="Exact, or a prefix ending in *: tmk.*"),
+    ] = None,
+    actor: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    since: Annotated[datetime | None, Query(description="Records at or after this time")] = None,
+    until: Annotated[datetime | None, Query(description="Records before this time")] = None,
+    after_seq: Annotated[
+        int, Query(ge=0, le=MAX_SEQ, description="Only records after this sequence number")
+    ] = 0,
+    cursor: CursorParam = None,
+    limit: LimitParam = DEFAULT_LIMIT,
 ) -> AuditPage:
-    """Audit records with ``seq > after_seq``, oldest first, at most ``limit``."""
-    rows = context.db.read(lambda reads: audit.records_after(reads, after_seq, limit))
+    """Audit records matching every filter given, oldest first, one page at a time."""
+    after = decode_cursor(AUDIT_LISTING, cursor)
+    if after is not None:
+        if not isinstance(after, int) or not 0 <= after <= MAX_SEQ:
+            raise InvalidCursor("the cursor is malformed")
+        after_seq = max(after_seq, after)
+    rows = context.db.read(
+        lambda reads: audit.find_records(
+            reads,
+            after_seq=after_seq,
+            limit=limit,
+            action=action,
+            actor=actor,
+            since=since,
+            until=until,
+        )
+    )
     records = [AuditRecordOut.of(row) for row in rows]
-    next_after = records[-1].seq if len(records) == limit else None
-    return AuditPage(records=records, next_after_seq=next_after)
+    next_cursor = encode_cursor(AUDIT_LISTING, records[-1].seq) if len(records) == limit else None
+    return AuditPage(items=records, next_cursor=next_cursor)
 
 
 @router.get("/v1/audit/verify", tags=["audit"])
-def verify_audit_log(context: Context, principal: Admin) -> ChainReportOut:
+def verify_audit_log(context: Context, principal: AdminOrAuditor) -> ChainReportOut:
     """Walk the whole chain: ``ok`` is false if any record was edited, deleted or reordered."""
     with context.db.reading() as reads:
         report = audit.verify_chain(audit.all_records(reads))

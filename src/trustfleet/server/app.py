@@ -17,6 +17,7 @@ from trustfleet.server.api import router as spine_router
 from trustfleet.server.ca_api import router as ca_router
 from trustfleet.server.context import AppContext
 from trustfleet.server.devicelane import DeviceLane, DeviceRoute
+from trustfleet.server.docs import install_docs
 from trustfleet.server.keystore_api import router as keystore_router
 from trustfleet.server.limits import is_streamed_import
 from trustfleet.server.metrics import Metrics
@@ -116,7 +117,10 @@ def create_app(
         title="trustfleet",
         version=__version__,
         description="Lifecycle trust for fleets of IoT devices and payment terminals.",
+        docs_url=None,  # served from this server's own assets: install_docs
+        redoc_url=None,
     )
+    install_docs(app)
     app.state.context = context
     metrics = Metrics()
     metrics.watch_audit(context.db)

@@ -1,9 +1,12 @@
-"""API tokens: create (text shown once), list, revoke, and authenticate a presented token.
+"""API tokens: create (text shown once), list, show, revoke, and authenticate a presented
+token.
 
 A token is ``"tf_" + urlsafe-base64(32 random bytes)``. Only its SHA-256 is stored, so a
 database leak discloses no usable token; authentication looks a token up by that hash, which
 reveals nothing about other tokens however long the lookup takes. Every change writes an
-audit record in the same transaction.
+audit record in the same transaction. A token may expire (``expires_at``); its name is
+unique among all tokens ever made, revoked and expired ones included, so the audit log's
+``token:<id>:<name>`` never names two tokens.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from typing import Any
 
 from sqlalchemy import bindparam, insert, select, update
 
-from trustfleet.errors import AuthenticationRequired, InvalidInput, NotFound
+from trustfleet.errors import AuthenticationRequired, Conflict, InvalidInput, NotFound
 from trustfleet.server.models import ROLES, ApiToken, Role
-from trustfleet.store import Database
+from trustfleet.store import Database, IntegrityViolation
 from trustfleet.wire import as_utc
 
 TOKEN_PREFIX = "tf_"  # noqa: S105 (a prefix, not a secret)
@@ -28,6 +31,11 @@ TOKEN_BYTES = 32
 MAX_TOKEN_CHARS = 128
 MAX_NAME_CHARS = 200
 MAX_TOKEN_ID = 2**63 - 1
+MIN_TTL = timedelta(minutes=1)
+MAX_TTL = timedelta(days=3660)
+#: the role of the local principal (the CLI at the data directory); never a token's role
+LOCAL_ROLE = "local"
+LOCAL_ACTOR = "cli"
 #: last_used_at is refreshed at most this often, so a busy token does not write every request
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
@@ -39,7 +47,12 @@ class UnknownRole(InvalidInput):
 
 class TokenNotFound(NotFound):
     code = "token-not-found"
-    title = "No API token has that id"
+    title = "No such API token"
+
+
+class TokenNameTaken(Conflict):
+    code = "token-name-taken"
+    title = "A token of that name exists already (names are never reused)"
 
 
 class AuthenticationFailed(AuthenticationRequired):
@@ -62,24 +75,35 @@ class TokenInfo:
     created_at: datetime
     revoked_at: datetime | None
     last_used_at: datetime | None
+    expires_at: datetime | None = None
+
+    def active_at(self, now: datetime) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
 
     @property
     def active(self) -> bool:
-        return self.revoked_at is None
+        return self.active_at(_now())
 
 
 @dataclass(frozen=True)
 class Principal:
-    """The authenticated caller of one request."""
+    """The authenticated caller of one request: a token's, or (``local``) the person at the
+    data directory, whose CLI calls the API in process (:mod:`trustfleet.server.local`)."""
 
     name: str
     role: str
     token_id: int
+    expires_at: datetime | None = None
+    local: bool = False
 
     @property
     def actor(self) -> str:
         """How the audit log names this caller."""
-        return f"token:{self.token_id}:{self.name}"
+        return LOCAL_ACTOR if self.local else f"token:{self.token_id}:{self.name}"
+
+
+#: the principal of in-process calls from the CLI at the data directory
+LOCAL_PRINCIPAL = Principal(name=LOCAL_ACTOR, role=LOCAL_ROLE, token_id=0, local=True)
 
 
 def generate_token() -> str:
@@ -104,6 +128,7 @@ def _info(row: Any) -> TokenInfo:
         created_at=as_utc(row.created_at),
         revoked_at=as_utc(row.revoked_at) if row.revoked_at else None,
         last_used_at=as_utc(row.last_used_at) if row.last_used_at else None,
+        expires_at=as_utc(row.expires_at) if row.expires_at else None,
     )
 
 
@@ -120,6 +145,12 @@ def valid_name(name: str) -> str:
     return name
 
 
+def valid_ttl(ttl: timedelta | None) -> timedelta | None:
+    if ttl is not None and not MIN_TTL <= ttl <= MAX_TTL:
+        raise InvalidInput("a token's time to live is between 1 minute and 3660 days")
+    return ttl
+
+
 _INFO_COLUMNS = (
     ApiToken.id,
     ApiToken.name,
@@ -127,6 +158,7 @@ _INFO_COLUMNS = (
     ApiToken.created_at,
     ApiToken.revoked_at,
     ApiToken.last_used_at,
+    ApiToken.expires_at,
 )
 _INSERT_RETURNING_ID = (
     insert(ApiToken)
@@ -135,11 +167,14 @@ _INSERT_RETURNING_ID = (
         role=bindparam("role"),
         token_hash=bindparam("digest"),
         created_at=bindparam("now"),
+        expires_at=bindparam("expires_at"),
     )
     .returning(ApiToken.id)
 )
 _ALL = select(*_INFO_COLUMNS).order_by(ApiToken.id)
-_BY_ID_FOR_UPDATE = select(*_INFO_COLUMNS).where(ApiToken.id == bindparam("id")).with_for_update()
+_BY_ID = select(*_INFO_COLUMNS).where(ApiToken.id == bindparam("id"))
+_BY_NAME = select(*_INFO_COLUMNS).where(ApiToken.name == bindparam("name"))
+_BY_ID_FOR_UPDATE = _BY_ID.with_for_update()
 _REVOKE = update(ApiToken).where(ApiToken.id == bindparam("id")).values(revoked_at=bindparam("now"))
 # the token check, on every request
 _TOKEN_BY_HASH = select(
@@ -149,6 +184,7 @@ _TOKEN_BY_HASH = select(
     ApiToken.token_hash,
     ApiToken.revoked_at,
     ApiToken.last_used_at,
+    ApiToken.expires_at,
 ).where(ApiToken.token_hash == bindparam("digest"))
 _TOUCH = (
     update(ApiToken).where(ApiToken.id == bindparam("id")).values(last_used_at=bindparam("now"))
@@ -156,26 +192,39 @@ _TOUCH = (
 
 
 def create_token(
-    db: Database, name: str, role: str, *, actor: str = "system"
+    db: Database,
+    name: str,
+    role: str,
+    *,
+    actor: str = "system",
+    ttl: timedelta | None = None,
 ) -> tuple[str, TokenInfo]:
-    """A new token for ``name`` with ``role``; its text is returned here and nowhere else."""
-    name, checked_role = valid_name(name), valid_role(role)
+    """A new token for ``name`` with ``role``, valid for ``ttl`` (None: until revoked); its
+    text is returned here and nowhere else. A name that any token ever had is refused
+    (:class:`TokenNameTaken`)."""
+    name, checked_role, ttl = valid_name(name), valid_role(role), valid_ttl(ttl)
     plaintext = generate_token()
     now = _now()
-    with db.work() as work:
-        token_id = work.scalar(
-            _INSERT_RETURNING_ID,
-            name=name,
-            role=checked_role.value,
-            digest=hash_token(plaintext),
-            now=now,
-        )
-        work.audit(
-            "token.created",
-            actor=actor,
-            subject=f"token:{token_id}",
-            details={"name": name, "role": checked_role.value},
-        )
+    expires_at = now + ttl if ttl is not None else None
+    taken = TokenNameTaken(f"a token named {name[:60]!r} exists already: choose another name")
+    try:
+        with db.work() as work:
+            if work.one(_BY_NAME, name=name) is not None:
+                raise taken
+            token_id = work.scalar(
+                _INSERT_RETURNING_ID,
+                name=name,
+                role=checked_role.value,
+                digest=hash_token(plaintext),
+                now=now,
+                expires_at=expires_at,
+            )
+            details: dict[str, object] = {"name": name, "role": checked_role.value}
+            if expires_at is not None:
+                details["expires_at"] = expires_at.isoformat()
+            work.audit("token.created", actor=actor, subject=f"token:{token_id}", details=details)
+    except IntegrityViolation:  # another node took the name between the check and the insert
+        raise taken from None
     info = TokenInfo(
         id=token_id,
         name=name,
@@ -183,8 +232,27 @@ def create_token(
         created_at=now,
         revoked_at=None,
         last_used_at=None,
+        expires_at=expires_at,
     )
     return plaintext, info
+
+
+def get_token(db: Database, token_id: int) -> TokenInfo:
+    """The token with this id (:class:`TokenNotFound` if none)."""
+    if not 1 <= token_id <= MAX_TOKEN_ID:
+        raise TokenNotFound(f"no token has id {token_id}")
+    row = db.read(lambda reads: reads.one(_BY_ID, id=token_id))
+    if row is None:
+        raise TokenNotFound(f"no token has id {token_id}")
+    return _info(row)
+
+
+def find_token(db: Database, name: str) -> TokenInfo:
+    """The token named ``name`` (:class:`TokenNotFound` if none)."""
+    row = db.read(lambda reads: reads.one(_BY_NAME, name=name.strip()))
+    if row is None:
+        raise TokenNotFound(f"no token is named {name.strip()[:60]!r}")
+    return _info(row)
 
 
 def list_tokens(db: Database, *, actor: str = "system") -> list[TokenInfo]:
@@ -199,11 +267,11 @@ def revoke_token(db: Database, token_id: int, *, actor: str = "system") -> Token
     """Revoke a token; every node refuses it from the next request on. Revoking a revoked
     token changes nothing (and writes no second record)."""
     if not 1 <= token_id <= MAX_TOKEN_ID:
-        raise TokenNotFound()
+        raise TokenNotFound(f"no token has id {token_id}")
     with db.work() as work:
         row = work.one(_BY_ID_FOR_UPDATE, id=token_id)
         if row is None:
-            raise TokenNotFound()
+            raise TokenNotFound(f"no token has id {token_id}")
         if row.revoked_at is None:
             row = row._replace(revoked_at=_now())
             work.run(_REVOKE, id=token_id, now=row.revoked_at)
@@ -237,7 +305,7 @@ class TokenCheck:
 
 def check_token(db: Database, presented: str | None) -> TokenCheck:
     """The principal of a presented token, or :class:`AuthenticationFailed` with the reason
-    (missing, malformed, unknown, revoked). One indexed read, never a write."""
+    (missing, malformed, unknown, revoked, expired). One indexed read, never a write."""
     if not presented:
         raise AuthenticationFailed("missing")
     if not presented.startswith(TOKEN_PREFIX) or len(presented) > MAX_TOKEN_CHARS:
@@ -248,11 +316,14 @@ def check_token(db: Database, presented: str | None) -> TokenCheck:
         raise AuthenticationFailed("unknown")
     if row.revoked_at is not None:
         raise AuthenticationFailed("revoked", row.id)
+    now = _now()
+    expires_at = as_utc(row.expires_at) if row.expires_at is not None else None
+    if expires_at is not None and now >= expires_at:
+        raise AuthenticationFailed("expired", row.id)
     if row.role not in ROLES:
         raise AuthenticationFailed("unknown-role", row.id)
-    now = _now()
     due = row.last_used_at is None or now - as_utc(row.last_used_at) >= LAST_USED_RESOLUTION
-    principal = Principal(name=row.name, role=row.role, token_id=row.id)
+    principal = Principal(name=row.name, role=row.role, token_id=row.id, expires_at=expires_at)
     return TokenCheck(principal, now if due else None)
 
 

@@ -24,7 +24,7 @@ router = APIRouter(prefix="/v1/ca", tags=["pki"])
 
 Context = Annotated[AppContext, Depends(get_context)]
 Admin = Annotated[Principal, Depends(require_role(Role.ADMIN))]
-Reader = Annotated[Principal, Depends(require_role(Role.ADMIN, Role.OPERATOR))]
+Reader = Annotated[Principal, Depends(require_role(Role.ADMIN, Role.OPERATOR, Role.AUDITOR))]
 CaName = Annotated[str, Path(min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9-]*$")]
 
 CRL_MEDIA_TYPE = "application/pkix-crl"
@@ -39,6 +39,7 @@ class CaOut(BaseModel):
     parent: str | None
     path_length: int
     serial: str
+    subject: str = Field(description="The certificate's subject (RFC 4514)")
     not_before: datetime
     not_after: datetime
     certificate_pem: str
@@ -52,6 +53,7 @@ class CaOut(BaseModel):
             parent=ca.parent,
             path_length=ca.path_length,
             serial=ca.serial_hex,
+            subject=cert.subject.rfc4514_string(),
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
             certificate_pem=ca.pem,

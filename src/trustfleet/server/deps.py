@@ -3,7 +3,9 @@
 Every route declares who may call it, either ``Depends(require_role("operator", ...))`` or
 ``Depends(public)`` for the few unauthenticated ones (health, metrics). No role implies
 another: a route open to admins lists ``"admin"``. The test suite checks that every route
-declares one of the two.
+declares one of the two. The CLI's in-process calls at the data directory are the local
+principal, admitted by every role check (:mod:`trustfleet.server.local` says why that is
+safe).
 
 The dependencies are coroutines: FastAPI runs a plain function in the thread pool, a hop
 that costs about 100 µs of CPU here (bench/RESULTS.md), more than the token check itself.
@@ -26,6 +28,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from trustfleet.errors import Forbidden
 from trustfleet.server.auth import AuthenticationFailed, Principal, authenticate
 from trustfleet.server.context import AppContext
+from trustfleet.server.local import LOCAL_PRINCIPAL, is_local
 from trustfleet.server.models import ROLES
 
 __all__ = [
@@ -173,6 +176,8 @@ def _request_refusals(request: Request) -> RefusalAuditor:
 async def _principal(
     request: Request, credentials: HTTPAuthorizationCredentials | None
 ) -> Principal:
+    if is_local(request.scope):
+        return LOCAL_PRINCIPAL
     state = request.scope.setdefault("state", {})  # request.state raises on a miss: slow
     cached = state.get(_PRINCIPAL_STATE)
     if isinstance(cached, Principal):
@@ -199,7 +204,8 @@ class RoleRequirement:
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Principal:
         principal = await _principal(request, credentials)
-        await require_roles(principal, self.roles, _request_refusals(request))
+        if not principal.local:
+            await require_roles(principal, self.roles, _request_refusals(request))
         return principal
 
 

@@ -7,13 +7,18 @@ processes can be started the same way against one PostgreSQL database.
 
 from __future__ import annotations
 
+import errno
 import gc
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI
 from sqlalchemy import Engine, text
 
+from trustfleet.errors import Conflict, InvalidInput
 from trustfleet.server.app import create_app
 from trustfleet.server.context import AppContext
 from trustfleet.server.logging import configure_logging
@@ -22,6 +27,25 @@ from trustfleet.store import Database
 from trustfleet.store.engine import make_engine, migrate
 
 _POSTGRES_MIGRATION_LOCK = 0x74666D6967  # advisory lock id: one node migrates at a time
+LISTEN_BACKLOG = 2048
+
+
+class PortInUse(Conflict):
+    code = "port-in-use"
+    title = "The address and port are in use by another program"
+
+
+class CannotListen(InvalidInput):
+    code = "cannot-listen"
+    title = "The server cannot listen on that address"
+
+
+@dataclass(frozen=True)
+class TlsFilePair:
+    """The certificate chain (PEM) and private key (PEM) ``serve`` answers TLS with."""
+
+    cert: Path
+    key: Path
 
 
 @contextmanager
@@ -69,29 +93,62 @@ def app_from_env() -> FastAPI:
     return app
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host``:``port``; :class:`PortInUse` names the address when
+    another program holds it (uvicorn would only log it and exit)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise CannotListen(f"cannot listen on {host!r}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(
+                f"{host}:{port} is already in use by another program",
+                hint="stop it, or choose another port with --port (or TRUSTFLEET_PORT)",
+            ) from None
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
 #: started with the server on its app context; returns what stops it
 Background = Callable[[AppContext], Callable[[], None]]
 
 
-def serve(settings: Settings, *, background: Sequence[Background] = ()) -> None:
-    """Serve on ``settings.host``:``settings.port`` until interrupted, with ``background``
-    tasks (the outbox's delivery worker, say) running beside it and stopped after it."""
+def serve(
+    settings: Settings,
+    tls: TlsFilePair | None = None,
+    *,
+    background: Sequence[Background] = (),
+) -> None:
+    """Serve on ``settings.host``:``settings.port`` (with TLS if ``tls``) until
+    interrupted, with ``background`` tasks (the outbox's delivery worker, say) running
+    beside it and stopped after it."""
     import uvicorn
 
+    sock = bind(settings.host, settings.port)
     configure_logging(settings.log_level)
     context = build_context(settings)
     app = create_app(context)
     _freeze_startup_objects()
     stops = [start(context) for start in background]
     try:
-        uvicorn.run(
+        config = uvicorn.Config(
             app,
-            host=settings.host,
-            port=settings.port,
             log_config=None,  # keep our JSON logging
             access_log=False,  # the request middleware writes the access line
             server_header=False,
+            ssl_certfile=str(tls.cert) if tls else None,
+            ssl_keyfile=str(tls.key) if tls else None,
         )
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         for stop in reversed(stops):
             stop()

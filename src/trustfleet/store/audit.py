@@ -257,6 +257,35 @@ def records_after(reads: Reads, after_seq: int = 0, limit: int = 1000) -> list[C
     return rows
 
 
+def find_records(
+    reads: Reads,
+    *,
+    after_seq: int = 0,
+    limit: int = 100,
+    action: str | None = None,
+    actor: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[ChainedRecord]:
+    """Records with ``seq > after_seq`` that match every filter given, oldest first, at most
+    ``limit``. ``action`` is exact, or a prefix when it ends with ``*`` (``tmk.*``);
+    ``actor`` is exact; ``since`` <= ``at`` < ``until``."""
+    statement = select(*AuditRecord.__table__.columns).where(AuditRecord.seq > after_seq)
+    if action is not None:
+        if action.endswith("*"):
+            statement = statement.where(AuditRecord.action.startswith(action[:-1], autoescape=True))
+        else:
+            statement = statement.where(AuditRecord.action == action)
+    if actor is not None:
+        statement = statement.where(AuditRecord.actor == actor)
+    if since is not None:
+        statement = statement.where(AuditRecord.at >= as_utc(since))
+    if until is not None:
+        statement = statement.where(AuditRecord.at < as_utc(until))
+    rows: list[ChainedRecord] = reads.all(statement.order_by(AuditRecord.seq).limit(limit))
+    return rows
+
+
 def all_records(reads: Reads, batch: int = 1000) -> Iterator[ChainedRecord]:
     """Every record, oldest first, read ``batch`` at a time."""
     last = 0

@@ -66,8 +66,9 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def migrate(engine: Engine) -> None:
-    """Apply every domain's Alembic branch up to its head (idempotent)."""
+def migrate(engine: Engine, target: str = "heads") -> None:
+    """Apply every domain's Alembic branch up to its head (idempotent); ``target`` names
+    one revision instead (tests of a migration start from the revision before it)."""
     from alembic import command
     from alembic.config import Config
 
@@ -75,4 +76,4 @@ def migrate(engine: Engine) -> None:
     config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     with engine.begin() as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, "heads")
+        command.upgrade(config, target)

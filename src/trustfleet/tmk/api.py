@@ -21,10 +21,11 @@ from functools import partial
 from typing import IO, Annotated, Literal
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from trustfleet.crypto.base import KeyAlgorithm
+from trustfleet.crypto.payment.pinblock import PAN_PATTERN, PIN_PATTERN
 from trustfleet.errors import InvalidInput, UnsupportedMediaType
 from trustfleet.kit.routes import DeviceRoutes
 from trustfleet.kit.sessions import SESSION_ID_PATTERN
@@ -34,10 +35,18 @@ from trustfleet.server.deps import Principal, get_context, public, require_role
 from trustfleet.server.devicelane import DeviceAnswer
 from trustfleet.server.limits import streamed_import
 from trustfleet.server.models import Role
+from trustfleet.server.paging import (
+    DEFAULT_LIMIT,
+    CursorParam,
+    InvalidCursor,
+    LimitParam,
+    decode_cursor,
+    encode_cursor,
+)
 from trustfleet.tmk import registry, services
 from trustfleet.tmk.errors import TmkInvalidTerminalRecord
 from trustfleet.tmk.identity import KSRCRT_CA, KeyServerIdentity
-from trustfleet.tmk.terminals import TerminalOverview
+from trustfleet.tmk.terminals import TerminalOverview, TerminalSummary
 from trustfleet.tmk.working_keys import WORKING_KEY_USAGES, IssuedWorkingKey
 
 router = APIRouter(prefix="/v1/tmk", tags=["tmk"])
@@ -46,7 +55,10 @@ Context = Annotated[AppContext, Depends(get_context)]
 Admin = Annotated[Principal, Depends(require_role(Role.ADMIN))]
 Manufacturer = Annotated[Principal, Depends(require_role(Role.MANUFACTURER))]
 Operator = Annotated[Principal, Depends(require_role(Role.OPERATOR))]
-Reader = Annotated[Principal, Depends(require_role(Role.OPERATOR, Role.MANUFACTURER))]
+Reader = Annotated[Principal, Depends(require_role(Role.OPERATOR, Role.MANUFACTURER, Role.AUDITOR))]
+IdentityReader = Annotated[
+    Principal, Depends(require_role(Role.ADMIN, Role.OPERATOR, Role.AUDITOR))
+]
 Gateway = Annotated[Principal, Depends(require_role(Role.DEVICE_GATEWAY))]
 Sn = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 SessionId = Annotated[str, Path(pattern=f"^{SESSION_ID_PATTERN.pattern}$")]
@@ -62,6 +74,7 @@ IMPORT_MEDIA_TYPES = {
     "application/json": "json",
 }
 CRL_PATH = f"/v1/ca/{KSRCRT_CA}/crl"
+TERMINAL_LISTING = "tmk-terminals"
 
 
 # =====================================================================================
@@ -87,6 +100,11 @@ class TerminalOut(BaseModel):
     registered_by: str
     created_at: datetime
     updated_at: datetime
+
+
+class TerminalPage(BaseModel):
+    items: list[TerminalOut]
+    next_cursor: str | None = Field(description="Pass as cursor for the next page")
 
 
 class RejectionOut(BaseModel):
@@ -214,8 +232,8 @@ class PinCheckIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pin_block: str = Field(pattern=r"^(?:[0-9A-Fa-f]{16}|[0-9A-Fa-f]{32})$")
-    pan: str = Field(pattern=r"^[0-9]{12,19}$")
-    pin: str = Field(pattern=r"^[0-9]{4,12}$")
+    pan: str = Field(pattern=PAN_PATTERN)
+    pin: str = Field(pattern=PIN_PATTERN)
 
 
 class PinCheckOut(BaseModel):
@@ -268,6 +286,29 @@ class IdentityOut(BaseModel):
             not_after=identity.certificate.not_valid_after_utc,
             crl_path=CRL_PATH,
         )
+
+
+class IdentityRecordOut(BaseModel):
+    work_certificate_serial: str
+    work_key_algorithm: str
+    status: str = Field(description="active, retired or revoked")
+    created_at: datetime
+    not_after: datetime
+
+    @classmethod
+    def of(cls, identity: KeyServerIdentity) -> IdentityRecordOut:
+        return cls(
+            work_certificate_serial=identity.serial_hex,
+            work_key_algorithm=identity.algorithm.value,
+            status=identity.status,
+            created_at=identity.created_at,
+            not_after=identity.certificate.not_valid_after_utc,
+        )
+
+
+class SweepOut(BaseModel):
+    sessions_aborted: int
+    keys_destroyed: int
 
 
 class RevocationIn(BaseModel):
@@ -345,12 +386,19 @@ def download_abort(
     return {"status": "aborted"}
 
 
+@router.post("/sweep")
+def sweep(context: Context, principal: Operator) -> SweepOut:
+    """End expired downloads and destroy any key a crash left retired or aborted."""
+    report = services.downloads(context).sweep(actor=principal.actor)
+    return SweepOut(sessions_aborted=report.sessions_aborted, keys_destroyed=report.keys_destroyed)
+
+
 # =====================================================================================
 # Terminal registry
 # =====================================================================================
 
 
-def _terminal_out(view: TerminalOverview) -> TerminalOut:
+def _terminal_out(view: TerminalOverview | TerminalSummary) -> TerminalOut:
     return TerminalOut(
         sn=view.sn,
         model=view.model,
@@ -438,6 +486,27 @@ def _lines(chunks: Iterator[bytes], *, max_line: int | None) -> Iterator[str]:
             if pending:
                 yield pending
             return
+
+
+@router.get("/terminals")
+def list_terminals(
+    context: Context,
+    principal: Reader,
+    status: Annotated[Literal["active", "suspended", "revoked"] | None, Query()] = None,
+    model: Annotated[str | None, Query(min_length=1, max_length=registry.MODEL_MAX)] = None,
+    cursor: CursorParam = None,
+    limit: LimitParam = DEFAULT_LIMIT,
+) -> TerminalPage:
+    """Registered terminals in SN order, of ``status`` and ``model`` when given, one page at
+    a time."""
+    after = decode_cursor(TERMINAL_LISTING, cursor)
+    if after is not None and not isinstance(after, str):
+        raise InvalidCursor("the cursor is malformed")
+    found = services.terminals(context).list_terminals(
+        status=status, model=model, after_sn=after, limit=limit
+    )
+    next_cursor = encode_cursor(TERMINAL_LISTING, found[-1].sn) if len(found) == limit else None
+    return TerminalPage(items=[_terminal_out(t) for t in found], next_cursor=next_cursor)
 
 
 @router.get("/terminals/{sn}")
@@ -534,6 +603,16 @@ def get_identity(context: Context) -> IdentityOut:
     """KSRCRT (what terminals preload) and the current KSWCRT; public, as certificates
     are. KSRCRT's CRL is at ``crl_path`` (public too)."""
     return _identity_out(context, services.identity(context).require_current())
+
+
+@router.get("/identity/history")
+def identity_history(context: Context, principal: IdentityReader) -> list[IdentityRecordOut]:
+    """Every work certificate the key server has had, oldest first (404
+    ``tmk-identity-not-initialised`` before the first)."""
+    history = services.identity(context).history()
+    if not history:
+        services.identity(context).require_current()  # raises: nothing to show yet
+    return [IdentityRecordOut.of(identity) for identity in history]
 
 
 @router.post("/identity")

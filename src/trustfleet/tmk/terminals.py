@@ -56,6 +56,19 @@ class WorkingKeyInfo:
 
 
 @dataclass(frozen=True)
+class TerminalSummary:
+    """A terminal as a listing shows it."""
+
+    sn: str
+    model: str
+    key_algorithm: str
+    status: str
+    registered_by: str
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
 class TerminalOverview:
     sn: str
     model: str
@@ -71,7 +84,7 @@ class TerminalOverview:
     tmk_history: int
 
 
-_TERMINAL = select(
+_SUMMARY_COLUMNS = (
     Terminal.sn,
     Terminal.model,
     Terminal.key_algorithm,
@@ -79,7 +92,8 @@ _TERMINAL = select(
     Terminal.registered_by,
     Terminal.created_at,
     Terminal.updated_at,
-).where(Terminal.sn == bindparam("b_sn"))
+)
+_TERMINAL = select(*_SUMMARY_COLUMNS).where(Terminal.sn == bindparam("b_sn"))
 _TERMINAL_LOCKED = _TERMINAL.with_for_update()
 _SET_STATUS = (
     update(Terminal)
@@ -206,6 +220,38 @@ class Terminals:
                 details={"tmk_algorithm": tmk_algorithm},
             )
         return self.overview(sn)
+
+    def list_terminals(
+        self,
+        *,
+        status: str | None = None,
+        model: str | None = None,
+        after_sn: str | None = None,
+        limit: int = 100,
+    ) -> list[TerminalSummary]:
+        """Terminals in SN order after ``after_sn``, of ``status`` and ``model`` when given,
+        at most ``limit``."""
+        statement = select(*_SUMMARY_COLUMNS)
+        if after_sn is not None:
+            statement = statement.where(Terminal.sn > after_sn)
+        if status is not None:
+            statement = statement.where(Terminal.status == status)
+        if model is not None:
+            statement = statement.where(Terminal.model == model)
+        statement = statement.order_by(Terminal.sn).limit(limit)
+        rows = self._db.read(lambda reads: reads.all(statement))
+        return [
+            TerminalSummary(
+                sn=row.sn,
+                model=row.model,
+                key_algorithm=row.key_algorithm,
+                status=row.status,
+                registered_by=row.registered_by,
+                created_at=as_utc(row.created_at),
+                updated_at=as_utc(row.updated_at),
+            )
+            for row in rows
+        ]
 
     def overview(self, sn: str) -> TerminalOverview:
         """The terminal's registration, its active TMK and working keys (KCVs only)."""

@@ -18,7 +18,9 @@ Format 0 (ISO 9564-1, "ISO-0", ANSI X9.8)::
     PAN field  = 0000 | 12 rightmost PAN digits excluding the check digit       (8 bytes)
     block      = E(PIN field XOR PAN field)
 
-Deciphering checks every fixed nibble; any mismatch raises :class:`PinBlockInvalid` without
+A PAN is 12 to 19 digits here, on the terminal and on the server alike (a card number is
+never shorter; the standard's padding of shorter ones is not used). Deciphering checks
+every fixed nibble; any mismatch raises :class:`PinBlockInvalid` without
 saying which check failed.
 """
 
@@ -40,8 +42,11 @@ RandomSource = Callable[[int], bytes]
 
 MIN_PIN, MAX_PIN = 4, 12
 MIN_PAN, MAX_PAN = 12, 19
-_PIN = re.compile(r"[0-9]{4,12}")
-_PAN = re.compile(r"[0-9]{1,19}")
+#: the one rule for PINs and PANs, on the terminal and on the server (the API's patterns)
+PIN_PATTERN = f"^[0-9]{{{MIN_PIN},{MAX_PIN}}}$"
+PAN_PATTERN = f"^[0-9]{{{MIN_PAN},{MAX_PAN}}}$"
+_PIN = re.compile(PIN_PATTERN)
+_PAN = re.compile(PAN_PATTERN)
 FORMAT_0 = "iso-0"
 FORMAT_4 = "iso-4"
 #: the PIN block format each working-key algorithm uses
@@ -66,7 +71,7 @@ def check_pin(pin: str) -> str:
 
 def check_pan(pan: str) -> str:
     if not isinstance(pan, str) or not _PAN.fullmatch(pan):
-        raise InvalidInput(f"a PAN is 1-{MAX_PAN} decimal digits")
+        raise InvalidInput(f"a PAN is {MIN_PAN}-{MAX_PAN} decimal digits")
     return pan
 
 
