@@ -555,12 +555,7 @@ def demo_step(env: DemoEnv) -> None:
     """Bind, lock, power-cycle and verify; then move the SE to a second host: it refuses
     service, and the server's fleet view flags the theft."""
     console.rule("[bold]se: secure element bound to its host, and the fleet view")
-    tokens = {
-        role: env.call("POST", "/v1/tokens", json={"name": f"demo se {role}", "role": role})[
-            "token"
-        ]
-        for role in ("device-gateway", "operator")
-    }
+    tokens = env.tokens("se", "device-gateway", "operator")
     operator = tokens["operator"]
     http = HttpReporter(env.client, tokens["device-gateway"])
 

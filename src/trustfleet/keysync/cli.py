@@ -616,10 +616,7 @@ def demo_step(env: DemoEnv) -> None:
     from trustfleet.kit.outbox.webhooks import Verifier, decode_public_key
 
     step_title("keysync: M2M key import, registration, SMS key sync, sealed push")
-    tokens = {
-        role: env.call("POST", "/v1/tokens", json={"name": f"demo {role}", "role": role})["token"]
-        for role in ("manufacturer", "operator", "device-gateway")
-    }
+    tokens = env.tokens("keysync", "manufacturer", "operator", "device-gateway")
     app_id, work = "demo-meter-app", env.workdir / "keysync"
     platform_key = x25519.X25519PrivateKey.generate()
     port = free_port()

@@ -34,6 +34,16 @@ class DemoEnv:
             raise DemoFailed(f"{method} {path}: {problem.get('code')}: {problem.get('detail')}")
         return response.json() if "json" in response.headers.get("content-type", "") else response
 
+    def tokens(self, step: str, *roles: str) -> dict[str, str]:
+        """A new API token per role for the demo step ``step`` (token names are unique:
+        ``demo <step> <role>``), by role."""
+        return {
+            role: self.call(
+                "POST", "/v1/tokens", json={"name": f"demo {step} {role}", "role": role}
+            )["token"]
+            for role in roles
+        }
+
 
 class DemoFailed(TrustfleetError):
     code = "demo-failed"

@@ -791,39 +791,18 @@ def pos_show(directory: PosDir = DEFAULT_POS_DIR) -> None:
 # =====================================================================================
 
 
-def _request(env: DemoEnv, method: str, path: str, token: str, **kwargs: Any) -> Any:
-    headers = {"Authorization": f"Bearer {token}", **kwargs.pop("headers", {})}
-    response = env.client.request(method, path, headers=headers, **kwargs)
-    if response.status_code >= 400:
-        from trustfleet.kit.demo import DemoFailed
-
-        problem = response.json()
-        raise DemoFailed(f"{method} {path}: {problem.get('code')}: {problem.get('detail')}")
-    return response.json()
-
-
 def demo_step(env: DemoEnv) -> None:
     """factory -> import -> download -> working keys -> a PIN block from the terminal,
     deciphered on the server side."""
     console.rule("[bold]tmk: POS terminal master key download and working keys")
-    tokens = {
-        role: _request(
-            env,
-            "POST",
-            "/v1/tokens",
-            env.admin_token,
-            json={"name": f"demo tmk {role}", "role": role},
-        )["token"]
-        for role in ("manufacturer", "device-gateway", "operator")
-    }
-    identity = _request(env, "POST", "/v1/tmk/identity", env.admin_token)
+    tokens = env.tokens("tmk", "manufacturer", "device-gateway", "operator")
+    identity = env.call("POST", "/v1/tmk/identity", env.admin_token)
     console.print(f"key server: KSWCRT {identity['work_certificate_serial'][:16]}… under KSRCRT")
 
     directory, sn = env.workdir / "pos-terminal", "DEMO-POS-0001"
     PosTerminal.factory(directory, sn, root_pem=identity["ksrcrt_pem"].encode())
     console.print(f"factory: {sn} made, TKP (P-256) generated inside its SCM, KSRCRT preloaded")
-    report = _request(
-        env,
+    report = env.call(
         "POST",
         "/v1/tmk/terminals/import",
         tokens["manufacturer"],
@@ -840,8 +819,7 @@ def demo_step(env: DemoEnv) -> None:
         " (server and terminal agree)"
     )
     for usage in ("P0", "M3"):
-        issued = _request(
-            env,
+        issued = env.call(
             "POST",
             f"/v1/tmk/terminals/{sn}/working-keys",
             tokens["operator"],
@@ -855,8 +833,7 @@ def demo_step(env: DemoEnv) -> None:
     block = terminal.encrypt_pin("1234", DEMO_PAN)
     console.print(f"terminal: PIN block (ISO 9564 format 4) {block.hex().upper()}")
     for pin in ("1234", "9999"):
-        verdict = _request(
-            env,
+        verdict = env.call(
             "POST",
             f"/v1/tmk/terminals/{sn}/pin-blocks/verify",
             tokens["operator"],
