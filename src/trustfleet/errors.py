@@ -122,7 +122,7 @@ class KeyNotExportable(KeyStoreError):
     title = "The key is not exportable"
 
 
-class MasterKeyError(KeyStoreError):
+class MasterKeyError(KeyStoreError, ConfigurationError):  # set-up: the CLI exits 2
     code = "master-key-error"
     status = 500
     title = "The master key is missing, malformed or does not match the stored keys"

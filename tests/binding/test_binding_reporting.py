@@ -309,8 +309,8 @@ def ok(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout
 
 
-def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 1, result.stdout + result.stderr
+def one_line_error(result: subprocess.CompletedProcess[str], exit_status: int = 1) -> str:
+    assert result.returncode == exit_status, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     return line
@@ -360,9 +360,9 @@ def test_se_verbs_report_to_the_fleet_view_and_operators_read_it(
         "error [se-server-refused]: the server refused: [forbidden]"
     )
     missing = se_cli(data, "fleet", token=None, server=node.url)
-    assert one_line_error(missing).startswith("error [se-token-missing]")
+    assert one_line_error(missing, 2).startswith("error [se-token-missing]")  # usage
     down = se_cli(data, "flags", token=operator, server="http://127.0.0.1:1")
-    assert one_line_error(down).startswith("error [se-server-unreachable]")
+    assert one_line_error(down, 3).startswith("error [se-server-unreachable]")
 
     # a device whose server is unreachable still verifies; its event waits in its host dir
     offline = se_cli(data, "verify", *gw1, token=gateway, server="http://127.0.0.1:1")

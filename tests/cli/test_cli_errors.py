@@ -96,6 +96,19 @@ def test_a_data_directory_that_was_never_initialised(tmp_path: Path) -> None:
     assert list(empty.iterdir()) == []  # nothing was created there
 
 
+def test_a_node_of_a_shared_database_needs_no_initialised_data_directory(tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    run_cli(first, "init")
+    shared = {
+        "TRUSTFLEET_DATABASE_URL": f"sqlite:///{first / 'trustfleet.db'}",
+        "TRUSTFLEET_MASTER_KEY_FILE": str(first / "master.key"),
+    }
+    second = tmp_path / "second"
+    second.mkdir()  # never initialised: the database and the master key are elsewhere
+    listed = run_cli(second, "--output", "json", "token", "list", env=shared)
+    assert '"bootstrap admin"' in listed.stdout
+
+
 def test_a_missing_file(tmp_path: Path) -> None:
     result = run_cli(
         tmp_path, "emulate", "pos", "factory", "--sn", "POS-1", "--root", "nosuch.pem",

@@ -21,7 +21,7 @@ def test_admins_see_each_keys_custody_and_nobody_sees_material(
     assert body["backend"] == "soft"
     keys = {k["handle"]: k for k in body["keys"]}
     assert keys[secret.handle]["custody"] == "database"
-    assert keys[secret.handle]["usage"] == ["MAC"]
+    assert keys[secret.handle]["usage"] == ["mac"]
     assert keys[secret.handle]["extractable"] is False
     assert keys[secret.handle]["token_operations"] == []
     assert set(keys[secret.handle]["process_operations"]) == {"kcv", "mac"}

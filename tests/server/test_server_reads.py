@@ -80,7 +80,10 @@ def test_keystore_status_and_keys(client: TestClient, tokens: dict[str, str]) ->
     auditor = bearer(tokens["auditor"])
     status = client.get("/v1/keystore", headers=auditor).json()
     assert status == {"backend": "soft", "reachable": True, "keys": 0, "problem": None}
-    assert client.get("/v1/keystore/keys", headers=auditor).json() == []
+    assert client.get("/v1/keystore/keys", headers=auditor).json() == {
+        "backend": "soft",
+        "keys": [],
+    }
     assert_problem(client.get("/v1/keystore", headers=bearer(tokens["operator"])), 403)
 
 

@@ -246,7 +246,7 @@ def test_copies_of_each_step_on_both_nodes_get_one_answer_and_the_tmk_stays_acti
             assert status.json()["active_tmk"]["kcv"] == terminal.scm.tmk_kcv.hex().upper()
             assert status.json()["active_tmk"]["session_id"] == challenge.session_id
         page = clients[1].get("/v1/audit", params={"limit": 1000}, headers=admin).json()
-        actions = [r["action"] for r in page["records"]]
+        actions = [r["action"] for r in page["items"]]
         assert actions.count("tmk.tmk_activated") == 4
         assert "tmk.download_failed" not in actions
     finally:

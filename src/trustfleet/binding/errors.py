@@ -8,6 +8,7 @@ a file or a link says something went wrong. Messages never carry credentials or 
 from __future__ import annotations
 
 from trustfleet.errors import TrustfleetError
+from trustfleet.kit.client import NoToken, Unreachable
 from trustfleet.wire import MalformedMessage
 
 
@@ -176,13 +177,13 @@ class SeServerRefused(SeError):
         self.http_status = http_status
 
 
-class SeServerUnreachable(SeError):
+class SeServerUnreachable(SeError, Unreachable):  # the CLI exits 3, as for any unreachable server
     code = "se-server-unreachable"
     status = 502
     title = "The trustfleet server cannot be reached"
 
 
-class SeTokenMissing(SeError):
+class SeTokenMissing(SeError, NoToken):  # the CLI exits 2, as for any missing token
     code = "se-token-missing"
     status = 400
     title = "Set TRUSTFLEET_TOKEN to an API token of the right role"

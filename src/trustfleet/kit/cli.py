@@ -135,24 +135,30 @@ class CliState:
         return self.output == OutputFormat.JSON
 
     def context(self) -> AppContext:
-        """The app context of the local data directory, which must be initialised."""
+        """The app context of the local data directory, which must be initialised unless an
+        external database is configured (a node of a shared database, e.g. a second worker)."""
         if self._context is None:
             settings = self.settings
-            directory = settings.data_dir
-            hint = (
-                "run `trustfleet init`, or name another directory with --data-dir"
-                " (TRUSTFLEET_DATA_DIR), or a running server with --server (TRUSTFLEET_ADDR)"
-            )
-            if not directory.is_dir():
-                raise NotInitialised(f"data directory {directory} does not exist", hint=hint)
-            if not settings.initialised:
-                raise NotInitialised(
-                    f"{directory} is not an initialised trustfleet data directory", hint=hint
-                )
+            if not settings.database_url:
+                self._require_initialised(settings)
             from trustfleet.server.runner import build_context
 
             self._context = build_context(settings)
         return self._context
+
+    @staticmethod
+    def _require_initialised(settings: Settings) -> None:
+        directory = settings.data_dir
+        hint = (
+            "run `trustfleet init`, or name another directory with --data-dir"
+            " (TRUSTFLEET_DATA_DIR), or a running server with --server (TRUSTFLEET_ADDR)"
+        )
+        if not directory.is_dir():
+            raise NotInitialised(f"data directory {directory} does not exist", hint=hint)
+        if not settings.initialised:
+            raise NotInitialised(
+                f"{directory} is not an initialised trustfleet data directory", hint=hint
+            )
 
     def api(self, *, token_required: bool = True) -> ApiClient:
         """The API: remote with ``--server``, else in process over the data directory."""
