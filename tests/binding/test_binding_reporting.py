@@ -351,18 +351,15 @@ def test_se_verbs_report_to_the_fleet_view_and_operators_read_it(
     acked = as_operator("ack", str(flag["id"]), "--note", "checked")
     assert f"flag {flag['id']} (foreign-failure" in ok(acked)
     again = as_operator("ack", str(flag["id"]))
-    assert one_line_error(again) == (
-        "error [se-server-refused]: the server refused: [se-flag-already-acknowledged]"
-        f" flag {flag['id']} was acknowledged already"
+    assert one_line_error(again).startswith(
+        f"error [se-flag-already-acknowledged]: flag {flag['id']} was acknowledged already"
     )
     forbidden = se_cli(data, "flags", token=gateway, server=node.url)
-    assert one_line_error(forbidden).startswith(
-        "error [se-server-refused]: the server refused: [forbidden]"
-    )
+    assert one_line_error(forbidden).startswith("error [forbidden]")
     missing = se_cli(data, "fleet", token=None, server=node.url)
-    assert one_line_error(missing, 2).startswith("error [se-token-missing]")  # usage
+    assert one_line_error(missing, 2).startswith("error [no-token]")  # usage
     down = se_cli(data, "flags", token=operator, server="http://127.0.0.1:1")
-    assert one_line_error(down, 3).startswith("error [se-server-unreachable]")
+    assert one_line_error(down, 3).startswith("error [server-unreachable]")
 
     # a device whose server is unreachable still verifies; its event waits in its host dir
     offline = se_cli(data, "verify", *gw1, token=gateway, server="http://127.0.0.1:1")

@@ -7,15 +7,14 @@ process, on its NV file), ``--reader NAME`` (a PC/SC reader, e.g. vpcd's inside 
 or ``--vpcd-listen HOST:PORT`` (this command plays the vpcd reader and waits for
 ``trustfleet se emulate`` to connect).
 
-The fleet-view verbs are thin clients of the server's operator API (``--server`` or
-``TRUSTFLEET_ADDR``, the token from ``TRUSTFLEET_TOKEN``, never from the command line);
-:func:`api_client` is the one place that builds their client.
+The fleet-view verbs are clients of the HTTP API like every management verb: ``--server``
+or ``TRUSTFLEET_ADDR`` with the token of ``TRUSTFLEET_TOKEN`` or the login file (never the
+command line), or the local data directory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import signal
@@ -23,25 +22,21 @@ import threading
 from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-import httpx
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from trustfleet.binding.errors import (
     SeBoundElsewhere,
     SeError,
     SeNotVerified,
-    SeServerRefused,
-    SeServerUnreachable,
     SeTokenMissing,
 )
 from trustfleet.binding.fleet import FLAG_STATUS_FILTERS, RULES
 from trustfleet.binding.host import BindingEvent, Host, HostKey, HostStore, Reporter
 from trustfleet.binding.protocol import Lifecycle, Mode, SeStatus
-from trustfleet.binding.reporting import TOKEN_ENV, HttpReporter
+from trustfleet.binding.reporting import HttpReporter
 from trustfleet.binding.secure_element import SecureElement
 from trustfleet.binding.storage import FileNvStore, MemoryNvStore
 from trustfleet.binding.transport import (
@@ -53,7 +48,7 @@ from trustfleet.binding.transport import (
     serve_card,
 )
 from trustfleet.errors import InvalidInput
-from trustfleet.kit.cli import console, err_console
+from trustfleet.kit.cli import api, console, emit, err_console, state, wrapping_table
 from trustfleet.kit.demo import DemoEnv
 from trustfleet.store.files import read_small_file
 
@@ -70,7 +65,6 @@ ListenOption = Annotated[
 HostDir = Annotated[Path, typer.Option("--host-dir", help="The host's key and binding store.")]
 DEFAULT_HOST_DIR = Path("se-host")
 ADDR_ENV = "TRUSTFLEET_ADDR"
-DEFAULT_SERVER = "http://127.0.0.1:8080"
 QUEUE_FILE = "reports.queue"
 ReportOption = Annotated[
     str | None,
@@ -80,17 +74,6 @@ ReportOption = Annotated[
         help="Report the events to this server's fleet view (token: $TRUSTFLEET_TOKEN).",
     ),
 ]
-ServerOption = Annotated[
-    str, typer.Option("--server", envvar=ADDR_ENV, help="The trustfleet server's base URL.")
-]
-
-
-class Output(StrEnum):
-    TABLE = "table"
-    JSON = "json"
-
-
-OutputOption = Annotated[Output, typer.Option("--output", help="table or json.")]
 
 
 class FlagStatus(StrEnum):
@@ -332,7 +315,7 @@ def status(
 
 
 def _print_status(se: SeStatus, known: bool) -> None:
-    table = Table("field", "value", show_header=False)
+    table = wrapping_table("field", "value", show_header=False)
     table.add_row("SE ID", se.se_id.hex())
     table.add_row("lifecycle", se.lifecycle.name.lower())
     table.add_row("mode", se.mode.value if se.mode else "-")
@@ -369,73 +352,27 @@ def reset(
 # =====================================================================================
 
 
-class FleetApi:
-    """The fleet view's operator API over HTTP; a refusal becomes a one-line error with the
-    server's problem code."""
-
-    def __init__(self, client: httpx.Client, token: str) -> None:
-        self._client = client
-        self._headers = {"Authorization": f"Bearer {token}"}
-
-    def get(self, path: str, **params: Any) -> Any:
-        query = {name: value for name, value in params.items() if value is not None}
-        return self._answer(lambda: self._client.get(path, params=query, headers=self._headers))
-
-    def post(self, path: str, body: dict[str, Any]) -> Any:
-        return self._answer(lambda: self._client.post(path, json=body, headers=self._headers))
-
-    def _answer(self, call: Callable[[], httpx.Response]) -> Any:
-        try:
-            response = call()
-        except httpx.HTTPError as exc:
-            raise SeServerUnreachable(f"{self._client.base_url}: {type(exc).__name__}") from None
-        if response.status_code >= 400:
-            try:
-                problem = response.json()
-                code, detail = str(problem["code"]), str(problem.get("detail", ""))
-            except (ValueError, KeyError, TypeError):
-                code, detail = f"http-{response.status_code}", response.text[:200]
-            raise SeServerRefused(code[:64], detail[:300], response.status_code)
-        return response.json()
-
-
-@contextlib.contextmanager
-def api_client(server: str) -> Iterator[FleetApi]:
-    """The one place the fleet-view verbs get their client: the server's base URL and the
-    token of ``TRUSTFLEET_TOKEN`` (a shared remote CLI can replace this function)."""
-    token = os.environ.get(TOKEN_ENV, "")
-    if not token:
-        raise SeTokenMissing(f"set {TOKEN_ENV} to an operator token")
-    with httpx.Client(base_url=server, timeout=30) as client:
-        yield FleetApi(client, token)
-
-
-def _print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
-
-
 def _when(value: str | None) -> str:
     return value[:19].replace("T", " ") if value else "-"
 
 
 @app.command("fleet")
 def fleet(
-    server: ServerOption = DEFAULT_SERVER,
     flagged: Annotated[bool, typer.Option("--flagged", help="Only SEs with an open flag.")] = False,
     device: Annotated[str | None, typer.Option(help="Only SEs bound to this host.")] = None,
     after: Annotated[str | None, typer.Option(help="The page after this SE ID.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many (1..500).")] = 100,
-    output: OutputOption = Output.TABLE,
 ) -> None:
     """The secure elements the hosts reported: bound host, last event, open flags."""
-    with api_client(server) as api:
-        page = api.get(
-            "/v1/se/elements", flagged=flagged or None, device=device, after=after, limit=limit
-        )
-    if output is Output.JSON:
-        _print_json(page)
+    page = api().get(
+        "/v1/se/elements", flagged=flagged or None, device=device, after=after, limit=limit
+    )
+    if state.json_output:
+        emit(page, lambda: None)
         return
-    table = Table("SE ID", "bound host", "locked", "binds", "last event", "at", "open flags")
+    table = wrapping_table(
+        "SE ID", "bound host", "locked", "binds", "last event", "at", "open flags"
+    )
     for e in page["elements"]:
         table.add_row(
             e["se_id"],
@@ -453,7 +390,6 @@ def fleet(
 
 @app.command("flags")
 def flags(
-    server: ServerOption = DEFAULT_SERVER,
     status: Annotated[
         FlagStatus, typer.Option(help="open, acknowledged or all.")
     ] = FlagStatus.OPEN,
@@ -464,24 +400,24 @@ def flags(
     rule: Annotated[FlagRule | None, typer.Option(help="Only flags of this rule.")] = None,
     after: Annotated[int | None, typer.Option(help="The page after this flag id.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many (1..500).")] = 100,
-    output: OutputOption = Output.TABLE,
 ) -> None:
     """What the fleet's reports flagged (a likely theft is foreign-failure), oldest first."""
     se_id = se.lower() if se else None
-    with api_client(server) as api:
-        page = api.get(
-            "/v1/se/flags",
-            status=status.value,
-            se_id=se_id,
-            device=device,
-            rule=rule.value if rule else None,
-            after=after,
-            limit=limit,
-        )
-    if output is Output.JSON:
-        _print_json(page)
+    page = api().get(
+        "/v1/se/flags",
+        status=status.value,
+        se_id=se_id,
+        device=device,
+        rule=rule.value if rule else None,
+        after=after,
+        limit=limit,
+    )
+    if state.json_output:
+        emit(page, lambda: None)
         return
-    table = Table("id", "rule", "SE ID", "host", "bound host", "reports", "raised", "status")
+    table = wrapping_table(
+        "id", "rule", "SE ID", "host", "bound host", "reports", "raised", "status"
+    )
     for f in page["flags"]:
         table.add_row(
             str(f["id"]),
@@ -503,18 +439,15 @@ def flags(
 @app.command("events")
 def events(
     se_id: Annotated[str, typer.Argument(help="The SE ID (32 hex digits).")],
-    server: ServerOption = DEFAULT_SERVER,
     before: Annotated[int | None, typer.Option(help="The page before this event id.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many (1..500).")] = 20,
-    output: OutputOption = Output.TABLE,
 ) -> None:
     """What the hosts reported about one SE, newest first."""
-    with api_client(server) as api:
-        page = api.get(f"/v1/se/elements/{se_id.lower()}/events", before=before, limit=limit)
-    if output is Output.JSON:
-        _print_json(page)
+    page = api().get(f"/v1/se/elements/{se_id.lower()}/events", before=before, limit=limit)
+    if state.json_output:
+        emit(page, lambda: None)
         return
-    table = Table("id", "event", "host", "received", "host's clock", "reported by")
+    table = wrapping_table("id", "event", "host", "received", "host's clock", "reported by")
     for e in page["events"]:
         table.add_row(
             str(e["id"]),
@@ -530,15 +463,12 @@ def events(
 @app.command("ack")
 def acknowledge(
     flag_id: Annotated[int, typer.Argument(help="The flag's id (from `se flags`).")],
-    server: ServerOption = DEFAULT_SERVER,
     note: Annotated[str, typer.Option(help="What you found (kept in the audit log).")] = "",
-    output: OutputOption = Output.TABLE,
 ) -> None:
     """Acknowledge a flag: looked at. The next report breaking the rule opens a new one."""
-    with api_client(server) as api:
-        flag = api.post(f"/v1/se/flags/{flag_id}/acknowledge", {"note": note})
-    if output is Output.JSON:
-        _print_json(flag)
+    flag = api().post(f"/v1/se/flags/{flag_id}/acknowledge", {"note": note})
+    if state.json_output:
+        emit(flag, lambda: None)
         return
     console.print(
         escape(f"flag {flag['id']} ({flag['rule']}, SE {flag['se_id']}) acknowledged"),

@@ -8,7 +8,7 @@ a file or a link says something went wrong. Messages never carry credentials or 
 from __future__ import annotations
 
 from trustfleet.errors import TrustfleetError
-from trustfleet.kit.client import NoToken, Unreachable
+from trustfleet.kit.client import NoToken
 from trustfleet.wire import MalformedMessage
 
 
@@ -162,25 +162,6 @@ class SeReportIdReused(SeError):
     code = "se-report-id-reused"
     status = 409
     title = "The report id was used already for another report"
-
-
-class SeServerRefused(SeError):
-    """The trustfleet server answered with an error (its problem code is ``remote_code``)."""
-
-    code = "se-server-refused"
-    status = 502
-    title = "The server refused the request"
-
-    def __init__(self, remote_code: str, detail: str, http_status: int) -> None:
-        super().__init__(f"the server refused: [{remote_code}] {detail}")
-        self.remote_code = remote_code
-        self.http_status = http_status
-
-
-class SeServerUnreachable(SeError, Unreachable):  # the CLI exits 3, as for any unreachable server
-    code = "se-server-unreachable"
-    status = 502
-    title = "The trustfleet server cannot be reached"
 
 
 class SeTokenMissing(SeError, NoToken):  # the CLI exits 2, as for any missing token

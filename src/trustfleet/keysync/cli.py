@@ -2,9 +2,10 @@
 ``trustfleet emulate m2m`` (the reference terminal), ``trustfleet platform-receiver`` (the
 reference application platform) and the demo step.
 
-Management verbs talk to ``--server`` / ``$TRUSTFLEET_ADDR`` with the token in
-``$TRUSTFLEET_TOKEN`` (never on the command line); secrets they send (a gateway's) are read
-from the environment or prompted for.
+Management verbs are clients of the HTTP API like every other verb: ``--server`` /
+``$TRUSTFLEET_ADDR`` with the token of ``$TRUSTFLEET_TOKEN`` or the login file (never the
+command line), or the local data directory; secrets they send (a gateway's) are read from
+the environment or prompted for.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from rich.text import Text
 
 from trustfleet.errors import InvalidInput
 from trustfleet.keysync.terminal import M2mTerminal, post_sms, sync_over_http
-from trustfleet.kit.cli import console
-from trustfleet.kit.remote import api_client, checked
+from trustfleet.kit.cli import checked, console, emit, http_api, state, wrapping_table
+from trustfleet.kit.client import UsageProblem, problem_of
+from trustfleet.kit.credentials import token_for
 
 if TYPE_CHECKING:
     from trustfleet.kit.demo import DemoEnv
@@ -52,10 +53,6 @@ receiver_app = typer.Typer(
     no_args_is_help=True, help="The reference application platform receiver."
 )
 
-Server = Annotated[
-    str | None, typer.Option("--server", help="Server URL (default $TRUSTFLEET_ADDR).")
-]
-Output = Annotated[str, typer.Option("--output", "-o", help="table or json.")]
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".manifest": "manifest"}
 MEDIA = {
     "csv": "text/csv",
@@ -65,18 +62,7 @@ MEDIA = {
 GATEWAY_SECRET_VARIABLE = "TRUSTFLEET_GATEWAY_SECRET"  # noqa: S105 - a variable's name
 VERIFIER_VARIABLE = "TRUSTFLEET_WEBHOOK_VERIFIER"
 POLL_SECONDS = 0.5
-
-
-def client(server: str | None = None) -> httpx.Client:
-    """The one place management verbs get their API client from."""
-    return api_client(server, timeout=3600)
-
-
-def _emit(data: Any, output: str, table: Table) -> None:
-    if output == "json":
-        console.print_json(json.dumps(data))
-    else:
-        console.print(table)
+UPLOAD_SECONDS = 3600  # a large import answers once its last batch is committed
 
 
 def _secret(variable: str, prompt: str) -> str:
@@ -120,8 +106,6 @@ def import_keys(
     rejections: Annotated[
         Path | None, typer.Option(help="Write rejected rows here (default FILE.rejections.jsonl).")
     ] = None,
-    server: Server = None,
-    output: Output = "table",
 ) -> None:
     """Import terminal keys (manufacturer token). Run it again after a crash: the import
     resumes after its last committed batch; a finished one changes nothing."""
@@ -131,45 +115,46 @@ def import_keys(
     digest, total = _digest_and_rows(file, kind)
     chosen = import_id or digest[:32]
     result: dict[str, Any] = {}
-    with client(server) as api:
+    api = http_api()
 
-        def upload() -> None:
-            try:
-                with file.open("rb") as body:
-                    result["answer"] = api.put(
-                        f"/v1/keysync/imports/{chosen}",
-                        content=body,
-                        headers={"Content-Type": MEDIA[kind]},
-                    )
-            except httpx.HTTPError as exc:
-                result["error"] = exc
+    def upload() -> None:
+        try:
+            with file.open("rb") as body:
+                result["answer"] = api.put(
+                    f"/v1/keysync/imports/{chosen}",
+                    content=body,
+                    headers={"Content-Type": MEDIA[kind]},
+                    timeout=UPLOAD_SECONDS,
+                )
+        except httpx.HTTPError as exc:
+            result["error"] = exc
 
-        sender = threading.Thread(target=upload, daemon=True)
-        columns = (
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
-            RowsPerSecond(),
-            TimeElapsedColumn(),
-        )
-        with Progress(*columns, console=console, disable=output == "json") as progress:
-            task = progress.add_task("importing keys", total=total)
-            sender.start()
-            while sender.is_alive():
-                sender.join(POLL_SECONDS)
-                seen = api.get(f"/v1/keysync/imports/{chosen}")
-                if seen.status_code == 200:
-                    progress.update(task, completed=seen.json()["rows_done"])
-            if "error" in result:
-                raise result["error"]
-            report = checked(result["answer"])
-            progress.update(task, completed=report["rows_done"])
-        if report["rejected"]:
-            out = rejections or file.with_name(file.name + ".rejections.jsonl")
-            _write_rejections(api, chosen, out)
-            report["rejections_file"] = str(out)
-    if output == "json":
-        console.print_json(json.dumps(report))
+    sender = threading.Thread(target=upload, daemon=True)
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
+        RowsPerSecond(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, disable=state.json_output) as progress:
+        task = progress.add_task("importing keys", total=total)
+        sender.start()
+        while sender.is_alive():
+            sender.join(POLL_SECONDS)
+            seen = api.get(f"/v1/keysync/imports/{chosen}")
+            if seen.status_code == 200:
+                progress.update(task, completed=seen.json()["rows_done"])
+        if "error" in result:
+            raise result["error"]
+        report = checked(result["answer"])
+        progress.update(task, completed=report["rows_done"])
+    if report["rejected"]:
+        out = rejections or file.with_name(file.name + ".rejections.jsonl")
+        _write_rejections(api, chosen, out)
+        report["rejections_file"] = str(out)
+    if state.json_output:
+        emit(report, lambda: None)
         return
     console.print(
         f"import {chosen}: {report['accepted']} accepted, {report['unchanged']} unchanged,"
@@ -179,7 +164,7 @@ def import_keys(
         codes: dict[str, int] = {}
         for row in report["rejections"]:
             codes[row["code"]] = codes.get(row["code"], 0) + 1
-        table = Table("code", "rows (first 100 rejected)")
+        table = wrapping_table("code", "rows (first 100 rejected)")
         for code, n in sorted(codes.items()):
             table.add_row(code, str(n))
         console.print(table)
@@ -204,24 +189,23 @@ def _write_rejections(api: httpx.Client, import_id: str, out: Path) -> None:
 
 
 @app.command("import-status")
-def import_status(import_id: str, server: Server = None, output: Output = "table") -> None:
+def import_status(import_id: str) -> None:
     """An import's progress and counts."""
-    with client(server) as api:
-        report = checked(api.get(f"/v1/keysync/imports/{import_id}"))
-    table = Table("field", "value", show_header=False)
+    api = http_api()
+    report = checked(api.get(f"/v1/keysync/imports/{import_id}"))
+    table = wrapping_table("field", "value", show_header=False)
     for key in ("id", "format", "status", "rows_done", "accepted", "unchanged", "rejected"):
         table.add_row(key, str(report[key]))
-    _emit(report, output, table)
+    emit(report, lambda: console.print(table))
 
 
 @app.command("import-key")
 def import_key(
     out: Annotated[Path | None, typer.Option(help="Write the PEM here.")] = None,
-    server: Server = None,
 ) -> None:
     """The public key signed manifests seal key values to."""
-    with client(server) as api:
-        answer = checked(api.get("/v1/keysync/import-key"))
+    api = http_api()
+    answer = checked(api.get("/v1/keysync/import-key"))
     if out:
         out.write_text(answer["public_key_pem"])
         console.print(f"import public key ({answer['hpke']}) -> {escape(str(out))}")
@@ -234,20 +218,19 @@ def manufacturer_key(
     kid: Annotated[str, typer.Option(help="The key ID manifests name (JWS kid).")],
     manufacturer: Annotated[str, typer.Option(help="Who signs with it.")],
     public_key: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="PEM.")],
-    server: Server = None,
 ) -> None:
     """Register a manufacturer's manifest signing key (admin token)."""
-    with client(server) as api:
-        answer = checked(
-            api.post(
-                "/v1/keysync/manufacturer-keys",
-                json={
-                    "kid": kid,
-                    "manufacturer": manufacturer,
-                    "public_key_pem": public_key.read_text(),
-                },
-            )
+    api = http_api()
+    answer = checked(
+        api.post(
+            "/v1/keysync/manufacturer-keys",
+            json={
+                "kid": kid,
+                "manufacturer": manufacturer,
+                "public_key_pem": public_key.read_text(),
+            },
         )
+    )
     console.print(
         f"manifest signing key {escape(answer['kid'])} ({answer['algorithm']}) registered"
     )
@@ -258,8 +241,8 @@ def manufacturer_key(
 # =====================================================================================
 
 
-def _print_subscriber(view: dict[str, Any], output: str) -> None:
-    table = Table("field", "value", show_header=False)
+def _print_subscriber(view: dict[str, Any]) -> None:
+    table = wrapping_table("field", "value", show_header=False)
     table.add_row("mdn", view["mdn"])
     table.add_row("terminal", escape(view["terminal_id"] or "(not bound yet)"))
     table.add_row("applications", escape(", ".join(view["application_ids"]) or "-"))
@@ -268,7 +251,7 @@ def _print_subscriber(view: dict[str, Any], output: str) -> None:
             f"bound {escape(binding['application_id'])}",
             f"key {escape(binding['key_id'])}, delivery {binding['delivery_id']}",
         )
-    _emit(view, output, table)
+    emit(view, lambda: console.print(table))
 
 
 @app.command("register")
@@ -276,39 +259,36 @@ def register(
     mdn: Annotated[str, typer.Argument(help="The MDN (E.164).")],
     application: Annotated[list[str], typer.Option("--app", help="Application ID (repeat).")],
     terminal: Annotated[str | None, typer.Option(help="Bind the MDN to this terminal now.")] = None,
-    server: Server = None,
-    output: Output = "table",
 ) -> None:
     """Register an MDN for applications (operator token)."""
-    with client(server) as api:
-        view = checked(
-            api.post(
-                "/v1/keysync/registrations",
-                json={"mdn": mdn, "application_ids": application, "terminal_id": terminal},
-            )
+    api = http_api()
+    view = checked(
+        api.post(
+            "/v1/keysync/registrations",
+            json={"mdn": mdn, "application_ids": application, "terminal_id": terminal},
         )
-    _print_subscriber(view, output)
+    )
+    _print_subscriber(view)
 
 
 @app.command("show")
-def show(mdn: str, server: Server = None, output: Output = "table") -> None:
+def show(mdn: str) -> None:
     """An MDN's applications, terminal and bindings (operator token)."""
-    with client(server) as api:
-        view = checked(api.get(f"/v1/keysync/registrations/{mdn.lstrip('+')}"))
-    _print_subscriber(view, output)
+    api = http_api()
+    view = checked(api.get(f"/v1/keysync/registrations/{mdn.lstrip('+')}"))
+    _print_subscriber(view)
 
 
 @app.command("deregister")
 def deregister(
     mdn: str,
     application: Annotated[str | None, typer.Option("--app", help="Only this one.")] = None,
-    server: Server = None,
 ) -> None:
     """Remove registrations (all, and the terminal binding, without --app)."""
     params = {"application_id": application} if application else {}
-    with client(server) as api:
-        view = checked(api.delete(f"/v1/keysync/registrations/{mdn.lstrip('+')}", params=params))
-    _print_subscriber(view, "table")
+    api = http_api()
+    view = checked(api.delete(f"/v1/keysync/registrations/{mdn.lstrip('+')}", params=params))
+    _print_subscriber(view)
 
 
 # =====================================================================================
@@ -324,76 +304,73 @@ def platform_add(
         Path, typer.Option(exists=True, dir_okay=False, help="X25519 or P-256 public key (PEM).")
     ],
     signing: Annotated[str, typer.Option(help="v1a (Ed25519) or v1 (HMAC).")] = "v1a",
-    server: Server = None,
 ) -> None:
     """Register or replace an application's platform (admin token). Prints what the
     platform verifies requests with (a v1 secret is shown only now)."""
-    with client(server) as api:
-        view = checked(
-            api.put(
-                f"/v1/keysync/platforms/{application}",
-                json={
-                    "url": url,
-                    "hpke_public_key_pem": hpke_public_key.read_text(),
-                    "signing": signing,
-                },
-            )
+    api = http_api()
+    view = checked(
+        api.put(
+            f"/v1/keysync/platforms/{application}",
+            json={
+                "url": url,
+                "hpke_public_key_pem": hpke_public_key.read_text(),
+                "signing": signing,
+            },
         )
+    )
     console.print(f"platform {escape(application)} -> {escape(view['url'])} ({view['hpke']})")
     console.print("the platform verifies our requests with:")
     console.print(view["verifier"], soft_wrap=True, highlight=False)
 
 
 @platform_app.command("list")
-def platform_list(server: Server = None, output: Output = "table") -> None:
+def platform_list() -> None:
     """Platforms (admin or operator token)."""
-    with client(server) as api:
-        rows = checked(api.get("/v1/keysync/platforms"))
-    table = Table("application", "url", "signing", "hpke")
+    api = http_api()
+    rows = checked(api.get("/v1/keysync/platforms"))
+    table = wrapping_table("application", "url", "signing", "hpke")
     for row in rows:
         table.add_row(
             escape(row["application_id"]), escape(row["url"]), row["signing"], row["hpke"]
         )
-    _emit(rows, output, table)
+    emit(rows, lambda: console.print(table))
 
 
 @platform_app.command("deliveries")
 def platform_deliveries(
     application: str,
     status: Annotated[str | None, typer.Option(help="pending, delivered or dead.")] = None,
-    server: Server = None,
-    output: Output = "table",
 ) -> None:
     """An application's deliveries, newest first."""
     params = {"status": status} if status else {}
-    with client(server) as api:
-        rows = checked(api.get(f"/v1/keysync/platforms/{application}/deliveries", params=params))
-    table = Table("delivery", "status", "attempts", "last error", "created")
+    api = http_api()
+    rows = checked(api.get(f"/v1/keysync/platforms/{application}/deliveries", params=params))
+    table = wrapping_table("delivery", "status", "attempts", "last error", "created")
     for row in rows:
         table.add_row(
             row["id"], row["status"], str(row["attempts"]), escape(row["last_error"] or ""),
             row["created_at"],
         )  # fmt: skip
-    _emit(rows, output, table)
+    emit(rows, lambda: console.print(table))
 
 
-def _pause(application: str, paused: bool, server: str | None) -> None:
+def _pause(application: str, paused: bool) -> None:
     verb = "pause" if paused else "resume"
-    with client(server) as api:
-        view = checked(api.post(f"/v1/keysync/platforms/{application}/{verb}"))
+    api = http_api()
+    view = checked(api.post(f"/v1/keysync/platforms/{application}/{verb}"))
     console.print(f"{escape(application)}: {verb}d, {view['pending']} pending")
 
 
 @platform_app.command("pause")
-def platform_pause(application: str, server: Server = None) -> None:
+def platform_pause(application: str) -> None:
     """No deliveries to this platform until resumed."""
-    _pause(application, True, server)
+    _pause(application, True)
 
 
 @platform_app.command("resume")
-def platform_resume(application: str, server: Server = None) -> None:
+def platform_resume(application: str) -> None:
     """Deliveries to this platform start again."""
-    _pause(application, False, server)
+    _pause(application, False)
 
 
 @gateway_app.command("add")
@@ -403,24 +380,23 @@ def gateway_add(
     reply_url: Annotated[str | None, typer.Option(help="Its outbound messages API.")] = None,
     reply_account: Annotated[str | None, typer.Option(help="Account for that API.")] = None,
     reply_from: Annotated[str | None, typer.Option(help="The number replies come from.")] = None,
-    server: Server = None,
 ) -> None:
     """Register or replace an SMS gateway (admin token); its secret (auth token) is read
     from $TRUSTFLEET_GATEWAY_SECRET or prompted for."""
     secret = _secret(GATEWAY_SECRET_VARIABLE, "gateway secret (auth token)")
-    with client(server) as api:
-        checked(
-            api.put(
-                f"/v1/keysync/gateways/{name}",
-                json={
-                    "webhook_url": webhook_url,
-                    "secret": secret,
-                    "reply_url": reply_url,
-                    "reply_account": reply_account,
-                    "reply_from": reply_from,
-                },
-            )
+    api = http_api()
+    checked(
+        api.put(
+            f"/v1/keysync/gateways/{name}",
+            json={
+                "webhook_url": webhook_url,
+                "secret": secret,
+                "reply_url": reply_url,
+                "reply_account": reply_account,
+                "reply_from": reply_from,
+            },
         )
+    )
     console.print(f"gateway {escape(name)}: point its inbound-SMS webhook at {escape(webhook_url)}")
 
 
@@ -499,7 +475,7 @@ def m2m_sms(
             signed_url=signed_url,
         )  # fmt: skip
     if answer.status_code >= 400:
-        checked(answer)
+        raise problem_of(answer, local=False, where=webhook)
     console.print(f"sent {request.to_text()!r}: accepted")
 
 
@@ -507,15 +483,14 @@ def m2m_sms(
 def m2m_sync(
     directory: TerminalDir = DEFAULT_DIR,
     application: Annotated[str | None, typer.Option("--app")] = None,
-    server: Server = None,
 ) -> None:
     """Send the next request over HTTP as a device gateway ($TRUSTFLEET_TOKEN)."""
-    from trustfleet.kit.remote import TOKEN_VARIABLE, server_address
-
+    if state.server is None:
+        raise UsageProblem("m2m sync needs the server: give --server URL or set TRUSTFLEET_ADDR")
     terminal = M2mTerminal.open(directory)
     request = terminal.next_request(application_id=application)
-    with httpx.Client(base_url=server_address(server), timeout=30) as http:
-        bound = sync_over_http(http, os.environ.get(TOKEN_VARIABLE, ""), terminal, request)
+    http = http_api()  # the device gateway's token: $TRUSTFLEET_TOKEN or the login file
+    bound = sync_over_http(http, token_for(state.server) or "", terminal, request)
     console.print(
         f"bound {escape(bound['key_id'])} for {escape(bound['application_id'])},"
         f" delivery {bound['delivery_id']}"

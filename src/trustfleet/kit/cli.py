@@ -52,6 +52,7 @@ from trustfleet.kit.client import (
     UsageProblem,
     check_server_url,
     local_client,
+    problem_of,
     remote_client,
     unreachable,
 )
@@ -71,9 +72,11 @@ __all__ = [
     "OutputFormat",
     "UsageProblem",
     "api",
+    "checked",
     "console",
     "emit",
     "err_console",
+    "http_api",
     "install_global_options",
     "read_input_file",
     "run",
@@ -200,6 +203,21 @@ state = CliState()
 def api(*, token_required: bool = True) -> ApiClient:
     """The API client of this invocation (see the module docstring)."""
     return state.api(token_required=token_required)
+
+
+def http_api() -> httpx.Client:
+    """The HTTP client under :func:`api`, for verbs that stream a body, poll while an upload
+    runs or read answers themselves; pass its answers to :func:`checked`."""
+    return api().http
+
+
+def checked(response: httpx.Response) -> Any:
+    """The JSON of a 2xx answer from :func:`http_api`; an error answer raised as the
+    server's problem (its code, its detail)."""
+    if response.status_code >= 400:
+        client = api()
+        raise problem_of(response, local=client.local, where=client.where)
+    return response.json() if response.content else None
 
 
 def _quiet_server_logs(debug: bool) -> None:
