@@ -55,6 +55,13 @@ class Settings:
     #: the oldest TMK download protocol version the key server accepts (1 or 2); 2 refuses
     #: version 1 requests, whose key delivery the server does not sign
     tmk_min_protocol_version: int = 1
+    #: audit devices (docs/audit.md): a JSON Lines file every record is appended to
+    #: (fsynced) before its transaction commits, and/or syslog (``udp://host:port`` or
+    #: ``unix:///dev/log``); a device that cannot be written fails the request
+    audit_file: str = ""
+    audit_syslog: str = ""
+    #: sign a checkpoint of the audit chain's head every this many records (0: never)
+    audit_checkpoint_every: int = 1000
 
     @property
     def resolved_database_url(self) -> str:
