@@ -198,8 +198,9 @@ class AuditTrail:
 
     def seal(self, connection: RawConnection, records: Sequence[dict[str, Any]]) -> list[bytes]:
         """In the appending transaction, after ``records`` were inserted: the checkpoint if
-        one is due (stored), and the lines for the devices."""
-        lines = [record_line(r) for r in records]
+        one is due (stored), and the lines for the devices (none without devices: the busy
+        path pays only for what is configured)."""
+        lines = [record_line(r) for r in records] if self.devices else []
         every = self.checkpoint_every
         if self.signer is not None and every > 0 and any(r["seq"] % every == 0 for r in records):
             head = records[-1]
@@ -216,7 +217,8 @@ class AuditTrail:
                 "signature": _b64(self.signer.sign(handle, payload)),
             }
             audit.insert_checkpoint(connection, columns)
-            lines.append(checkpoint_line(columns))
+            if self.devices:
+                lines.append(checkpoint_line(columns))
         return lines
 
     def write(self, lines: Sequence[bytes], records: Sequence[dict[str, Any]]) -> None:

@@ -225,9 +225,10 @@ class Database:
                 if outermost:
                     records = [audit.append(connection, **record) for record in pending.audit]
                     if trail is not None and records:
-                        # before the commit: a device that fails rolls the work back
-                        trail.write(trail.seal(connection, records), records)
-                        on_devices = records
+                        lines = trail.seal(connection, records)
+                        if lines:  # before the commit: a device that fails rolls back
+                            trail.write(lines, records)
+                            on_devices = records
         except BaseException:
             if on_devices and trail is not None:  # the commit failed after the devices
                 trail.void(on_devices)
