@@ -136,4 +136,8 @@ def _checked(settings: Settings) -> Settings:
         raise ConfigurationError(
             f"tmk_min_protocol_version must be {versions.start}..{versions.stop - 1}"
         )
+    if settings.audit_checkpoint_every < 0:
+        raise ConfigurationError("audit_checkpoint_every must be 0 (never) or more")
+    if settings.audit_syslog and not settings.audit_syslog.startswith(("udp://", "unix://")):
+        raise ConfigurationError("audit_syslog must be udp://host:port or unix:///path")
     return settings

@@ -17,7 +17,7 @@ from typing import Any
 
 from trustfleet import crypto
 from trustfleet.crypto.base import KeyAlgorithm
-from trustfleet.errors import CryptoError, KeyStoreError
+from trustfleet.errors import CryptoError, KeyNotFound
 from trustfleet.keystore.base import KeyStore, KeyUsage
 from trustfleet.server.context import AppContext
 from trustfleet.settings import Settings
@@ -63,9 +63,11 @@ class KeyStoreSigner:
 
 
 def is_checkpoint_key(keystore: KeyStore, handle: str) -> bool:
+    """Whether ``handle`` is an audit-checkpoint signing key of the key store (a key store
+    that cannot be reached raises)."""
     try:
         info = keystore.info(handle)
-    except KeyStoreError:
+    except KeyNotFound:
         return False
     return info.label == CHECKPOINT_KEY_LABEL and KeyUsage.SIGN in info.usage
 

@@ -152,11 +152,11 @@ class SyslogDevice(AuditDevice):
         self._hostname = socket.gethostname() or "-"
 
     def _resolved(self) -> tuple[int, Any]:
-        if self._family is not None:
-            return self._family, self._target
-        host, port = self._target
-        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
-        return family, address
+        if self._family is None:  # resolved once, on the first write
+            host, port = self._target
+            family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+            self._family, self._target = family, address
+        return self._family, self._target
 
     def message(self, line: bytes, now: datetime | None = None) -> bytes:
         stamp = (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="microseconds")
