@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select, text
 
+from trustfleet.server.app import create_app
 from trustfleet.server.audit_trail import CHECKPOINT_KEY_LABEL, AuditReport, verify_audit
 from trustfleet.server.auth import create_token
 from trustfleet.server.context import AppContext
@@ -368,3 +369,20 @@ def test_syslog_device_that_cannot_send_fails_the_work(db: Database, tmp_path: P
         work.audit("test.syslog", actor="t")
     with db.reading() as reads:
         assert audit.records_after(reads) == []
+
+
+@pytest.mark.pkcs11
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_checkpoints_are_signed_inside_a_pkcs11_token(
+    db: Database, hsm_store: Any, settings: Settings, engine: Engine
+) -> None:
+    context = AppContext(settings=settings, db=db, keystore=hsm_store)
+    with TestClient(create_app(context), raise_server_exceptions=False) as client:
+        admin = bearer(create_token(db, "hsm admin", "admin")[0])
+        _make_records(client, admin, 6)
+    (key,) = [k for k in hsm_store.list() if k.label == CHECKPOINT_KEY_LABEL]
+    assert key.custody == "token"  # the signature is made where a database writer cannot reach
+    assert verify_audit(context).ok
+    _rehash_everything(engine)
+    named = _named(verify_audit(context))
+    assert any("the chain was rewritten" in p for p in named[EVERY])
