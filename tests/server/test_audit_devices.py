@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,14 @@ from trustfleet.store import Database, audit
 from trustfleet.store.audit_devices import (
     AuditDevice,
     AuditTrail,
+    FileDevice,
     SyslogDevice,
     compare,
     read_device,
     read_device_file,
     record_line,
 )
+from trustfleet.store.engine import make_engine, migrate
 
 from .conftest import MAX_BODY_BYTES, assert_problem, bearer
 
@@ -386,3 +389,54 @@ def test_checkpoints_are_signed_inside_a_pkcs11_token(
     _rehash_everything(engine)
     named = _named(verify_audit(context))
     assert any("the chain was rewritten" in p for p in named[EVERY])
+
+
+def test_each_node_file_holds_what_it_wrote_and_together_they_hold_everything(
+    database_url: str, tmp_path: Path
+) -> None:
+    per_node = 12
+    engines = [make_engine(database_url) for _ in range(2)]
+    files = [tmp_path / f"node-{n}.jsonl" for n in range(2)]
+    try:
+        migrate(engines[0])
+        nodes = [
+            Database(engine, AuditTrail(devices=[FileDevice(path)]))
+            for engine, path in zip(engines, files, strict=True)
+        ]
+        barrier = threading.Barrier(2)
+        errors: list[BaseException] = []
+
+        def writer(node: Database, name: str) -> None:
+            try:
+                barrier.wait()
+                for i in range(per_node):
+                    with node.work() as work:
+                        work.audit("test.node", actor=name, details={"i": i})
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=writer, args=(node, f"node-{n}"))
+            for n, node in enumerate(nodes)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        logs = [read_device_file(path) for path in files]
+        for n, log in enumerate(logs):
+            assert list(log.records) == sorted(log.records)  # each file in chain order
+            assert {e.fields["actor"] for es in log.records.values() for e in es} == {f"node-{n}"}
+        with nodes[1].reading() as reads:
+            records = list(audit.all_records(reads))
+        assert len(records) == 2 * per_node
+        assert compare(records, [], logs) == []
+        # the file that starts first, alone, lacks the other node's later records
+        earliest = min(logs, key=lambda log: min(log.records))
+        alone = compare(records, [], [earliest])
+        assert alone and all("in no audit device" in p.problem for p in alone)
+        assert compare(records, [], [earliest], complete=False) == []
+    finally:
+        for engine in engines:
+            engine.dispose()
