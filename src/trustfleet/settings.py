@@ -62,6 +62,8 @@ class Settings:
     audit_syslog: str = ""
     #: sign a checkpoint of the audit chain's head every this many records (0: never)
     audit_checkpoint_every: int = 1000
+    #: and when the node made none for this many seconds (0: never)
+    audit_checkpoint_seconds: int = 3600
 
     @property
     def resolved_database_url(self) -> str:
@@ -138,6 +140,8 @@ def _checked(settings: Settings) -> Settings:
         )
     if settings.audit_checkpoint_every < 0:
         raise ConfigurationError("audit_checkpoint_every must be 0 (never) or more")
+    if settings.audit_checkpoint_seconds < 0:
+        raise ConfigurationError("audit_checkpoint_seconds must be 0 (never) or more")
     if settings.audit_syslog and not settings.audit_syslog.startswith(("udp://", "unix://")):
         raise ConfigurationError("audit_syslog must be udp://host:port or unix:///path")
     return settings

@@ -6,6 +6,7 @@ that cannot be written fails the request with nothing done."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import threading
@@ -18,7 +19,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select, text
 
 from trustfleet.server.app import create_app
-from trustfleet.server.audit_trail import CHECKPOINT_KEY_LABEL, AuditReport, verify_audit
+from trustfleet.server.audit_trail import (
+    CHECKPOINT_KEY_LABEL,
+    AuditReport,
+    KeyStoreSigner,
+    verify_audit,
+)
 from trustfleet.server.auth import create_token
 from trustfleet.server.context import AppContext
 from trustfleet.settings import Settings
@@ -72,6 +78,13 @@ def _make_records(client: TestClient, admin: dict[str, str], count: int, tag: st
 
 def _verify(context: AppContext) -> AuditReport:
     return verify_audit(context)
+
+
+def _without_devices(context: AppContext) -> AppContext:
+    """The node as verified without its file device (the checkpoints alone)."""
+    return dataclasses.replace(
+        context, settings=dataclasses.replace(context.settings, audit_file="")
+    )
 
 
 def _named(report: AuditReport) -> dict[int, list[str]]:
@@ -139,11 +152,7 @@ def test_deleting_records_past_a_checkpoint_is_named_by_the_checkpoint(
     checkpoint = max(r.seq for r in _rows(engine) if r.seq % EVERY == 0)
     _sql(engine, "DELETE FROM audit_log WHERE seq > :s", s=checkpoint - 2)
     # without the device, the signed checkpoint still names what is missing
-    alone = AppContext(
-        settings=Settings(data_dir=settings.data_dir, audit_checkpoint_every=EVERY),
-        db=context.db,
-        keystore=context.keystore,
-    )
+    alone = _without_devices(context)
     named = _named(verify_audit(alone))
     assert f"records {checkpoint - 1}..{checkpoint} are missing" in named[checkpoint][0]
     assert checkpoint - 1 in _named(_verify(context))  # and the device names each one
@@ -221,11 +230,7 @@ def test_deleted_checkpoints_are_named_by_the_device_and_by_the_gap(
     named = _named(_verify(context))
     for seq in checkpoints[1:]:
         assert any("checkpoint in" in p and "not in the database" in p for p in named[seq])
-    alone = AppContext(
-        settings=Settings(data_dir=settings.data_dir, audit_checkpoint_every=EVERY),
-        db=context.db,
-        keystore=context.keystore,
-    )
+    alone = _without_devices(context)
     assert any("no signed checkpoint covers it" in p for p in _named(verify_audit(alone))[8])
 
 
@@ -259,7 +264,12 @@ def test_an_edited_line_of_the_file_device_is_named(
 
 
 def test_a_device_that_cannot_be_written_fails_the_request_with_nothing_done(
-    client: TestClient, admin: dict[str, str], context: AppContext, audit_file: Path, engine: Engine
+    client: TestClient,
+    admin: dict[str, str],
+    context: AppContext,
+    audit_file: Path,
+    engine: Engine,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     _make_records(client, admin, 2)
     before = _rows(engine)
@@ -269,7 +279,8 @@ def test_a_device_that_cannot_be_written_fails_the_request_with_nothing_done(
         "/v1/tokens", json={"name": "never-made", "role": "operator"}, headers=admin
     )
     body = assert_problem(response, 503, "audit-device-failed")
-    assert str(audit_file) in body["detail"]
+    assert str(audit_file) not in body["detail"]  # the server's log names it, not the answer
+    assert any(str(audit_file) in r.getMessage() for r in caplog.records)
     with engine.connect() as connection:
         assert (
             connection.execute(
@@ -302,7 +313,10 @@ class _Kept(AuditDevice):
 def test_a_failing_second_device_voids_the_first_and_rolls_back(db: Database) -> None:
     kept = _Kept()
     db.trail = AuditTrail(devices=[kept, _Broken()])
-    with pytest.raises(Exception, match="broken cannot be written") as caught, db.work() as work:
+    with (
+        pytest.raises(Exception, match="audit device 2 of 2 cannot be written") as caught,
+        db.work() as work,
+    ):
         work.audit("test.action", actor="t")
     assert getattr(caught.value, "code", None) == "audit-device-failed"
     with db.reading() as reads:
@@ -440,3 +454,19 @@ def test_each_node_file_holds_what_it_wrote_and_together_they_hold_everything(
     finally:
         for engine in engines:
             engine.dispose()
+
+
+def test_a_checkpoint_is_also_made_when_none_was_for_a_while(
+    db: Database, context: AppContext
+) -> None:
+    trail = AuditTrail(checkpoint_seconds=60, signer=KeyStoreSigner(context.keystore, db))
+    db.trail = trail
+    with db.work() as work:  # the process has just started: not due yet
+        work.audit("test.quiet", actor="t")
+    trail._last_checkpoint -= 61  # a quiet hour later
+    for _ in range(2):
+        with db.work() as work:
+            work.audit("test.quiet", actor="t")
+    with db.reading() as reads:
+        assert [c.seq for c in audit.checkpoints(reads)] == [2]
+    assert verify_audit(_without_devices(context)).ok

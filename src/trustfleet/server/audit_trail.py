@@ -88,6 +88,7 @@ def install_audit_trail(context: AppContext) -> None:
     context.db.trail = AuditTrail(
         devices=devices_of(context.settings),
         checkpoint_every=context.settings.audit_checkpoint_every,
+        checkpoint_seconds=context.settings.audit_checkpoint_seconds,
         signer=KeyStoreSigner(context.keystore, context.db),
     )
 

@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import socket
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +54,7 @@ from trustfleet.wire import canonical_json
 SYSLOG_PRIORITY = 13 * 8 + 6
 SYSLOG_APP_NAME = "trustfleet"
 SYSLOG_MSGID = "audit"
+log = logging.getLogger("trustfleet.audit")
 
 
 class AuditDeviceFailed(TrustfleetError):
@@ -189,20 +192,34 @@ class AuditTrail:
     that appended records."""
 
     devices: Sequence[AuditDevice] = ()
+    #: a checkpoint when a unit of work appends a record whose ``seq`` is a multiple of this
     checkpoint_every: int = 0
     signer: CheckpointSigner | None = None
+    #: also a checkpoint when this process made none for this many seconds (0: never); an
+    #: extra checkpoint, so nodes need not agree on it
+    checkpoint_seconds: float = 0
+    _last_checkpoint: float = field(default_factory=time.monotonic, repr=False)
 
     @property
     def active(self) -> bool:
-        return bool(self.devices) or (self.checkpoint_every > 0 and self.signer is not None)
+        due = self.checkpoint_every > 0 or self.checkpoint_seconds > 0
+        return bool(self.devices) or (due and self.signer is not None)
+
+    def _checkpoint_due(self, records: Sequence[dict[str, Any]]) -> bool:
+        every, seconds = self.checkpoint_every, self.checkpoint_seconds
+        if self.signer is None:
+            return False
+        if every > 0 and any(r["seq"] % every == 0 for r in records):
+            return True
+        return seconds > 0 and time.monotonic() - self._last_checkpoint >= seconds
 
     def seal(self, connection: RawConnection, records: Sequence[dict[str, Any]]) -> list[bytes]:
         """In the appending transaction, after ``records`` were inserted: the checkpoint if
         one is due (stored), and the lines for the devices (none without devices: the busy
         path pays only for what is configured)."""
         lines = [record_line(r) for r in records] if self.devices else []
-        every = self.checkpoint_every
-        if self.signer is not None and every > 0 and any(r["seq"] % every == 0 for r in records):
+        if self.signer is not None and self._checkpoint_due(records):
+            self._last_checkpoint = time.monotonic()
             head = records[-1]
             handle = self.signer.key_handle()
             at = datetime.now(UTC)
@@ -230,8 +247,12 @@ class AuditTrail:
             except OSError as exc:
                 self._void(self.devices[:index], records)
                 reason = exc.strerror or type(exc).__name__
+                # the device's path stays in the server's log: a caller (maybe not even
+                # authenticated, whose refusal was being audited) learns only the code
+                log.error("the audit device %s cannot be written: %s", device.name, reason)
                 raise AuditDeviceFailed(
-                    f"the audit device {device.name} cannot be written ({reason}); nothing was done"
+                    f"audit device {index + 1} of {len(self.devices)} cannot be written; "
+                    "nothing was done (the server's log names it)"
                 ) from None
 
     def void(self, records: Sequence[dict[str, Any]]) -> None:
