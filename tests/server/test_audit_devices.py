@@ -470,3 +470,25 @@ def test_a_checkpoint_is_also_made_when_none_was_for_a_while(
     with db.reading() as reads:
         assert [c.seq for c in audit.checkpoints(reads)] == [2]
     assert verify_audit(_without_devices(context)).ok
+
+
+def test_changing_the_checkpoint_interval_is_not_taken_for_deleted_checkpoints(
+    db: Database, context: AppContext
+) -> None:
+    signer = KeyStoreSigner(context.keystore, db)
+    for every, count in ((4, 9), (2, 5)):
+        db.trail = AuditTrail(checkpoint_every=every, signer=signer)
+        for _ in range(count):
+            with db.work() as work:
+                work.audit("test.interval", actor="t")
+    with db.reading() as reads:
+        made = [(c.seq, c.every) for c in audit.checkpoints(reads)]
+    assert made == [(4, 4), (8, 4), (10, 2), (12, 2), (14, 2)]
+    now = dataclasses.replace(
+        context,
+        settings=dataclasses.replace(context.settings, audit_file="", audit_checkpoint_every=2),
+    )
+    assert verify_audit(now).ok, verify_audit(now).problems
+    with db.work() as work:
+        work.run(audit.AuditCheckpoint.__table__.delete().where(audit.AuditCheckpoint.seq == 12))
+    assert [p.seq for p in verify_audit(now).problems] == [12]

@@ -171,6 +171,7 @@ class AuditCheckpointOut(BaseModel):
     seq: int
     at: datetime
     head_hash: str
+    every: int
     key_handle: str
     signature: str
 
@@ -359,6 +360,7 @@ def list_audit_checkpoints(context: Context, principal: AdminOrAuditor) -> list[
             seq=row.seq,
             at=as_utc(row.at),
             head_hash=row.head_hash,
+            every=row.every,
             key_handle=row.key_handle,
             signature=row.signature,
         )

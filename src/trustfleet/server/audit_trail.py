@@ -119,13 +119,13 @@ def _checkpoint_problems(
 ) -> list[ChainProblem]:
     problems: list[ChainProblem] = []
     last = max(hashes, default=0)
-    signed: list[int] = []
+    signed: list[Any] = []
     for cp in checkpoints:
         problem = _signature_problem(keystore, cp)
         if problem is not None:
             problems.append(ChainProblem(cp.seq, problem))
             continue
-        signed.append(cp.seq)
+        signed.append(cp)
         head = hashes.get(cp.seq)
         if head is None and cp.seq > last:
             problems.append(
@@ -144,19 +144,24 @@ def _checkpoint_problems(
                     "does not match the signed checkpoint's head: the chain was rewritten",
                 )
             )
-    if every > 0 and signed:  # checkpoints deleted (after the first one there is)
-        for before, after in zip(signed, [*signed[1:], None], strict=True):
-            end = last if after is None else after
-            due = before // every + 1
-            allowed = 0 if after is None else 1  # ``after`` covers the multiple it follows
-            if (end // every) - due + 1 > allowed:
-                problems.append(
-                    ChainProblem(
-                        due * every,
-                        f"no signed checkpoint covers it (one is made every {every} records):"
-                        " checkpoints were deleted",
-                    )
+    # checkpoints deleted: after the first, each stretch of records holds at most one
+    # multiple of ``every`` (the one its closing checkpoint covers), and after the last one
+    # none; ``every`` as the closing checkpoint says (signed), and for the newest stretch
+    # as configured now
+    stretches = [(after.seq, after.every, 1) for after in signed[1:]]
+    stretches += [(last, every, 0)] if signed else []
+    for before, (end, step, allowed) in zip(signed, stretches, strict=True):
+        if step <= 0:
+            continue
+        due = before.seq // step + 1
+        if end // step - due + 1 > allowed:
+            problems.append(
+                ChainProblem(
+                    due * step,
+                    f"no signed checkpoint covers it (one is made every {step} records):"
+                    " checkpoints were deleted",
                 )
+            )
     return problems
 
 
@@ -167,7 +172,11 @@ def _signature_problem(keystore: KeyStore, cp: Any) -> str | None:
         signature = base64.b64decode(cp.signature, validate=True)
         info = keystore.info(cp.key_handle)
         payload = audit.checkpoint_payload(
-            seq=cp.seq, head_hash=cp.head_hash, at=cp.at, key_handle=cp.key_handle
+            seq=cp.seq,
+            head_hash=cp.head_hash,
+            every=cp.every,
+            at=cp.at,
+            key_handle=cp.key_handle,
         )
         suite = crypto.suite_for_algorithm(info.algorithm)
         suite.verify(keystore.public_key(cp.key_handle), payload, signature)

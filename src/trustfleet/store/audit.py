@@ -68,17 +68,23 @@ class AuditCheckpoint(Base):
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     head_hash: Mapped[str] = mapped_column(String(64))
+    #: ``audit_checkpoint_every`` when it was made (what ``audit verify`` expects of the
+    #: stretch of records it closes)
+    every: Mapped[int] = mapped_column(Integer)
     key_handle: Mapped[str] = mapped_column(String(80))
     #: base64 of the signature over :func:`checkpoint_payload`
     signature: Mapped[str] = mapped_column(Text)
 
 
-def checkpoint_payload(*, seq: int, head_hash: str, at: datetime, key_handle: str) -> bytes:
+def checkpoint_payload(
+    *, seq: int, head_hash: str, every: int, at: datetime, key_handle: str
+) -> bytes:
     """What a checkpoint's signature covers."""
     fields = {
         "type": "trustfleet-audit-checkpoint",
         "seq": seq,
         "head_hash": head_hash,
+        "every": every,
         "at": _timestamp(at),
         "key_handle": key_handle,
     }

@@ -91,6 +91,7 @@ def checkpoint_line(columns: dict[str, Any]) -> bytes:
             "seq": columns["seq"],
             "at": audit.timestamp(columns["at"]),
             "head_hash": columns["head_hash"],
+            "every": columns["every"],
             "key_handle": columns["key_handle"],
             "signature": columns["signature"],
         }
@@ -224,12 +225,17 @@ class AuditTrail:
             handle = self.signer.key_handle()
             at = datetime.now(UTC)
             payload = audit.checkpoint_payload(
-                seq=head["seq"], head_hash=head["hash"], at=at, key_handle=handle
+                seq=head["seq"],
+                head_hash=head["hash"],
+                every=self.checkpoint_every,
+                at=at,
+                key_handle=handle,
             )
             columns = {
                 "seq": head["seq"],
                 "at": at,
                 "head_hash": head["hash"],
+                "every": self.checkpoint_every,
                 "key_handle": handle,
                 "signature": _b64(self.signer.sign(handle, payload)),
             }

@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("seq", sa.Integer(), autoincrement=False, nullable=False),
         sa.Column("at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("head_hash", sa.String(length=64), nullable=False),
+        sa.Column("every", sa.Integer(), nullable=False),
         sa.Column("key_handle", sa.String(length=80), nullable=False),
         sa.Column("signature", sa.Text(), nullable=False),
         sa.PrimaryKeyConstraint("seq", name=op.f("pk_audit_checkpoints")),
