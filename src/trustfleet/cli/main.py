@@ -407,7 +407,8 @@ def audit_verify(device: DeviceFiles = None) -> None:
             )
             return
         for problem in report["problems"]:
-            err_console.print(f"record {problem['seq']}: {problem['problem']}", highlight=False)
+            where = f"record {problem['seq']}: " if problem["seq"] else ""  # 0: a device
+            err_console.print(f"{where}{problem['problem']}", highlight=False)
         err_console.print(f"audit log TAMPERED: {len(report['problems'])} problem(s)")
 
     emit(report, text)
