@@ -370,7 +370,7 @@ def test_syslog_device_sends_rfc5424_messages_with_the_record_hash(db: Database)
         message = server.recv(65536).decode()
     with db.reading() as reads:
         (record,) = audit.records_after(reads)
-    header, _, body = message.partition(" - {")
+    header, _, body = message.partition(" - \ufeff{")
     assert header.startswith("<110>1 ") and header.endswith(
         " trustfleet " + header.split()[4] + " audit"
     )

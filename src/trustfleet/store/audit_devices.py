@@ -54,6 +54,7 @@ from trustfleet.wire import canonical_json
 SYSLOG_PRIORITY = 13 * 8 + 6
 SYSLOG_APP_NAME = "trustfleet"
 SYSLOG_MSGID = "audit"
+UTF8_BOM = b"\xef\xbb\xbf"
 log = logging.getLogger("trustfleet.audit")
 
 
@@ -168,7 +169,7 @@ class SyslogDevice(AuditDevice):
             f"<{SYSLOG_PRIORITY}>1 {stamp.replace('+00:00', 'Z')} {self._hostname} "
             f"{SYSLOG_APP_NAME} {os.getpid()} {SYSLOG_MSGID} - "
         )
-        return header.encode() + line
+        return header.encode() + UTF8_BOM + line  # RFC 5424 6.4: UTF-8 MSG starts with a BOM
 
     def write(self, lines: Sequence[bytes]) -> None:
         family, address = self._resolved()
