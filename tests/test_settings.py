@@ -67,3 +67,24 @@ def test_the_oldest_tmk_protocol_version_is_1_or_2(
         monkeypatch.setenv("TRUSTFLEET_TMK_MIN_PROTOCOL_VERSION", value)
         with pytest.raises(ConfigurationError, match="tmk_min_protocol_version"):
             load_settings(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "toml, setting",
+    [
+        ("audit_checkpoint_every = -1\n", "audit_checkpoint_every"),
+        ("audit_syslog = 'tcp://127.0.0.1:514'\n", "audit_syslog"),
+    ],
+)
+def test_audit_device_settings_are_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toml: str, setting: str
+) -> None:
+    monkeypatch.delenv("TRUSTFLEET_CONFIG", raising=False)
+    (tmp_path / "trustfleet.toml").write_text(toml)
+    with pytest.raises(ConfigurationError, match=setting):
+        load_settings(tmp_path)
+    (tmp_path / "trustfleet.toml").write_text(
+        "audit_file = '/var/log/trustfleet/audit.jsonl'\naudit_syslog = 'unix:///dev/log'\n"
+    )
+    settings = load_settings(tmp_path)
+    assert settings.audit_syslog == "unix:///dev/log" and settings.audit_checkpoint_every == 1000

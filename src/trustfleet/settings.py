@@ -55,6 +55,15 @@ class Settings:
     #: the oldest TMK download protocol version the key server accepts (1 or 2); 2 refuses
     #: version 1 requests, whose key delivery the server does not sign
     tmk_min_protocol_version: int = 1
+    #: audit devices (docs/audit.md): a JSON Lines file every record is appended to
+    #: (fsynced) before its transaction commits, and/or syslog (``udp://host:port`` or
+    #: ``unix:///dev/log``); a device that cannot be written fails the request
+    audit_file: str = ""
+    audit_syslog: str = ""
+    #: sign a checkpoint of the audit chain's head every this many records (0: never)
+    audit_checkpoint_every: int = 1000
+    #: and when the node made none for this many seconds (0: never)
+    audit_checkpoint_seconds: int = 3600
 
     @property
     def resolved_database_url(self) -> str:
@@ -129,4 +138,10 @@ def _checked(settings: Settings) -> Settings:
         raise ConfigurationError(
             f"tmk_min_protocol_version must be {versions.start}..{versions.stop - 1}"
         )
+    if settings.audit_checkpoint_every < 0:
+        raise ConfigurationError("audit_checkpoint_every must be 0 (never) or more")
+    if settings.audit_checkpoint_seconds < 0:
+        raise ConfigurationError("audit_checkpoint_seconds must be 0 (never) or more")
+    if settings.audit_syslog and not settings.audit_syslog.startswith(("udp://", "unix://")):
+        raise ConfigurationError("audit_syslog must be udp://host:port or unix:///path")
     return settings

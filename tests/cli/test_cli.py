@@ -167,3 +167,30 @@ def test_keystore_seal_moves_an_initialised_soft_store_under_the_token(
     assert crl.read_text().startswith("-----BEGIN X509 CRL-----")
     refused = run(data_dir, "keystore", "list", check=False)  # soft again: no master key
     assert refused.returncode == 2 and "master-key-error" in refused.stderr  # set-up
+
+
+def test_audit_verify_compares_the_database_with_the_device_files(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    device = tmp_path / "audit.jsonl"
+    env = {"TRUSTFLEET_AUDIT_FILE": str(device), "TRUSTFLEET_AUDIT_CHECKPOINT_EVERY": "3"}
+    run(data, "init", env=env)
+    for i in range(4):
+        run(data, "token", "create", "--name", f"t{i}", "--role", "operator", env=env)
+    intact = run(data, "audit", "verify", env=env)
+    assert "chain intact" in intact.stdout and "1 device(s) agree" in intact.stdout
+    with sqlite3.connect(data / "trustfleet.db") as db:
+        (last,) = db.execute("SELECT max(seq) FROM audit_log").fetchone()
+        db.execute("DELETE FROM audit_log WHERE seq = ?", (last,))
+    # the node's own file device names the deleted record
+    tampered = run(data, "audit", "verify", env=env, check=False)
+    assert tampered.returncode == 1
+    assert f"record {last}: is in {device} line" in tampered.stderr
+    assert "not in the database (deleted)" in tampered.stderr
+    # a node without the setting is given the file (or each node's file) with --device
+    alone = run(data, "audit", "verify", "--device", str(device), "-o", "json", check=False)
+    assert alone.returncode == 1
+    report = json.loads(alone.stdout)
+    assert report["ok"] is False and report["devices"] == [str(device)]
+    assert [p["seq"] for p in report["problems"]] == [last]
+    missing = run(data, "audit", "verify", "--device", str(tmp_path / "none"), check=False)
+    assert missing.returncode == 2 and "cannot read the audit device" in missing.stderr

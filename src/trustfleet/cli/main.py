@@ -377,22 +377,75 @@ def token_revoke(name: TokenName = None, token_id: TokenId = None) -> None:
 # =====================================================================================
 
 
+DeviceFiles = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--device",
+        help="An audit device file (JSON Lines, or a syslog collector's file of them) to "
+        "compare the database with; repeat for each node's file.",
+        show_default=False,
+    ),
+]
+
+
 @audit_app.command("verify")
-def audit_verify() -> None:
-    """Walk the audit chain; exit 1 if any record was edited, deleted or reordered."""
-    report = api().get("/v1/audit/verify")
+def audit_verify(device: DeviceFiles = None) -> None:
+    """Check the audit log: the hash chain, the signed checkpoints, and the audit devices
+    (the server's own file device, and every --device file). Prints one line per problem
+    naming the record; exits 1 if there is any."""
+    client = api()
+    report = client.get("/v1/audit/verify")
+    if device:
+        report = _with_devices(client, report, device)
 
     def text() -> None:
         if report["ok"]:
-            console.print(f"audit log OK: {report['records']} records, chain intact")
+            devices = f", {len(report['devices'])} device(s) agree" if report["devices"] else ""
+            console.print(
+                f"audit log OK: {report['records']} records, chain intact, "
+                f"{report['checkpoints']} signed checkpoint(s){devices}"
+            )
             return
         for problem in report["problems"]:
-            err_console.print(f"record {problem['seq']}: {problem['problem']}")
+            where = f"record {problem['seq']}: " if problem["seq"] else ""  # 0: a device
+            err_console.print(f"{where}{problem['problem']}", highlight=False)
         err_console.print(f"audit log TAMPERED: {len(report['problems'])} problem(s)")
 
     emit(report, text)
     if not report["ok"]:
         raise typer.Exit(EXIT_REFUSED)
+
+
+def _with_devices(client: Any, report: dict[str, Any], files: list[Path]) -> dict[str, Any]:
+    """``report`` with what the database and the device ``files`` disagree on: the
+    records and checkpoints are read through the API, the files here."""
+    from types import SimpleNamespace
+
+    from trustfleet.store.audit_devices import compare, read_device_file
+
+    logs = []
+    for path in files:
+        try:
+            logs.append(read_device_file(path))
+        except OSError as exc:
+            raise UsageProblem(f"cannot read the audit device {path}: {exc.strerror}") from None
+    records, cursor = [], None
+    while True:
+        page = client.get("/v1/audit", limit=1000, cursor=cursor)
+        records += [SimpleNamespace(seq=r["seq"], hash=r["hash"]) for r in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    checkpoints = [SimpleNamespace(**c) for c in client.get("/v1/audit/checkpoints")]
+    found = compare(records, checkpoints, logs, complete=True)
+    problems = list(report["problems"])
+    seen = {(p["seq"], p["problem"]) for p in problems}
+    problems += [
+        {"seq": p.seq, "problem": p.problem} for p in found if (p.seq, p.problem) not in seen
+    ]
+    problems.sort(key=lambda p: int(p["seq"]))
+    devices = list(dict.fromkeys([*report.get("devices", []), *(log.name for log in logs)]))
+    return {**report, "ok": not problems, "problems": problems, "devices": devices}
 
 
 @audit_app.command("list")

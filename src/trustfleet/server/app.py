@@ -14,6 +14,7 @@ from starlette.types import Scope
 from trustfleet import __version__
 from trustfleet.models import import_if_present
 from trustfleet.server.api import router as spine_router
+from trustfleet.server.audit_trail import install_audit_trail
 from trustfleet.server.ca_api import router as ca_router
 from trustfleet.server.context import AppContext
 from trustfleet.server.devicelane import DeviceLane, DeviceRoute
@@ -121,6 +122,7 @@ def create_app(
         redoc_url=None,
     )
     install_docs(app)
+    install_audit_trail(context)
     app.state.context = context
     metrics = Metrics()
     metrics.watch_audit(context.db)

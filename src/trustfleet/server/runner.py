@@ -20,6 +20,7 @@ from sqlalchemy import Engine, text
 
 from trustfleet.errors import Conflict, InvalidInput
 from trustfleet.server.app import create_app
+from trustfleet.server.audit_trail import install_audit_trail
 from trustfleet.server.context import AppContext
 from trustfleet.server.logging import configure_logging
 from trustfleet.settings import Settings, load_settings
@@ -73,7 +74,9 @@ def build_context(settings: Settings) -> AppContext:
     with _migration_lock(engine):
         migrate(engine)
     db = Database(engine)
-    return AppContext(settings=settings, db=db, keystore=open_keystore(settings, db))
+    context = AppContext(settings=settings, db=db, keystore=open_keystore(settings, db))
+    install_audit_trail(context)
+    return context
 
 
 def _freeze_startup_objects() -> None:

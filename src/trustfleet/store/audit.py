@@ -56,6 +56,46 @@ class AuditRecord(Base):
     hash: Mapped[str] = mapped_column(String(64), unique=True)
 
 
+class AuditCheckpoint(Base):
+    """A signed statement that the chain's head was ``head_hash`` at ``seq``: made every
+    ``audit_checkpoint_every`` records in the appending transaction and written to the
+    audit devices too (:mod:`trustfleet.store.audit_devices`). The signature is by a
+    key-store key (label ``audit-checkpoint``), so someone who can only write the database
+    cannot rewrite the chain below a checkpoint, nor make a checkpoint of their own."""
+
+    __tablename__ = "audit_checkpoints"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    head_hash: Mapped[str] = mapped_column(String(64))
+    #: ``audit_checkpoint_every`` when it was made (what ``audit verify`` expects of the
+    #: stretch of records it closes)
+    every: Mapped[int] = mapped_column(Integer)
+    key_handle: Mapped[str] = mapped_column(String(80))
+    #: base64 of the signature over :func:`checkpoint_payload`
+    signature: Mapped[str] = mapped_column(Text)
+
+
+def checkpoint_payload(
+    *, seq: int, head_hash: str, every: int, at: datetime, key_handle: str
+) -> bytes:
+    """What a checkpoint's signature covers."""
+    fields = {
+        "type": "trustfleet-audit-checkpoint",
+        "seq": seq,
+        "head_hash": head_hash,
+        "every": every,
+        "at": _timestamp(at),
+        "key_handle": key_handle,
+    }
+    return canonical_json(fields)
+
+
+def timestamp(at: datetime) -> str:
+    """A record's time as its hash covers it (UTC, no zone, microseconds)."""
+    return _timestamp(at)
+
+
 def _timestamp(at: datetime) -> str:
     return as_utc(at).replace(tzinfo=None).isoformat(timespec="microseconds")
 
@@ -138,6 +178,11 @@ _OUTCOME_CHARS = _length(AuditRecord.outcome)
 _ADVISORY_LOCK = select(func.pg_advisory_xact_lock(bindparam("k")))
 _HEAD = select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)
 _INSERT = insert_columns(*AuditRecord.__table__.columns)
+_INSERT_CHECKPOINT = insert_columns(*AuditCheckpoint.__table__.columns)
+_CHECKPOINTS = select(*AuditCheckpoint.__table__.columns).order_by(AuditCheckpoint.seq)
+_LAST_CHECKPOINT_KEY = (
+    select(AuditCheckpoint.key_handle).order_by(AuditCheckpoint.seq.desc()).limit(1)
+)
 
 
 def append(
@@ -149,11 +194,12 @@ def append(
     outcome: str = "success",
     details: dict[str, Any] | None = None,
     at: datetime | None = None,
-) -> None:
+) -> dict[str, Any]:
     """Append one record in the connection's transaction (the unit of work calls this at
-    its end: :meth:`trustfleet.store.work.UnitOfWork.audit`)."""
+    its end: :meth:`trustfleet.store.work.UnitOfWork.audit`); the record's columns."""
     columns = _append(connection, action, actor, subject, outcome, details, at)
     connection.info.setdefault(PENDING_INFO_KEY, []).append((columns["action"], columns["outcome"]))
+    return columns
 
 
 def _append(
@@ -202,6 +248,22 @@ def _record(
     return columns
 
 
+def insert_checkpoint(connection: RawConnection, columns: dict[str, Any]) -> None:
+    """Store a signed checkpoint in the connection's transaction (the appending one)."""
+    connection.run(_INSERT_CHECKPOINT, columns)
+
+
+def last_checkpoint_key(reads: Reads) -> str | None:
+    """The key handle of the newest checkpoint, or None."""
+    handle: str | None = reads.scalar(_LAST_CHECKPOINT_KEY)
+    return handle
+
+
+def checkpoints(reads: Reads) -> list[Any]:
+    """Every checkpoint, oldest first: rows of :class:`AuditCheckpoint`'s columns."""
+    return reads.all(_CHECKPOINTS)
+
+
 @dataclass(frozen=True)
 class ChainProblem:
     seq: int
@@ -240,6 +302,8 @@ class Reads(Protocol):
     cannot be imported here: the unit of work appends through this module)."""
 
     def all(self, statement: ClauseElement, /, **params: Any) -> list[Any]: ...
+
+    def scalar(self, statement: ClauseElement, /, **params: Any) -> Any: ...
 
 
 _RECORDS_AFTER = (

@@ -5,9 +5,11 @@ crypto, then opens one :meth:`Database.work`: it locks the rows it depends on (`
 FOR UPDATE``), checks again what it read, writes, records its audit record with
 :meth:`UnitOfWork.audit`, and asks for the keys it retired to be destroyed with
 :meth:`UnitOfWork.destroy_after_commit`. When the block ends the audit records are
-appended (last, so the chain's lock is held for the shortest time), the transaction
-commits, and only then are the keys destroyed and their rows marked. Any error rolls
-everything back: nothing is half-written, no audit record claims what did not happen.
+appended (last, so the chain's lock is held for the shortest time) and written to the
+audit devices, if any (a device that fails fails the unit of work;
+:mod:`trustfleet.store.audit_devices`), the transaction commits, and only then are the
+keys destroyed and their rows marked. Any error rolls everything back: nothing is
+half-written, no audit record claims what did not happen.
 
 Statements are SQLAlchemy Core statements against the models. Build the ones a busy path
 runs once, at module level, with ``bindparam`` placeholders, and pass the values as keyword
@@ -41,6 +43,7 @@ from sqlalchemy.sql.expression import ClauseElement
 
 from trustfleet.errors import KeyNotFound
 from trustfleet.store import audit, driver
+from trustfleet.store.audit_devices import AuditTrail
 from trustfleet.store.driver import ConnectionLost, IntegrityViolation
 
 __all__ = [
@@ -184,9 +187,11 @@ class UnitOfWork(Reads):
 class Database:
     """One database, shared by every use case of a process."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, trail: AuditTrail | None = None) -> None:
         self.engine = engine
         self._reads = driver.read_engine(engine)
+        #: the audit devices and checkpoints (:mod:`trustfleet.store.audit_devices`)
+        self.trail = trail
 
     @property
     def dialect_name(self) -> str:
@@ -209,14 +214,25 @@ class Database:
     def work(self) -> Iterator[UnitOfWork]:
         """One use case's write transaction (see the module docstring)."""
         outermost = driver.transaction_info(self.engine) is None
-        with driver.raw_transaction(self.engine) as connection:
-            pending = connection.info.get(_PENDING)
-            if pending is None:  # the outermost unit of work (a joined one finds it)
-                pending = connection.info[_PENDING] = _Pending()
-            yield UnitOfWork(connection, pending)
-            if outermost:
-                for record in pending.audit:
-                    audit.append(connection, **record)
+        trail = self.trail if self.trail is not None and self.trail.active else None
+        on_devices: list[dict[str, Any]] = []
+        try:
+            with driver.raw_transaction(self.engine) as connection:
+                pending = connection.info.get(_PENDING)
+                if pending is None:  # the outermost unit of work (a joined one finds it)
+                    pending = connection.info[_PENDING] = _Pending()
+                yield UnitOfWork(connection, pending)
+                if outermost:
+                    records = [audit.append(connection, **record) for record in pending.audit]
+                    if trail is not None and records:
+                        lines = trail.seal(connection, records)
+                        if lines:  # before the commit: a device that fails rolls back
+                            trail.write(lines, records)
+                            on_devices = records
+        except BaseException:
+            if on_devices and trail is not None:  # the commit failed after the devices
+                trail.void(on_devices)
+            raise
         if outermost:
             self._after_commit(pending)
 
