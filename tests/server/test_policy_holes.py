@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
+from trustfleet.crypto.base import KeyAlgorithm
 from trustfleet.errors import TrustfleetError
+from trustfleet.keystore.base import KeyStore, KeyUsage
+from trustfleet.keystore.models import StoredKey
 from trustfleet.server.auth import create_token, revoke_token
 from trustfleet.server.models import ApiToken
 from trustfleet.store import Database
@@ -89,3 +93,60 @@ def test_two_revocations_of_the_last_two_admins_cannot_both_succeed(db: Database
             select(ApiToken.id).where(ApiToken.role == "admin", ApiToken.revoked_at.is_(None))
         ).all()
     assert len(live) == 1
+
+
+# --- 4. destroyed keys leave no wrapped copy in the SQLite files ------------------------------
+
+
+def _sqlite_files(db: Database) -> list[Path]:
+    database = Path(str(db.engine.url.database))
+    return [p for p in (database, Path(f"{database}-wal"), Path(f"{database}-shm")) if p.exists()]
+
+
+def _wrapped(db: Database, handle: str) -> bytes:
+    with db.engine.connect() as connection:
+        wrapped = connection.execute(
+            select(StoredKey.wrapped).where(StoredKey.handle == handle)
+        ).scalar_one()
+    assert isinstance(wrapped, bytes)
+    return wrapped
+
+
+@pytest.mark.parametrize("checkpointed_before", [False, True])
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_destroyed_keys_wrapped_copy_is_gone_from_the_database_files(
+    db: Database, keystore: KeyStore, checkpointed_before: bool
+) -> None:
+    with db.engine.connect() as connection:  # (Debian's SQLite has it on by default)
+        assert connection.exec_driver_sql("PRAGMA secure_delete").scalar() == 1
+    material = bytes(range(32))  # recognisable, and its wrapped form is what we look for
+    info = keystore.import_key(KeyAlgorithm.AES_256, material, KeyUsage.ENCRYPT)
+    wrapped = _wrapped(db, info.handle)
+    assert len(wrapped) > len(material)
+    assert any(wrapped in p.read_bytes() for p in _sqlite_files(db))  # the scan can see it
+    if checkpointed_before:  # as SQLite's automatic checkpoint may have done already
+        assert db.checkpoint()
+        assert wrapped in Path(str(db.engine.url.database)).read_bytes()
+    keystore.destroy(info.handle)
+    assert _wrapped(db, info.handle) == b""
+    assert db.wait_for_checkpoint(timeout=30)  # asked by the destruction, run on a thread
+    found = [p.name for p in _sqlite_files(db) if wrapped in p.read_bytes()]
+    assert found == []
+    assert not any(material in p.read_bytes() for p in _sqlite_files(db))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_keys_destroyed_after_a_commit_leave_no_wrapped_copy_either(
+    db: Database, keystore: KeyStore
+) -> None:
+    handles = [
+        keystore.import_key(KeyAlgorithm.AES_256, bytes([n]) * 32, KeyUsage.ENCRYPT).handle
+        for n in (1, 2)
+    ]
+    blobs = [_wrapped(db, handle) for handle in handles]
+    with db.work() as uow:
+        for handle in handles:
+            uow.destroy_after_commit(keystore, handle)
+    assert db.wait_for_checkpoint(timeout=30)
+    for blob in blobs:
+        assert [p.name for p in _sqlite_files(db) if blob in p.read_bytes()] == []

@@ -34,6 +34,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=10000")
+    # deleted and overwritten content (a destroyed key's wrapped copy) is zeroed in the
+    # page, not left in its free space; the WAL's older copies go at the checkpoint that
+    # follows a key's destruction (UnitOfWork.checkpoint_after_commit)
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
 
 
