@@ -11,7 +11,10 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from trustfleet.keystore.base import KeyStore, KeyUsage
 from trustfleet.keystore.models import StoredKey
 from trustfleet.server.auth import create_token, revoke_token
 from trustfleet.server.models import ApiToken
+from trustfleet.settings import Settings
 from trustfleet.store import Database
 
 from .conftest import assert_problem, bearer
@@ -93,6 +97,79 @@ def test_two_revocations_of_the_last_two_admins_cannot_both_succeed(db: Database
             select(ApiToken.id).where(ApiToken.role == "admin", ApiToken.revoked_at.is_(None))
         ).all()
     assert len(live) == 1
+
+
+# --- 3. the data directory is owner-only ------------------------------------------------------
+
+
+@pytest.fixture
+def loose_umask() -> Iterator[None]:
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_init_makes_the_data_directory_and_every_file_owner_only(
+    tmp_path: Path, loose_umask: None
+) -> None:
+    from trustfleet.bootstrap import initialise
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o755)
+    os.chmod(data_dir, 0o755)  # noqa: S103 (an existing directory other users can read)
+    initialise(Settings(data_dir=data_dir))
+    assert _mode(data_dir) == 0o700
+    files = [p for p in data_dir.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"trustfleet.db", "master.key", "root.pem", "intermediate.pem"} <= names
+    assert "trustfleet.db-wal" in names
+    loose = {str(p.relative_to(data_dir)): oct(_mode(p)) for p in files if _mode(p) & 0o077}
+    assert loose == {}
+    directories = [p for p in data_dir.rglob("*") if p.is_dir()]
+    assert {str(p): oct(_mode(p)) for p in directories if _mode(p) & 0o077} == {}
+
+
+def _initialised(tmp_path: Path) -> Settings:
+    from trustfleet.bootstrap import initialise
+
+    settings = Settings(data_dir=tmp_path / "data")
+    initialise(settings)
+    return settings
+
+
+def test_serve_refuses_a_data_directory_other_users_can_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trustfleet.server import runner
+
+    settings = _initialised(tmp_path)
+    os.chmod(settings.data_dir, 0o755)  # noqa: S103 (the hole under test)
+
+    def bind(host: str, port: int) -> None:
+        raise AssertionError("serve went on to listen")
+
+    monkeypatch.setattr(runner, "bind", bind)
+    with pytest.raises(TrustfleetError) as refused:
+        runner.serve(settings)
+    assert refused.value.code == "data-dir-permissions"
+    assert f"chmod 700 {settings.data_dir}" in str(refused.value.extra.get("hint"))
+
+
+def test_the_app_factory_refuses_it_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trustfleet.server import runner
+
+    settings = _initialised(tmp_path)
+    os.chmod(settings.data_dir, 0o750)  # noqa: S103 (the hole under test)
+    monkeypatch.setenv("TRUSTFLEET_DATA_DIR", str(settings.data_dir))
+    with pytest.raises(TrustfleetError) as refused:
+        runner.app_from_env()
+    assert refused.value.code == "data-dir-permissions"
 
 
 # --- 4. destroyed keys leave no wrapped copy in the SQLite files ------------------------------

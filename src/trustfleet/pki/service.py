@@ -8,7 +8,6 @@ CA private keys stay in the key store: rows hold handles, signing goes through
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from trustfleet.pki.errors import (
 from trustfleet.pki.models import CertificateAuthority, IssuedCertificate
 from trustfleet.pki.x509 import CertificateKind, Purpose, RevocationReason, ValidatedChain
 from trustfleet.store import Database, IntegrityViolation, Reads, UnitOfWork
+from trustfleet.store.files import atomic_write, make_private_directory
 from trustfleet.wire import as_utc
 
 ROOT_VALIDITY = timedelta(days=3650)
@@ -752,10 +752,11 @@ def bootstrap(db: Database, keystore: KeyStore, ca_dir: Path, *, actor: str = "i
     service = PkiService(db, keystore)
     root = _ensure_ca(service, LOCAL_ROOT_CA, None, actor)
     issuing = _ensure_ca(service, LOCAL_ISSUING_CA, LOCAL_ROOT_CA, actor)
-    ca_dir.mkdir(parents=True, exist_ok=True)
+    make_private_directory(ca_dir)
     root_path, intermediate_path = ca_dir / "root.pem", ca_dir / "intermediate.pem"
-    _write_atomically(root_path, root.pem)
-    _write_atomically(intermediate_path, issuing.pem)
+    # certificates are public, but the data directory is owner-only, every file in it too
+    atomic_write(root_path, root.pem.encode(), mode=0o600)
+    atomic_write(intermediate_path, issuing.pem.encode(), mode=0o600)
     return LocalCa(root, issuing, root_path, intermediate_path)
 
 
@@ -769,9 +770,3 @@ def _ensure_ca(service: PkiService, name: str, parent: str | None, actor: str) -
         return service.create_intermediate_ca(name, parent, actor=actor)
     except CaExists:  # another process initialised at the same time
         return service.get_ca(name)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)

@@ -8,10 +8,11 @@ table is created by the Alembic migrations in ``trustfleet/store/migrations``; n
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy import Engine, MetaData, create_engine, event, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 NAMING_CONVENTION = {
@@ -49,12 +50,28 @@ def _sqlite_begin(connection: Any) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _create_owner_only(url: str) -> None:
+    """Create a SQLite URL's database file (mode 0600) before SQLite does (with 0644 under
+    the usual umask); SQLite gives the WAL and shared-memory files it makes beside it the
+    database file's mode. An existing file is left as it is."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    try:
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError:
+        return  # SQLite reports what is wrong with the path when it opens it
+
+
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``: WAL, a busy timeout and immediate transactions on SQLite,
-    pre-ping on PostgreSQL."""
+    """An engine for ``url``: WAL, a busy timeout and immediate transactions on SQLite (its
+    file created owner-only), pre-ping on PostgreSQL."""
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if url.startswith("sqlite"):
+        _create_owner_only(url)
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
