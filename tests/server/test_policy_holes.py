@@ -19,19 +19,100 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from trustfleet.crypto.base import KeyAlgorithm
-from trustfleet.errors import TrustfleetError
+from trustfleet.errors import KeyNotFound, TrustfleetError
 from trustfleet.keystore.base import KeyStore, KeyUsage
 from trustfleet.keystore.models import StoredKey
+from trustfleet.pki.service import PkiService
 from trustfleet.server.auth import create_token, revoke_token
 from trustfleet.server.models import ApiToken
 from trustfleet.settings import Settings
 from trustfleet.store import Database
+from trustfleet.tmk.identity import KSRCRT_CA, WORK_CERT_NAME, IdentityService
 
 from .conftest import assert_problem, bearer
+
+# --- 1. the key server's CA issues only the work certificate ------------------------------
+
+
+def _outside_key_pem() -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def _identity(db: Database, keystore: KeyStore) -> IdentityService:
+    return IdentityService(db, keystore, PkiService(db, keystore))
+
+
+def test_the_key_server_ca_refuses_a_certificate_for_an_outside_key(
+    client: TestClient, db: Database, keystore: KeyStore, tokens: dict[str, str]
+) -> None:
+    _identity(db, keystore).ensure(actor="test")
+    key = _outside_key_pem()
+    request = {"kind": "server", "public_key_pem": key, "dns_names": [WORK_CERT_NAME]}
+    refused = client.post(
+        f"/v1/ca/{KSRCRT_CA}/issue", json=request, headers=bearer(tokens["admin"])
+    )
+    body = assert_problem(refused, 403, "ca-restricted")
+    assert KSRCRT_CA in body["detail"]
+    device = {"kind": "device", "public_key_pem": _outside_key_pem(), "device_id": "pos-1"}
+    refused = client.post(f"/v1/ca/{KSRCRT_CA}/issue", json=device, headers=bearer(tokens["admin"]))
+    assert_problem(refused, 403, "ca-restricted")
+    listed = client.get("/v1/ca", headers=bearer(tokens["admin"])).json()
+    assert {ca["name"]: ca["restricted"] for ca in listed} == {KSRCRT_CA: True}
+
+
+def test_the_key_server_ca_refuses_generic_issuance_in_the_service_too(
+    db: Database, keystore: KeyStore
+) -> None:
+    _identity(db, keystore).ensure(actor="test")
+    pki = PkiService(db, keystore)
+    refusals = [
+        lambda: pki.issue_server_certificate(
+            KSRCRT_CA, public_key=_outside_key_pem(), dns_names=[WORK_CERT_NAME]
+        ),
+        lambda: pki.issue_device_certificate(KSRCRT_CA, "pos-1", public_key=_outside_key_pem()),
+        lambda: pki.create_intermediate_ca("below-ksrcrt", KSRCRT_CA),
+    ]
+    for refusal in refusals:
+        with pytest.raises(TrustfleetError) as refused:
+            refusal()
+        assert refused.value.code == "ca-restricted"
+    # the held-key path takes a key store handle, never a key from outside
+    with pytest.raises(KeyNotFound):
+        pki.issue_server_certificate_for_held_key(
+            KSRCRT_CA, "soft:no-such-key", dns_names=[WORK_CERT_NAME], actor="test"
+        )
+
+
+def test_the_tmk_flow_still_issues_and_rotates_the_work_certificate(
+    db: Database, keystore: KeyStore
+) -> None:
+    identity = _identity(db, keystore)
+    first = identity.ensure(actor="test")
+    second = identity.rotate(actor="test")
+    assert first.serial_hex != second.serial_hex
+    held = keystore.public_key(second.work_key_handle)
+    assert second.certificate.public_key() == held
+
+
+def test_other_cas_still_issue_for_outside_keys(
+    client: TestClient, db: Database, keystore: KeyStore, tokens: dict[str, str]
+) -> None:
+    PkiService(db, keystore).create_root_ca("open-root")
+    request = {"kind": "server", "public_key_pem": _outside_key_pem(), "dns_names": ["a.example"]}
+    issued = client.post("/v1/ca/open-root/issue", json=request, headers=bearer(tokens["admin"]))
+    assert issued.status_code == 201, issued.text
+
 
 # --- 2. the last admin token stays ----------------------------------------------------------
 
