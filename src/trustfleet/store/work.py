@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -294,11 +295,18 @@ class Database:
         return done
 
 
+#: seconds a checkpoint after key destruction waits for more destructions to share it
+CHECKPOINT_DELAY = 0.1
+
+
 class _Checkpointer:
     """Runs :meth:`Database.checkpoint` on a thread of its own, soon after it is asked,
     so the request that destroyed a key does not wait for the checkpoint's fsyncs (about
-    17 ms on a disk, where the destruction itself takes 0.2 ms). Requests made while one
-    is queued share it; one made while one runs queues the next."""
+    17 ms on a disk, where the destruction itself takes 0.2 ms). It waits
+    :data:`CHECKPOINT_DELAY` first, and requests made while one is queued share it (one
+    made while it runs queues the next): a stream of destructions (terminals downloading
+    new TMKs) checkpoints a few times a second, not once per destruction, since each holds
+    the write lock while it syncs."""
 
     _executor: ClassVar[ThreadPoolExecutor | None] = None
     _executor_lock: ClassVar[threading.Lock] = threading.Lock()
@@ -324,6 +332,7 @@ class _Checkpointer:
                 self._queued = self._last = self._pool().submit(self._run)
 
     def _run(self) -> bool:
+        time.sleep(CHECKPOINT_DELAY)
         with self._lock:
             self._queued = None  # a request from now on needs another checkpoint
         return self._db.checkpoint()
