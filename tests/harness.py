@@ -100,7 +100,7 @@ def node_environment(
 def start_node(name: str, env: dict[str, str], data_dir: Path) -> Node:
     """``uvicorn --factory trustfleet.server.runner:app_from_env`` on a free loopback port."""
     port = free_port()
-    data_dir.mkdir(exist_ok=True)
+    data_dir.mkdir(mode=0o700, exist_ok=True)  # serve refuses one others can read
     log = data_dir / "server.log"
     command = [
         sys.executable, "-m", "uvicorn", "--factory", "trustfleet.server.runner:app_from_env",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trustfleet.settings import INITIALISED_MARKER, Settings
+from trustfleet.store.files import atomic_write, make_private_directory
 
 
 @dataclass(frozen=True)
@@ -33,17 +34,17 @@ def _ensure_master_key(settings: Settings) -> None:
 
 def initialise(settings: Settings) -> InitResult:
     """Master key (0600; none with PKCS#11), migrated database, local root + issuing CA,
-    first admin token."""
+    first admin token; the directory and every file in it owner-only (0700, 0600)."""
     from trustfleet.pki.service import bootstrap as bootstrap_local_ca
     from trustfleet.server.auth import bootstrap_admin_token
     from trustfleet.server.runner import build_context
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_directory(settings.data_dir)  # an existing one is tightened to 0700
     if is_initialised(settings):
         return InitResult(settings.data_dir, settings.ca_dir / "root.pem", None)
     _ensure_master_key(settings)
     context = build_context(settings)
     bootstrap_local_ca(context.db, context.keystore, context.settings.ca_dir)
     token = bootstrap_admin_token(context.db)
-    (settings.data_dir / INITIALISED_MARKER).write_text("1\n")
+    atomic_write(settings.data_dir / INITIALISED_MARKER, b"1\n")
     return InitResult(settings.data_dir, settings.ca_dir / "root.pem", token)

@@ -128,6 +128,11 @@ class MasterKeyError(KeyStoreError, ConfigurationError):  # set-up: the CLI exit
     title = "The master key is missing, malformed or does not match the stored keys"
 
 
+class DataDirPermissions(ConfigurationError):  # set-up: the CLI exits 2
+    code = "data-dir-permissions"
+    title = "The data directory is open to other users"
+
+
 # --- PKI ----------------------------------------------------------------------------
 
 

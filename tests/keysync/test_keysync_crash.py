@@ -132,7 +132,7 @@ class SlowReceiver:
 
 
 def start_cli(env: dict[str, str], data_dir: Path, *args: str) -> subprocess.Popen[bytes]:
-    data_dir.mkdir(exist_ok=True)
+    data_dir.mkdir(mode=0o700, exist_ok=True)  # serve refuses one others can read
     log = (data_dir / f"{args[0]}-{time.monotonic_ns()}.log").open("wb")
     return subprocess.Popen(
         [sys.executable, "-m", "trustfleet.cli", *args],

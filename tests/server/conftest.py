@@ -78,7 +78,9 @@ def tokens(db: Database) -> dict[str, str]:
 
 
 @pytest.fixture
-def revoked_admin_token(db: Database) -> str:
+def revoked_admin_token(db: Database, tokens: dict[str, str]) -> str:
+    """A revoked admin token (beside ``tokens``' live one: the last live admin token cannot
+    be revoked)."""
     plaintext, info = create_token(db, "revoked admin", "admin")
     revoke_token(db, info.id)
     return plaintext

@@ -28,6 +28,8 @@ def _print_cas(cas: list[dict[str, Any]]) -> None:
     """One block per CA, so that no name, subject or serial is ever cut to fit a table."""
     for ca in cas:
         under = f", under {ca['parent']}" if ca["parent"] else ", a root"
+        if ca.get("restricted"):
+            under += ", restricted: issues only its owner's certificates"
         console.print(f"[bold]{escape(ca['name'])}[/bold] ({ca['algorithm']}{escape(under)})")
         console.print(f"  subject  {escape(ca['subject'])}", soft_wrap=True, highlight=False)
         console.print(f"  serial   {ca['serial']}", soft_wrap=True, highlight=False)

@@ -115,7 +115,7 @@ def serve(
 ) -> None:
     """Start the API server (default http://127.0.0.1:8080; API docs at /docs)."""
     from trustfleet.kit.cli import read_input_file
-    from trustfleet.server.runner import TlsFilePair
+    from trustfleet.server.runner import TlsFilePair, check_data_dir
     from trustfleet.server.runner import serve as run_server
     from trustfleet.server.tls import default_names, local_ca_certificate
     from trustfleet.settings import load_settings
@@ -123,6 +123,7 @@ def serve(
     if init_if_missing and not state.settings.initialised:
         init()
     settings = load_settings(state.data_dir, host=host, port=port)
+    check_data_dir(settings)  # before anything is written there (--tls-local-ca)
     if (tls_cert is None) != (tls_key is None):
         raise UsageProblem("give both --tls-cert and --tls-key")
     if tls_cert is not None and tls_local_ca:

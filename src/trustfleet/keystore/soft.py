@@ -512,6 +512,7 @@ class SoftKeyStore(KeyStore):
     def destroy(self, handle: str) -> None:
         with self._db.work() as work:
             destroyed = work.run(_DESTROY, handle=handle, now=self._clock())
+            work.checkpoint_after_commit()  # the WAL's copies of the wrapped key go too
         if not destroyed:
             raise KeyNotFound(f"no key has handle {handle!r}")
         self._cache.forget(handle)

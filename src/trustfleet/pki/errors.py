@@ -66,6 +66,15 @@ class CaRevoked(Conflict):
     title = "The certificate authority's own certificate is revoked; it cannot issue"
 
 
+class CaRestricted(PkiError):
+    code = "ca-restricted"
+    status = 403
+    title = (
+        "The certificate authority is restricted: it issues only its owner's certificates,"
+        " for keys the key store holds"
+    )
+
+
 class RootNotRevocable(Conflict):
     code = "root-not-revocable"
     title = "A root certificate cannot be revoked by a CRL; remove it from the trust stores"

@@ -1,14 +1,23 @@
 """PKI tables: certificate authorities and every certificate they issued.
 
-Private keys are not here: a CA row holds only its key-store handle. The migration
-``pki_0001`` creates exactly these tables; change both together.
+Private keys are not here: a CA row holds only its key-store handle. The migrations
+``pki_0001`` and ``pki_0002`` create exactly these tables; change both together.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import CheckConstraint, DateTime, ForeignKey, Integer, LargeBinary, String
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    false,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from trustfleet.store.engine import Base
@@ -28,6 +37,10 @@ class CertificateAuthority(Base):
     serial_hex: Mapped[str] = mapped_column(String(40))
     parent_name: Mapped[str | None] = mapped_column(String(63), ForeignKey("pki_cas.name"))
     path_length: Mapped[int] = mapped_column(Integer)
+    #: a restricted CA (the TMK key server's KSRCRT) issues no certificate through the
+    #: generic routes, and no CA below it: only its owner's certificates, for keys the key
+    #: store holds (``PkiService.issue_server_certificate_for_held_key``)
+    restricted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     #: number of the last CRL signed; the next one gets crl_number + 1
     crl_number: Mapped[int] = mapped_column(Integer, default=0)
     #: the last CRL signed and when; cleared by every revocation so the next one is fresh

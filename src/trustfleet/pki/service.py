@@ -8,7 +8,6 @@ CA private keys stay in the key store: rows hold handles, signing goes through
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from trustfleet.pki import x509 as px
 from trustfleet.pki.errors import (
     CaExists,
     CaNotFound,
+    CaRestricted,
     CaRevoked,
     CertificateAlreadyRevoked,
     CertificateNotFound,
@@ -45,6 +45,7 @@ from trustfleet.pki.errors import (
 from trustfleet.pki.models import CertificateAuthority, IssuedCertificate
 from trustfleet.pki.x509 import CertificateKind, Purpose, RevocationReason, ValidatedChain
 from trustfleet.store import Database, IntegrityViolation, Reads, UnitOfWork
+from trustfleet.store.files import atomic_write, make_private_directory
 from trustfleet.wire import as_utc
 
 ROOT_VALIDITY = timedelta(days=3650)
@@ -76,6 +77,8 @@ class CaInfo:
     serial_hex: str
     certificate_der: bytes
     created_at: datetime
+    #: issues only through :meth:`PkiService.issue_server_certificate_for_held_key`
+    restricted: bool = False
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -119,6 +122,7 @@ def _ca_info(row: Any) -> CaInfo:
         serial_hex=row.serial_hex,
         certificate_der=row.certificate_der,
         created_at=as_utc(row.created_at),
+        restricted=bool(row.restricted),
     )
 
 
@@ -228,8 +232,11 @@ class PkiService:
         *,
         path_length: int = 1,
         actor: str = DEFAULT_ACTOR,
+        restricted: bool = False,
     ) -> CaInfo:
-        """A self-signed root whose key is generated in the key store."""
+        """A self-signed root whose key is generated in the key store. A ``restricted`` one
+        issues only through :meth:`issue_server_certificate_for_held_key` (its owner's
+        certificates, for keys the key store holds) and has no CA below it."""
         algorithm = self._ca_algorithm(algorithm)
         self._check_new_ca(name, path_length)
         times = self._validity(validity, issuer=None)
@@ -242,7 +249,9 @@ class PkiService:
             cert = px.issue_certificate(profile, issuer, px.random_serial())
             with self._ca_work() as work:
                 self._check_ca_absent(work, name)
-                ca = self._store_ca(work, name, algorithm, handle, cert, None, path_length)
+                ca = self._store_ca(
+                    work, name, algorithm, handle, cert, None, path_length, restricted=restricted
+                )
                 issued = self._store_certificate(work, cert, name, CertificateKind.ROOT)
                 self._audit_ca_created(work, ca, issued, cert, actor)
             return ca
@@ -261,6 +270,7 @@ class PkiService:
         algorithm = self._ca_algorithm(algorithm)
         self._check_new_ca(name, path_length)
         parent_ca = self._usable_ca(parent)
+        self._check_unrestricted(parent_ca)
         self._check_path_length(parent_ca, path_length)
         times = self._validity(validity, issuer=parent_ca)
         with self._new_ca_key(algorithm, name) as (handle, public_key):
@@ -323,6 +333,31 @@ class PkiService:
 
         return self._issue_leaf(ca, profile, validity, actor, details)
 
+    def issue_server_certificate_for_held_key(
+        self,
+        ca: str,
+        key_handle: str,
+        *,
+        dns_names: Iterable[str] = (),
+        ips: Iterable[str | px.IPAddressValue] = (),
+        validity: timedelta = SERVER_VALIDITY,
+        actor: str = DEFAULT_ACTOR,
+    ) -> CertificateInfo:
+        """A server certificate for the key store's key ``key_handle`` (its public key is
+        read from the key store: :class:`KeyNotFound` if the store does not hold it). The
+        one way a restricted CA issues; no route offers it, its owner calls it (the TMK
+        key server's work certificate)."""
+        key = px.check_subject_key(self._keystore.public_key(key_handle))
+        names, addresses = list(dns_names), list(ips)
+        details = {"dns_names": names, "ips": [str(a) for a in addresses], "held_key": True}
+
+        def profile(not_before: datetime, not_after: datetime) -> px.Profile:
+            return px.server_profile(
+                key, names, addresses, not_before=not_before, not_after=not_after
+            )
+
+        return self._issue_leaf(ca, profile, validity, actor, details, held_key=True)
+
     def issue_device_certificate(
         self,
         ca: str,
@@ -350,8 +385,12 @@ class PkiService:
         validity: timedelta,
         actor: str,
         details: dict[str, Any],
+        *,
+        held_key: bool = False,
     ) -> CertificateInfo:
         issuing = self._usable_ca(ca)
+        if not held_key:
+            self._check_unrestricted(issuing)
         times = self._validity(validity, issuer=issuing)
         leaf = profile(times["not_before"], times["not_after"])
         cert = px.issue_certificate(leaf, self._issuer(issuing), px.random_serial())
@@ -582,6 +621,15 @@ class PkiService:
             raise CaExists(f"certificate authority {name!r} already exists")
 
     @staticmethod
+    def _check_unrestricted(ca: CaInfo) -> None:
+        if ca.restricted:
+            raise CaRestricted(
+                f"certificate authority {ca.name!r} is restricted: it issues only its"
+                " owner's certificates, for keys the key store holds, and has no CA below it",
+                hint="issue from another CA (`trustfleet ca show` lists them)",
+            )
+
+    @staticmethod
     def _check_path_length(parent: CaInfo, path_length: int) -> None:
         if parent.path_length <= path_length:
             raise PathLengthExceeded(
@@ -646,6 +694,8 @@ class PkiService:
         cert: x509.Certificate,
         parent: str | None,
         path_length: int,
+        *,
+        restricted: bool = False,
     ) -> CaInfo:
         ca = CaInfo(
             name=name,
@@ -656,6 +706,7 @@ class PkiService:
             serial_hex=px.serial_hex(cert.serial_number),
             certificate_der=_der(cert),
             created_at=self._now(),
+            restricted=restricted,
         )
         work.insert(
             CertificateAuthority,
@@ -668,6 +719,7 @@ class PkiService:
             path_length=path_length,
             crl_number=0,
             created_at=ca.created_at,
+            restricted=restricted,
         )
         return ca
 
@@ -721,6 +773,7 @@ class PkiService:
     ) -> None:
         details = self._issued_details(issued, cert)
         details |= {"name": ca.name, "algorithm": ca.algorithm.value, "path_length": ca.path_length}
+        details["restricted"] = ca.restricted
         work.audit("pki.ca_created", actor=actor, subject=ca.serial_hex, details=details)
 
 
@@ -752,10 +805,11 @@ def bootstrap(db: Database, keystore: KeyStore, ca_dir: Path, *, actor: str = "i
     service = PkiService(db, keystore)
     root = _ensure_ca(service, LOCAL_ROOT_CA, None, actor)
     issuing = _ensure_ca(service, LOCAL_ISSUING_CA, LOCAL_ROOT_CA, actor)
-    ca_dir.mkdir(parents=True, exist_ok=True)
+    make_private_directory(ca_dir)
     root_path, intermediate_path = ca_dir / "root.pem", ca_dir / "intermediate.pem"
-    _write_atomically(root_path, root.pem)
-    _write_atomically(intermediate_path, issuing.pem)
+    # certificates are public, but the data directory is owner-only, every file in it too
+    atomic_write(root_path, root.pem.encode(), mode=0o600)
+    atomic_write(intermediate_path, issuing.pem.encode(), mode=0o600)
     return LocalCa(root, issuing, root_path, intermediate_path)
 
 
@@ -769,9 +823,3 @@ def _ensure_ca(service: PkiService, name: str, parent: str | None, actor: str) -
         return service.create_intermediate_ca(name, parent, actor=actor)
     except CaExists:  # another process initialised at the same time
         return service.get_ca(name)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)

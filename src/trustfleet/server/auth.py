@@ -55,6 +55,11 @@ class TokenNameTaken(Conflict):
     title = "A token of that name exists already (names are never reused)"
 
 
+class LastAdminToken(Conflict):
+    code = "last-admin-token"
+    title = "Revoking this token would leave no live admin token"
+
+
 class AuthenticationFailed(AuthenticationRequired):
     """Why a presented token was refused; ``reason`` goes to the audit log, never to the
     caller (who only learns that the token is not valid)."""
@@ -175,6 +180,14 @@ _ALL = select(*_INFO_COLUMNS).order_by(ApiToken.id)
 _BY_ID = select(*_INFO_COLUMNS).where(ApiToken.id == bindparam("id"))
 _BY_NAME = select(*_INFO_COLUMNS).where(ApiToken.name == bindparam("name"))
 _BY_ID_FOR_UPDATE = _BY_ID.with_for_update()
+#: the live admin tokens' rows, locked in one order: a revocation that checks another admin
+#: remains holds them all, so two revocations of the last two admins take turns
+_LIVE_ADMINS_FOR_UPDATE = (
+    select(ApiToken.id, ApiToken.expires_at)
+    .where(ApiToken.role == Role.ADMIN.value, ApiToken.revoked_at.is_(None))
+    .order_by(ApiToken.id)
+    .with_for_update()
+)
 _REVOKE = update(ApiToken).where(ApiToken.id == bindparam("id")).values(revoked_at=bindparam("now"))
 # the token check, on every request
 _TOKEN_BY_HASH = select(
@@ -265,15 +278,22 @@ def list_tokens(db: Database, *, actor: str = "system") -> list[TokenInfo]:
 
 def revoke_token(db: Database, token_id: int, *, actor: str = "system") -> TokenInfo:
     """Revoke a token; every node refuses it from the next request on. Revoking a revoked
-    token changes nothing (and writes no second record)."""
+    token changes nothing (and writes no second record). The last live (unrevoked,
+    unexpired) admin token is never revoked (:class:`LastAdminToken`): nobody could
+    administer the server over the API any more."""
     if not 1 <= token_id <= MAX_TOKEN_ID:
         raise TokenNotFound(f"no token has id {token_id}")
     with db.work() as work:
+        now = _now()
+        # the admin rows first, then the token's: one lock order for every revocation
+        admins = work.all(_LIVE_ADMINS_FOR_UPDATE)
         row = work.one(_BY_ID_FOR_UPDATE, id=token_id)
         if row is None:
             raise TokenNotFound(f"no token has id {token_id}")
+        if row.revoked_at is None and _is_live_admin(row.role, row.expires_at, now):
+            _check_another_admin(admins, token_id, now)
         if row.revoked_at is None:
-            row = row._replace(revoked_at=_now())
+            row = row._replace(revoked_at=now)
             work.run(_REVOKE, id=token_id, now=row.revoked_at)
             work.audit(
                 "token.revoked",
@@ -282,6 +302,24 @@ def revoke_token(db: Database, token_id: int, *, actor: str = "system") -> Token
                 details={"name": row.name, "role": row.role},
             )
     return _info(row)
+
+
+def _is_live_admin(role: str, expires_at: datetime | None, now: datetime) -> bool:
+    return role == Role.ADMIN.value and (expires_at is None or now < as_utc(expires_at))
+
+
+def _check_another_admin(admins: list[Any], token_id: int, now: datetime) -> None:
+    """Refuse unless a live admin token other than ``token_id`` remains among ``admins``,
+    the unrevoked admin rows read under lock (``FOR UPDATE``; on SQLite the unit of work
+    holds the write lock): a concurrent revocation of another admin token waits for this
+    one and then finds this one revoked."""
+    if not any(a.id != token_id and _is_live_admin("admin", a.expires_at, now) for a in admins):
+        raise LastAdminToken(
+            "this is the last live admin token: revoking it would leave nobody able to"
+            " administer the server over the API",
+            hint="create another admin token first:"
+            " trustfleet token create --name <name> --role admin",
+        )
 
 
 def bootstrap_admin_token(db: Database) -> str:

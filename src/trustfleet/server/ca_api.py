@@ -38,6 +38,10 @@ class CaOut(BaseModel):
     algorithm: str
     parent: str | None
     path_length: int
+    restricted: bool = Field(
+        description="Issues nothing through /v1/ca/{name}/issue (403 ca-restricted): only its"
+        " owner's certificates for keys the key store holds (the TMK key server's root)"
+    )
     serial: str
     subject: str = Field(description="The certificate's subject (RFC 4514)")
     not_before: datetime
@@ -52,6 +56,7 @@ class CaOut(BaseModel):
             algorithm=ca.algorithm.value,
             parent=ca.parent,
             path_length=ca.path_length,
+            restricted=ca.restricted,
             serial=ca.serial_hex,
             subject=cert.subject.rfc4514_string(),
             not_before=cert.not_valid_before_utc,
@@ -155,7 +160,8 @@ def issue_certificate(
 ) -> IssuedOut:
     """Issue a server (serverAuth) or device (clientAuth) certificate under CA ``name``.
     The key comes from the CSR (whose signature must verify) or the public key; names
-    and the device id come from this request, never from the CSR."""
+    and the device id come from this request, never from the CSR. A restricted CA (the
+    TMK key server's root ``tmk-ksrcrt``) refuses: 403 ``ca-restricted``."""
     service = _service(context)
     public_key = body.public_key_pem.encode() if body.public_key_pem else None
     csr = body.csr_pem.encode() if body.csr_pem else None

@@ -26,6 +26,7 @@ from trustfleet.server.logging import configure_logging
 from trustfleet.settings import Settings, load_settings
 from trustfleet.store import Database
 from trustfleet.store.engine import make_engine, migrate
+from trustfleet.store.files import check_private_directory
 
 _POSTGRES_MIGRATION_LOCK = 0x74666D6967  # advisory lock id: one node migrates at a time
 LISTEN_BACKLOG = 2048
@@ -87,9 +88,18 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def check_data_dir(settings: Settings) -> None:
+    """Refuse to serve from a data directory other users can read (its database, master
+    key and CA files are in it), as the master key file is refused: ``data-dir-permissions``
+    with the ``chmod`` that fixes it. A node without a data directory (PostgreSQL, the
+    master key in the environment) has nothing there to protect."""
+    check_private_directory(settings.data_dir)
+
+
 def app_from_env() -> FastAPI:
     """App factory for ``uvicorn --factory``: settings from the environment."""
     settings = load_settings()
+    check_data_dir(settings)
     configure_logging(settings.log_level)
     app = create_app(build_context(settings))
     _freeze_startup_objects()
@@ -136,6 +146,7 @@ def serve(
     beside it and stopped after it."""
     import uvicorn
 
+    check_data_dir(settings)
     sock = bind(settings.host, settings.port)
     configure_logging(settings.log_level)
     context = build_context(settings)

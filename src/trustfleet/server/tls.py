@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from trustfleet.pki.service import LOCAL_ISSUING_CA, SERVER_VALIDITY, PkiService
 from trustfleet.server.context import AppContext
-from trustfleet.store.files import atomic_write
+from trustfleet.store.files import atomic_write, make_private_directory
 
 TLS_DIR = "tls"
 CERT_FILE = "server.pem"
@@ -103,7 +103,7 @@ def local_ca_certificate(context: AppContext, names: Sequence[str]) -> TlsFiles:
     now = datetime.now(UTC)
     if cert_path.is_file() and key_path.is_file() and _reusable(cert_path, key_path, dns, ips, now):
         return TlsFiles(cert_path, key_path, issued=False)
-    directory.mkdir(mode=0o700, exist_ok=True)
+    make_private_directory(directory)
     key = ec.generate_private_key(ec.SECP256R1())
     public_pem = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
     pki = PkiService(context.db, context.keystore)
@@ -118,5 +118,5 @@ def local_ca_certificate(context: AppContext, names: Sequence[str]) -> TlsFiles:
     chain = [ca.pem for ca in pki.ca_chain(LOCAL_ISSUING_CA) if ca.parent is not None]
     key_pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
     atomic_write(key_path, key_pem, mode=0o600)
-    atomic_write(cert_path, "".join([issued.pem, *chain]).encode(), mode=0o644)
+    atomic_write(cert_path, "".join([issued.pem, *chain]).encode(), mode=0o600)
     return TlsFiles(cert_path, key_path, issued=True)

@@ -513,6 +513,25 @@ def _sqlite_transaction(engine: Engine) -> Iterator[RawConnection]:
     _committed(engine, connection)
 
 
+def sqlite_checkpoint(engine: Engine) -> bool:
+    """``PRAGMA wal_checkpoint(TRUNCATE)`` on a kept connection of a SQLite ``engine``:
+    every page in the WAL copied into the database file and the WAL truncated to zero
+    bytes. True if it completed; False if a reader still on an older snapshot (or a
+    writer that outlasted the busy timeout) kept it from finishing, in which case the WAL
+    keeps what it held until a later checkpoint. Not SQLite: nothing to do, True."""
+    if not _is_sqlite(engine):
+        return True
+    idle = _idle(engine)
+    driver, generation = idle.acquire()
+    try:
+        busy, _, _ = driver.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    except BaseException:
+        idle.discard(driver)
+        raise
+    idle.release(driver, generation)
+    return not busy
+
+
 def _committed(engine: Engine, connection: RawConnection) -> None:
     for listener in _commit_listeners.get(engine, ()):
         listener(connection.info)

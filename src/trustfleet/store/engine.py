@@ -8,10 +8,11 @@ table is created by the Alembic migrations in ``trustfleet/store/migrations``; n
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy import Engine, MetaData, create_engine, event, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 NAMING_CONVENTION = {
@@ -34,6 +35,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=10000")
+    # deleted and overwritten content (a destroyed key's wrapped copy) is zeroed in the
+    # page, not left in its free space; the WAL's older copies go at the checkpoint that
+    # follows a key's destruction (UnitOfWork.checkpoint_after_commit)
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
 
 
@@ -45,12 +50,28 @@ def _sqlite_begin(connection: Any) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _create_owner_only(url: str) -> None:
+    """Create a SQLite URL's database file (mode 0600) before SQLite does (with 0644 under
+    the usual umask); SQLite gives the WAL and shared-memory files it makes beside it the
+    database file's mode. An existing file is left as it is."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    try:
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError:
+        return  # SQLite reports what is wrong with the path when it opens it
+
+
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``: WAL, a busy timeout and immediate transactions on SQLite,
-    pre-ping on PostgreSQL."""
+    """An engine for ``url``: WAL, a busy timeout and immediate transactions on SQLite (its
+    file created owner-only), pre-ping on PostgreSQL."""
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if url.startswith("sqlite"):
+        _create_owner_only(url)
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)

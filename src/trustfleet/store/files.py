@@ -11,15 +11,19 @@ which :func:`remove_stale_temporaries` clears at the next start.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from trustfleet.errors import DataDirPermissions
 
 #: called before each step of a write: ("write", byte index), ("fsync", 0), ("rename", 0),
 #: ("dir-fsync", 0); a test raises from it to cut the power there
 WriteHook = Callable[[str, int], None]
 
 _TMP_SUFFIX = ".tmp"
+PRIVATE_DIRECTORY_MODE = 0o700
 
 
 class PowerCut(Exception):
@@ -89,6 +93,29 @@ def remove_stale_temporaries(path: Path) -> None:
     """Delete temporary files a power cut left beside ``path``."""
     for stale in path.parent.glob(f"{_tmp_prefix(path)}*{_TMP_SUFFIX}"):
         stale.unlink(missing_ok=True)
+
+
+def make_private_directory(path: Path) -> None:
+    """``path`` exists (parents too) and is owner-only (0700): made so, or tightened if an
+    existing one let others in."""
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIRECTORY_MODE)
+    if stat.S_IMODE(path.stat().st_mode) & ~PRIVATE_DIRECTORY_MODE & 0o777:
+        os.chmod(path, PRIVATE_DIRECTORY_MODE)
+
+
+def check_private_directory(path: Path, what: str = "the data directory") -> None:
+    """Refuse (:class:`DataDirPermissions`) a directory group or others may read, write or
+    enter; a missing one is not checked (nothing in it to protect)."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise DataDirPermissions(
+            f"{what} {path} is open to group or others (mode {mode:o}): its database and"
+            " files would be readable by other users",
+            hint=f"chmod 700 {path}",
+        )
 
 
 def read_small_file(path: Path, limit: int) -> bytes:

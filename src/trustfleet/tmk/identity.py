@@ -149,7 +149,11 @@ class IdentityService:
             return existing
         try:
             return self._pki.create_root_ca(
-                KSRCRT_CA, KeyAlgorithm.EC_P256, path_length=0, actor="tmk-identity"
+                KSRCRT_CA,
+                KeyAlgorithm.EC_P256,
+                path_length=0,
+                actor="tmk-identity",
+                restricted=True,  # it issues only work certificates, for keys held here
             )
         except CaExists:  # another node made it at the same time
             return self._pki.get_ca(KSRCRT_CA)
@@ -215,9 +219,9 @@ class IdentityService:
         handle = self._keystore.generate(algorithm, KeyUsage.SIGN, label="tmk-work-key").handle
         ticket_key = self._new_ticket_key()
         try:
-            cert = self._pki.issue_server_certificate(
+            cert = self._pki.issue_server_certificate_for_held_key(
                 KSRCRT_CA,
-                public_key=self._keystore.public_key(handle),
+                handle,
                 dns_names=[WORK_CERT_NAME],
                 validity=self._validity,
                 actor=actor,
