@@ -1,8 +1,10 @@
 """Start a node: build the app context from settings, then serve with uvicorn.
 
-``uvicorn --factory trustfleet.server.runner:app_from_env`` builds the app from the
-``TRUSTFLEET_*`` environment (and the data directory's ``trustfleet.toml``), so several
-processes can be started the same way against one PostgreSQL database.
+``uvicorn --factory trustfleet.server.runner:app_from_env --http
+trustfleet.server.protocol:HttpProtocol`` builds the app from the ``TRUSTFLEET_*``
+environment (and the data directory's ``trustfleet.toml``), so several processes can be
+started the same way against one PostgreSQL database; ``--http`` names the protocol with
+the header limits (:mod:`trustfleet.server.protocol`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from trustfleet.errors import Conflict, InvalidInput
 from trustfleet.server.app import create_app
 from trustfleet.server.context import AppContext
 from trustfleet.server.logging import configure_logging
+from trustfleet.server.protocol import protocol_for
 from trustfleet.settings import Settings, load_settings
 from trustfleet.store import Database
 from trustfleet.store.engine import make_engine, migrate
@@ -145,6 +148,9 @@ def serve(
             log_config=None,  # keep our JSON logging
             access_log=False,  # the request middleware writes the access line
             server_header=False,
+            http=protocol_for(settings),  # header size and read-time limits, problem+json
+            ws="none",
+            timeout_keep_alive=settings.keep_alive_timeout,
             ssl_certfile=str(tls.cert) if tls else None,
             ssl_keyfile=str(tls.key) if tls else None,
         )
