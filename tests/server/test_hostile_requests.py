@@ -63,6 +63,18 @@ def _read_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def _read_response(sock: socket.socket) -> bytes:
+    """One whole response (with a Content-Length) on a connection kept open."""
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        raw += sock.recv(65_536)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        body += sock.recv(65_536)
+    return head + b"\r\n\r\n" + body
+
+
 def _problem(raw: bytes, status: int, code: str) -> dict[str, Any]:
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -187,12 +199,37 @@ def test_slow_connections_are_closed_after_the_header_read_timeout(
 
 
 @pytest.mark.slow
+def test_a_slow_request_on_a_kept_alive_connection_times_out_too(node: tuple[Node, str]) -> None:
+    server, _ = node
+    with _connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(sock).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # the next request, begun and left
+        started = time.monotonic()
+        for _ in range(4):
+            time.sleep(HEADER_READ_TIMEOUT / 5)
+            sock.sendall(b"X")
+        raw = _read_all(sock)
+        elapsed = time.monotonic() - started
+    _problem(raw, 408, "request-timeout")
+    assert HEADER_READ_TIMEOUT - 0.5 <= elapsed < HEADER_READ_TIMEOUT + 3, elapsed
+
+
+def test_pipelined_requests_are_answered_in_order(node: tuple[Node, str]) -> None:
+    server, _ = node
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with _connect(server) as sock:
+        sock.sendall(request * 3 + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = _read_all(sock)
+    assert raw.count(b"HTTP/1.1 200 ") == 4
+
+
+@pytest.mark.slow
 def test_idle_keep_alive_connections_are_closed(node: tuple[Node, str]) -> None:
     server, _ = node
     with _connect(server) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        first = sock.recv(65_536)
-        assert first.startswith(b"HTTP/1.1 200 ")
+        assert _read_response(sock).startswith(b"HTTP/1.1 200 ")
         started = time.monotonic()
         assert _read_all(sock) == b""  # closed, nothing more said
         elapsed = time.monotonic() - started

@@ -120,7 +120,10 @@ class HttpProtocol(HttpToolsProtocol):
         self.header_read_timeout = limits.header_read_timeout
         self.timeout_keep_alive = limits.keep_alive_timeout
         self.ws_protocol_class = None  # no route takes a WebSocket: upgrades are not served
-        self._awaiting_headers = True  # the next bytes belong to a request line or headers
+        #: the next bytes belong to a request line or headers (counted against the limit)
+        self._awaiting_headers = True
+        #: a request has begun and its headers are not complete (the header timer runs)
+        self._begun = False
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
         self._refusal: _Refusal | None = None
@@ -145,8 +148,6 @@ class HttpProtocol(HttpToolsProtocol):
             return
         self._unset_keepalive_if_required()
         if self._awaiting_headers:
-            if self._header_timer is None:  # a new request begins on a kept-alive connection
-                self._arm_header_timer()
             self._header_bytes += len(data)
         try:
             self.parser.feed_data(data)
@@ -155,18 +156,30 @@ class HttpProtocol(HttpToolsProtocol):
         except httptools.HttpParserError:
             self._refuse(self._refusal or _NOT_HTTP)
             return
-        if self._awaiting_headers and self._header_bytes > self.max_header_bytes:
-            self._refuse(_headers_too_large(self.max_header_bytes))
+        if self._awaiting_headers:
+            if self._header_bytes > self.max_header_bytes:
+                self._refuse(_headers_too_large(self.max_header_bytes))
+            elif self._begun and self._header_timer is None:
+                # a request began on a kept-alive connection and its headers are not all
+                # here (most arrive whole in one read: no timer for them)
+                self._arm_header_timer()
 
     # -- parser callbacks ------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._begun = True
+
     def on_headers_complete(self) -> None:
-        self._awaiting_headers = False
+        self._awaiting_headers = self._begun = False
         self._cancel_header_timer()
-        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
-        if size > self.max_header_bytes:
-            self._refusal = _headers_too_large(self.max_header_bytes)
-            raise _Refused()
+        # measured when the bytes seen could hold too much, or were not counted (the
+        # request began in the read that ended the one before it)
+        if self._header_bytes > self.max_header_bytes or not self._header_bytes:
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            if size > self.max_header_bytes:
+                self._refusal = _headers_too_large(self.max_header_bytes)
+                raise _Refused()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
