@@ -122,8 +122,6 @@ class HttpProtocol(HttpToolsProtocol):
         self.ws_protocol_class = None  # no route takes a WebSocket: upgrades are not served
         #: the next bytes belong to a request line or headers (counted against the limit)
         self._awaiting_headers = True
-        #: a request has begun and its headers are not complete (the header timer runs)
-        self._begun = False
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
         self._refusal: _Refusal | None = None
@@ -159,19 +157,16 @@ class HttpProtocol(HttpToolsProtocol):
         if self._awaiting_headers:
             if self._header_bytes > self.max_header_bytes:
                 self._refuse(_headers_too_large(self.max_header_bytes))
-            elif self._begun and self._header_timer is None:
+            elif self._header_bytes and self._header_timer is None:
                 # a request began on a kept-alive connection and its headers are not all
-                # here (most arrive whole in one read: no timer for them)
+                # here (most arrive whole in one read: no timer for them). One begun in the
+                # read that ended the one before is left to the keep-alive timeout.
                 self._arm_header_timer()
 
     # -- parser callbacks ------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._begun = True
-
     def on_headers_complete(self) -> None:
-        self._awaiting_headers = self._begun = False
+        self._awaiting_headers = False
         self._cancel_header_timer()
         # measured when the bytes seen could hold too much, or were not counted (the
         # request began in the read that ended the one before it)
@@ -180,10 +175,10 @@ class HttpProtocol(HttpToolsProtocol):
             if size > self.max_header_bytes:
                 self._refusal = _headers_too_large(self.max_header_bytes)
                 raise _Refused()
-        super().on_headers_complete()
+        HttpToolsProtocol.on_headers_complete(self)  # not super(): a hot path
 
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        HttpToolsProtocol.on_message_complete(self)
         self._awaiting_headers = True
         self._header_bytes = 0
 
