@@ -9,13 +9,23 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from harness import Node, admin_token_for, node_environment, start_node, stop, wait_ready
+from harness import (
+    Node,
+    admin_token_for,
+    init_data_dir,
+    node_environment,
+    served,
+    start_node,
+    stop,
+    wait_ready,
+)
 
 HEADER_READ_TIMEOUT = 2
 KEEP_ALIVE_TIMEOUT = 1
@@ -280,3 +290,27 @@ def test_the_server_still_serves_after_it_all(node: tuple[Node, str]) -> None:
     server, _ = node
     _healthy(server)
     assert server.process.poll() is None
+
+
+@pytest.mark.slow
+def test_trustfleet_serve_enforces_the_limits_of_its_settings(tmp_path: Path) -> None:
+    """``trustfleet serve`` (not uvicorn's command line) serves with the same protocol, its
+    limits from the data directory's trustfleet.toml."""
+    data = tmp_path / "data"
+    init_data_dir(data)
+    (data / "trustfleet.toml").write_text("max_header_bytes = 8192\nheader_read_timeout = 1\n")
+    with served(data) as running:
+        server = Node("serve", running.url, running.process, running.log)
+        with _connect(server) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n")
+            problem = _problem(_read_all(sock), 431, "headers-too-large")
+        assert "8192 bytes" in problem["detail"]
+        with _connect(server) as sock:
+            started = time.monotonic()
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+            _problem(_read_all(sock), 408, "request-timeout")
+            assert time.monotonic() - started < 3
+        with _connect(server) as sock:
+            sock.sendall(b"\x16\x03\x01 not http\r\n\r\n")
+            _problem(_read_all(sock), 400, "bad-request")
+        _healthy(server)
