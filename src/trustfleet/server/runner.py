@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import errno
 import gc
+import logging
 import socket
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ from trustfleet.store.engine import make_engine, migrate
 
 _POSTGRES_MIGRATION_LOCK = 0x74666D6967  # advisory lock id: one node migrates at a time
 LISTEN_BACKLOG = 2048
+
+log = logging.getLogger("trustfleet.server")
 
 
 class PortInUse(Conflict):
@@ -87,10 +91,38 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
+#: the ``--http`` value that serves the app with trustfleet's limits
+HTTP_PROTOCOL = "trustfleet.server.protocol:HttpProtocol"
+
+
+def protocol_warning(argv: Sequence[str]) -> str | None:
+    """What to warn about when uvicorn's command line (``argv``) serves the app without
+    trustfleet's HTTP protocol: its own buffers headers without limit and has no
+    header-read timeout. None for other command lines (they are not recognised)."""
+    if not argv or "uvicorn" not in (Path(argv[0]).name, Path(argv[0]).parent.name):
+        return None
+    chosen = "auto"
+    for i, arg in enumerate(argv):
+        if arg == "--http" and i + 1 < len(argv):
+            chosen = argv[i + 1]
+        elif arg.startswith("--http="):
+            chosen = arg.removeprefix("--http=")
+    if chosen == HTTP_PROTOCOL:
+        return None
+    return (
+        f"uvicorn serves with --http {chosen}, not {HTTP_PROTOCOL}: request headers are "
+        "not limited in size or read time and uvicorn's own errors are text/plain "
+        "(docs/configuration.md)"
+    )
+
+
 def app_from_env() -> FastAPI:
     """App factory for ``uvicorn --factory``: settings from the environment."""
     settings = load_settings()
     configure_logging(settings.log_level)
+    warning = protocol_warning(sys.argv)
+    if warning is not None:
+        log.warning(warning)
     app = create_app(build_context(settings))
     _freeze_startup_objects()
     return app
