@@ -4,8 +4,10 @@ every refusal is problem+json, and the audit log grows by a bounded amount."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -314,3 +316,24 @@ def test_trustfleet_serve_enforces_the_limits_of_its_settings(tmp_path: Path) ->
             sock.sendall(b"\x16\x03\x01 not http\r\n\r\n")
             _problem(_read_all(sock), 400, "bad-request")
         _healthy(server)
+
+
+@pytest.mark.slow
+def test_over_tls_a_big_header_gets_431_too(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with served(data, "--tls-local-ca") as running:
+        context = ssl.create_default_context(cafile=str(data / "ca" / "root.pem"))
+        host, port = running.url.removeprefix("https://").split(":")
+        with (
+            socket.create_connection((host, int(port)), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
+        ):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 1_048_576)
+            sock.sendall(b"\r\n\r\n")
+            answer = b""
+            with contextlib.suppress(ssl.SSLError, ConnectionResetError):
+                while chunk := sock.recv(65_536):
+                    answer += chunk
+        _problem(answer, 431, "headers-too-large")
+        verify = ssl.create_default_context(cafile=str(data / "ca" / "root.pem"))
+        assert httpx.get(running.url + "/healthz", verify=verify, timeout=5).status_code == 200

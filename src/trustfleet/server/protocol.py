@@ -214,13 +214,14 @@ class HttpProtocol(HttpToolsProtocol):
         self._linger()
 
     def _linger(self) -> None:
+        """Read and drop what the client still sends, briefly, then close: closing with
+        unread bytes would reset the connection and lose the answer. Over TLS there is no
+        half-close; the client sees the answer's ``Connection: close`` and length."""
         self._discarding = True
         if self.transport.can_write_eof():
             self.transport.write_eof()
-            self.transport.resume_reading()
-            self.loop.call_later(LINGER_SECONDS, self.transport.close)
-        else:
-            self.transport.close()
+        self.transport.resume_reading()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
     # -- the header-read timer -------------------------------------------------------
 
