@@ -419,8 +419,7 @@ def serve_sms(fleet: SyncFleet, posts: list[tuple[str, str]], workers: int) -> t
     uvicorn workers, from bench_tmk's two client processes."""
     import multiprocessing
 
-    app = ["--factory", "trustfleet.server.runner:app_from_env"]
-    with bench_tmk.uvicorn_server(app, fleet.env, workers) as (url, pid):
+    with bench_tmk.uvicorn_server(bench_tmk.NODE_APP, fleet.env, workers) as (url, pid):
         shares = [posts[i :: bench_tmk.CLIENT_PROCESSES] for i in range(bench_tmk.CLIENT_PROCESSES)]
         before, began = bench_tmk.tree_cpu_seconds(pid), time.perf_counter()
         with multiprocessing.Pool(bench_tmk.CLIENT_PROCESSES) as pool:

@@ -263,12 +263,17 @@ def uvicorn_server(
         server.wait(timeout=30)
 
 
+#: a node as deployments start it with uvicorn's command line (docs/configuration.md)
+NODE_APP = [
+    "--factory", "trustfleet.server.runner:app_from_env",
+    "--http", "trustfleet.server.protocol:HttpProtocol",
+]  # fmt: skip
+
+
 def running_server(
     fleet: Fleet, workers: int
 ) -> contextlib.AbstractContextManager[tuple[str, int]]:
-    return uvicorn_server(
-        ["--factory", "trustfleet.server.runner:app_from_env"], fleet.env, workers
-    )
+    return uvicorn_server(NODE_APP, fleet.env, workers)
 
 
 # -- clients -----------------------------------------------------------------------------

@@ -98,13 +98,15 @@ def node_environment(
 
 
 def start_node(name: str, env: dict[str, str], data_dir: Path) -> Node:
-    """``uvicorn --factory trustfleet.server.runner:app_from_env`` on a free loopback port."""
+    """``uvicorn --factory trustfleet.server.runner:app_from_env`` with trustfleet's HTTP
+    protocol on a free loopback port."""
     port = free_port()
     data_dir.mkdir(mode=0o700, exist_ok=True)  # serve refuses one others can read
     log = data_dir / "server.log"
     command = [
         sys.executable, "-m", "uvicorn", "--factory", "trustfleet.server.runner:app_from_env",
         "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+        "--http", "trustfleet.server.protocol:HttpProtocol",
     ]  # fmt: skip
     with log.open("wb") as out:
         process = subprocess.Popen(

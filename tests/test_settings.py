@@ -88,3 +88,26 @@ def test_audit_device_settings_are_checked(
     )
     settings = load_settings(tmp_path)
     assert settings.audit_syslog == "unix:///dev/log" and settings.audit_checkpoint_every == 1000
+
+
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [
+        ("max_header_bytes", ("4095", "16777217")),
+        ("header_read_timeout", ("0", "3601")),
+        ("keep_alive_timeout", ("0", "3601")),
+        ("refusal_audit_window", ("0", "3601")),
+        ("refusal_audit_clients", ("0", "-1")),
+    ],
+)
+def test_the_hostile_request_limits_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, bad: tuple[str, ...]
+) -> None:
+    """A limit of 0 would refuse every client (or, for the audit, none)."""
+    monkeypatch.delenv("TRUSTFLEET_CONFIG", raising=False)
+    defaults = load_settings(tmp_path)
+    assert (defaults.max_header_bytes, defaults.header_read_timeout) == (65_536, 10)
+    for value in bad:
+        monkeypatch.setenv(f"TRUSTFLEET_{name.upper()}", value)
+        with pytest.raises(ConfigurationError, match=name):
+            load_settings(tmp_path)

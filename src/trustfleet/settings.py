@@ -42,6 +42,19 @@ class Settings:
     pkcs11_policy: str = "sealed"
     max_body_bytes: int = 1_048_576
     max_import_bytes: int = 268_435_456  # streamed bulk imports
+    #: the request line and headers together; larger ones get 431 (trustfleet's HTTP
+    #: protocol, docs/configuration.md)
+    max_header_bytes: int = 65_536
+    #: seconds from a connection's first byte (or from its opening) to a request's
+    #: complete headers; slower ones get 408 and are closed
+    header_read_timeout: int = 10
+    #: seconds an idle keep-alive connection stays open after a response
+    keep_alive_timeout: int = 5
+    #: refused requests (bad tokens, forged webhook signatures) are audited one record per
+    #: client per window, the rest counted into one aggregate record (docs/api.md)
+    refusal_audit_window: int = 60
+    #: how many clients per window get their first refusal written as its own record
+    refusal_audit_clients: int = 100
     log_level: str = "INFO"
     tmk_session_seconds: int = 60  # how long a TMK download session lives (10..600)
     #: seconds before each delivery attempt of the outbox (Standard Webhooks' schedule);
@@ -129,7 +142,23 @@ TMK_SESSION_SECONDS = range(10, 601)
 TMK_PROTOCOL_VERSIONS = range(1, 3)
 
 
+#: bounds of the HTTP limits: below these, ordinary clients would be refused
+HEADER_BYTES = range(4_096, 16_777_217)
+TIMEOUT_SECONDS = range(1, 3_601)
+
+
 def _checked(settings: Settings) -> Settings:
+    if settings.max_header_bytes not in HEADER_BYTES:
+        raise ConfigurationError(
+            f"max_header_bytes must be {HEADER_BYTES.start}..{HEADER_BYTES.stop - 1}"
+        )
+    for name in ("header_read_timeout", "keep_alive_timeout", "refusal_audit_window"):
+        if getattr(settings, name) not in TIMEOUT_SECONDS:
+            raise ConfigurationError(
+                f"{name} must be {TIMEOUT_SECONDS.start}..{TIMEOUT_SECONDS.stop - 1} seconds"
+            )
+    if settings.refusal_audit_clients < 1:
+        raise ConfigurationError("refusal_audit_clients must be at least 1")
     seconds = TMK_SESSION_SECONDS
     if settings.tmk_session_seconds not in seconds:
         raise ConfigurationError(f"tmk_session_seconds must be {seconds.start}..{seconds.stop - 1}")

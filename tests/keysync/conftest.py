@@ -265,7 +265,7 @@ def refusal_codes(sessions: sessionmaker[Session]) -> list[str]:
     return [
         str(details["code"])
         for action, details in audit_actions(sessions)
-        if action == "keysync.sync_refused"
+        if action == "keysync.sync_refused" and not details.get("aggregate")
     ]
 
 

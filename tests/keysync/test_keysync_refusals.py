@@ -24,6 +24,7 @@ from .conftest import (
     GATEWAY_SECRET,
     WEBHOOK,
     Platform,
+    audit_actions,
     auth,
     bindings,
     messages,
@@ -60,7 +61,13 @@ def test_bad_gateway_signature_is_403_and_audited(
     problem(answer, 403, "keysync-bad-gateway-signature")
     unsigned = client.post(WEBHOOK, data={"From": terminal.mdn, "Body": body})
     problem(unsigned, 403, "keysync-bad-gateway-signature")
-    assert refusal_codes(sessions) == ["keysync-bad-gateway-signature"] * 2
+    # the client's first refusal of the window is written; the second is counted ...
+    assert refusal_codes(sessions) == ["keysync-bad-gateway-signature"]
+    client.app.state.context.refusals.close()  # type: ignore[attr-defined]
+    # ... into one aggregate record, written when the window closes (or at shutdown)
+    (_, aggregate), *_ = [a for a in audit_actions(sessions) if a[1].get("aggregate")]
+    assert aggregate["count"] == 1
+    assert aggregate["kinds"] == {"keysync-bad-gateway-signature": 1}
     assert bindings(sessions) == messages(sessions) == 0
     # the same SMS, properly signed, still binds: the refusals consumed nothing
     assert send_sms(client, terminal, body).status_code == 200

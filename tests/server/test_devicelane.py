@@ -33,11 +33,14 @@ def lanes(context: AppContext) -> Iterator[dict[str, TestClient]]:
     """The same domains served with the device lane and without it."""
     with (
         TestClient(
-            create_app(context, domain_routers=DOMAINS), raise_server_exceptions=False
+            create_app(context, domain_routers=DOMAINS),
+            raise_server_exceptions=False,
+            client=("192.0.2.1", 50000),
         ) as on,
-        TestClient(
+        TestClient(  # another client: refused tokens are audited once per client and window
             create_app(context, domain_routers=DOMAINS, device_lane=False),
             raise_server_exceptions=False,
+            client=("192.0.2.2", 50000),
         ) as off,
     ):
         yield {"lane": on, "fastapi": off}

@@ -19,7 +19,8 @@ from sqlalchemy import inspect
 
 from trustfleet.errors import MasterKeyError
 from trustfleet.keystore.master import create_master_key_file
-from trustfleet.server.runner import app_from_env, build_context
+from trustfleet.server.protocol import HttpProtocol, protocol_for
+from trustfleet.server.runner import HTTP_PROTOCOL, app_from_env, build_context, protocol_warning
 from trustfleet.settings import Settings, load_settings
 
 
@@ -107,3 +108,35 @@ def test_serve_answers_and_logs_json_lines(data_dir: Path) -> None:
         line["logger"] == "trustfleet.access" and line["path"] == "/healthz" for line in lines
     )
     assert any(line["logger"].startswith("uvicorn") for line in lines)  # uvicorn's too, as JSON
+
+
+@pytest.mark.parametrize(
+    ("argv", "warned"),
+    [
+        (["/venv/bin/uvicorn", "--factory", "trustfleet.server.runner:app_from_env"], True),
+        (["/venv/lib/uvicorn/__main__.py", "--factory", "x:app", "--http", "h11"], True),
+        (["/venv/bin/uvicorn", "--factory", "x:app", "--http", HTTP_PROTOCOL], False),
+        (["/venv/bin/uvicorn", "--factory", "x:app", f"--http={HTTP_PROTOCOL}"], False),
+        (["/venv/bin/gunicorn", "-k", "uvicorn.workers.UvicornWorker"], False),
+        ([], False),
+    ],
+)
+def test_uvicorn_without_trustfleets_protocol_is_warned_about(
+    argv: list[str], warned: bool
+) -> None:
+    warning = protocol_warning(argv)
+    assert (warning is not None) is warned
+    if warning is not None:
+        assert HTTP_PROTOCOL in warning and "not limited" in warning
+
+
+def test_the_protocol_carries_the_limits_of_the_settings(tmp_path: Path) -> None:
+    settings = Settings(
+        data_dir=tmp_path, max_header_bytes=8192, header_read_timeout=3, keep_alive_timeout=7
+    )
+    protocol = protocol_for(settings)
+    assert issubclass(protocol, HttpProtocol)
+    assert protocol.limits is not None
+    assert (protocol.limits.max_header_bytes, protocol.limits.header_read_timeout) == (8192, 3)
+    assert protocol.limits.keep_alive_timeout == 7
+    assert HttpProtocol.limits is None  # the class uvicorn's command line names reads them itself

@@ -33,7 +33,7 @@ from trustfleet.kit.outbox.api import DestinationOut, MessageOut
 from trustfleet.kit.routes import DeviceRoutes
 from trustfleet.server.context import AppContext
 from trustfleet.server.deps import Principal, get_context, require_role
-from trustfleet.server.devicelane import DeviceAnswer
+from trustfleet.server.devicelane import CLIENT_PARAM, DeviceAnswer
 from trustfleet.server.limits import streamed_import
 from trustfleet.server.models import Role
 
@@ -429,7 +429,8 @@ def inbound_sms(
     (docs/keysync-protocol.md). Answers empty TwiML; a refusal, problem+json with its code."""
     form = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
     signature = params.get("signature") or None
-    services.key_sync(context).sms(params["gateway"], form, signature)
+    client = params.get(CLIENT_PARAM, "")
+    services.key_sync(context).sms(params["gateway"], form, signature, client=client)
     return DeviceAnswer(TWIML_EMPTY, media_type="text/xml")
 
 

@@ -41,4 +41,6 @@ def _reply_in_background(gateway: Any, to: str, text: str) -> None:
 
 
 def key_sync(context: AppContext) -> KeySync:
-    return KeySync(context.db, vault(context), reply=_reply_in_background)
+    return KeySync(
+        context.db, vault(context), reply=_reply_in_background, refusals=context.refusals
+    )

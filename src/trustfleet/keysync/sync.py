@@ -63,6 +63,7 @@ from trustfleet.keysync.registration import e164_form, gateway_secret_info
 from trustfleet.keysync.vault import Vault, key_row_aad, open_key
 from trustfleet.kit import outbox
 from trustfleet.store import Database, IntegrityViolation, UnitOfWork
+from trustfleet.store.refusals import RefusalAudit
 from trustfleet.wire import utcnow
 
 log = logging.getLogger("trustfleet.keysync")
@@ -227,8 +228,12 @@ class KeySync:
         *,
         clock: Callable[[], datetime] = utcnow,
         reply: ReplySender = send_reply,
+        refusals: RefusalAudit | None = None,
     ) -> None:
         self._db = db
+        #: the rate limit for refused gateway calls (forged signatures cost the audit log
+        #: little); without one, each is audited
+        self._refusals = refusals
         self._vault = vault
         self._clock = clock
         self._reply = reply
@@ -236,19 +241,26 @@ class KeySync:
     # -- the SMS gateway's webhook ----------------------------------------------------
 
     def sms(
-        self, gateway_name: str, params: Sequence[tuple[str, str]], signature: str | None
+        self,
+        gateway_name: str,
+        params: Sequence[tuple[str, str]],
+        signature: str | None,
+        *,
+        client: str = "",
     ) -> Bound:
-        """An inbound SMS as the gateway posted it (form fields), with its signature."""
+        """An inbound SMS as the gateway posted it (form fields), with its signature;
+        ``client`` is the caller's address (refused calls are audited per client at a
+        bounded rate)."""
         actor = f"sms-gateway:{gateway_name[:64]}"
         gateway = self._gateway(gateway_name)
         if gateway is None:
-            self._refused_gateway(actor, KeysyncUnknownGateway(), params)
+            self._refused_gateway(actor, KeysyncUnknownGateway(), params, client)
         presented = (signature or "").encode()
         if not presented or not any(  # lazily: the configured URL is usually the one signed
             hmac.compare_digest(twilio_signature(gateway.secret, url, params).encode(), presented)
             for url in _url_variants(gateway.webhook_url)
         ):
-            self._refused_gateway(actor, KeysyncBadGatewaySignature(), params)
+            self._refused_gateway(actor, KeysyncBadGatewaySignature(), params, client)
         fields = dict(params)
         sender = fields.get("From", "")
         try:
@@ -275,15 +287,27 @@ class KeySync:
                         row.reply_from)  # fmt: skip
 
     def _refused_gateway(
-        self, actor: str, error: KeysyncError, params: Sequence[tuple[str, str]]
+        self, actor: str, error: KeysyncError, params: Sequence[tuple[str, str]], client: str
     ) -> NoReturn:
+        subject = dict(params).get("From", "")[:20]
+        details = {"code": error.code, "via": "sms"}
+        if self._refusals is not None:
+            self._refusals.refused(
+                "keysync.sync_refused",
+                actor=actor,
+                subject=subject,
+                client=client,
+                kind=error.code,
+                details=details,
+            )
+            raise error
         with self._db.work() as uow:
             uow.audit(
                 "keysync.sync_refused",
                 actor=actor,
-                subject=dict(params).get("From", "")[:20],
+                subject=subject,
                 outcome="failure",
-                details={"code": error.code, "via": "sms"},
+                details={**details, "client": client} if client else details,
             )
         raise error
 

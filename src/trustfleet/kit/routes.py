@@ -34,6 +34,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from trustfleet.server.deps import Principal, context_of, require_role, run_database_work
 from trustfleet.server.deps import public as public_route
 from trustfleet.server.devicelane import (
+    CLIENT_PARAM,
     PUBLIC_CALLER,
     DeviceHandler,
     DeviceRoute,
@@ -160,6 +161,7 @@ def _public_endpoint(
         values = dict(request.path_params)
         for name, header in headers.items():
             values[name] = request.headers.get(header, "")
+        values[CLIENT_PARAM] = request.client.host if request.client else ""
         context, body = context_of(request), await request.body()
         work = partial(handler, context, PUBLIC_CALLER, values, body)
         answer = await run_database_work(context, work)

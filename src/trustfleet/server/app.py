@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from types import ModuleType
 
+import anyio.to_thread
 from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute, Match
@@ -114,7 +116,16 @@ def create_app(
     With ``device_lane`` (the default) the domains' device routes are answered by
     :class:`~trustfleet.server.devicelane.DeviceLane` in front of the FastAPI stack;
     without it, by their FastAPI routes (same handlers, same answers)."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:  # the counts of refusals not audited one by one are written on the way out
+            await anyio.to_thread.run_sync(context.refusals.close)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="trustfleet",
         version=__version__,
         description="Lifecycle trust for fleets of IoT devices and payment terminals.",

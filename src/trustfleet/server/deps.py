@@ -11,7 +11,8 @@ The dependencies are coroutines: FastAPI runs a plain function in the thread poo
 that costs about 100 µs of CPU here (bench/RESULTS.md), more than the token check itself.
 The check is one indexed read, with the token's last-used refresh when it is due (once a
 minute at most), run by :func:`run_database_work` (on the event loop on SQLite, which it
-explains is safe); the audit record of a refused token goes to the thread pool.
+explains is safe); the audit record of a refused token, when the refusal rate limit writes
+one, goes to the thread pool.
 """
 
 from __future__ import annotations
@@ -101,22 +102,26 @@ def bearer_credentials(authorization: str | None) -> str | None:
 def audit_refusal(
     context: AppContext, subject: str, action: str, actor: str, details: dict[str, object]
 ) -> None:
-    """The audit record of a refused request (``auth.failed``, ``auth.forbidden``)."""
+    """The audit record of a refused request by an authenticated caller (``auth.forbidden``)."""
     try:
         with context.db.work() as work:
             work.audit(action, actor=actor, subject=subject, outcome="failure", details=details)
     except Exception:
-        # the request is refused either way; a failed audit write must not turn 401/403 into 500
+        # the request is refused either way; a failed audit write must not turn 403 into 500
         log.exception("could not write the %s audit record", action)
 
 
-#: ``(action, actor, details)`` -> writes the refusal's audit record
+#: ``(action, actor, details)`` -> audits the refusal
 RefusalAuditor = Callable[[str, str, dict[str, object]], Awaitable[None]]
 
 
 def refusal_auditor(context: AppContext, subject: str, client: str) -> RefusalAuditor:
-    """Audits a request's refusals, at most one record per request however many checks
-    refuse it; the write goes to the thread pool."""
+    """Audits a request's refusals, at most one per request however many checks refuse it;
+    writes go to the thread pool. A refused token (``auth.failed``: no authenticated
+    caller to hold to account) goes through the context's rate limit
+    (:mod:`trustfleet.store.refusals`): a client's first of a window is written, the others
+    counted into one aggregate record. A refused role (``auth.forbidden``) is the act of a
+    token holder and is written each time."""
     written = False
 
     async def refuse(action: str, actor: str, details: dict[str, object]) -> None:
@@ -124,10 +129,22 @@ def refusal_auditor(context: AppContext, subject: str, client: str) -> RefusalAu
         if written:
             return
         written = True
-        write = partial(
-            audit_refusal, context, subject, action, actor, {**details, "client": client}
+        if action != "auth.failed":
+            write = partial(
+                audit_refusal, context, subject, action, actor, {**details, "client": client}
+            )
+            await anyio.to_thread.run_sync(write)
+            return
+        due = context.refusals.note(
+            action,
+            actor=actor,
+            subject=subject,
+            client=client,
+            kind=str(details.get("reason", "")),
+            details=details,
         )
-        await anyio.to_thread.run_sync(write)
+        if due:
+            await anyio.to_thread.run_sync(context.refusals.write, due)
 
     return refuse
 

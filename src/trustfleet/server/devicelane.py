@@ -96,6 +96,9 @@ DeviceHandler = Callable[[AppContext, Principal, Mapping[str, str], bytes], Devi
 
 #: the principal a public device route's handler is given: no token was presented
 PUBLIC_CALLER = Principal(name="unauthenticated", role="", token_id=0)
+#: the parameter a public device route's handler finds the client's address in (for the
+#: rate-limited audit of refusals, :mod:`trustfleet.store.refusals`)
+CLIENT_PARAM = "@client"
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,8 @@ class DeviceLane:
         if route.public:
             for name, header in route.headers.items():
                 params[name] = header_value(scope, header.encode()) or ""
+            client = scope.get("client")
+            params[CLIENT_PARAM] = client[0] if client else ""
             handle = partial(route.handler, self._context, PUBLIC_CALLER, params, body)
             return await run_database_work(self._context, handle)
         presented = bearer_credentials(header_value(scope, b"authorization"))

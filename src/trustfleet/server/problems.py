@@ -34,11 +34,13 @@ _HTTP_CODES: Mapping[int, tuple[str, str]] = {
     404: ("not-found", "Not found"),
     405: ("method-not-allowed", "The method is not allowed on this resource"),
     406: ("not-acceptable", "No acceptable representation"),
+    408: ("request-timeout", "The request headers did not arrive in time"),
     409: ("conflict", "Conflicts with the current state"),
     413: ("body-too-large", "The request body is too large"),
     415: ("unsupported-media-type", "The content type is not supported"),
     422: ("invalid-request", "The request does not match the expected schema"),
     429: ("too-many-requests", "Too many requests"),
+    431: ("headers-too-large", "The request headers are too large"),
     503: ("unavailable", "The service is unavailable"),
 }
 

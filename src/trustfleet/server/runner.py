@@ -1,15 +1,19 @@
 """Start a node: build the app context from settings, then serve with uvicorn.
 
-``uvicorn --factory trustfleet.server.runner:app_from_env`` builds the app from the
-``TRUSTFLEET_*`` environment (and the data directory's ``trustfleet.toml``), so several
-processes can be started the same way against one PostgreSQL database.
+``uvicorn --factory trustfleet.server.runner:app_from_env --http
+trustfleet.server.protocol:HttpProtocol`` builds the app from the ``TRUSTFLEET_*``
+environment (and the data directory's ``trustfleet.toml``), so several processes can be
+started the same way against one PostgreSQL database; ``--http`` names the protocol with
+the header limits (:mod:`trustfleet.server.protocol`).
 """
 
 from __future__ import annotations
 
 import errno
 import gc
+import logging
 import socket
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +27,7 @@ from trustfleet.server.app import create_app
 from trustfleet.server.audit_trail import install_audit_trail
 from trustfleet.server.context import AppContext
 from trustfleet.server.logging import configure_logging
+from trustfleet.server.protocol import protocol_for
 from trustfleet.settings import Settings, load_settings
 from trustfleet.store import Database
 from trustfleet.store.engine import make_engine, migrate
@@ -30,6 +35,8 @@ from trustfleet.store.files import check_private_directory
 
 _POSTGRES_MIGRATION_LOCK = 0x74666D6967  # advisory lock id: one node migrates at a time
 LISTEN_BACKLOG = 2048
+
+log = logging.getLogger("trustfleet.server")
 
 
 class PortInUse(Conflict):
@@ -96,11 +103,39 @@ def check_data_dir(settings: Settings) -> None:
     check_private_directory(settings.data_dir)
 
 
+#: the ``--http`` value that serves the app with trustfleet's limits
+HTTP_PROTOCOL = "trustfleet.server.protocol:HttpProtocol"
+
+
+def protocol_warning(argv: Sequence[str]) -> str | None:
+    """What to warn about when uvicorn's command line (``argv``) serves the app without
+    trustfleet's HTTP protocol: its own buffers headers without limit and has no
+    header-read timeout. None for other command lines (they are not recognised)."""
+    if not argv or "uvicorn" not in (Path(argv[0]).name, Path(argv[0]).parent.name):
+        return None
+    chosen = "auto"
+    for i, arg in enumerate(argv):
+        if arg == "--http" and i + 1 < len(argv):
+            chosen = argv[i + 1]
+        elif arg.startswith("--http="):
+            chosen = arg.removeprefix("--http=")
+    if chosen == HTTP_PROTOCOL:
+        return None
+    return (
+        f"uvicorn serves with --http {chosen}, not {HTTP_PROTOCOL}: request headers are "
+        "not limited in size or read time and uvicorn's own errors are text/plain "
+        "(docs/configuration.md)"
+    )
+
+
 def app_from_env() -> FastAPI:
     """App factory for ``uvicorn --factory``: settings from the environment."""
     settings = load_settings()
     check_data_dir(settings)
     configure_logging(settings.log_level)
+    warning = protocol_warning(sys.argv)
+    if warning is not None:
+        log.warning(warning)
     app = create_app(build_context(settings))
     _freeze_startup_objects()
     return app
@@ -159,6 +194,9 @@ def serve(
             log_config=None,  # keep our JSON logging
             access_log=False,  # the request middleware writes the access line
             server_header=False,
+            http=protocol_for(settings),  # header size and read-time limits, problem+json
+            ws="none",
+            timeout_keep_alive=settings.keep_alive_timeout,
             ssl_certfile=str(tls.cert) if tls else None,
             ssl_keyfile=str(tls.key) if tls else None,
         )
