@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import weakref
 from collections import namedtuple
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,7 +40,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement, ColumnElement
 
 from trustfleet.errors import TrustfleetError
-from trustfleet.store.engine import WRITE_WAIT_SECONDS
+from trustfleet.store import engine as store_engine
 
 __all__ = [
     "ConnectionLost",
@@ -110,7 +111,8 @@ def _is_busy(exc: BaseException) -> bool:
 
 def _busy() -> DatabaseBusy:
     return DatabaseBusy(
-        f"the database stayed busy with other writes for {WRITE_WAIT_SECONDS} s; nothing was"
+        f"the database stayed busy with other writes for {store_engine.WRITE_WAIT_SECONDS} s;"
+        " nothing was"
         " written, retry shortly"
     )
 
@@ -575,32 +577,49 @@ def raw_transaction(engine: Engine, *, wait: bool = True) -> Iterator[RawConnect
             raise RawTransactionDoomed("a joined transaction failed; rolled back")
 
 
-_WAIT = f"PRAGMA busy_timeout={WRITE_WAIT_SECONDS * 1000}"
 _NO_WAIT = "PRAGMA busy_timeout=0"
 #: how long a transaction opened without ``wait`` waits for a PostgreSQL row lock
 NO_WAIT_LOCK_TIMEOUT = "100ms"
+#: the pauses between tries for SQLite's write lock: from 1 ms, doubling, to 8 ms at most
+_FIRST_PAUSE, _LONGEST_PAUSE = 0.001, 0.008
 
 
 def _sqlite_begin(driver: Any, wait: bool) -> None:
-    """``BEGIN IMMEDIATE``: waiting up to the busy timeout for the write lock, or (no
-    ``wait``) not at all."""
-    if wait:
-        try:
-            driver.execute("BEGIN IMMEDIATE")
-        except driver.OperationalError as exc:  # the sqlite3 module's own error classes
-            if _is_busy(exc):
-                raise _busy() from exc
-            raise
-        return
+    """``BEGIN IMMEDIATE``: waiting for the write lock up to
+    :data:`~trustfleet.store.engine.WRITE_WAIT_SECONDS` (then :class:`DatabaseBusy`), or
+    (no ``wait``) not at all (:class:`WriteLockBusy`).
+
+    The waiting is ours, not SQLite's busy handler's: that one sleeps up to 100 ms between
+    tries, so a writer that commits a batch and begins its next one a little later (a
+    bulk import) can keep a waiting request out for seconds. This one tries every few
+    milliseconds (the sleep releases the GIL)."""
     driver.execute(_NO_WAIT)
     try:
+        if _try_begin(driver):
+            return
+        if not wait:
+            raise WriteLockBusy("another write holds the database's write lock")
+        deadline = time.monotonic() + store_engine.WRITE_WAIT_SECONDS
+        pause = _FIRST_PAUSE
+        while time.monotonic() < deadline:
+            time.sleep(pause)
+            if _try_begin(driver):
+                return
+            pause = min(2 * pause, _LONGEST_PAUSE)
+        raise _busy()
+    finally:  # the busy timeout of other statements (which rarely wait in WAL mode)
+        driver.execute(f"PRAGMA busy_timeout={store_engine.WRITE_WAIT_SECONDS * 1000}")
+
+
+def _try_begin(driver: Any) -> bool:
+    """``BEGIN IMMEDIATE`` if the write lock is free (false if another writer has it)."""
+    try:
         driver.execute("BEGIN IMMEDIATE")
-    except driver.OperationalError as exc:
+    except driver.OperationalError as exc:  # the sqlite3 module's own error classes
         if _is_busy(exc):
-            raise WriteLockBusy("another write holds the database's write lock") from exc
+            return False
         raise
-    finally:
-        driver.execute(_WAIT)
+    return True
 
 
 @contextmanager
