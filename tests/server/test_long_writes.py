@@ -6,9 +6,9 @@ Bulk work commits in bounded batches; a write waits its turn for another writer 
 hot work that finds the write lock taken runs again in a thread), so ``/healthz`` and
 ``/metrics`` answer throughout; the token's last-used refresh never fails a request.
 
-The slow test runs a large import on real server processes (one node on SQLite, two on
-PostgreSQL with two imports at once) while terminals download, operators rotate TMKs,
-admins make tokens and a separate process probes ``/healthz``.
+The slow test runs large imports on real server processes (one node on SQLite, two on
+PostgreSQL; two terminal imports and a key-sync import at once) while terminals download,
+operators rotate TMKs, admins make tokens and a separate process probes ``/healthz``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import sqlite3
 import statistics
 import subprocess
@@ -222,6 +223,8 @@ def test_database_busy_answers_503_with_retry_after_on_both_lanes(
 
 #: rows imported in the slow test (two files at once); TRUSTFLEET_LONG_WRITE_ROWS overrides
 ROWS = int(os.environ.get("TRUSTFLEET_LONG_WRITE_ROWS", "100000"))
+#: key-sync keys imported at the same time (the other capability's bulk import)
+KEYS = ROWS // 2
 DOWNLOADERS = 3
 #: a generous bound on a health answer on a loaded CI machine (the target, 100 ms, and the
 #: measured distribution are in bench/RESULTS.md); before batching it stalled for seconds
@@ -303,6 +306,9 @@ def test_a_large_import_never_takes_the_server_down(tmp_path: Path, database_url
             _bulk(public_key, "BULK-B", ROWS - ROWS // 2),
         ]
 
+        keys_csv = "terminal_id,key_id,key\n" + "".join(
+            f"T-{i // 2},{secrets.token_hex(8)},{secrets.token_hex(16)}\n" for i in range(KEYS)
+        )
         importing = threading.Event()
         finished = threading.Event()
         failures: list[str] = []
@@ -314,6 +320,15 @@ def test_a_large_import_never_takes_the_server_down(tmp_path: Path, database_url
             client = clients[index % len(clients)]
             began = time.perf_counter()
             answer = client.post("/v1/tmk/terminals/import", content=files[index], headers=ndjson)
+            import_seconds.append(time.perf_counter() - began)
+            return answer
+
+        def run_key_import() -> httpx.Response:
+            headers = {**ndjson, "Content-Type": "text/csv"}
+            began = time.perf_counter()
+            answer = clients[-1].put(
+                "/v1/keysync/imports/long-write", content=keys_csv.encode(), headers=headers
+            )
             import_seconds.append(time.perf_counter() - began)
             return answer
 
@@ -360,12 +375,14 @@ def test_a_large_import_never_takes_the_server_down(tmp_path: Path, database_url
         probe_out = tmp_path / "probe.json"
         probe = _probe(nodes[0].url, probe_out)
         try:
-            with ThreadPoolExecutor(max_workers=DOWNLOADERS + 3) as pool:
+            with ThreadPoolExecutor(max_workers=DOWNLOADERS + 4) as pool:
                 workers = [pool.submit(download_loop, i) for i in range(DOWNLOADERS)]
                 workers.append(pool.submit(token_loop))
                 imports = [pool.submit(run_import, i) for i in range(2)]
+                key_import = pool.submit(run_key_import)
                 importing.set()
                 answers = [future.result(timeout=600) for future in imports]
+                keys_answer = key_import.result(timeout=600)
                 finished.set()
                 for worker in workers:
                     worker.result(timeout=120)
@@ -380,6 +397,8 @@ def test_a_large_import_never_takes_the_server_down(tmp_path: Path, database_url
     for answer in answers:
         assert answer.status_code == 200, answer.text[:500]
     assert sum(answer.json()["accepted"] for answer in answers) == ROWS
+    assert keys_answer.status_code in (200, 201), keys_answer.text[:500]
+    assert keys_answer.json()["accepted"] == KEYS
     assert failures == []
     during = [seconds for seconds, in_import in downloads if in_import]
     assert len(during) >= DOWNLOADERS, "the terminals downloaded while the import ran"
@@ -390,6 +409,7 @@ def test_a_large_import_never_takes_the_server_down(tmp_path: Path, database_url
     report = {
         "database": "postgresql" if postgres else "sqlite",
         "rows": ROWS,
+        "keys": KEYS,
         "import_seconds": [round(s, 2) for s in import_seconds],
         "health": _summary(health),
         "metrics": _summary(metrics),
