@@ -128,7 +128,7 @@ def test_work_on_the_event_loop_runs_again_in_a_thread_when_the_lock_is_taken(
     holder.join()
     assert result == "done"
     assert time.perf_counter() - began >= 0.5  # it waited for the other writer...
-    assert worst_gap < 0.3  # ...in a thread, never on the loop (it would stall 0.6 s)
+    assert worst_gap < 0.45  # ...in a thread, never on the loop (it would stall 0.6 s)
 
 
 def test_without_waiting_fails_before_writing_and_waits_once_something_committed(
