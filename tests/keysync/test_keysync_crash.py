@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from sqlalchemy import func, select
 
 from harness import Node, admin_token_for, free_port, node_environment, start_node, stop, wait_ready
+from trustfleet.keysync.imports import BATCH_ROWS
 from trustfleet.keysync.models import TerminalKey
 from trustfleet.keysync.receiver import ReceivedKeys, create_receiver_app
 from trustfleet.keysync.terminal import M2mTerminal, post_sms
@@ -97,7 +98,7 @@ def test_kill_9_of_the_server_mid_import_loses_and_duplicates_nothing(
     assert 0 < done_at_kill < ROWS, "the import was not caught in the middle"
     sender.join(30)
     committed = scalar(database_url, select(func.count()).select_from(TerminalKey))
-    assert committed >= done_at_kill and committed % 5000 == 0  # whole batches only
+    assert committed >= done_at_kill and committed % BATCH_ROWS == 0  # whole batches only
 
     restarted = start_node("b", env, tmp_path / "node-b")
     try:

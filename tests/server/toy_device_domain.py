@@ -1,7 +1,7 @@
 """A toy domain with one device route, to test the device lane against FastAPI.
 
 ``POST /v1/toy/echo/{item}`` (operator): ``{"item", "actor", "size"}``; the body ``fail``
-raises a trustfleet error, ``boom`` an unexpected one.
+raises a trustfleet error, ``boom`` an unexpected one, ``busy`` the database's 503.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from trustfleet.server.context import AppContext
 from trustfleet.server.deps import require_role
 from trustfleet.server.devicelane import DeviceAnswer, DeviceRoute, answer_in_fastapi
 from trustfleet.server.models import Role
+from trustfleet.store import DatabaseBusy
 
 router = APIRouter(prefix="/v1/toy")
 ITEM = "[a-z]{1,8}"
@@ -33,6 +34,8 @@ def echo(
 ) -> DeviceAnswer:
     if body == b"fail":
         raise ToyConflict("asked to fail")
+    if body == b"busy":
+        raise DatabaseBusy("the database stayed busy")
     if body == b"boom":
         raise RuntimeError("an unexpected failure")
     answer = {"item": params["item"], "actor": principal.actor, "size": len(body)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections.abc import Iterator
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -183,3 +184,39 @@ def test_status_changes_are_enforced_and_audited(
             "tmk.terminal_revoked",
         ]
         assert verify_chain(iter_records(s)).ok
+
+
+def test_an_import_cut_short_keeps_its_batches_and_resumes_when_sent_again(
+    db: Database, sessions: sessionmaker[Session], keys: dict[str, str]
+) -> None:
+    """Each batch of CHUNK_ROWS rows is its own transaction (no long write lock): an import
+    that fails half-way keeps the batches it committed, each audited, and sending the same
+    rows again registers the rest and reports the others unchanged."""
+    total = 2 * registry.CHUNK_ROWS + registry.CHUNK_ROWS // 2
+    rows = [(f"SN-{i:05d}", "m", keys["p256"]) for i in range(total)]
+
+    class Crash(Exception):
+        pass
+
+    def cut_short() -> Iterator[registry.RawRecord | registry.RowRejection]:
+        for number, row in enumerate(registry.read_csv(_csv(rows)), start=1):
+            if number > 2 * registry.CHUNK_ROWS + 10:
+                raise Crash()
+            yield row
+
+    with pytest.raises(Crash):
+        registry.import_terminals(db, cut_short(), actor="maker")
+    assert _count(sessions) == 2 * registry.CHUNK_ROWS
+    again = registry.import_terminals(db, registry.read_csv(_csv(rows)), actor="maker")
+    assert (again.accepted, again.unchanged, again.rejected) == (
+        total - 2 * registry.CHUNK_ROWS,
+        2 * registry.CHUNK_ROWS,
+        [],
+    )
+    assert _count(sessions) == total
+    with sessions() as s:
+        records = [r for r in s.scalars(select(AuditRecord)) if r.action.endswith("imported")]
+        assert verify_chain(iter_records(s)).ok
+    accepted = [json.loads(r.details)["accepted"] for r in records]
+    assert accepted == [registry.CHUNK_ROWS, registry.CHUNK_ROWS, 0, 0, total % registry.CHUNK_ROWS]
+    assert sum(accepted) == total

@@ -45,7 +45,8 @@ from trustfleet.keysync.vault import Vault, fingerprint, key_row_aad, seal_key
 from trustfleet.store import Database, IntegrityViolation, UnitOfWork
 from trustfleet.wire import utcnow
 
-BATCH_ROWS = 5000
+#: rows per unit of work: about 0.1 s of write lock per batch (bench/RESULTS.md, issue 12)
+BATCH_ROWS = 2000
 FORMATS = ("csv", "jsonl", "manifest")
 LABEL_MAX = 100
 REPORT_REJECTIONS = 100
@@ -532,6 +533,7 @@ class KeyImports:
             done = self._commit_batch(import_id, done, batch, actor)
             if progress:
                 progress(done)
+            self._db.yield_to_writers()  # the next batch is ready: let a waiting write in
         self._complete(import_id, actor)
         return self.report(import_id)
 

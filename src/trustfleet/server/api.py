@@ -188,8 +188,10 @@ def _details(raw: str) -> dict[str, Any]:
 
 
 @router.get("/healthz", tags=["health"], dependencies=[Depends(public)])
-def healthz() -> Status:
-    """Liveness: the process answers. Checks nothing else."""
+async def healthz() -> Status:
+    """Liveness: the process answers. Checks nothing else, and runs on the event loop (no
+    thread, no database): a thread pool full of requests waiting for the database does not
+    delay it."""
     return Status(status="ok")
 
 
@@ -225,8 +227,9 @@ def readyz(context: Context) -> Status:
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
 )
-def metrics(request: Request) -> Response:
-    """Prometheus metrics of this node (no token needed; no identifiers in the series)."""
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics of this node (no token needed; no identifiers in the series). On
+    the event loop, like ``/healthz``: it reads only this process's counters."""
     collected: Metrics = request.app.state.metrics
     return Response(collected.render(), media_type=collected.content_type)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,8 @@ from trustfleet.errors import AuthenticationRequired, Conflict, InvalidInput, No
 from trustfleet.server.models import ROLES, ApiToken, Role
 from trustfleet.store import Database, IntegrityViolation
 from trustfleet.wire import as_utc
+
+log = logging.getLogger("trustfleet.server.auth")
 
 TOKEN_PREFIX = "tf_"  # noqa: S105 (a prefix, not a secret)
 TOKEN_BYTES = 32
@@ -329,9 +332,15 @@ def bootstrap_admin_token(db: Database) -> str:
 
 
 def touch(db: Database, token_id: int, now: datetime) -> None:
-    """Record when a token was last used (at LAST_USED_RESOLUTION, to keep writes rare)."""
-    with db.work() as work:
-        work.run(_TOUCH, id=token_id, now=now)
+    """Record when a token was last used (at LAST_USED_RESOLUTION, to keep writes rare).
+    Best effort: it waits for no other writer, and a refresh that cannot be made now (the
+    database is busy, or failing) is skipped, to be made by a later request; it never
+    fails the request it serves."""
+    try:
+        with db.work(wait=False) as work:
+            work.run(_TOUCH, id=token_id, now=now)
+    except Exception as exc:  # never the request's failure
+        log.debug("token %s: last-used refresh skipped (%s)", token_id, type(exc).__name__)
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ safe).
 The dependencies are coroutines: FastAPI runs a plain function in the thread pool, a hop
 that costs about 100 µs of CPU here (bench/RESULTS.md), more than the token check itself.
 The check is one indexed read, with the token's last-used refresh when it is due (once a
-minute at most), run by :func:`run_database_work` (on the event loop on SQLite, which it
-explains is safe); the audit record of a refused token, when the refusal rate limit writes
-one, goes to the thread pool.
+minute at most, best effort: it never waits for another writer and never fails the
+request), run by :func:`run_database_work` (on the event loop on SQLite, which it explains
+is safe); the audit record of a refused token, when the refusal rate limit writes one, goes
+to the thread pool.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from trustfleet.server.auth import AuthenticationFailed, Principal, authenticate
 from trustfleet.server.context import AppContext
 from trustfleet.server.local import LOCAL_PRINCIPAL, is_local
 from trustfleet.server.models import ROLES
+from trustfleet.store import WriteLockBusy
 
 __all__ = [
     "Principal",
@@ -69,14 +71,21 @@ async def public() -> None:
 async def run_database_work(context: AppContext, work: Callable[[], T]) -> T:
     """Run ``work`` (a use case: statements, key store calls, crypto) for a hot route.
 
-    On SQLite it runs right here on the event loop: its statements take microseconds, a
-    read never waits (WAL), and a write waits only for another writer's short transaction,
-    none of which needs this loop to finish (no code holds a write transaction across an
-    ``await``). On PostgreSQL every statement is a network round trip, so the work goes to
-    the thread pool as for any other route.
+    On SQLite it runs first right here on the event loop: its statements take microseconds
+    and a read never waits (WAL). Its writes do not wait either
+    (:meth:`~trustfleet.store.Database.without_waiting`): should another writer hold the
+    write lock (a batch of a bulk import, say), its first unit of work fails before writing
+    anything, and the whole work runs again in the thread pool, where it waits its turn (up
+    to the busy timeout, then 503 ``database-busy``) while the loop serves other requests.
+    On PostgreSQL every statement is a network round trip, so the work goes to the thread
+    pool as for any other route.
     """
     if context.engine.dialect.name == "sqlite":
-        return work()
+        try:
+            with context.db.without_waiting():
+                return work()
+        except WriteLockBusy:
+            pass  # nothing was written: run it again where it may wait
     return await anyio.to_thread.run_sync(work)
 
 

@@ -65,6 +65,7 @@ from trustfleet.server.middleware import (
 from trustfleet.server.problems import (
     PROBLEM_MEDIA_TYPE,
     body_limit_problem,
+    error_headers,
     error_problem,
     internal_error_body,
     render_problem,
@@ -75,7 +76,6 @@ log = logging.getLogger("trustfleet.server")
 _PARAMETER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _REQUEST_ID_BYTES = REQUEST_ID_HEADER.encode()
 _CONNECTION_CLOSE = [(b"connection", b"close")]
-_AUTHENTICATE_BEARER = [(b"www-authenticate", b"Bearer")]
 
 
 @dataclass(frozen=True)
@@ -250,7 +250,8 @@ class DeviceLane:
             return refused.reply
         except TrustfleetError as exc:
             problem = error_problem(exc, instance=instance, request_id=request_id)
-            return _problem_reply(problem, _AUTHENTICATE_BEARER if exc.status == 401 else [])
+            headers = [(k.lower().encode(), v.encode()) for k, v in error_headers(exc).items()]
+            return _problem_reply(problem, headers)
         except _Disconnected:
             raise
         except Exception:

@@ -161,11 +161,22 @@ def _auth_headers(status: int) -> dict[str, str]:
     return {"WWW-Authenticate": "Bearer"} if status == 401 else {}
 
 
+def error_headers(exc: TrustfleetError) -> dict[str, str]:
+    """The headers of an error's answer: ``WWW-Authenticate`` for a 401, ``Retry-After`` for
+    an error that says when to retry (a ``retry_after`` attribute, in seconds: 503
+    ``database-busy``)."""
+    headers = _auth_headers(exc.status)
+    retry_after = getattr(exc, "retry_after", None)
+    if isinstance(retry_after, int):
+        headers["Retry-After"] = str(retry_after)
+    return headers
+
+
 async def _trustfleet_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TrustfleetError)
     request_id = getattr(request.state, "request_id", None)
     body = error_problem(exc, instance=request.url.path, request_id=request_id)
-    return ProblemResponse(body, status_code=exc.status, headers=_auth_headers(exc.status))
+    return ProblemResponse(body, status_code=exc.status, headers=error_headers(exc))
 
 
 def _malformed_json(request: Request) -> Response:

@@ -64,6 +64,9 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
         yield
         return
     with engine.connect() as connection:
+        # a node waits for another's migration however long it takes (the engine's
+        # lock_timeout bounds the waits of requests, not this one)
+        connection.execute(text("SET LOCAL lock_timeout = 0"))
         connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _POSTGRES_MIGRATION_LOCK})
         try:
             yield

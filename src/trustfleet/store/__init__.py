@@ -5,6 +5,22 @@ Below the key store (the soft key store keeps its wrapped keys here) and the PKI
 use cases audit too).
 """
 
-from trustfleet.store.work import ConnectionLost, Database, IntegrityViolation, Reads, UnitOfWork
+from trustfleet.store.work import (
+    ConnectionLost,
+    Database,
+    DatabaseBusy,
+    IntegrityViolation,
+    Reads,
+    UnitOfWork,
+    WriteLockBusy,
+)
 
-__all__ = ["ConnectionLost", "Database", "IntegrityViolation", "Reads", "UnitOfWork"]
+__all__ = [
+    "ConnectionLost",
+    "Database",
+    "DatabaseBusy",
+    "IntegrityViolation",
+    "Reads",
+    "UnitOfWork",
+    "WriteLockBusy",
+]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import weakref
 from collections import namedtuple
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,22 +34,29 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine, Insert, Table, bindparam, create_engine, event, insert
 from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import QueryableAttribute
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement, ColumnElement
 
+from trustfleet.errors import TrustfleetError
+from trustfleet.store import engine as store_engine
+
 __all__ = [
     "ConnectionLost",
+    "DatabaseBusy",
     "IntegrityViolation",
     "Prepared",
     "RawConnection",
     "RawTransactionDoomed",
+    "WriteLockBusy",
     "insert_columns",
     "on_commit",
     "raw_reading",
     "raw_transaction",
     "read",
     "read_engine",
+    "without_waiting",
 ]
 
 Processor = Callable[[Any], Any]
@@ -69,6 +77,44 @@ class IntegrityViolation(Exception):
 
 class ConnectionLost(Exception):
     """The database dropped the connection (a restart, an idle timeout); it was discarded."""
+
+
+class DatabaseBusy(TrustfleetError):
+    """A write waited its turn for :data:`~trustfleet.store.engine.WRITE_WAIT_SECONDS` (for
+    SQLite's write lock, a PostgreSQL row lock or a pooled connection) and gave up. Nothing
+    was written; the request may be sent again (503 with ``Retry-After``)."""
+
+    code = "database-busy"
+    status = 503
+    title = "The database is busy with other writes; retry shortly"
+    #: seconds a client should wait before it retries (the ``Retry-After`` header)
+    retry_after = 1
+
+
+class WriteLockBusy(DatabaseBusy):
+    """In a :func:`without_waiting` block, SQLite's write lock was taken when a transaction
+    began: nothing was written, and the caller runs the work again where it may wait."""
+
+
+# SQLite's SQLITE_BUSY and SQLITE_LOCKED (primary codes); PostgreSQL's lock_not_available
+_SQLITE_BUSY_CODES = frozenset({5, 6})
+_POSTGRES_LOCK_NOT_AVAILABLE = "55P03"
+
+
+def _is_busy(exc: BaseException) -> bool:
+    """Whether a driver error says a lock could not be had in time (not a broken query)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in _SQLITE_BUSY_CODES
+    return getattr(exc, "sqlstate", None) == _POSTGRES_LOCK_NOT_AVAILABLE
+
+
+def _busy() -> DatabaseBusy:
+    return DatabaseBusy(
+        f"the database stayed busy with other writes for {store_engine.WRITE_WAIT_SECONDS} s;"
+        " nothing was"
+        " written, retry shortly"
+    )
 
 
 class Prepared:
@@ -172,6 +218,8 @@ class RawConnection:
             if self._dialect.is_disconnect(exc, self._dbapi, cursor):
                 raise ConnectionLost(str(exc)) from exc
             cursor.close()
+            if _is_busy(exc):
+                raise _busy() from exc
             raise
         except BaseException:
             cursor.close()
@@ -261,6 +309,8 @@ class RawConnection:
         except self._dialect.loaded_dbapi.Error as exc:
             if self._dialect.is_disconnect(exc, self._dbapi, cursor):
                 raise ConnectionLost(str(exc)) from exc
+            if _is_busy(exc):
+                raise _busy() from exc
             raise
         finally:
             cursor.close()
@@ -411,6 +461,31 @@ class _Ambient:
 _ambient: ContextVar[_Ambient | None] = ContextVar("trustfleet_raw_transaction", default=None)
 
 
+@dataclass
+class _Attempt:
+    """A :func:`without_waiting` block: whether a transaction of it has committed yet."""
+
+    committed: bool = False
+
+
+_attempt: ContextVar[_Attempt | None] = ContextVar("trustfleet_without_waiting", default=None)
+
+
+@contextmanager
+def without_waiting() -> Iterator[None]:
+    """Run the block's SQLite write transactions without waiting for the write lock until
+    one of them commits: one that finds the lock taken raises :class:`WriteLockBusy` at its
+    ``BEGIN``, before it wrote anything. Once one has committed, the later ones wait as
+    usual (the block is then no longer safe to run again). For work run on the event loop,
+    which must never wait for the database: its caller runs the work again in a thread,
+    where it waits its turn."""
+    token = _attempt.set(_Attempt())
+    try:
+        yield
+    finally:
+        _attempt.reset(token)
+
+
 def _joined(engine: Engine) -> _Ambient | None:
     ambient = _ambient.get()
     if ambient is not None and any(engine is served for served in ambient.engines):
@@ -466,7 +541,7 @@ def read(engine: Engine, use: Callable[[RawConnection], T]) -> T:
 
 
 @contextmanager
-def raw_transaction(engine: Engine) -> Iterator[RawConnection]:
+def raw_transaction(engine: Engine, *, wait: bool = True) -> Iterator[RawConnection]:
     """One write transaction: committed when the block ends, rolled back on any error.
     On SQLite it holds the write lock from the start (``BEGIN IMMEDIATE``) and runs on a
     kept connection; on PostgreSQL it checks a connection out of the engine's pool, whose
@@ -476,7 +551,12 @@ def raw_transaction(engine: Engine) -> Iterator[RawConnection]:
     task, joins it: its statements commit or roll back with the outer one's. That is how
     a use case makes a key in the soft key store (which writes to this database) in its
     own transaction. An error that leaves the inner block dooms the outer transaction:
-    committing it raises :class:`RawTransactionDoomed` even if the error was caught."""
+    committing it raises :class:`RawTransactionDoomed` even if the error was caught.
+
+    Without ``wait`` the transaction waits for no other writer (SQLite: :class:`DatabaseBusy`
+    at once if the write lock is taken; PostgreSQL: a row lock is waited for at most
+    :data:`NO_WAIT_LOCK_TIMEOUT`), and its commit does not end a :func:`without_waiting`
+    attempt: for an idempotent refresh that may be skipped (a token's last use)."""
     ambient = _joined(engine)
     if ambient is not None:
         try:
@@ -486,7 +566,7 @@ def raw_transaction(engine: Engine) -> Iterator[RawConnection]:
             raise
         return
     opened = _pooled_transaction if not _is_sqlite(engine) else _sqlite_transaction
-    with opened(engine) as connection:
+    with opened(engine, wait) as connection:
         ambient = _Ambient((engine, read_engine(engine)), connection)
         token = _ambient.set(ambient)
         try:
@@ -497,19 +577,82 @@ def raw_transaction(engine: Engine) -> Iterator[RawConnection]:
             raise RawTransactionDoomed("a joined transaction failed; rolled back")
 
 
+_NO_WAIT = "PRAGMA busy_timeout=0"
+#: how long a transaction opened without ``wait`` waits for a PostgreSQL row lock
+NO_WAIT_LOCK_TIMEOUT = "100ms"
+#: the pauses between tries for SQLite's write lock: from 1 ms, doubling, to 8 ms at most
+_FIRST_PAUSE, _LONGEST_PAUSE = 0.001, 0.008
+
+
+def _sqlite_begin(driver: Any, wait: bool) -> None:
+    """``BEGIN IMMEDIATE``: waiting for the write lock up to
+    :data:`~trustfleet.store.engine.WRITE_WAIT_SECONDS` (then :class:`DatabaseBusy`), or
+    (no ``wait``) not at all (:class:`WriteLockBusy`).
+
+    The waiting is ours, not SQLite's busy handler's: that one sleeps up to 100 ms between
+    tries, so a writer that commits a batch and begins its next one a little later (a
+    bulk import) can keep a waiting request out for seconds. This one tries every few
+    milliseconds (the sleep releases the GIL)."""
+    driver.execute(_NO_WAIT)
+    try:
+        if _try_begin(driver):
+            return
+        if not wait:
+            raise WriteLockBusy("another write holds the database's write lock")
+        deadline = time.monotonic() + store_engine.WRITE_WAIT_SECONDS
+        pause = _FIRST_PAUSE
+        while time.monotonic() < deadline:
+            time.sleep(pause)
+            if _try_begin(driver):
+                return
+            pause = min(2 * pause, _LONGEST_PAUSE)
+        raise _busy()
+    finally:  # the busy timeout of other statements (which rarely wait in WAL mode)
+        driver.execute(f"PRAGMA busy_timeout={store_engine.WRITE_WAIT_SECONDS * 1000}")
+
+
+def yield_write_lock(engine: Engine) -> None:
+    """Between two write transactions of a long job on SQLite: pause a little longer than a
+    waiting writer's longest pause, so that one gets the write lock before the job's next
+    transaction takes it again (a job that commits and begins at once would keep it out).
+    Nothing on PostgreSQL, whose locks are per row."""
+    if _is_sqlite(engine):
+        time.sleep(_LONGEST_PAUSE + 0.002)
+
+
+def _try_begin(driver: Any) -> bool:
+    """``BEGIN IMMEDIATE`` if the write lock is free (false if another writer has it)."""
+    try:
+        driver.execute("BEGIN IMMEDIATE")
+    except driver.OperationalError as exc:  # the sqlite3 module's own error classes
+        if _is_busy(exc):
+            return False
+        raise
+    return True
+
+
 @contextmanager
-def _sqlite_transaction(engine: Engine) -> Iterator[RawConnection]:
+def _sqlite_transaction(engine: Engine, wait: bool) -> Iterator[RawConnection]:
+    attempt = _attempt.get()
+    trying = attempt is not None and not attempt.committed
     idle = _idle(engine)
     driver, generation = idle.acquire()
     connection = RawConnection(driver, engine.dialect)
     try:
-        driver.execute("BEGIN IMMEDIATE")
+        _sqlite_begin(driver, wait and not trying)
         yield connection
-        driver.commit()
+        try:
+            driver.commit()
+        except driver.OperationalError as exc:
+            if _is_busy(exc):
+                raise _busy() from exc
+            raise
     except BaseException:
         idle.release(driver, generation)  # rolls back
         raise
     idle.release(driver, generation)
+    if attempt is not None and wait:
+        attempt.committed = True
     _committed(engine, connection)
 
 
@@ -538,12 +681,14 @@ def _committed(engine: Engine, connection: RawConnection) -> None:
 
 
 @contextmanager
-def _pooled_transaction(engine: Engine) -> Iterator[RawConnection]:
+def _pooled_transaction(engine: Engine, wait: bool) -> Iterator[RawConnection]:
     pooled = _checkout(engine)
     driver = pooled.driver_connection
     connection = RawConnection(driver, engine.dialect)
     try:
         try:
+            if not wait:
+                driver.execute(f"SET LOCAL lock_timeout = '{NO_WAIT_LOCK_TIMEOUT}'")
             yield connection
         except ConnectionLost:
             pooled.invalidate()
@@ -558,10 +703,14 @@ def _pooled_transaction(engine: Engine) -> Iterator[RawConnection]:
 
 
 def _checkout(engine: Engine) -> Any:
-    """A pooled DBAPI connection; once more if the first was found dead."""
+    """A pooled DBAPI connection; once more if the first was found dead. A pool that has
+    none free within its timeout is :class:`DatabaseBusy`."""
     try:
+        try:
+            return engine.raw_connection()
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
         return engine.raw_connection()
-    except DBAPIError as exc:
-        if not exc.connection_invalidated:
-            raise
-    return engine.raw_connection()
+    except PoolTimeout as exc:
+        raise _busy() from exc

@@ -24,6 +24,12 @@ NAMING_CONVENTION = {
 }
 
 
+#: how long a write waits for another writer before it gives up with ``database-busy`` (503
+#: and ``Retry-After``): SQLite's ``busy_timeout`` for its write lock, PostgreSQL's
+#: ``lock_timeout`` for a row lock and the pool's checkout timeout (docs/configuration.md)
+WRITE_WAIT_SECONDS = 10
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -34,12 +40,19 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={WRITE_WAIT_SECONDS * 1000}")
     # deleted and overwritten content (a destroyed key's wrapped copy) is zeroed in the
     # page, not left in its free space; the WAL's older copies go at the checkpoint that
     # follows a key's destruction (UnitOfWork.checkpoint_after_commit)
     cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
+
+
+def _postgres_lock_timeout(dbapi_connection: Any, _record: Any) -> None:
+    # a write that waits for a row lock longer than this fails (database-busy) instead of
+    # holding its request and its pooled connection indefinitely
+    dbapi_connection.execute(f"SET lock_timeout = '{WRITE_WAIT_SECONDS}s'")
+    dbapi_connection.commit()
 
 
 def _sqlite_begin(connection: Any) -> None:
@@ -67,7 +80,8 @@ def _create_owner_only(url: str) -> None:
 
 def make_engine(url: str) -> Engine:
     """An engine for ``url``: WAL, a busy timeout and immediate transactions on SQLite (its
-    file created owner-only), pre-ping on PostgreSQL."""
+    file created owner-only), pre-ping and a lock timeout on PostgreSQL (both
+    :data:`WRITE_WAIT_SECONDS`)."""
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if url.startswith("sqlite"):
@@ -76,7 +90,15 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=20,
+        pool_timeout=WRITE_WAIT_SECONDS,
+    )
+    event.listen(engine, "connect", _postgres_lock_timeout)
+    return engine
 
 
 def sqlite_url(path: Path) -> str:

@@ -25,7 +25,11 @@ use case commits.
 
 On SQLite a unit of work holds the database's write lock from its first statement to its
 commit (``BEGIN IMMEDIATE``); keep it short, and never wait for anything else inside it.
-Reads run in autocommit, each statement its own snapshot, and never wait for a writer.
+Bulk work commits in bounded batches, one unit of work each, so that no writer holds the
+lock for long. Reads run in autocommit, each statement its own snapshot, and never wait for
+a writer. A unit of work waits its turn for the lock (or, on PostgreSQL, for a row lock or
+a pooled connection) up to :data:`~trustfleet.store.engine.WRITE_WAIT_SECONDS`, then fails
+with :class:`DatabaseBusy` (503 ``database-busy``, nothing written).
 """
 
 from __future__ import annotations
@@ -48,14 +52,22 @@ from sqlalchemy.sql.expression import ClauseElement
 from trustfleet.errors import KeyNotFound
 from trustfleet.store import audit, driver
 from trustfleet.store.audit_devices import AuditTrail
-from trustfleet.store.driver import ConnectionLost, IntegrityViolation
+from trustfleet.store.driver import (
+    ConnectionLost,
+    DatabaseBusy,
+    IntegrityViolation,
+    WriteLockBusy,
+    without_waiting,
+)
 
 __all__ = [
     "ConnectionLost",
     "Database",
+    "DatabaseBusy",
     "IntegrityViolation",
     "Reads",
     "UnitOfWork",
+    "WriteLockBusy",
 ]
 
 T = TypeVar("T")
@@ -228,13 +240,17 @@ class Database:
         return driver.read(self._reads, lambda connection: use(Reads(connection)))
 
     @contextmanager
-    def work(self) -> Iterator[UnitOfWork]:
-        """One use case's write transaction (see the module docstring)."""
+    def work(self, *, wait: bool = True) -> Iterator[UnitOfWork]:
+        """One use case's write transaction (see the module docstring).
+
+        ``wait=False`` is for an idempotent write worth making only if it costs no wait (a
+        token's last-use refresh): it raises :class:`DatabaseBusy` at once when another
+        writer holds SQLite's lock, and waits at most 100 ms for a PostgreSQL row lock."""
         outermost = driver.transaction_info(self.engine) is None
         trail = self.trail if self.trail is not None and self.trail.active else None
         on_devices: list[dict[str, Any]] = []
         try:
-            with driver.raw_transaction(self.engine) as connection:
+            with driver.raw_transaction(self.engine, wait=wait) as connection:
                 pending = connection.info.get(_PENDING)
                 if pending is None:  # the outermost unit of work (a joined one finds it)
                     pending = connection.info[_PENDING] = _Pending()
@@ -252,6 +268,21 @@ class Database:
             raise
         if outermost:
             self._after_commit(pending)
+
+    @contextmanager
+    def without_waiting(self) -> Iterator[None]:
+        """Units of work of the block never wait for SQLite's write lock until one has
+        committed: one that finds it taken raises :class:`WriteLockBusy` before it writes
+        anything, so the caller may run the whole block again where waiting is harmless
+        (:func:`trustfleet.server.deps.run_database_work` runs it in a thread)."""
+        with without_waiting():
+            yield
+
+    def yield_to_writers(self) -> None:
+        """Call between the batches of a long job whose next batch is ready at once (its
+        preparation overlaps the commit): on SQLite it pauses about 10 ms so that a request
+        waiting for the write lock gets it first; on PostgreSQL it does nothing."""
+        driver.yield_write_lock(self.engine)
 
     def open_work_info(self) -> dict[str, Any] | None:
         """The :attr:`UnitOfWork.info` of the unit of work open in this thread or task on

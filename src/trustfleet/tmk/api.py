@@ -435,8 +435,9 @@ async def import_terminals(
     request: Request, context: Context, principal: Manufacturer
 ) -> ImportReportOut:
     """Bulk registration, streamed: CSV (header ``sn,model,public_key``), NDJSON (one
-    object per line) or a JSON array. One transaction; every row is accepted, unchanged
-    (already registered with that key) or rejected with a code (docs/tmk.md)."""
+    object per line) or a JSON array, committed in batches of 1,000 rows; every row is
+    accepted, unchanged (already registered with that key) or rejected with a code
+    (docs/tmk.md)."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     kind = IMPORT_MEDIA_TYPES.get(media)
     if kind is None:

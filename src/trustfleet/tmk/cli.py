@@ -196,7 +196,8 @@ def import_terminals(
         typer.Option("--allow-rejects", help="Exit 0 even when some rows were rejected."),
     ] = False,
 ) -> None:
-    """Register terminals in bulk (one transaction). Re-importing a file changes nothing;
+    """Register terminals in bulk (committed 1,000 rows at a time). Re-importing a file
+    changes nothing (an import cut short is finished by sending the file again);
     rejected rows are reported with their code and written to the rejections file, and
     the exit status is 1 when there are any (unless --allow-rejects)."""
     read_input_file(file, "the import file", probe=True)

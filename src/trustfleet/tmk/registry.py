@@ -1,9 +1,15 @@
 """Terminal registry: manufacturers register terminals (SN + TKP public key), singly or in
 streamed bulk. (Operators change a terminal's status in :mod:`trustfleet.tmk.terminals`.)
 
-A bulk import is one transaction: every row is either registered, recognised as already
+A bulk import commits in batches of :data:`CHUNK_ROWS` rows, each batch one short unit of
+work with its audit record (its rows are validated before it begins), so that a large
+import never holds the database's write lock for long: downloads and other writes take
+their turn between batches. Every row is either registered, recognised as already
 registered with the same key (``unchanged``: re-importing a file changes nothing), or
-rejected with a per-row code. Rejected rows never stop the others.
+rejected with a per-row code. Rejected rows never stop the others. An import cut short (a
+crash, ``kill -9``, a body that turns out malformed half-way) keeps the batches it
+committed; sending the same file again reports those rows ``unchanged`` and registers the
+rest.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from sqlalchemy import bindparam, select
 from trustfleet.crypto import algorithm_of, load_public_key, public_key_to_der
 from trustfleet.crypto.base import KeyAlgorithm, PublicKey
 from trustfleet.errors import CryptoError, UnsupportedAlgorithm
-from trustfleet.store import Database, UnitOfWork
+from trustfleet.store import Database, IntegrityViolation, UnitOfWork
 from trustfleet.tmk.errors import TmkInvalidTerminalRecord, TmkTerminalAlreadyRegistered
 from trustfleet.tmk.models import Terminal
 
@@ -35,6 +41,7 @@ MODEL_MAX = 100
 TKP_ALGORITHMS = frozenset(
     {KeyAlgorithm.RSA_2048, KeyAlgorithm.RSA_3072, KeyAlgorithm.EC_P256, KeyAlgorithm.SM2}
 )
+#: rows per batch: one unit of work (a few milliseconds of write lock) per batch
 CHUNK_ROWS = 1000
 
 
@@ -226,14 +233,13 @@ def _chunks(
         yield chunk
 
 
-def _import_chunk(
-    uow: UnitOfWork,
+def _validate_chunk(
     chunk: list[RawRecord | RowRejection],
     seen: dict[str, str],
     report: ImportReport,
-    actor: str,
-    now: datetime,
-) -> list[str]:
+) -> list[_ValidRecord]:
+    """The chunk's valid rows not seen earlier in this import (no database work: the key
+    parsing is the import's costliest part, and runs before the batch's transaction)."""
     valid: list[_ValidRecord] = []
     for item in chunk:
         checked = item if isinstance(item, RowRejection) else validate_record(item)
@@ -248,25 +254,75 @@ def _import_chunk(
         else:
             seen[checked.sn] = checked.fingerprint
             valid.append(checked)
+    return valid
+
+
+@dataclass
+class _Batch:
+    """What one batch's unit of work decided."""
+
+    new_rows: list[dict[str, Any]]
+    unchanged: int
+    rejected: list[RowRejection]
+
+
+def _decide(uow: UnitOfWork, valid: list[_ValidRecord], actor: str, now: datetime) -> _Batch:
+    """Each valid row against what is registered (read under the batch's lock)."""
     wanted = [v.sn for v in valid]
     query = select(Terminal.sn, Terminal.key_fingerprint).where(Terminal.sn.in_(wanted))
     existing = {row.sn: row.key_fingerprint for row in uow.all(query)} if wanted else {}
-    new_rows: list[dict[str, Any]] = []
+    batch = _Batch([], 0, [])
     for record in valid:
         registered = existing.get(record.sn)
         if registered == record.fingerprint:
-            report.unchanged += 1
+            batch.unchanged += 1
         elif registered is not None:
-            report.rejected.append(
+            batch.rejected.append(
                 RowRejection(
                     record.row, record.sn, "duplicate-sn", "sn is registered with another key"
                 )
             )
         else:
-            new_rows.append(_terminal_row(record, actor, now))
-    uow.insert_many(Terminal, new_rows)
-    report.accepted += len(new_rows)
-    return [r["sn"] for r in new_rows]
+            batch.new_rows.append(_terminal_row(record, actor, now))
+    return batch
+
+
+def _commit_batch(
+    db: Database,
+    chunk: list[RawRecord | RowRejection],
+    valid: list[_ValidRecord],
+    rejected_before: int,
+    actor: str,
+    now: datetime,
+) -> _Batch:
+    """One batch's unit of work: register its new rows and audit them. Should another
+    import register one of its SNs between the check and the insert (the insert is then
+    refused), the batch is decided again."""
+    for attempt in (1, 2):
+        try:
+            with db.work() as uow:
+                batch = _decide(uow, valid, actor, now)
+                uow.insert_many(Terminal, batch.new_rows)
+                registered = hashlib.sha256()
+                for row in batch.new_rows:
+                    registered.update(row["sn"].encode() + b"\n")
+                uow.audit(
+                    "tmk.terminals_imported",
+                    actor=actor,
+                    subject="terminals",
+                    details={
+                        "rows": [chunk[0].row, chunk[-1].row],
+                        "accepted": len(batch.new_rows),
+                        "unchanged": batch.unchanged,
+                        "rejected": rejected_before + len(batch.rejected),
+                        "accepted_sn_sha256": registered.hexdigest(),
+                    },
+                )
+            return batch
+        except IntegrityViolation:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _terminal_row(record: _ValidRecord, actor: str, now: datetime) -> dict[str, Any]:
@@ -290,28 +346,21 @@ def import_terminals(
     actor: str,
     progress: Callable[[int], None] | None = None,
 ) -> ImportReport:
-    """Register every valid row in one transaction; report the rest row by row."""
+    """Register every valid row, a batch of :data:`CHUNK_ROWS` rows per unit of work (each
+    with its ``tmk.terminals_imported`` audit record); report the rest row by row."""
     report = ImportReport()
     seen: dict[str, str] = {}
-    registered = hashlib.sha256()
     now = datetime.now(UTC)
-    with db.work() as uow:
-        for chunk in _chunks(rows, CHUNK_ROWS):
-            for sn in _import_chunk(uow, chunk, seen, report, actor, now):
-                registered.update(sn.encode() + b"\n")
-            if progress:
-                progress(len(chunk))
-        uow.audit(
-            "tmk.terminals_imported",
-            actor=actor,
-            subject="terminals",
-            details={
-                "accepted": report.accepted,
-                "unchanged": report.unchanged,
-                "rejected": len(report.rejected),
-                "accepted_sn_sha256": registered.hexdigest(),
-            },
-        )
+    for chunk in _chunks(rows, CHUNK_ROWS):
+        rejected_before = len(report.rejected)
+        valid = _validate_chunk(chunk, seen, report)
+        batch = _commit_batch(db, chunk, valid, len(report.rejected) - rejected_before, actor, now)
+        report.accepted += len(batch.new_rows)
+        report.unchanged += batch.unchanged
+        report.rejected += batch.rejected
+        if progress:
+            progress(len(chunk))
+    report.rejected.sort(key=lambda r: r.row)
     return report
 
 
