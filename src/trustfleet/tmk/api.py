@@ -35,6 +35,7 @@ from trustfleet.server.deps import Principal, get_context, public, require_role
 from trustfleet.server.devicelane import DeviceAnswer
 from trustfleet.server.limits import streamed_import
 from trustfleet.server.models import Role
+from trustfleet.server.openapi import problem_responses
 from trustfleet.server.paging import (
     DEFAULT_LIMIT,
     CursorParam,
@@ -598,14 +599,14 @@ def _identity_out(context: AppContext, identity: KeyServerIdentity) -> IdentityO
     return IdentityOut.of(root.pem, identity)
 
 
-@router.get("/identity", dependencies=[Depends(public)])
+@router.get("/identity", dependencies=[Depends(public)], responses=problem_responses(404))
 def get_identity(context: Context) -> IdentityOut:
     """KSRCRT (what terminals preload) and the current KSWCRT; public, as certificates
     are. KSRCRT's CRL is at ``crl_path`` (public too)."""
     return _identity_out(context, services.identity(context).require_current())
 
 
-@router.get("/identity/history")
+@router.get("/identity/history", responses=problem_responses(404))
 def identity_history(context: Context, principal: IdentityReader) -> list[IdentityRecordOut]:
     """Every work certificate the key server has had, oldest first (404
     ``tmk-identity-not-initialised`` before the first)."""
