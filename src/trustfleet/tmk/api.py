@@ -74,6 +74,12 @@ IMPORT_MEDIA_TYPES = {
     "application/jsonl": "ndjson",
     "application/json": "json",
 }
+#: a JSON import is an array of records; each is checked on its own (a bad one is rejected
+#: in the report, with its code), so the document does not constrain the items
+IMPORT_JSON_SCHEMA = {
+    "type": "array",
+    "items": {"description": "A terminal record: {sn, model, public_key}"},
+}
 CRL_PATH = f"/v1/ca/{KSRCRT_CA}/crl"
 TERMINAL_LISTING = "tmk-terminals"
 
@@ -427,7 +433,10 @@ def register_terminal(body: TerminalIn, context: Context, principal: Manufacture
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {media: {"schema": {"type": "string"}} for media in IMPORT_MEDIA_TYPES},
+            "content": {
+                media: {"schema": IMPORT_JSON_SCHEMA if kind == "json" else {"type": "string"}}
+                for media, kind in IMPORT_MEDIA_TYPES.items()
+            },
         }
     },
 )
