@@ -4,7 +4,8 @@ refused, ``OPTIONS``/405 listing the path's methods.
 
 Each role's token tests the operations that role is admitted to (``x-roles``); the public
 operations are tested without a token. Bounded: a fixed seed, a few examples per operation,
-no stateful phase. The figures of a run are in bench/RESULTS.md.
+no stateful phase. On SQLite, and on PostgreSQL too when the suite has one. The figures of
+a run are in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from harness import admin_token_for, node_environment, start_node, stop, wait_ready
+from harness import (
+    admin_token_for,
+    needs_postgres,
+    node_environment,
+    postgres_schema,
+    start_node,
+    stop,
+    wait_ready,
+)
 from trustfleet.server.models import Role
 from trustfleet.tmk.identity import KSRCRT_CA
 
@@ -150,8 +161,24 @@ def run_schemathesis(
     return result, time.monotonic() - began
 
 
-def test_schemathesis_finds_no_server_error_and_no_undeclared_answer(tmp_path: Path) -> None:
-    database_url = f"sqlite:///{tmp_path / 'trustfleet.db'}"
+@contextmanager
+def database(kind: str, tmp_path: Path) -> Iterator[str]:
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'trustfleet.db'}"
+    else:
+        with postgres_schema("st_") as url:
+            yield url
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=needs_postgres)])
+def test_schemathesis_finds_no_server_error_and_no_undeclared_answer(
+    tmp_path: Path, kind: str
+) -> None:
+    with database(kind, tmp_path) as database_url:
+        run_against(database_url, tmp_path)
+
+
+def run_against(database_url: str, tmp_path: Path) -> None:
     admin = admin_token_for(database_url)
     node = start_node("a", node_environment(database_url, tmp_path), tmp_path / "node")
     try:

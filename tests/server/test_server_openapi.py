@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from trustfleet.server.openapi import PROBLEM_SCHEMA, complete_openapi
 from trustfleet.server.problems import PROBLEM_MEDIA_TYPE
+from trustfleet.store import MAX_INTEGER
 
 from .conftest import assert_problem, bearer
 from .helpers import api_routes, role_requirements
@@ -217,13 +218,25 @@ def test_a_json_body_in_an_undeclared_media_type_is_refused(
 # --- found by schemathesis (tests/server/test_schemathesis.py) ---------------------------
 
 
-def test_a_row_number_past_64_bits_is_a_422_not_a_500(
-    client: TestClient, tokens: dict[str, str]
+@pytest.mark.parametrize(
+    ("url", "role"),
+    [
+        ("/v1/keysync/imports/i1/rejections?after_row={}", "operator"),
+        ("/v1/tokens/{}", "admin"),
+        ("/v1/audit?after_seq={}", "admin"),
+        ("/v1/se/flags/{}", "operator"),
+        ("/v1/se/flags?after={}", "operator"),
+    ],
+)
+def test_an_integer_past_the_columns_range_is_a_422_not_a_500(
+    client: TestClient, tokens: dict[str, str], url: str, role: str
 ) -> None:
-    url = f"/v1/keysync/imports/i1/rejections?after_row={2**63}"
-    assert_problem(client.get(url, headers=bearer(tokens["operator"])), 422, "invalid-request")
-    url = f"/v1/keysync/imports/i1/rejections?after_row={2**63 - 1}"
-    assert client.get(url, headers=bearer(tokens["operator"])).json() == []
+    # found by schemathesis: 2**64 overflowed SQLite, and 2**31 PostgreSQL's integer columns
+    for value in (MAX_INTEGER + 1, 2**63, 2**64):
+        response = client.get(url.format(value), headers=bearer(tokens[role]))
+        assert_problem(response, 422, "invalid-request")
+    response = client.get(url.format(MAX_INTEGER), headers=bearer(tokens[role]))
+    assert response.status_code in (200, 404), response.text
 
 
 @pytest.mark.parametrize("value", ["0.5", "1767225600", "2026-01-01", "yesterday"])

@@ -36,6 +36,7 @@ from trustfleet.server.deps import Principal, get_context, require_role
 from trustfleet.server.devicelane import DeviceAnswer
 from trustfleet.server.limits import streamed_import
 from trustfleet.server.models import Role
+from trustfleet.store import MAX_INTEGER
 
 router = APIRouter(prefix="/v1/keysync", tags=["keysync"])
 
@@ -52,8 +53,8 @@ GATEWAY_PATTERN = r"[a-z0-9][a-z0-9-]{0,63}"
 GatewayName = Annotated[str, Path(pattern=f"^{GATEWAY_PATTERN}$")]
 
 SPOOL_MEMORY_BYTES = 8 * 1024 * 1024
-#: the largest row number a query may name (a 64-bit signed integer, as stored)
-MAX_ROW = 2**63 - 1
+#: the largest row number a query may name (rows are numbered in an Integer column)
+MAX_ROW = MAX_INTEGER
 IMPORT_MEDIA_TYPES = {
     "text/csv": "csv",
     "application/x-ndjson": "jsonl",

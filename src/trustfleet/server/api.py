@@ -42,7 +42,7 @@ from trustfleet.server.paging import (
     decode_cursor,
     encode_cursor,
 )
-from trustfleet.store import audit
+from trustfleet.store import MAX_INTEGER, audit
 from trustfleet.wire import as_utc
 
 log = logging.getLogger("trustfleet.server")
@@ -52,7 +52,7 @@ Context = Annotated[AppContext, Depends(get_context)]
 Admin = Annotated[Principal, Depends(require_role(Role.ADMIN))]
 AdminOrAuditor = Annotated[Principal, Depends(require_role(Role.ADMIN, Role.AUDITOR))]
 AnyRole = Annotated[Principal, Depends(require_role(*sorted(ROLES)))]
-MAX_SEQ = 2**63 - 1
+MAX_SEQ = MAX_INTEGER  # audit records' seq is an Integer column
 AUDIT_LISTING = "audit"
 _SELECT_ONE = select(literal(1))
 
