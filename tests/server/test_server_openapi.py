@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from trustfleet.server.openapi import PROBLEM_SCHEMA, complete_openapi
 from trustfleet.server.problems import PROBLEM_MEDIA_TYPE
-from trustfleet.store import MAX_INTEGER
+from trustfleet.store import MAX_INTEGER, Database
 
 from .conftest import assert_problem, bearer
 from .helpers import api_routes, role_requirements
@@ -252,3 +252,23 @@ def test_audit_times_take_rfc3339(client: TestClient, tokens: dict[str, str]) ->
     for value in ["2026-01-01T00:00:00Z", "2026-01-01T00:00:00+08:00", "2026-01-01 00:00:00Z"]:
         response = client.get("/v1/audit", params={"since": value}, headers=bearer(tokens["admin"]))
         assert response.status_code == 200, (value, response.text)
+
+
+@pytest.mark.parametrize(
+    ("url", "parameter", "role"),
+    [
+        ("/v1/tokens", "name", "admin"),
+        ("/v1/audit", "actor", "admin"),
+        ("/v1/se/elements", "device", "operator"),
+        ("/v1/outbox/messages", "destination", "operator"),
+    ],
+)
+def test_a_nul_character_is_refused_input_not_a_500(
+    client: TestClient, db: Database, tokens: dict[str, str], url: str, parameter: str, role: str
+) -> None:
+    # PostgreSQL can neither store nor compare text with NUL; psycopg refused to send it
+    response = client.get(url, params={parameter: "a\x00b"}, headers=bearer(tokens[role]))
+    if db.engine.dialect.name == "postgresql":
+        assert_problem(response, 400, "nul-in-text")
+    else:  # SQLite compares it like any other character: nothing matches
+        assert response.status_code in (200, 404), response.text

@@ -37,6 +37,8 @@ from sqlalchemy.orm import QueryableAttribute
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement, ColumnElement
 
+from trustfleet.errors import InvalidInput
+
 __all__ = [
     "ConnectionLost",
     "IntegrityViolation",
@@ -69,6 +71,14 @@ class IntegrityViolation(Exception):
 
 class ConnectionLost(Exception):
     """The database dropped the connection (a restart, an idle timeout); it was discarded."""
+
+
+class NulInText(InvalidInput):
+    """A statement's text value holds a NUL character, which PostgreSQL can neither store
+    nor compare (psycopg refuses to send it): the caller's input, not a server failure."""
+
+    code = "nul-in-text"
+    title = "Text cannot contain a NUL character"
 
 
 class Prepared:
@@ -168,6 +178,11 @@ class RawConnection:
         except self._dialect.loaded_dbapi.IntegrityError as exc:
             cursor.close()
             raise IntegrityViolation(str(exc)) from exc
+        except self._dialect.loaded_dbapi.DataError as exc:
+            cursor.close()
+            if "NUL" in str(exc):
+                raise NulInText("a text value contains a NUL character") from exc
+            raise
         except self._dialect.loaded_dbapi.Error as exc:
             if self._dialect.is_disconnect(exc, self._dbapi, cursor):
                 raise ConnectionLost(str(exc)) from exc
