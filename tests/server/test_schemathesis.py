@@ -158,7 +158,9 @@ def run_schemathesis(
     for operation_id in operation_ids:
         command += ["--include-operation-id", operation_id]
     began = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    result = subprocess.run(  # in the test's directory: its caches stay out of the repository
+        command, capture_output=True, text=True, timeout=900, check=False, cwd=report.parent
+    )
     return result, time.monotonic() - began
 
 
