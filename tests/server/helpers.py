@@ -9,8 +9,8 @@ from fastapi import FastAPI
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
-from trustfleet.server.app import iter_api_routes
 from trustfleet.server.deps import RoleRequirement, public
+from trustfleet.server.routing import iter_api_routes
 
 
 def api_routes(app: FastAPI) -> list[APIRoute]:

@@ -144,6 +144,16 @@ def test_csv_without_required_columns_is_refused() -> None:
         list(registry.read_csv(["serial,key\n", "a,b\n"]))
 
 
+def test_a_csv_that_is_not_csv_is_refused_not_a_crash() -> None:
+    # found by schemathesis: a carriage return inside an unquoted cell made csv raise, a 500
+    with pytest.raises(TmkInvalidTerminalRecord, match="not valid CSV"):
+        list(registry.read_csv(["\xad\r\x8a"]))
+    rows = list(registry.read_csv(["sn,public_key\n", "T1,a\rb\n", "T2,zz\n"]))
+    assert isinstance(rows[0], registry.RowRejection)
+    assert (rows[0].row, rows[0].code) == (1, "malformed-row")
+    assert isinstance(rows[1], registry.RawRecord) and (rows[1].row, rows[1].sn) == (2, "T2")
+
+
 def test_pem_keys_are_accepted(db: Database, keystore: KeyStore) -> None:
     pem = (
         ec.generate_private_key(ec.SECP256R1())

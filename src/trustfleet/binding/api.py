@@ -24,12 +24,13 @@ from trustfleet.server.context import AppContext
 from trustfleet.server.deps import Principal, get_context, require_role
 from trustfleet.server.devicelane import DeviceAnswer
 from trustfleet.server.models import ROLES, Role
+from trustfleet.store import MAX_INTEGER
 
 router = APIRouter(prefix="/v1/se", tags=["se"])
 
 #: who reads the fleet view: operators, and auditors where the role exists
 READ_ROLES = sorted({Role.OPERATOR.value} | ({"auditor"} & ROLES))
-MAX_ID = 2**63 - 1
+MAX_ID = MAX_INTEGER  # flags' and events' ids are Integer columns
 
 Context = Annotated[AppContext, Depends(get_context)]
 Reader = Annotated[Principal, Depends(require_role(*READ_ROLES))]

@@ -36,6 +36,7 @@ from trustfleet.server.deps import Principal, get_context, require_role
 from trustfleet.server.devicelane import CLIENT_PARAM, DeviceAnswer
 from trustfleet.server.limits import streamed_import
 from trustfleet.server.models import Role
+from trustfleet.store import MAX_INTEGER
 
 router = APIRouter(prefix="/v1/keysync", tags=["keysync"])
 
@@ -52,6 +53,8 @@ GATEWAY_PATTERN = r"[a-z0-9][a-z0-9-]{0,63}"
 GatewayName = Annotated[str, Path(pattern=f"^{GATEWAY_PATTERN}$")]
 
 SPOOL_MEMORY_BYTES = 8 * 1024 * 1024
+#: the largest row number a query may name (rows are numbered in an Integer column)
+MAX_ROW = MAX_INTEGER
 IMPORT_MEDIA_TYPES = {
     "text/csv": "csv",
     "application/x-ndjson": "jsonl",
@@ -241,7 +244,7 @@ def get_rejections(
     import_id: ImportId,
     context: Context,
     principal: ImportReader,
-    after_row: Annotated[int, Query(ge=0)] = 0,
+    after_row: Annotated[int, Query(ge=0, le=MAX_ROW)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> list[RejectionOut]:
     """Rejected rows after ``after_row``, in row order (page through them)."""
@@ -417,6 +420,7 @@ def sync_request(
     params={"gateway": GATEWAY_PATTERN},
     public=True,
     headers={"signature": "X-Twilio-Signature"},
+    problems=(403,),  # an unknown gateway, a bad signature, an unregistered MDN
     request_media_type="application/x-www-form-urlencoded",
     response_media_type="text/xml",
 )

@@ -40,6 +40,7 @@ from trustfleet.server.devicelane import (
     DeviceRoute,
     answer_in_fastapi,
 )
+from trustfleet.server.openapi import problem_responses
 
 MESSAGE_MEDIA_TYPE = "application/json"
 
@@ -67,12 +68,15 @@ class DeviceRoutes:
         response_model: Any = None,
         public: bool = False,
         headers: Mapping[str, str] | None = None,
+        problems: Iterable[int] = (),
     ) -> Callable[[DeviceHandler], DeviceHandler]:
         """Declare ``handler`` as ``POST <prefix><path>``; ``params`` is the full-match
         pattern of each ``{parameter}`` of the path. The handler's docstring documents the
         route. A ``public`` route takes no API token (its handler authenticates the request
         itself, e.g. a third party's signed webhook); ``headers`` maps extra parameters to
-        the request headers they are read from."""
+        the request headers they are read from. ``problems`` are the problem statuses the
+        handler can answer that the spine cannot infer (:mod:`trustfleet.server.openapi`),
+        e.g. a public route's 403."""
         patterns = dict(params or {})
         header_params = {name: header.lower() for name, header in (headers or {}).items()}
         roles = frozenset[str]() if public else self._roles
@@ -108,7 +112,10 @@ class DeviceRoutes:
                 response_class=Response,
                 name=handler.__name__.strip("_"),
                 description=inspect.getdoc(handler) or "",
-                responses={200: {"description": "The device's next message", **response}},
+                responses={
+                    200: {"description": "The device's next message", **response},
+                    **problem_responses(*problems),
+                },
                 openapi_extra={
                     "requestBody": {
                         "required": True,

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from sqlalchemy import literal, select
 
 from trustfleet.errors import TrustfleetError
@@ -42,7 +43,7 @@ from trustfleet.server.paging import (
     decode_cursor,
     encode_cursor,
 )
-from trustfleet.store import audit
+from trustfleet.store import MAX_INTEGER, audit
 from trustfleet.wire import as_utc
 
 log = logging.getLogger("trustfleet.server")
@@ -52,9 +53,24 @@ Context = Annotated[AppContext, Depends(get_context)]
 Admin = Annotated[Principal, Depends(require_role(Role.ADMIN))]
 AdminOrAuditor = Annotated[Principal, Depends(require_role(Role.ADMIN, Role.AUDITOR))]
 AnyRole = Annotated[Principal, Depends(require_role(*sorted(ROLES)))]
-MAX_SEQ = 2**63 - 1
+MAX_SEQ = MAX_INTEGER  # audit records' seq is an Integer column
 AUDIT_LISTING = "audit"
 _SELECT_ONE = select(literal(1))
+
+
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+
+
+def _rfc3339_only(value: object) -> object:
+    """Refuse what pydantic would read as a time but the document's ``date-time`` is not: a
+    number (seconds since the epoch) or a bare date."""
+    if isinstance(value, str) and not _RFC3339.match(value):
+        raise ValueError("expected an RFC 3339 date-time, e.g. 2026-01-31T12:00:00Z")
+    return value
+
+
+#: a query parameter's time: RFC 3339 only, as documented
+Rfc3339 = Annotated[datetime, BeforeValidator(_rfc3339_only)]
 
 
 class NotReady(TrustfleetError):
@@ -307,8 +323,8 @@ def read_audit_log(
         Query(min_length=1, max_length=100, description="Exact, or a prefix ending in *: tmk.*"),
     ] = None,
     actor: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
-    since: Annotated[datetime | None, Query(description="Records at or after this time")] = None,
-    until: Annotated[datetime | None, Query(description="Records before this time")] = None,
+    since: Annotated[Rfc3339 | None, Query(description="Records at or after this time")] = None,
+    until: Annotated[Rfc3339 | None, Query(description="Records before this time")] = None,
     after_seq: Annotated[
         int, Query(ge=0, le=MAX_SEQ, description="Only records after this sequence number")
     ] = 0,

@@ -10,7 +10,7 @@ from types import ModuleType
 import anyio.to_thread
 from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
-from starlette.routing import BaseRoute, Match
+from starlette.routing import Match
 from starlette.types import Scope
 
 from trustfleet import __version__
@@ -24,8 +24,14 @@ from trustfleet.server.docs import install_docs
 from trustfleet.server.keystore_api import router as keystore_router
 from trustfleet.server.limits import is_streamed_import
 from trustfleet.server.metrics import Metrics
-from trustfleet.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from trustfleet.server.middleware import (
+    BodyLimitMiddleware,
+    OptionsMiddleware,
+    RequestContextMiddleware,
+)
+from trustfleet.server.openapi import install_openapi
 from trustfleet.server.problems import install_problem_handlers
+from trustfleet.server.routing import iter_api_routes
 
 log = logging.getLogger("trustfleet.server")
 
@@ -69,19 +75,6 @@ def load_device_routes(names: Sequence[str]) -> list[DeviceRoute]:
             raise TypeError(f"{module.__name__}.device_routes must hold DeviceRoute objects")
         routes += declared
     return routes
-
-
-def iter_api_routes(routes: Sequence[BaseRoute]) -> Iterator[APIRoute]:
-    """Every APIRoute, however routers were included. Recent FastAPI keeps an included
-    router as one entry (its routes stay on the original router); older versions copy them.
-    Routers are included without prefix or dependencies, so the original routes are the
-    served ones."""
-    for route in routes:
-        if isinstance(route, APIRoute):
-            yield route
-        included = getattr(route, "original_router", None)
-        if isinstance(included, APIRouter):
-            yield from iter_api_routes(included.routes)
 
 
 def _body_limit(app: FastAPI, context: AppContext) -> Callable[[Scope], int]:
@@ -146,7 +139,9 @@ def create_app(
     app.include_router(ca_router)
     app.include_router(keystore_router)
     app.include_router(spine_router)
+    install_openapi(app)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limit(app, context))
+    app.add_middleware(OptionsMiddleware, routes=app.routes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     if device_lane:  # outermost
         routes = load_device_routes(domain_routers)

@@ -24,7 +24,7 @@ from sqlalchemy import bindparam, insert, select, update
 
 from trustfleet.errors import AuthenticationRequired, Conflict, InvalidInput, NotFound
 from trustfleet.server.models import ROLES, ApiToken, Role
-from trustfleet.store import Database, IntegrityViolation
+from trustfleet.store import MAX_INTEGER, Database, IntegrityViolation
 from trustfleet.wire import as_utc
 
 log = logging.getLogger("trustfleet.server.auth")
@@ -33,7 +33,7 @@ TOKEN_PREFIX = "tf_"  # noqa: S105 (a prefix, not a secret)
 TOKEN_BYTES = 32
 MAX_TOKEN_CHARS = 128
 MAX_NAME_CHARS = 200
-MAX_TOKEN_ID = 2**63 - 1
+MAX_TOKEN_ID = MAX_INTEGER
 MIN_TTL = timedelta(minutes=1)
 MAX_TTL = timedelta(days=3660)
 #: the role of the local principal (the CLI at the data directory); never a token's role

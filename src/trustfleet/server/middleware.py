@@ -1,5 +1,5 @@
-"""Pure ASGI middleware: request context (id, access log, metrics, last-resort 500) and the
-request body limit."""
+"""Pure ASGI middleware: request context (id, access log, metrics, last-resort 500), the
+request body limit, and ``OPTIONS``."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trustfleet.server.logging import RequestLogContext, request_log_context
@@ -21,6 +22,7 @@ from trustfleet.server.problems import (
     internal_error_body,
     render_problem,
 )
+from trustfleet.server.routing import OPTIONS, allow_header, allowed_methods
 
 REQUEST_ID_HEADER = "x-request-id"
 MAX_LOGGED_PATH = 512
@@ -184,3 +186,26 @@ class BodyLimitMiddleware:
 async def _refuse(send: Send, problem: dict[str, Any]) -> None:
     # the unread body stays on the wire: ask the client not to reuse the connection
     await send_problem(send, problem, {"connection": "close"})
+
+
+class OptionsMiddleware:
+    """Answers ``OPTIONS`` for every known path: 204 with ``Allow`` listing every method of
+    the path (routes are matched by their path template; a parameter's pattern is checked
+    only by the method itself). An unknown path goes on to the router's 404 problem. No
+    token is needed: the methods are in the public OpenAPI document anyway."""
+
+    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != OPTIONS:
+            await self.app(scope, receive, send)
+            return
+        methods = allowed_methods(self.routes, scope["path"])
+        if methods is None:
+            await self.app(scope, receive, send)
+            return
+        headers = [(b"allow", allow_header(methods).encode()), (b"content-length", b"0")]
+        await send({"type": "http.response.start", "status": 204, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from trustfleet.errors import TrustfleetError
+from trustfleet.server.routing import allow_header, allowed_methods
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 MAX_ECHO_CHARS = 200
@@ -197,6 +198,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     code, title = http_problem_code(exc.status_code)
     detail = exc.detail if isinstance(exc.detail, str) else title
     headers = {**_auth_headers(exc.status_code), **(exc.headers or {})}
+    if exc.status_code == 405:
+        # Starlette names the methods of the one route it tried; the path may have more
+        methods = allowed_methods(request.app.routes, request.scope["path"])
+        if methods is not None:
+            headers["Allow"] = allow_header(methods)
     return problem_response(
         request, status=exc.status_code, code=code, title=title, detail=detail, headers=headers
     )

@@ -15,7 +15,13 @@ from trustfleet.store.work import (
     WriteLockBusy,
 )
 
+#: The largest value an ``Integer`` column holds on every supported database: PostgreSQL's
+#: ``integer`` is 32 bits (SQLite's 64). An API parameter compared with such a column is
+#: bounded by it, or PostgreSQL refuses the statement (a 500 where a 422 is due).
+MAX_INTEGER = 2**31 - 1
+
 __all__ = [
+    "MAX_INTEGER",
     "ConnectionLost",
     "Database",
     "DatabaseBusy",

@@ -39,7 +39,7 @@ from sqlalchemy.orm import QueryableAttribute
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement, ColumnElement
 
-from trustfleet.errors import TrustfleetError
+from trustfleet.errors import InvalidInput, TrustfleetError
 from trustfleet.store import engine as store_engine
 
 __all__ = [
@@ -115,6 +115,14 @@ def _busy() -> DatabaseBusy:
         " nothing was"
         " written, retry shortly"
     )
+
+
+class NulInText(InvalidInput):
+    """A statement's text value holds a NUL character, which PostgreSQL can neither store
+    nor compare (psycopg refuses to send it): the caller's input, not a server failure."""
+
+    code = "nul-in-text"
+    title = "Text cannot contain a NUL character"
 
 
 class Prepared:
@@ -214,6 +222,11 @@ class RawConnection:
         except self._dialect.loaded_dbapi.IntegrityError as exc:
             cursor.close()
             raise IntegrityViolation(str(exc)) from exc
+        except self._dialect.loaded_dbapi.DataError as exc:
+            cursor.close()
+            if "NUL" in str(exc):
+                raise NulInText("a text value contains a NUL character") from exc
+            raise
         except self._dialect.loaded_dbapi.Error as exc:
             if self._dialect.is_disconnect(exc, self._dbapi, cursor):
                 raise ConnectionLost(str(exc)) from exc

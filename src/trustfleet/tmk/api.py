@@ -35,6 +35,7 @@ from trustfleet.server.deps import Principal, get_context, public, require_role
 from trustfleet.server.devicelane import DeviceAnswer
 from trustfleet.server.limits import streamed_import
 from trustfleet.server.models import Role
+from trustfleet.server.openapi import problem_responses
 from trustfleet.server.paging import (
     DEFAULT_LIMIT,
     CursorParam,
@@ -72,6 +73,12 @@ IMPORT_MEDIA_TYPES = {
     "application/x-ndjson": "ndjson",
     "application/jsonl": "ndjson",
     "application/json": "json",
+}
+#: a JSON import is an array of records; each is checked on its own (a bad one is rejected
+#: in the report, with its code), so the document does not constrain the items
+IMPORT_JSON_SCHEMA = {
+    "type": "array",
+    "items": {"description": "A terminal record: {sn, model, public_key}"},
 }
 CRL_PATH = f"/v1/ca/{KSRCRT_CA}/crl"
 TERMINAL_LISTING = "tmk-terminals"
@@ -426,7 +433,10 @@ def register_terminal(body: TerminalIn, context: Context, principal: Manufacture
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {media: {"schema": {"type": "string"}} for media in IMPORT_MEDIA_TYPES},
+            "content": {
+                media: {"schema": IMPORT_JSON_SCHEMA if kind == "json" else {"type": "string"}}
+                for media, kind in IMPORT_MEDIA_TYPES.items()
+            },
         }
     },
 )
@@ -599,14 +609,14 @@ def _identity_out(context: AppContext, identity: KeyServerIdentity) -> IdentityO
     return IdentityOut.of(root.pem, identity)
 
 
-@router.get("/identity", dependencies=[Depends(public)])
+@router.get("/identity", dependencies=[Depends(public)], responses=problem_responses(404))
 def get_identity(context: Context) -> IdentityOut:
     """KSRCRT (what terminals preload) and the current KSWCRT; public, as certificates
     are. KSRCRT's CRL is at ``crl_path`` (public too)."""
     return _identity_out(context, services.identity(context).require_current())
 
 
-@router.get("/identity/history")
+@router.get("/identity/history", responses=problem_responses(404))
 def identity_history(context: Context, principal: IdentityReader) -> list[IdentityRecordOut]:
     """Every work certificate the key server has had, oldest first (404
     ``tmk-identity-not-initialised`` before the first)."""

@@ -164,10 +164,22 @@ def validate_record(raw: RawRecord) -> _ValidRecord | RowRejection:
 def read_csv(lines: Iterable[str]) -> Iterator[RawRecord | RowRejection]:
     """CSV with a header naming ``sn``, ``public_key`` and optionally ``model``."""
     reader = csv.DictReader(iter(lines))
-    fields = set(reader.fieldnames or [])
+    try:
+        fields = set(reader.fieldnames or [])
+    except csv.Error:  # e.g. a carriage return inside an unquoted cell
+        raise TmkInvalidTerminalRecord("the CSV header is not valid CSV") from None
     if not {"sn", "public_key"} <= fields:
         raise TmkInvalidTerminalRecord("the CSV header must name the columns sn and public_key")
-    for number, row in enumerate(reader, start=1):
+    number = 0
+    while True:
+        number += 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            yield RowRejection(number, "", "malformed-row", "not valid CSV")
+            continue
         if None in row:  # more cells than header columns
             yield RowRejection(
                 number, (row.get("sn") or "")[:64], "malformed-row", "too many cells"
