@@ -206,7 +206,7 @@ def test_a_write_that_waits_past_the_bound_is_database_busy(
 
 
 def test_database_busy_answers_503_with_retry_after_on_both_lanes(
-    context: AppContext, tokens: dict[str, str]
+    context: AppContext, tokens: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     domains = (toy.__name__, "trustfleet.server.api")
     for lane in (True, False):
@@ -217,6 +217,8 @@ def test_database_busy_answers_503_with_retry_after_on_both_lanes(
             )
         assert_problem(response, 503, "database-busy")
         assert response.headers["retry-after"] == "1"
+    busy = [r for r in caplog.records if "database-busy" in r.getMessage()]
+    assert busy and all(r.levelname == "WARNING" and r.exc_info is None for r in busy)
 
 
 # -- a large import while the fleet keeps working (real server processes) --------------------

@@ -93,8 +93,11 @@ def render_problem(body: Mapping[str, Any]) -> bytes:
 def error_problem(
     exc: TrustfleetError, *, instance: str | None, request_id: str | None
 ) -> dict[str, Any]:
-    """The problem document of a raised trustfleet error (logged when it is a 5xx)."""
-    if exc.status >= 500:
+    """The problem document of a raised trustfleet error (logged when it is a 5xx; one
+    that says when to retry, e.g. a busy database, is a warning without a traceback)."""
+    if exc.status >= 500 and getattr(exc, "retry_after", None) is not None:
+        log.warning("request refused for now: %s [%s]", exc.message, exc.code)
+    elif exc.status >= 500:
         log.error("request failed: %s [%s]", exc.message, exc.code, exc_info=exc)
     return problem_body(
         status=exc.status,
