@@ -4,8 +4,6 @@ interface."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from fastapi.testclient import TestClient
 
+from harness import SoftHsmToken, init_softhsm_token
 from trustfleet.keystore.base import KeyStore
 from trustfleet.keysync.terminal import M2mTerminal
 from trustfleet.server.app import create_app
@@ -39,35 +38,22 @@ from .conftest import (
 
 pytestmark = pytest.mark.pkcs11
 
-MODULE = "/usr/lib/softhsm/libsofthsm2.so"
-LABEL, PIN = "keysync-test", "1234"
-
 
 @pytest.fixture(scope="module")
-def softhsm_conf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    util = shutil.which("softhsm2-util")
-    if util is None or not Path(MODULE).is_file():
-        pytest.fail("SoftHSM2 is not installed (Debian package softhsm2)")
-    root = tmp_path_factory.mktemp("keysync-softhsm")
-    (root / "tokens").mkdir()
-    conf = root / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\n")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SOFTHSM2_CONF", str(conf))
-        subprocess.run(
-            [util, "--init-token", "--free", "--label", LABEL, "--pin", PIN, "--so-pin", "5678"],
-            check=True,
-            capture_output=True,
-        )
-        yield conf
+def module_token(tmp_path_factory: pytest.TempPathFactory) -> tuple[SoftHsmToken, Path]:
+    """A SoftHSM2 token of this module's own (``harness.init_softhsm_token``)."""
+    return init_softhsm_token(tmp_path_factory.mktemp("keysync-softhsm"), "keysync-test")
 
 
 @pytest.fixture
-def keystore(softhsm_conf: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[KeyStore]:
+def keystore(
+    module_token: tuple[SoftHsmToken, Path], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[KeyStore]:
     from trustfleet.keystore.pkcs11 import Pkcs11KeyStore
 
-    monkeypatch.setenv("SOFTHSM2_CONF", str(softhsm_conf))
-    store = Pkcs11KeyStore(MODULE, LABEL, PIN)
+    token, conf = module_token
+    monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
+    store = Pkcs11KeyStore(token.module, token.label, token.user_pin)
     yield store
     store.close()
 

@@ -3,13 +3,12 @@ RSA-PSS signatures end up in certificates and CRLs that OpenSSL and pyca accept.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from harness import SoftHsmToken, init_softhsm_token
 from trustfleet.errors import CertificateRevoked
 from trustfleet.keystore.base import KeyStore
 from trustfleet.pki.service import PkiService
@@ -19,35 +18,22 @@ from .helpers import crl_pem, ec_public_key, openssl, write
 
 pytestmark = pytest.mark.pkcs11
 
-MODULE = "/usr/lib/softhsm/libsofthsm2.so"
-LABEL, PIN = "pki-test", "1234"
-
 
 @pytest.fixture(scope="module")
-def softhsm_conf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    util = shutil.which("softhsm2-util")
-    if util is None or not Path(MODULE).is_file():
-        pytest.fail("SoftHSM2 is not installed (Debian package softhsm2)")
-    root = tmp_path_factory.mktemp("pki-softhsm")
-    (root / "tokens").mkdir()
-    conf = root / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\n")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SOFTHSM2_CONF", str(conf))
-        subprocess.run(
-            [util, "--init-token", "--free", "--label", LABEL, "--pin", PIN, "--so-pin", "5678"],
-            check=True,
-            capture_output=True,
-        )
-        yield conf
+def module_token(tmp_path_factory: pytest.TempPathFactory) -> tuple[SoftHsmToken, Path]:
+    """A SoftHSM2 token of this module's own (``harness.init_softhsm_token``)."""
+    return init_softhsm_token(tmp_path_factory.mktemp("pki-softhsm"), "pki-test")
 
 
 @pytest.fixture
-def keystore(softhsm_conf: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[KeyStore]:
+def keystore(
+    module_token: tuple[SoftHsmToken, Path], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[KeyStore]:
     from trustfleet.keystore.pkcs11 import Pkcs11KeyStore
 
-    monkeypatch.setenv("SOFTHSM2_CONF", str(softhsm_conf))
-    store = Pkcs11KeyStore(MODULE, LABEL, PIN)
+    token, conf = module_token
+    monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
+    store = Pkcs11KeyStore(token.module, token.label, token.user_pin)
     yield store
     store.close()
 
