@@ -25,6 +25,7 @@ from trustfleet.kit.cli import (
     err_console,
     install_global_options,
     run,
+    server_required,
     state,
     wrapping_table,
 )
@@ -200,12 +201,7 @@ def login(
 ) -> None:
     """Keep a token for --server (TRUSTFLEET_ADDR) in your login file (mode 0600). The token
     is read from standard input or a hidden prompt, never from the command line."""
-    server = state.server
-    if server is None:
-        raise UsageProblem(
-            "login needs the server: give --server URL or set TRUSTFLEET_ADDR",
-            hint="trustfleet login --server https://keys.example:8443",
-        )
+    server = server_required("login", hint="trustfleet login --server https://keys.example:8443")
     if token_name is not None:
         created = state.local_api().post(  # made by the local data directory
             "/v1/tokens", json={"name": token_name, "role": role.value, **_ttl_body(ttl)}
@@ -253,10 +249,9 @@ def worker() -> None:
 @app.command()
 def logout() -> None:
     """Forget the token kept for --server (TRUSTFLEET_ADDR)."""
-    if state.server is None:
-        raise UsageProblem("logout needs the server: give --server URL or set TRUSTFLEET_ADDR")
-    forgotten = forget_token(state.server)
-    console.print(f"{'forgot' if forgotten else 'no token kept for'} {escape(state.server)}")
+    server = server_required("logout")
+    forgotten = forget_token(server)
+    console.print(f"{'forgot' if forgotten else 'no token kept for'} {escape(server)}")
 
 
 @app.command()

@@ -36,8 +36,16 @@ from rich.text import Text
 
 from trustfleet.errors import InvalidInput
 from trustfleet.keysync.terminal import M2mTerminal, post_sms, sync_over_http
-from trustfleet.kit.cli import checked, console, emit, http_api, state, wrapping_table
-from trustfleet.kit.client import UsageProblem, problem_of
+from trustfleet.kit.cli import (
+    checked,
+    console,
+    emit,
+    http_api,
+    server_required,
+    state,
+    wrapping_table,
+)
+from trustfleet.kit.client import problem_of
 from trustfleet.kit.credentials import token_for
 
 if TYPE_CHECKING:
@@ -485,12 +493,11 @@ def m2m_sync(
     application: Annotated[str | None, typer.Option("--app")] = None,
 ) -> None:
     """Send the next request over HTTP as a device gateway ($TRUSTFLEET_TOKEN)."""
-    if state.server is None:
-        raise UsageProblem("m2m sync needs the server: give --server URL or set TRUSTFLEET_ADDR")
+    server = server_required("m2m sync")
     terminal = M2mTerminal.open(directory)
     request = terminal.next_request(application_id=application)
     http = http_api()  # the device gateway's token: $TRUSTFLEET_TOKEN or the login file
-    bound = sync_over_http(http, token_for(state.server) or "", terminal, request)
+    bound = sync_over_http(http, token_for(server) or "", terminal, request)
     console.print(
         f"bound {escape(bound['key_id'])} for {escape(bound['application_id'])},"
         f" delivery {bound['delivery_id']}"

@@ -52,7 +52,6 @@ from trustfleet.kit.client import (
     UsageProblem,
     check_server_url,
     local_client,
-    problem_of,
     remote_client,
     unreachable,
 )
@@ -80,6 +79,7 @@ __all__ = [
     "install_global_options",
     "read_input_file",
     "run",
+    "server_required",
     "state",
     "wrapping_table",
 ]
@@ -205,6 +205,15 @@ def api(*, token_required: bool = True) -> ApiClient:
     return state.api(token_required=token_required)
 
 
+def server_required(what: str, *, of: str = "server", hint: str | None = None) -> str:
+    """The ``--server`` URL (``TRUSTFLEET_ADDR``) of a verb with no local form (``what``),
+    or a usage error saying so."""
+    if state.server is None:
+        message = f"{what} needs the {of}: give --server URL or set {SERVER_ENV}"
+        raise UsageProblem(message, hint=hint)
+    return state.server
+
+
 def http_api() -> httpx.Client:
     """The HTTP client under :func:`api`, for verbs that stream a body, poll while an upload
     runs or read answers themselves; pass its answers to :func:`checked`."""
@@ -214,10 +223,8 @@ def http_api() -> httpx.Client:
 def checked(response: httpx.Response) -> Any:
     """The JSON of a 2xx answer from :func:`http_api`; an error answer raised as the
     server's problem (its code, its detail)."""
-    if response.status_code >= 400:
-        client = api()
-        raise problem_of(response, local=client.local, where=client.where)
-    return response.json() if response.content else None
+    answer = api().checked(response)
+    return answer.json() if answer.content else None
 
 
 def _quiet_server_logs(debug: bool) -> None:

@@ -220,6 +220,10 @@ class ApiClient:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise unreachable(exc, self.where) from exc
+        return self.checked(response)
+
+    def checked(self, response: httpx.Response) -> httpx.Response:
+        """``response`` if it is not an error answer; else its :class:`ApiProblem`, raised."""
         if response.status_code >= 400:
             raise problem_of(response, local=self.local, where=self.where)
         return response

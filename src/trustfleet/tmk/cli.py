@@ -29,6 +29,7 @@ from trustfleet.kit.cli import (
     emit,
     err_console,
     read_input_file,
+    server_required,
     state,
     wrapping_table,
 )
@@ -600,12 +601,6 @@ def _no_token_flag(token: str | None) -> None:
         )
 
 
-def _server(what: str) -> str:
-    if state.server is None:
-        raise UsageProblem(f"{what} needs the key server: give --server URL or set TRUSTFLEET_ADDR")
-    return state.server
-
-
 def _open(directory: Path) -> PosTerminal:
     if not (directory / DEVICE_KEY_FILE).is_file():
         raise UsageProblem(
@@ -621,7 +616,7 @@ def _fetch_root() -> bytes:
 
 
 def _transport() -> HttpTransport:
-    _server("this step")
+    server_required("this step", of="key server")
     return HttpTransport(api().http, "")  # the client carries the token
 
 
@@ -680,7 +675,7 @@ def pos_install_root(
     if root is not None:
         pem = read_input_file(root, "--root")
     else:
-        _server("install-root without --root")
+        server_required("install-root without --root", of="key server")
         pem = _fetch_root()
     certificate = terminal.install_root(pem)
     console.print(
